@@ -1,0 +1,336 @@
+"""The Qwen2 / Qwen2.5 decoder in Flax, used as pure functions over plain parameter pytrees.
+
+`init_params`, `forward` and `init_cache` are the whole public surface: parameters are a nested
+dict of arrays (no boxed metadata), and `param_logical_axes` gives the matching tree of logical
+axis names that parallel.py maps onto a mesh. Layers are stacked on a leading "layers" axis and
+run under `nn.scan`, so compile time does not grow with depth.
+
+Numerics follow transformers' `Qwen2ForCausalLM` exactly (checked in tests/test_qwen2.py): RMSNorm
+in float32, rotary embeddings with the half-split rotation, grouped-query attention with q/k/v
+biases, SwiGLU MLP, tied or untied output head.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Params = dict[str, Any]
+Head = Literal["lm", "value", "none"]
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen2Config:
+    """Architecture sizes (from a checkpoint's config.json) plus the run-time numerics policy.
+
+    Frozen and hashable so it can be a static argument of jitted functions.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int = 0  # 0 means hidden_size // num_heads, as in Qwen2
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 32768
+    # Numerics policy: parameters stay float32 masters; compute may run in bfloat16.
+    compute_dtype: str = "float32"
+    # Rematerialise each layer in the backward pass ("none", "full", or "dots" to keep matmuls).
+    remat: str = "none"
+
+    def __post_init__(self):
+        if self.head_dim == 0:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
+            )
+        if self.compute_dtype not in _DTYPES:
+            raise ValueError(f"compute_dtype={self.compute_dtype!r}; expected one of {sorted(_DTYPES)}")
+        if self.remat not in _REMAT_POLICIES:
+            raise ValueError(f"remat={self.remat!r}; expected one of {sorted(_REMAT_POLICIES)}")
+
+    @property
+    def dtype(self):
+        return _DTYPES[self.compute_dtype]
+
+    def replace(self, **changes) -> "Qwen2Config":
+        return dataclasses.replace(self, **changes)
+
+    def num_params(self, head: Head = "lm") -> int:
+        shapes = jax.eval_shape(lambda: init_params(self, jax.random.key(0), head=head))
+        return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
+
+
+_REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+# Cache: per layer keys and values, stacked on the layer axis: (layers, batch, slots, kv_heads, head_dim).
+Cache = dict[str, jax.Array]
+CACHE_AXES = ("layers", "cache_batch", "cache_length", "kv_heads", "head_dim")
+
+
+def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...], init):
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
+
+
+def _dense_init(stddev: float = 0.02):
+    return nn.initializers.normal(stddev)
+
+
+def _constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+    # A no-op unless parallel.activate() has set a mesh and the logical rules.
+    return nn.with_logical_constraint(x, axes)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = _param(self, "scale", (x.shape[-1],), ("norm",), nn.initializers.ones)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        # transformers casts back to the input dtype before the weight multiply; so do we.
+        return scale.astype(x.dtype) * normed.astype(x.dtype)
+
+
+def rotary_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos/sin of shape (batch, length, head_dim) for explicit (possibly left-padded) positions."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x: (batch, length, heads, head_dim); the half-split rotation Qwen2 was trained with."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
+
+
+class Attention(nn.Module):
+    config: Qwen2Config
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, cache_kv, cache_index):
+        cfg = self.config
+        dtype = cfg.dtype
+        e, h, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+
+        def project(name, heads, head_axis):
+            kernel = _param(self, f"{name}_kernel", (e, heads, d), ("embed", head_axis, "head_dim"), _dense_init())
+            bias = _param(self, f"{name}_bias", (heads, d), (head_axis, "head_dim"), nn.initializers.zeros)
+            return jnp.einsum("bte,ehd->bthd", x, kernel.astype(dtype)) + bias.astype(dtype)
+
+        q = _constrain(project("q", h, "q_heads"), ("activation_batch", "activation_length", "activation_heads", None))
+        k = _constrain(project("k", kv, "kv_heads"), ("activation_batch", "activation_length", "activation_kv_heads", None))
+        v = _constrain(project("v", kv, "kv_heads"), ("activation_batch", "activation_length", "activation_kv_heads", None))
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+        if cache_kv is not None:
+            cache_k, cache_v = cache_kv
+            start = (0, cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
+            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
+            new_kv = (k, v)
+            k, v = k.astype(dtype), v.astype(dtype)
+        else:
+            new_kv = None
+
+        batch, length = q.shape[:2]
+        groups = h // kv
+        q = q.reshape(batch, length, kv, groups, d)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+        scores = scores / jnp.sqrt(jnp.float32(d))
+        # A finite minimum (not -inf) keeps fully masked padding rows free of NaNs.
+        scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(batch, length, h, d)
+        out = _constrain(out, ("activation_batch", "activation_length", "activation_heads", None))
+
+        o_kernel = _param(self, "o_kernel", (h, d, e), ("q_heads", "head_dim", "embed"), _dense_init())
+        return jnp.einsum("bthd,hde->bte", out, o_kernel.astype(dtype)), new_kv
+
+
+class MLP(nn.Module):
+    config: Qwen2Config
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        e, m, dtype = cfg.hidden_size, cfg.intermediate_size, cfg.dtype
+        gate = _param(self, "gate_kernel", (e, m), ("embed", "mlp"), _dense_init())
+        up = _param(self, "up_kernel", (e, m), ("embed", "mlp"), _dense_init())
+        down = _param(self, "down_kernel", (m, e), ("mlp", "embed"), _dense_init())
+        hidden = jax.nn.silu(x @ gate.astype(dtype)) * (x @ up.astype(dtype))
+        hidden = _constrain(hidden, ("activation_batch", "activation_length", "activation_mlp"))
+        return hidden @ down.astype(dtype)
+
+
+class DecoderLayer(nn.Module):
+    config: Qwen2Config
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, cache_kv, cache_index):
+        cfg = self.config
+        attn_out, new_kv = Attention(cfg, name="attn")(
+            RMSNorm(cfg.rms_norm_eps, name="input_norm")(x), cos, sin, mask, cache_kv, cache_index
+        )
+        x = x + attn_out
+        x = x + MLP(cfg, name="mlp")(RMSNorm(cfg.rms_norm_eps, name="post_attn_norm")(x))
+        x = _constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+        return x, new_kv
+
+
+class Qwen2(nn.Module):
+    """Backbone plus one of three heads: 'lm' (logits), 'value' (PPO critic), 'none' (hidden states)."""
+
+    config: Qwen2Config
+    head: Head = "lm"
+
+    @nn.compact
+    def __call__(self, tokens, positions, mask, cache: Cache | None = None, cache_index=0):
+        cfg = self.config
+        embedding = _param(self, "embed", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), _dense_init())
+        x = jnp.take(embedding, tokens, axis=0).astype(cfg.dtype)
+        x = _constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+        cos, sin = rotary_tables(positions, cfg.head_dim, cfg.rope_theta)
+
+        layer = DecoderLayer
+        if cfg.remat != "none":
+            layer = nn.remat(layer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+        stack = nn.scan(
+            layer,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+            length=cfg.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        cache_kv = None if cache is None else (cache["k"], cache["v"])
+        x, new_kv = stack(cfg, name="layers")(x, cos, sin, mask, cache_kv, cache_index)
+        new_cache = None if new_kv is None else {"k": new_kv[0], "v": new_kv[1]}
+        x = RMSNorm(cfg.rms_norm_eps, name="final_norm")(x)
+
+        if self.head == "none":
+            return x, new_cache
+        if self.head == "value":
+            kernel = _param(self, "value_kernel", (cfg.hidden_size,), ("embed",), nn.initializers.zeros)
+            bias = _param(self, "value_bias", (), (), nn.initializers.zeros)
+            values = jnp.einsum("bte,e->bt", x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
+            return values + bias, new_cache
+        if cfg.tie_word_embeddings:
+            logits = jnp.einsum("bte,ve->btv", x, embedding.astype(x.dtype), preferred_element_type=jnp.float32)
+        else:
+            kernel = _param(self, "lm_head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), _dense_init())
+            logits = jnp.einsum("bte,ev->btv", x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
+        return _constrain(logits, ("activation_batch", "activation_length", "activation_vocab")), new_cache
+
+
+def positions_from_mask(mask: jax.Array) -> jax.Array:
+    """Position ids for left-padded rows: 0 at each row's first real token (padding gets 0)."""
+    return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def attention_mask(key_mask: jax.Array, query_length: int, cache_index) -> jax.Array:
+    """(batch, queries, keys) boolean mask: causal by slot, and only keys that hold real tokens.
+
+    Query i sits in slot cache_index + i; it may see slot j when j <= cache_index + i.
+    """
+    query_slots = cache_index + jnp.arange(query_length)
+    key_slots = jnp.arange(key_mask.shape[-1])
+    causal = key_slots[None, :] <= query_slots[:, None]
+    return causal[None] & key_mask[:, None, :].astype(bool)
+
+
+def forward(
+    params: Params,
+    config: Qwen2Config,
+    tokens: jax.Array,
+    mask: jax.Array | None = None,
+    positions: jax.Array | None = None,
+    *,
+    cache: Cache | None = None,
+    cache_index: jax.Array | int = 0,
+    head: Head = "lm",
+) -> tuple[jax.Array, Cache | None]:
+    """Run the model on `tokens` (batch, length).
+
+    Without a cache, `mask` (batch, length) marks real tokens (left padding allowed). With a cache,
+    the new tokens are written at slots [cache_index, cache_index + length) and `mask` covers all
+    cache slots (batch, cache_length), including the new ones. Positions default to the count of
+    real tokens before each one, so left padding gives the same result as no padding.
+    Returns (logits | values | hidden states, updated cache or None).
+    """
+    if mask is None:
+        mask = jnp.ones(tokens.shape, dtype=bool)
+    if positions is None:
+        if cache is not None:
+            raise ValueError("forward with a cache needs explicit positions for the new tokens")
+        positions = positions_from_mask(mask)
+    full_mask = attention_mask(mask, tokens.shape[1], cache_index)
+    return Qwen2(config, head=head).apply({"params": params}, tokens, positions, full_mask, cache, cache_index)
+
+
+def init_params(config: Qwen2Config, key: jax.Array, head: Head = "lm") -> Params:
+    """Random float32 parameters (normal 0.02, zero biases, unit norms) as a plain pytree."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    variables = Qwen2(config, head=head).init(key, tokens, tokens, jnp.ones((1, 1, 1), bool))
+    return nn.meta.unbox(variables["params"])
+
+
+def param_logical_axes(config: Qwen2Config, head: Head = "lm") -> Params:
+    """Tree (same structure as the params) of logical axis-name tuples, e.g. ('layers', 'embed', 'mlp')."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    abstract = jax.eval_shape(
+        lambda: Qwen2(config, head=head).init(jax.random.key(0), tokens, tokens, jnp.ones((1, 1, 1), bool))
+    )
+    return jax.tree.map(
+        lambda box: tuple(box.names),
+        abstract["params"],
+        is_leaf=lambda x: isinstance(x, nn.Partitioned),
+    )
+
+
+def critic_params_from_policy(policy_params: Params, config: Qwen2Config) -> Params:
+    """PPO critic parameters: the policy's backbone (copied) with a zero value head, no LM head."""
+    backbone = {k: v for k, v in policy_params.items() if k != "lm_head"}
+    backbone = jax.tree.map(jnp.array, backbone)  # a copy: actor and critic train separately
+    return backbone | {
+        "value_kernel": jnp.zeros((config.hidden_size,), jnp.float32),
+        "value_bias": jnp.zeros((), jnp.float32),
+    }
+
+
+def init_cache(config: Qwen2Config, batch: int, length: int, dtype=None) -> Cache:
+    """An empty key/value cache with `length` slots per row."""
+    shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
+    dtype = dtype or config.dtype
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def flops_per_token(config: Qwen2Config, context_length: int) -> float:
+    """Forward FLOPs per token (2 per multiply-add) for matmuls plus attention over the context."""
+    e, m, d = config.hidden_size, config.intermediate_size, config.head_dim
+    attn_proj = 2 * e * d * (2 * config.num_heads + 2 * config.num_kv_heads)
+    mlp = 2 * 3 * e * m
+    attn_scores = 2 * 2 * config.num_heads * d * context_length
+    head = 2 * e * config.vocab_size
+    return config.num_layers * (attn_proj + mlp + attn_scores) + head
