@@ -1,0 +1,50 @@
+"""Export a trained policy to a Hugging Face directory (loads with AutoModelForCausalLM).
+
+    python launch/export_hf.py --checkpoint runs/tiny/checkpoints --output exported/
+    python launch/export_hf.py --checkpoint runs/tiny/checkpoints --step 40 --dtype bfloat16 --output out/
+
+The checkpoint's meta names the model config and tokenizer directory; --tokenizer overrides it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rlpa_jax.checkpoint import Checkpointer, model_config_from_meta  # noqa: E402
+from rlpa_jax.model.hf import export_hf  # noqa: E402
+
+
+def export_checkpoint(checkpoint: Path, output: Path, step: int | None = None, tokenizer: Path | None = None,
+                      dtype: str = "float32", params_key: str = "actor") -> Path:
+    checkpointer = Checkpointer(checkpoint, max_to_keep=None)
+    state, meta = checkpointer.restore(step)
+    config = model_config_from_meta(meta, str(checkpoint))
+    if params_key not in state:
+        raise KeyError(f"{checkpoint}: checkpoint state has no {params_key!r}; keys: {sorted(state)}")
+    tokenizer = tokenizer or (Path(meta["tokenizer_dir"]) if meta.get("tokenizer_dir") else None)
+    return export_hf(state[params_key], config, output, tokenizer_dir=tokenizer, dtype=dtype)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, required=True, help="orbax checkpoint directory of a run")
+    parser.add_argument("--output", type=Path, required=True, help="directory to write the HF model to")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    parser.add_argument("--tokenizer", type=Path, default=None, help="tokenizer directory to copy files from")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    args = parser.parse_args(argv)
+    try:
+        out = export_checkpoint(args.checkpoint, args.output, args.step, args.tokenizer, args.dtype)
+    except (FileNotFoundError, KeyError, ValueError) as error:
+        print(f"export_hf: {error}", file=sys.stderr)
+        return 2
+    print(f"exported to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
