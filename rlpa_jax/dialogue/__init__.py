@@ -1,0 +1,1 @@
+"""Dialogue side of RLPA: profiles, chat parsing, personas, simulated users, judges and the LLM client."""

@@ -1,0 +1,571 @@
+"""The one OpenAI-compatible chat client behind every LLM role.
+
+Simulated users, judges, persona conversion and API-served policies all call an
+OpenAI-compatible /v1/chat/completions endpoint (OpenAI, vLLM, SGLang, ...)
+through `LLMClient`, which adds what training needs on top of `openai.AsyncOpenAI`:
+
+- bounded concurrency (one asyncio.Semaphore of `max_concurrency` in-flight requests);
+- a hard per-request timeout (`timeout_s`), so a hanging server cannot stall a rollout;
+- our own retries (the SDK's are switched off) with exponential backoff and full
+  jitter on 429, 5xx, timeouts, connection errors and malformed responses,
+  honouring Retry-After (capped by `backoff_max_s`); other 4xx fail at once;
+- an append-only JSONL cache keyed by the request, so reruns and duplicate
+  requests cost nothing (identical requests in flight share one HTTP call);
+- usage counters for metrics logs.
+
+The API key is read from the environment variable named by `api_key_env` and
+only handed to the SDK: it never appears in logs, reprs, errors or the cache.
+
+Async callers use `await client.complete(...)` / `complete_many(...)`; code
+outside asyncio wraps a coroutine in `run_sync(...)`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import email.utils
+import hashlib
+import json
+import logging
+import os
+import random
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, AsyncGenerator, Awaitable, Mapping, Sequence, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import openai
+
+logger = logging.getLogger(__name__)
+
+PLACEHOLDER_API_KEY = "EMPTY"  # what local vLLM / SGLang servers accept when they check no key
+REDACTED = "***"
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    """Where and how to call one OpenAI-compatible model."""
+
+    base_url: str
+    model: str
+    api_key_env: str = "OPENAI_API_KEY"
+    max_concurrency: int = 16
+    timeout_s: float = 60.0
+    max_retries: int = 4
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 20.0
+    cache_path: str | None = None
+    temperature: float = 0.0
+    max_tokens: int = 512
+
+    def __post_init__(self) -> None:
+        problems = config_problems(self)
+        if problems:
+            raise ValueError("invalid LLMConfig: " + "; ".join(problems))
+
+
+def config_problems(config: LLMConfig) -> list[str]:
+    """Every field of `config` that is out of range, with what would be accepted."""
+    problems = []
+    if not config.base_url.startswith(("http://", "https://")):
+        problems.append(f"base_url={config.base_url!r} must start with http:// or https://")
+    if not config.model:
+        problems.append("model must be a non-empty model name")
+    if not config.api_key_env:
+        problems.append("api_key_env must name an environment variable")
+    if config.max_concurrency < 1:
+        problems.append(f"max_concurrency={config.max_concurrency} must be >= 1")
+    if config.timeout_s <= 0:
+        problems.append(f"timeout_s={config.timeout_s} must be > 0")
+    if config.max_retries < 0:
+        problems.append(f"max_retries={config.max_retries} must be >= 0")
+    if config.backoff_initial_s < 0 or config.backoff_max_s < 0:
+        problems.append(
+            f"backoff_initial_s={config.backoff_initial_s} and backoff_max_s={config.backoff_max_s} must be >= 0"
+        )
+    if config.max_tokens < 1:
+        problems.append(f"max_tokens={config.max_tokens} must be >= 1")
+    if config.temperature < 0:
+        problems.append(f"temperature={config.temperature} must be >= 0")
+    return problems
+
+
+class LLMCallError(RuntimeError):
+    """A chat completion that failed for good: retries exhausted or an unretryable error.
+
+    `status` describes the last failure ("HTTP 429", "timeout", "connection error",
+    "malformed response", ...); `attempts` lists every attempt's failure in order.
+    """
+
+    def __init__(self, message: str, *, model: str, base_url: str, status: str, attempts: Sequence[str]) -> None:
+        super().__init__(message)
+        self.model = model
+        self.base_url = base_url
+        self.status = status
+        self.attempts = tuple(attempts)
+
+
+@dataclass
+class LLMUsage:
+    """Running counters over a client's life.
+
+    calls: complete() calls; cache_hits: calls answered without their own HTTP request
+    (cache or an identical request in flight); requests: HTTP attempts made;
+    retries: attempts after the first; failures: calls that raised LLMCallError.
+    """
+
+    calls: int = 0
+    cache_hits: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    retries: int = 0
+    failures: int = 0
+    requests: int = 0
+
+    def summary(self, prefix: str = "") -> dict[str, int]:
+        """Counters as a flat dict for metrics logs, keys optionally prefixed (e.g. "judge_llm/")."""
+        return {prefix + name: value for name, value in asdict(self).items()}
+
+
+# ---------------------------------------------------------------------------
+# Pure helpers
+
+
+def cache_key(model: str, messages: Sequence[Mapping[str, Any]], temperature: float, max_tokens: int,
+              json_mode: bool) -> str:
+    """sha256 over everything that decides the answer; float() so 0 and 0.0 share a key."""
+    payload = {
+        "model": model,
+        "messages": [dict(message) for message in messages],
+        "temperature": float(temperature),
+        "max_tokens": int(max_tokens),
+        "json_mode": bool(json_mode),
+    }
+    canonical = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def backoff_delay_s(retry_index: int, initial_s: float, max_s: float, retry_after_s: float | None,
+                    rng: random.Random) -> float:
+    """Seconds to wait before retry number `retry_index` (0-based).
+
+    The server's Retry-After wins when given (capped by max_s); otherwise full
+    jitter: uniform in [0, min(max_s, initial_s * 2**retry_index)].
+    """
+    if retry_after_s is not None:
+        return min(max(retry_after_s, 0.0), max_s)
+    ceiling = min(max_s, initial_s * (2.0 ** retry_index))
+    return rng.uniform(0.0, ceiling)
+
+
+def parse_retry_after_s(headers: Mapping[str, str] | None) -> float | None:
+    """Seconds from retry-after-ms, or Retry-After as seconds or an HTTP date; None when absent/unreadable."""
+    if not headers:
+        return None
+    milliseconds = headers.get("retry-after-ms")
+    if milliseconds is not None:
+        try:
+            return float(milliseconds) / 1000.0
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        moment = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(moment.timestamp() - time.time(), 0.0)
+
+
+def redact_url(url: str) -> str:
+    """The URL without any user:password@ part, safe for logs and errors."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit((parts.scheme, f"{REDACTED}@{host}", parts.path, parts.query, parts.fragment))
+
+
+def validate_messages(messages: Sequence[Mapping[str, Any]]) -> None:
+    if not messages:
+        raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+    for index, message in enumerate(messages):
+        if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
+            raise ValueError(
+                f"messages[{index}]={message!r} must be a dict with 'role' and 'content' keys"
+            )
+
+
+class MalformedResponseError(ValueError):
+    """A 200 answer that is not a usable chat completion."""
+
+
+def completion_text(response: Any) -> str:
+    """The first choice's message text; MalformedResponseError when it is missing."""
+    choices = getattr(response, "choices", None)
+    if not choices:
+        raise MalformedResponseError("response has no choices")
+    message = getattr(choices[0], "message", None)
+    content = getattr(message, "content", None)
+    if not isinstance(content, str):
+        raise MalformedResponseError(f"choices[0].message.content is {type(content).__name__}, not text")
+    return content
+
+
+@dataclass(frozen=True)
+class AttemptFailure:
+    """Why one HTTP attempt failed and whether trying again can help."""
+
+    status: str
+    detail: str
+    retryable: bool
+    retry_after_s: float | None = None
+
+    def describe(self) -> str:
+        text = f"{self.status}: {self.detail}" if self.detail else self.status
+        if self.retry_after_s is not None:
+            text += f" (retry-after {self.retry_after_s:g}s)"
+        return text
+
+
+def classify_failure(error: BaseException, timeout_s: float) -> AttemptFailure:
+    """Map an exception from one attempt to a retry decision (429/5xx/timeouts/garbage retry)."""
+    if isinstance(error, (asyncio.TimeoutError, openai.APITimeoutError)):
+        return AttemptFailure("timeout", f"no answer within {timeout_s:g}s", retryable=True)
+    if isinstance(error, openai.APIConnectionError):
+        return AttemptFailure("connection error", str(error), retryable=True)
+    if isinstance(error, openai.APIStatusError):
+        status = error.status_code
+        retryable = status == 429 or status >= 500
+        retry_after_s = parse_retry_after_s(error.response.headers) if retryable else None
+        return AttemptFailure(f"HTTP {status}", str(error.message), retryable, retry_after_s)
+    if isinstance(error, (json.JSONDecodeError, openai.APIResponseValidationError, MalformedResponseError)):
+        return AttemptFailure("malformed response", str(error), retryable=True)
+    return AttemptFailure("unexpected error", f"{type(error).__name__}: {error}", retryable=False)
+
+
+# ---------------------------------------------------------------------------
+# Cache
+
+
+class ResponseCache:
+    """Append-only JSONL of {"key", "content"} lines, read once at start.
+
+    Writes go through one lock (threads and event loops alike), so concurrent
+    coroutines never interleave lines. A torn or corrupt line is skipped with a
+    warning naming the file and line, and later writes start on a fresh line.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._entries: dict[str, str] = {}
+        self._starts_mid_line = False
+        self._load()
+
+    def _load(self) -> None:
+        if not self.path.exists():
+            return
+        text = self.path.read_text(encoding="utf-8", errors="replace")
+        self._starts_mid_line = bool(text) and not text.endswith("\n")
+        for line_number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            entry = parse_cache_line(line)
+            if entry is None:
+                logger.warning(
+                    "skipping corrupt LLM cache line %s:%d (expected a JSON object with string 'key' and 'content')",
+                    self.path, line_number,
+                )
+                continue
+            key, content = entry
+            self._entries[key] = content
+        logger.debug("loaded %d cached LLM answers from %s", len(self._entries), self.path)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: str) -> str | None:
+        return self._entries.get(key)
+
+    def put(self, key: str, content: str) -> None:
+        line = json.dumps({"key": key, "content": content}, ensure_ascii=False) + "\n"
+        with self._lock:
+            if self._entries.get(key) == content:
+                return
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a", encoding="utf-8") as cache_file:
+                if self._starts_mid_line:
+                    cache_file.write("\n")
+                    self._starts_mid_line = False
+                cache_file.write(line)
+            self._entries[key] = content
+
+
+def parse_cache_line(line: str) -> tuple[str, str] | None:
+    try:
+        entry = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(entry, dict):
+        return None
+    key, content = entry.get("key"), entry.get("content")
+    if not isinstance(key, str) or not isinstance(content, str):
+        return None
+    return key, content
+
+
+# ---------------------------------------------------------------------------
+# Client
+
+
+@dataclass
+class _LoopState:
+    """SDK client and semaphore for one event loop: both bind to the loop that first uses them."""
+
+    loop: asyncio.AbstractEventLoop
+    semaphore: asyncio.Semaphore
+    sdk: openai.AsyncOpenAI
+    closer: AsyncGenerator[None, None]
+    in_flight: dict[str, asyncio.Task] = field(default_factory=dict)
+
+
+async def close_at_loop_shutdown(sdk: openai.AsyncOpenAI) -> AsyncGenerator[None, None]:
+    """Suspended for the loop's life; closes `sdk` when the loop shuts down or the generator is closed.
+
+    asyncio.run() finalizes open async generators before closing its loop, so pooled
+    connections are closed on the loop that owns them, even when callers never
+    aclose() (e.g. repeated run_sync calls). Without this, the SDK's __del__ would
+    try to close them later on a different loop and log 'Event loop is closed'.
+    """
+    try:
+        yield
+    finally:
+        await sdk.close()
+
+
+class LLMClient:
+    """Async chat completions with concurrency limits, timeouts, retries, a cache and usage counters.
+
+    One client may be driven by several event loops one after another (e.g. repeated
+    `run_sync` calls): connections and the semaphore are rebuilt for each new loop.
+    Use it from one thread at a time.
+    """
+
+    def __init__(self, config: LLMConfig) -> None:
+        self.config = config
+        self.usage = LLMUsage()
+        self._api_key = read_api_key(config.api_key_env)
+        self._cache = ResponseCache(config.cache_path) if config.cache_path else None
+        self._rng = random.Random()
+        self._state: _LoopState | None = None
+        self._public_base_url = redact_url(config.base_url)
+
+    def __repr__(self) -> str:
+        return (
+            f"LLMClient(model={self.config.model!r}, base_url={self._public_base_url!r}, "
+            f"api_key_env={self.config.api_key_env!r}, cache_path={self.config.cache_path!r})"
+        )
+
+    async def __aenter__(self) -> "LLMClient":
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close this loop's HTTP connections (connections of loops already gone are dropped)."""
+        state, self._state = self._state, None
+        if state is None or state.loop is not asyncio.get_running_loop():
+            return
+        for task in list(state.in_flight.values()):
+            task.cancel()
+        await state.closer.aclose()
+
+    async def complete(self, messages: list[dict], *, temperature: float | None = None,
+                       max_tokens: int | None = None, json_mode: bool = False) -> str:
+        """The assistant's reply text to `messages`; raises LLMCallError when it cannot be had.
+
+        temperature / max_tokens default to the config's; json_mode asks for a JSON object.
+        """
+        validate_messages(messages)
+        temperature = self.config.temperature if temperature is None else temperature
+        max_tokens = self.config.max_tokens if max_tokens is None else max_tokens
+        self.usage.calls += 1
+        try:
+            if self._cache is None:
+                return await self._request_with_retries(messages, temperature, max_tokens, json_mode)
+            return await self._cached_answer(self._cache, messages, temperature, max_tokens, json_mode)
+        except LLMCallError:
+            self.usage.failures += 1
+            raise
+
+    async def complete_many(self, batch: Sequence[list[dict]], **kw: Any) -> list[str | LLMCallError]:
+        """complete() for every item concurrently (bounded by max_concurrency), in order.
+
+        An item that fails yields its LLMCallError in place; the batch itself never raises for it.
+        """
+        return list(await asyncio.gather(*(self._complete_or_error(messages, **kw) for messages in batch)))
+
+    async def _complete_or_error(self, messages: list[dict], **kw: Any) -> str | LLMCallError:
+        try:
+            return await self.complete(messages, **kw)
+        except LLMCallError as error:
+            return error
+
+    async def _cached_answer(self, cache: ResponseCache, messages: list[dict], temperature: float,
+                             max_tokens: int, json_mode: bool) -> str:
+        key = cache_key(self.config.model, messages, temperature, max_tokens, json_mode)
+        cached = cache.get(key)
+        if cached is not None:
+            self.usage.cache_hits += 1
+            return cached
+        in_flight = (await self._loop_state()).in_flight
+        task = in_flight.get(key)
+        if task is None:
+            task = asyncio.ensure_future(self._request_and_cache(cache, key, messages, temperature, max_tokens,
+                                                                 json_mode))
+            in_flight[key] = task
+            task.add_done_callback(lambda done, key=key: forget_task(in_flight, key, done))
+            # shield: one caller being cancelled must not cancel the answer others wait for.
+            return await asyncio.shield(task)
+        # An identical request is already on the wire; its answer is this call's answer.
+        content = await asyncio.shield(task)
+        self.usage.cache_hits += 1
+        return content
+
+    async def _request_and_cache(self, cache: ResponseCache, key: str, messages: list[dict], temperature: float,
+                                 max_tokens: int, json_mode: bool) -> str:
+        content = await self._request_with_retries(messages, temperature, max_tokens, json_mode)
+        cache.put(key, content)
+        return content
+
+    async def _request_with_retries(self, messages: list[dict], temperature: float, max_tokens: int,
+                                    json_mode: bool) -> str:
+        request = {
+            "model": self.config.model,
+            "messages": messages,
+            "temperature": temperature,
+            "max_tokens": max_tokens,
+        }
+        if json_mode:
+            request["response_format"] = {"type": "json_object"}
+        failures: list[AttemptFailure] = []
+        max_attempts = self.config.max_retries + 1
+        for attempt in range(max_attempts):
+            if attempt > 0:
+                delay_s = backoff_delay_s(attempt - 1, self.config.backoff_initial_s, self.config.backoff_max_s,
+                                          failures[-1].retry_after_s, self._rng)
+                logger.debug("LLM %s at %s: %s; retry %d/%d in %.3fs", self.config.model, self._public_base_url,
+                             self._scrub(failures[-1].describe()), attempt, self.config.max_retries, delay_s)
+                self.usage.retries += 1
+                await asyncio.sleep(delay_s)
+            try:
+                return await self._attempt(request)
+            except Exception as error:
+                failure = classify_failure(error, self.config.timeout_s)
+                failures.append(failure)
+                if not failure.retryable:
+                    # Chain only our own surprises: server errors carry raw bodies that may echo the key.
+                    cause = error if failure.status == "unexpected error" else None
+                    raise self._call_error(failures, max_attempts) from cause
+        raise self._call_error(failures, max_attempts)
+
+    async def _attempt(self, request: dict[str, Any]) -> str:
+        state = await self._loop_state()
+        async with state.semaphore:
+            self.usage.requests += 1
+            # The SDK timeout is per network phase; wait_for bounds the whole exchange.
+            response = await asyncio.wait_for(state.sdk.chat.completions.create(**request),
+                                              timeout=self.config.timeout_s)
+        text = completion_text(response)
+        usage = getattr(response, "usage", None)
+        if usage is not None:
+            self.usage.prompt_tokens += int(getattr(usage, "prompt_tokens", 0) or 0)
+            self.usage.completion_tokens += int(getattr(usage, "completion_tokens", 0) or 0)
+        return text
+
+    def _call_error(self, failures: Sequence[AttemptFailure], max_attempts: int) -> LLMCallError:
+        last = failures[-1]
+        reason = "retries exhausted" if last.retryable else f"{last.status} is not retryable"
+        attempts = [self._scrub(failure.describe()) for failure in failures]
+        listing = "; ".join(f"{number}) {text}" for number, text in enumerate(attempts, start=1))
+        message = (
+            f"LLM call to model {self.config.model!r} at {self._public_base_url} failed with {last.status} "
+            f"after {len(failures)} of at most {max_attempts} attempt(s) ({reason}): {listing}"
+        )
+        logger.warning("%s", message)
+        return LLMCallError(message, model=self.config.model, base_url=self._public_base_url,
+                            status=last.status, attempts=attempts)
+
+    def _scrub(self, text: str) -> str:
+        """Remove the API key from server-provided text (some servers echo request headers)."""
+        if self._api_key and self._api_key != PLACEHOLDER_API_KEY:
+            return text.replace(self._api_key, REDACTED)
+        return text
+
+    async def _loop_state(self) -> _LoopState:
+        loop = asyncio.get_running_loop()
+        if self._state is not None and self._state.loop is loop:
+            return self._state
+        if self._state is not None:
+            logger.debug("LLM client for %s moved to a new event loop; opening fresh connections",
+                         self.config.model)
+        sdk = openai.AsyncOpenAI(
+            api_key=self._api_key,
+            base_url=self.config.base_url,
+            timeout=self.config.timeout_s,
+            max_retries=0,  # retries are ours: jitter, Retry-After cap, malformed-body retries
+        )
+        closer = close_at_loop_shutdown(sdk)
+        await closer.__anext__()  # run to its yield so loop shutdown will run its finally
+        self._state = _LoopState(loop=loop, semaphore=asyncio.Semaphore(self.config.max_concurrency), sdk=sdk,
+                                 closer=closer)
+        return self._state
+
+
+def forget_task(in_flight: dict[str, asyncio.Task], key: str, task: asyncio.Task) -> None:
+    """Drop a finished shared request; read its outcome so an unawaited failure is not reported as lost."""
+    in_flight.pop(key, None)
+    if not task.cancelled():
+        task.exception()
+
+
+def read_api_key(env_name: str) -> str:
+    """The key from $env_name, or a placeholder that local vLLM/SGLang servers accept."""
+    key = os.environ.get(env_name)
+    if key:
+        return key
+    logger.debug("environment variable %s is unset; sending the placeholder API key %r (fine for local "
+                 "vLLM/SGLang servers)", env_name, PLACEHOLDER_API_KEY)
+    return PLACEHOLDER_API_KEY
+
+
+def run_sync(coro: Awaitable[T]) -> T:
+    """Run `coro` to completion from synchronous code and return its result.
+
+    Use it where no event loop is running in this thread (scripts, the trainer's
+    host loop): it is asyncio.run. Called from inside a running loop (e.g. a
+    notebook), it runs the coroutine on a fresh loop in a worker thread and blocks
+    until done, since a running loop cannot be re-entered. Inside async code,
+    prefer plain `await`.
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(_as_coroutine(coro))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="run_sync") as pool:
+        return pool.submit(asyncio.run, _as_coroutine(coro)).result()
+
+
+async def _as_coroutine(awaitable: Awaitable[T]) -> T:
+    return await awaitable

@@ -1,0 +1,196 @@
+"""Batched generation as jitted pure functions over the same parameters the trainer updates.
+
+One call prefills a batch of left-padded prompts once, copies each prompt's cache for its n
+samples, and decodes with a `lax.while_loop` that stops as soon as every row has emitted a stop
+id. It returns the sampled tokens, their log-probabilities under the unfiltered model
+distribution (what the PPO trainer recomputes), and response lengths. Prompt lengths and batch
+sizes are bucketed by the caller (`pad_prompts`), so a run compiles a handful of programs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import NamedTuple, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlpa_jax.model.qwen2 import CACHE_AXES, Params, Qwen2Config, forward, init_cache, positions_from_mask
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """Static decoding settings (hashable: part of the compiled program's identity)."""
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 means no top-k filter
+    num_samples: int = 1  # samples per prompt, decoded from copies of one prefilled cache
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens}; expected >= 1")
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature}; expected >= 0 (0 = greedy)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p}; expected 0 < top_p <= 1")
+        if self.top_k < 0 or self.num_samples < 1:
+            raise ValueError(f"top_k={self.top_k}, num_samples={self.num_samples}; expected top_k >= 0, num_samples >= 1")
+
+
+class Generation(NamedTuple):
+    tokens: jax.Array  # (rows, max_new_tokens) int32, pad after the stop token
+    logprobs: jax.Array  # (rows, max_new_tokens) float32, 0 after the stop token
+    mask: jax.Array  # (rows, max_new_tokens) bool, True on generated tokens (stop token included)
+    lengths: jax.Array  # (rows,) int32
+    steps: jax.Array  # () int32, decode steps run (early stop makes this < max_new_tokens)
+
+
+def filter_logits(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
+    """Mask logits outside the top-k set and the smallest top-p nucleus with -inf."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        # Keep a token while the mass strictly before it is below top_p (the top token always stays).
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        keep_sorted = mass_before < top_p
+        threshold = jnp.min(jnp.where(keep_sorted, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < threshold, -jnp.inf, logits)
+    return logits
+
+
+def choose_tokens(logits: jax.Array, key: jax.Array, sampling: SamplingParams) -> tuple[jax.Array, jax.Array]:
+    """(token ids, their log-probabilities under the unfiltered, untempered distribution)."""
+    if sampling.temperature == 0:
+        tokens = jnp.argmax(logits, axis=-1)
+    else:
+        filtered = filter_logits(logits / sampling.temperature, sampling.top_k, sampling.top_p)
+        tokens = jax.random.categorical(key, filtered, axis=-1)
+    logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
+    return tokens.astype(jnp.int32), logprobs
+
+
+def _constrain_cache(cache):
+    return {k: nn.with_logical_constraint(v, CACHE_AXES) for k, v in cache.items()}
+
+
+def generate(
+    params: Params,
+    config: Qwen2Config,
+    prompt_tokens: jax.Array,
+    prompt_mask: jax.Array,
+    key: jax.Array,
+    sampling: SamplingParams,
+    stop_ids: tuple[int, ...],
+    pad_id: int,
+) -> Generation:
+    """Sample `sampling.num_samples` continuations per left-padded prompt (rows prompt-major)."""
+    batch, prompt_len = prompt_tokens.shape
+    n, new = sampling.num_samples, sampling.max_new_tokens
+    slots = prompt_len + new
+    stop = jnp.asarray(stop_ids, jnp.int32)
+
+    # Prefill the shared history once, then give each sample its own copy of the cache.
+    key_mask = jnp.zeros((batch, slots), bool).at[:, :prompt_len].set(prompt_mask.astype(bool))
+    cache = _constrain_cache(init_cache(config, batch, slots))
+    logits, cache = forward(params, config, prompt_tokens, key_mask, positions_from_mask(prompt_mask),
+                            cache=cache, cache_index=0)
+    cache = _constrain_cache({k: jnp.repeat(v, n, axis=1) for k, v in cache.items()})
+    key_mask = jnp.repeat(key_mask, n, axis=0)
+    last_logits = jnp.repeat(logits[:, -1], n, axis=0)
+    next_position = jnp.repeat(prompt_mask.astype(jnp.int32).sum(-1), n, axis=0)
+
+    rows = batch * n
+    first, first_logprob = choose_tokens(last_logits, jax.random.fold_in(key, 0), sampling)
+    tokens = jnp.full((rows, new), pad_id, jnp.int32).at[:, 0].set(first)
+    logprobs = jnp.zeros((rows, new), jnp.float32).at[:, 0].set(first_logprob)
+    done = jnp.isin(first, stop)
+    lengths = jnp.ones((rows,), jnp.int32)
+
+    def keep_going(state):
+        step, _, _, done, *_ = state
+        return (step < new) & ~jnp.all(done)
+
+    def decode_step(state):
+        step, tokens, logprobs, done, lengths, cache, key_mask = state
+        slot = prompt_len + step - 1
+        previous = jax.lax.dynamic_slice_in_dim(tokens, step - 1, 1, axis=1)
+        key_mask = jax.lax.dynamic_update_slice_in_dim(key_mask, jnp.ones((rows, 1), bool), slot, axis=1)
+        positions = (next_position + step - 1)[:, None]
+        logits, cache = forward(params, config, previous, key_mask, positions, cache=cache, cache_index=slot)
+        token, logprob = choose_tokens(logits[:, 0], jax.random.fold_in(key, step), sampling)
+        token = jnp.where(done, pad_id, token)
+        logprob = jnp.where(done, 0.0, logprob)
+        tokens = jax.lax.dynamic_update_slice_in_dim(tokens, token[:, None], step, axis=1)
+        logprobs = jax.lax.dynamic_update_slice_in_dim(logprobs, logprob[:, None], step, axis=1)
+        lengths = lengths + (~done).astype(jnp.int32)
+        done = done | jnp.isin(token, stop)
+        return step + 1, tokens, logprobs, done, lengths, cache, key_mask
+
+    state = (jnp.int32(1), tokens, logprobs, done, lengths, cache, key_mask)
+    steps, tokens, logprobs, done, lengths, _, _ = jax.lax.while_loop(keep_going, decode_step, state)
+    mask = jnp.arange(new)[None, :] < lengths[:, None]
+    return Generation(tokens, logprobs, mask, lengths, steps)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side: bucketing and a compile-counting wrapper
+
+
+def bucket(size: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket that fits `size`; sizes beyond the last bucket round up to its multiple."""
+    for b in sorted(buckets):
+        if size <= b:
+            return b
+    largest = max(buckets)
+    return -(-size // largest) * largest
+
+
+def pad_prompts(
+    prompts: Sequence[Sequence[int]],
+    pad_id: int,
+    length_buckets: Sequence[int] = (64, 128, 256, 512, 1024, 2048, 4096),
+    batch_multiple: int = 1,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad token lists to a bucketed length; add all-padding rows up to a batch multiple."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("pad_prompts needs at least one prompt and no empty prompt")
+    length = bucket(max(len(p) for p in prompts), length_buckets)
+    rows = -(-len(prompts) // batch_multiple) * batch_multiple
+    tokens = np.full((rows, length), pad_id, np.int32)
+    mask = np.zeros((rows, length), bool)
+    for i, prompt in enumerate(prompts):
+        tokens[i, length - len(prompt):] = prompt
+        mask[i, length - len(prompt):] = True
+    return tokens, mask
+
+
+class Sampler:
+    """Holds the jitted generate for one model config and counts how many programs it compiled."""
+
+    def __init__(self, config: Qwen2Config, stop_ids: Sequence[int], pad_id: int):
+        self.config = config
+        self.stop_ids = tuple(int(i) for i in stop_ids)
+        self.pad_id = int(pad_id)
+        self._jitted = jax.jit(generate, static_argnames=("config", "sampling", "stop_ids", "pad_id"))
+        self._signatures: set[tuple] = set()
+
+    @property
+    def compile_count(self) -> int:
+        return len(self._signatures)
+
+    def __call__(self, params: Params, tokens, mask, key: jax.Array, sampling: SamplingParams) -> Generation:
+        signature = (tuple(tokens.shape), sampling)
+        if signature not in self._signatures:
+            self._signatures.add(signature)
+            log.info("sampler: compiling for prompts %s, %s (program %d)", tokens.shape, sampling, len(self._signatures))
+        return self._jitted(params, self.config, tokens, mask, key, sampling, self.stop_ids, self.pad_id)
