@@ -223,7 +223,7 @@ _VERBS = (
     "never|keeps|sews|draws|composes|surfs|hikes|jogs|trains|visits|tries|finds|speaks|studies|"
     "helps|founded|opened|started|won|published|can|will|would|values|seeks|prefers|tends|dropped|"
     "documents|fosters|mentors|manages|leads|supports|flies|maintains|oversees|captures|encourages|"
-    "talks|collaborates|brings|solves|develops|enjoys"
+    "talks|collaborates|brings|solves|develops"
 )
 _CLAUSE_BOUNDARY = re.compile(
     rf"(?:,\s*(?:and\s+)?|\s+and\s+)(?=(?:(?:{_ADVERBS})\s+)*(?:{_VERBS})\b|(?:{_ADVERBS})\s+\w+s\b)"
@@ -233,10 +233,15 @@ _CLAUSE_BOUNDARY = re.compile(
 _SUBJECT = re.compile(r"^(?:[^,]{0,60},\s*)?(?:she|he|they)(?P<contraction>'s|'re)?\s+", re.IGNORECASE)
 _LEADING_ADVERBS = re.compile(rf"^(?:(?:{_ADVERBS})\s+)+", re.IGNORECASE)
 _OBJECT_SPLIT = re.compile(r",\s*(?:and\s+)?|\s+and\s+(?=(?:a|an|one|two|three|four|five|six|\d+)\b)")
+# Companions in "lives with her husband and their daughter": split before a determiner only, so
+# "two cats named Pixel and Scribble" and "her golden retriever, Daisy" stay whole.
+_COMPANION_SPLIT = re.compile(
+    r"(?:,\s*(?:and\s+)?|\s+and\s+)(?=(?:a|an|one|two|three|four|five|six|\d+|his|her|their|my)\b)"
+)
 _UNSPLITTABLE = re.compile(r"arts and crafts|rock and roll|drum and bass|hide and seek", re.IGNORECASE)
 _TRAILING_TIME = re.compile(
     r"(?:\s+(?:in (?:their|his|her) (?:free|spare) time|in (?:their|his|her) downtime|"
-    r"during (?:their|his|her) free time|on (?:the )?weekends?|every (?:day|week|weekend|morning)|"
+    r"during (?:their|his|her) free time|on (?:the )?weekends?|"
     r"regularly|frequently|often|daily|for (?:\w+ ){0,2}years|since [\w\s]+|as a hobby|"
     r"every (?:\w+ )?(?:night|day|week|morning|evening)))+$",
     re.IGNORECASE,
@@ -434,7 +439,8 @@ def _marital_items(phrase: str) -> list[ProfileItem] | None:
         elif status in (None, "engaged"):
             partner = re.match(r"^\s*(?:to|with)\s+(?P<who>.+)$", rest)
             if partner:
-                items.append(ProfileItem("Family Background", "partner is " + _neutral(partner.group("who"), article=True)))
+                partner_text = _neutral(partner.group("who"), article=True)
+                items.append(ProfileItem("Family Background", "partner is " + partner_text))
         else:
             items.extend(_relatives_after_with(rest))
         return items
@@ -487,34 +493,39 @@ def _avid_interest(noun_phrase: str) -> str:
     return _neutral(fan.group(1) if fan else phrase)
 
 
+_ItemRule = tuple[re.Pattern[str], Callable[[re.Match[str]], list[ProfileItem]]]
+# Rules for "is ..." phrases other than the age/occupation opener, tried in order.
+_IS_RULES: tuple[_ItemRule, ...] = (
+    (re.compile(r"^an?\s+(?P<single>single\s+)?"
+                r"(?P<v>(?:mother|father|parent|grandmother|grandfather|grandparent)\b.*)$"),
+     lambda m: [ProfileItem("Family Background", _neutral(m.group("v")))]
+     + ([ProfileItem("Marital Status", "single")] if m.group("single") else [])),
+    (re.compile(r"^(?:a |an )?(?P<v>vegan|vegetarian|pescatarian|(?:gluten|lactose) intolerant)\b(?P<rest>.*)$"),
+     lambda m: [ProfileItem("Other Information", m.group("v"))] + _lover_items(m.group("rest"))),
+    (re.compile(r"^(?P<v>fluent in .+|learning .+|training for .+|an advocate for .+|a volunteer .+)$"),
+     lambda m: [ProfileItem("Other Information", _neutral(m.group("v")))]),
+    (re.compile(r"^(?:an?\s+)?(?:active\s+)?(?:part|member) of (?P<v>.+)$"),
+     lambda m: [ProfileItem("Other Information", "member of " + _neutral(m.group("v")))]),
+    (re.compile(r"^(?:passionate about|interested in) (?P<v>.+)$"),
+     lambda m: _interests(m.group("v"))),
+    (re.compile(r"^(?:deeply )?involved in (?P<v>.+)$"),
+     lambda m: [ProfileItem("Other Information", "involved in " + _neutral(m.group("v")))]),
+    (re.compile(r"^(?:studying|majoring in|pursuing|completing|currently studying) .+$"),
+     lambda m: [ProfileItem("Education Background", _neutral(m.group(0)))]),
+    (re.compile(r"^(?:originally )?from (?P<v>[A-Z].+)$"),
+     lambda m: [ProfileItem("Location", _neutral(m.group("v")))]),
+    (re.compile(r"^an?\s+(?:avid|passionate|amateur|keen)\s+(?:amateur\s+)?(?P<v>.+)$"),
+     lambda m: [ProfileItem("Interests", _avid_interest(m.group("v")))]),
+)
+
+
 def _is_items(phrase: str) -> list[ProfileItem]:
-    """Rules for "is ..." phrases other than the age/occupation opener."""
+    """Items of an "is ..." phrase: marital status first, then the first matching rule."""
     marital = _marital_items(phrase)
     if marital is not None:
         return marital
-    rules: tuple[tuple[str, Callable[[re.Match], list[ProfileItem]]], ...] = (
-        (r"^an?\s+(?P<single>single\s+)?(?P<v>(?:mother|father|parent|grandmother|grandfather|grandparent)\b.*)$",
-         lambda m: [ProfileItem("Family Background", _neutral(m.group("v")))]
-         + ([ProfileItem("Marital Status", "single")] if m.group("single") else [])),
-        (r"^(?:a |an )?(?P<v>vegan|vegetarian|pescatarian|(?:gluten|lactose) intolerant)\b(?P<rest>.*)$",
-         lambda m: [ProfileItem("Other Information", m.group("v"))] + _lover_items(m.group("rest"))),
-        (r"^(?P<v>fluent in .+|learning .+|training for .+|an advocate for .+|a volunteer .+)$",
-         lambda m: [ProfileItem("Other Information", _neutral(m.group("v")))]),
-        (r"^(?:an?\s+)?(?:active\s+)?(?:part|member) of (?P<v>.+)$",
-         lambda m: [ProfileItem("Other Information", "member of " + _neutral(m.group("v")))]),
-        (r"^(?:passionate about|interested in) (?P<v>.+)$",
-         lambda m: _interests(m.group("v"))),
-        (r"^(?:deeply )?involved in (?P<v>.+)$",
-         lambda m: [ProfileItem("Other Information", "involved in " + _neutral(m.group("v")))]),
-        (r"^(?:studying|majoring in|pursuing|completing|currently studying) (?P<v>.+)$",
-         lambda m: [ProfileItem("Education Background", _neutral(m.group(0)))]),
-        (r"^(?:originally )?from (?P<v>[A-Z].+)$",
-         lambda m: [ProfileItem("Location", _neutral(m.group("v")))]),
-        (r"^an?\s+(?:avid|passionate|amateur|keen)\s+(?:amateur\s+)?(?P<v>.+)$",
-         lambda m: [ProfileItem("Interests", _avid_interest(m.group("v")))]),
-    )
-    for pattern, build in rules:
-        match = re.match(pattern, phrase, re.IGNORECASE if "[A-Z]" not in pattern else 0)
+    for pattern, build in _IS_RULES:
+        match = pattern.match(phrase)
         if match:
             return build(match)
     return []
@@ -568,8 +579,9 @@ def _lives_items(obj: str) -> list[ProfileItem]:
     items: list[ProfileItem] = []
     where = re.match(r"^(?P<prep>in|near|by|on)\s+(?P<place>.+?)(?:\s+with\s+(?P<who>.+))?$", obj)
     if where:
-        place = where.group("place")
-        items.append(ProfileItem("Location", _neutral(place if where.group("prep") == "in" else obj.split(" with ")[0])))
+        # "in a loft" names the place; "near the beach" keeps its preposition to make sense.
+        place = where.group("place") if where.group("prep") == "in" else obj.split(" with ")[0]
+        items.append(ProfileItem("Location", _neutral(place)))
         who = where.group("who")
     else:
         with_match = re.match(r"^with\s+(?P<who>.+?)(?:\s+in\s+(?P<place>(?:a|an|the)\s+.+))?$", obj)
@@ -584,7 +596,7 @@ def _lives_items(obj: str) -> list[ProfileItem]:
         if items:  # "an apartment with a view of the skyline" describes the place
             items[0] = ProfileItem("Location", f"{items[0].value} with {_neutral(who, article=True)}")
         return items
-    for companion in re.split(r",\s*(?:and\s+)?|\s+and\s+", who):
+    for companion in _COMPANION_SPLIT.split(who):
         if _ANIMALS.search(companion) or _RELATIVES.search(companion):
             items.extend(_pet_or_family(companion, prefix="lives with "))
         elif _HOUSEMATES.search(companion):
@@ -673,10 +685,10 @@ _TRAIT_CUT = re.compile(
     re.IGNORECASE,
 )
 _TRAIT_NOUNS = frozenset({"leader", "listener", "communicator", "conversationalist", "thinker", "planner",
-                          "friend", "problem-solver", "team player", "storyteller"})
+                          "friend", "problem-solver", "storyteller"})
 _GENERIC_NOUNS = re.compile(r"\s+(?:individual|person|soul|type|guy|woman|man)$", re.IGNORECASE)
 _NOT_TRAITS = frozenset({"known", "able", "there", "full", "someone", "one", "not", "the", "always", "never",
-                         "ready", "willing", "free", "home", "in", "on", "someone", "quick"})
+                         "ready", "willing", "free", "home", "in", "on", "quick"})
 _ING_TRAITS = frozenset({"caring", "nurturing", "outgoing", "easygoing", "charming", "inspiring", "hardworking",
                          "understanding", "forgiving", "daring", "amusing", "engaging", "calming", "giving",
                          "accommodating", "enterprising", "uplifting", "easy-going", "fun-loving",
@@ -715,6 +727,12 @@ def _trait_from_chunk(chunk: str, leading: bool) -> str | None:
 
 
 def _traits_after_is(phrase: str) -> list[str]:
+    """Traits of "is curious and open-minded, rational and ...".
+
+    ALOE writes "She is <trait>, <explanation>." so only the first comma part is read generously;
+    later parts must be single trait-like words ("down-to-earth, humble") and reading stops at the
+    first explanation ("patient, never rushing things").
+    """
     traits: list[str] = []
     for index, part in enumerate(phrase.split(",")):
         for chunk in re.split(r"\s+and\s+", part):
@@ -823,7 +841,7 @@ _SYNTHETIC_TRAITS = {
     "calm": "staying composed under pressure",
     "ambitious": "always striving for more",
     "independent": "rarely relying on others",
-    "generous": "sharing what they have",
+    "generous": "sharing freely with others",
     "optimistic": "seeing the bright side of things",
     "reserved": "rarely speaking up in large groups",
     "practical": "focusing on what works",
@@ -1014,6 +1032,6 @@ class LLMProfileExtractor:
             failed = [index for index, key in enumerate(keys) if key in conversations]
             details = "; ".join(f"pair {index}: {last_problem[keys[index]]}" for index in failed[:5])
             raise ProfileExtractionError(
-                f"{len(set(conversations))} pair(s) not converted after {self.max_attempts} attempt(s): {details}"
+                f"{len(conversations)} pair(s) not converted after {self.max_attempts} attempt(s): {details}"
             )
         return [items_from_json_object(self._cache[key]) for key in keys]
