@@ -1,0 +1,1 @@
+"""Reinforcement learning for RLPA: multi-turn rollouts, advantages, PPO losses and update steps."""
