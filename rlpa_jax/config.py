@@ -101,6 +101,7 @@ class RolloutConfig:
     prompt_buckets: list[int] = field(default_factory=lambda: [128, 256, 512, 1024, 2048, 4096])
     max_prompt_tokens: int = 4096  # older turns are dropped from the prompt beyond this
     pipeline_groups: int = 2  # host work for one group overlaps device sampling for another
+    system_prompt: str = "policy_system"  # a file under configs/prompts/ (without .txt)
 
 
 @dataclass

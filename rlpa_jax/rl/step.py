@@ -88,11 +88,11 @@ class Updater:
     def init(self, params: Params) -> Trainable:
         if self.mesh is None:
             return Trainable(params, jax.jit(self.optimizer.init)(params))
-        opt_shardings = self._opt_state_shardings(params)
+        opt_shardings = self.opt_state_shardings(params)
         opt_state = jax.jit(self.optimizer.init, out_shardings=opt_shardings)(params)
         return Trainable(params, opt_state)
 
-    def _opt_state_shardings(self, params: Params):
+    def opt_state_shardings(self, params: Params):
         shapes = jax.eval_shape(self.optimizer.init, params)
         return optax.tree_map_params(
             self.optimizer, lambda _, sharding: sharding, shapes, self.param_shardings,
@@ -104,7 +104,7 @@ class Updater:
         step = lambda t, b: accumulate_and_apply(self.loss_fn, self.optimizer, t, b, self.token_mask_key)  # noqa: E731
         if self.mesh is None:
             return jax.jit(step, donate_argnums=0)
-        state_shardings = Trainable(self.param_shardings, self._opt_state_shardings(trainable.params))
+        state_shardings = Trainable(self.param_shardings, self.opt_state_shardings(trainable.params))
         batch_shardings = {k: micro_batch_sharding(self.mesh, v.ndim) for k, v in batch.items()}
         return jax.jit(step, in_shardings=(state_shardings, batch_shardings),
                        out_shardings=(state_shardings, parallel.replicated(self.mesh)), donate_argnums=0)

@@ -1,0 +1,58 @@
+"""Train a policy with RLPA.
+
+    python launch/train.py                                   # embedded default (configs/tiny.yaml), CPU
+    python launch/train.py --config configs/qwen2.5-3b-8gpu.yaml ppo.actor_lr=1e-6
+    python launch/train.py --config configs/tiny.yaml --resume    # continue the run from its last checkpoint
+
+Positional arguments are dotted overrides of the YAML config (key.path=value).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=None, help="YAML config (default: configs/tiny.yaml)")
+    parser.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. ppo.actor_lr=1e-6")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from rlpa_jax import parallel
+    from rlpa_jax.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as error:
+        print(f"train.py: {error}", file=sys.stderr)
+        return 2
+    parallel.initialize_distributed()
+
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(Path(config.output_dir) / ".jax_cache"))
+    from rlpa_jax.model.hf import CheckpointError
+    from rlpa_jax.rl.trainer import Trainer, TrainingDiverged
+
+    try:
+        summary = Trainer(config).train(resume=args.resume)
+    except (TrainingDiverged, CheckpointError, FileNotFoundError, ValueError) as error:
+        print(f"train.py: {error}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary, indent=2))
+    print(f"run directory: {config.run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""From sampled turns to a PPO batch: padded arrays, scoring forwards, rewards and advantages.
+
+Samples are packed as prompt (left-padded to a bucketed length) + response (right-padded to
+max_new_tokens). Jitted forwards then recompute the actor's log-probs (the "old" policy; the gap
+to the sampler's log-probs is logged), the frozen reference's log-probs and the critic's values.
+Rewards put the turn score on the last response token minus a KL penalty on every token, and
+advantages come from GAE within a turn (the paper), GAE across turns, or GRPO groups.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlpa_jax.model.qwen2 import Params, Qwen2Config
+from rlpa_jax.rl import ppo
+from rlpa_jax.rl.rollout import Sample
+from rlpa_jax.rl.step import response_logprobs, response_values
+from rlpa_jax.sampling import bucket
+
+Batch = dict[str, np.ndarray]
+
+
+def pack_samples(samples: Sequence[Sample], pad_id: int, response_length: int, prompt_buckets: Sequence[int],
+                 row_multiple: int = 1) -> Batch:
+    """Padded arrays for a list of samples; extra all-padding rows up to a row multiple."""
+    prompt_length = bucket(max(len(s.prompt_tokens) for s in samples), prompt_buckets)
+    rows = -(-len(samples) // row_multiple) * row_multiple
+    tokens = np.full((rows, prompt_length + response_length), pad_id, np.int32)
+    attention = np.zeros(tokens.shape, bool)
+    sampler_logprobs = np.zeros((rows, response_length), np.float32)
+    meta = np.full((rows, 3), -1, np.int32)  # conversation, turn, sample index
+    scores = np.zeros((rows,), np.float32)
+    chosen = np.zeros((rows,), bool)
+    for i, s in enumerate(samples):
+        p, r = len(s.prompt_tokens), len(s.response_tokens)
+        tokens[i, prompt_length - p:prompt_length] = s.prompt_tokens
+        tokens[i, prompt_length:prompt_length + r] = s.response_tokens
+        attention[i, prompt_length - p:prompt_length + r] = True
+        sampler_logprobs[i, :r] = s.sampler_logprobs
+        meta[i] = (s.conversation_id, s.turn, s.sample_index)
+        scores[i] = s.reward
+        chosen[i] = s.chosen
+    return {
+        "tokens": tokens, "attention_mask": attention, "response_mask": attention[:, prompt_length:].copy(),
+        "sampler_logprobs": sampler_logprobs, "scores": scores, "chosen": chosen,
+        "conversation_id": meta[:, 0], "turn": meta[:, 1], "sample_index": meta[:, 2],
+    }
+
+
+class Scorer:
+    """Jitted forwards that read a packed batch in chunks: log-probs of the responses and values."""
+
+    def __init__(self, config: Qwen2Config, chunk_rows: int = 32, put_batch=None):
+        self.config, self.chunk_rows = config, chunk_rows
+        self.put_batch = put_batch or (lambda x: x)
+        self._logprobs = jax.jit(lambda p, t, m, r: response_logprobs(p, config, t, m, r)[0], static_argnums=3)
+        self._values = jax.jit(lambda p, t, m, r: response_values(p, config, t, m, r), static_argnums=3)
+
+    def _chunks(self, fn, params, batch: Batch) -> np.ndarray:
+        length = batch["response_mask"].shape[1]
+        outs = []
+        for start in range(0, len(batch["tokens"]), self.chunk_rows):
+            t = batch["tokens"][start:start + self.chunk_rows]
+            m = batch["attention_mask"][start:start + self.chunk_rows]
+            outs.append(np.asarray(jax.device_get(fn(params, self.put_batch(t), self.put_batch(m), length))))
+        return np.concatenate(outs) * batch["response_mask"]
+
+    def logprobs(self, params: Params, batch: Batch) -> np.ndarray:
+        return self._chunks(self._logprobs, params, batch)
+
+    def values(self, params: Params, batch: Batch) -> np.ndarray:
+        return self._chunks(self._values, params, batch)
+
+
+def next_turn_values(batch: Batch, gamma: float) -> np.ndarray:
+    """gamma * V(first token of the next chosen turn of the same conversation); 0 at the end.
+
+    The dialogue continues from the chosen sample only, so the chosen turn's successor is real
+    and every other sample of that turn shares it as the estimate of what would follow.
+    """
+    first_values = {}
+    for i in np.flatnonzero(batch["chosen"]):
+        first_values[(int(batch["conversation_id"][i]), int(batch["turn"][i]))] = batch["old_values"][i, 0]
+    nxt = [first_values.get((int(c), int(t) + 1), 0.0) for c, t in zip(batch["conversation_id"], batch["turn"])]
+    return gamma * np.asarray(nxt, np.float32)
+
+
+def add_advantages(batch: Batch, advantage: str, kl_coef: float, kl_estimator: str, gamma: float, lam: float,
+                   group_size: int, whiten: bool) -> Batch:
+    """Adds rewards, kl, advantages and returns to the batch (all (rows, response_length))."""
+    mask = batch["response_mask"]
+    rewards, kl = ppo.token_rewards(batch["scores"], batch["old_logprobs"], batch["reference_logprobs"], mask,
+                                    kl_coef, kl_estimator)
+    rewards, kl = np.asarray(rewards), np.asarray(kl)
+    if advantage == "grpo":
+        # Group-relative advantages on the scores; the KL enters as a per-token penalty on top.
+        groups = np.asarray(ppo.group_advantages(batch["scores"], group_size))
+        advantages = np.asarray(ppo.expand_to_tokens(groups, mask)) - kl_coef * kl * mask
+        returns = np.zeros_like(advantages)
+    else:
+        if advantage == "cross_turn":
+            last = np.asarray(ppo.last_token_mask(mask))
+            rewards = rewards + last * next_turn_values(batch, gamma)[:, None]
+        elif advantage != "gae":
+            raise ValueError(f"ppo.advantage={advantage!r}; expected gae, cross_turn or grpo")
+        advantages, returns = (np.asarray(x) for x in ppo.gae_advantages(rewards, batch["old_values"], mask, gamma, lam))
+    if whiten:
+        advantages = np.asarray(ppo.whiten(jnp.asarray(advantages), mask))
+    return batch | {"rewards": rewards, "kl": kl, "advantages": advantages.astype(np.float32),
+                    "returns": returns.astype(np.float32)}

@@ -1,0 +1,80 @@
+"""Run metrics: one JSON line per step, TensorBoard scalars, and reward curves as a PNG."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Mapping
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: runs happen on headless hosts
+import matplotlib.pyplot as plt  # noqa: E402
+
+CURVES = (("reward", "mean turn reward"), ("profile_f1", "profile F1"), ("response_reward", "response reward"),
+          ("kl", "KL to reference"))
+
+
+class MetricsLog:
+    def __init__(self, run_dir: Path, tensorboard: bool = True):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._writer = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+    def write(self, phase: str, step: int, metrics: Mapping[str, float]) -> None:
+        record = {"phase": phase, "step": step} | {k: _plain(v) for k, v in metrics.items()}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._writer is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step" and math.isfinite(value):
+                    self._writer.add_scalar(f"{phase}/{key}", value, step)
+            self._writer.flush()
+
+    def truncate_after(self, phase: str, step: int) -> None:
+        """Drop records of `phase` past `step` (a resumed run rewrites what came after its checkpoint)."""
+        if not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if line and not (json.loads(line)["phase"] == phase and json.loads(line)["step"] > step)]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def records(self, phase: str) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [r for r in map(json.loads, self.path.read_text().splitlines()) if r["phase"] == phase]
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+def _plain(value):
+    try:
+        return float(value) if not isinstance(value, (int, str)) else value
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def plot_training(log: MetricsLog, output: Path, baseline: Mapping[str, float] | None = None) -> Path:
+    """Reward curves over PPO iterations (with the SFT starting point as a dashed line)."""
+    records = log.records("ppo")
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.2))
+    for ax, (key, title) in zip(axes, CURVES):
+        steps = [r["step"] for r in records if key in r]
+        ax.plot(steps, [r[key] for r in records if key in r], marker="o", markersize=3)
+        if baseline and key in baseline:
+            ax.axhline(baseline[key], color="gray", linestyle="--", label="start (after SFT)")
+            ax.legend(fontsize=8)
+        ax.set_title(title)
+        ax.set_xlabel("PPO iteration")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(output, dpi=110)
+    plt.close(fig)
+    return output

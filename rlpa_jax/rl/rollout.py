@@ -1,0 +1,219 @@
+"""The host-side multi-turn rollout loop: conversations in flight, n samples per turn, best-of-n.
+
+Each turn, a group of conversations is rendered into prompts, sampled n times in one jitted
+sampler call, parsed and scored by the judges, continued with its best sample, and answered by
+the simulated users in one batch. Groups run as concurrent coroutines: while one group waits for
+the device (in a worker thread), the others talk to judges and users, so host calls for one group
+overlap device work for another. Every sample becomes one PPO experience.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections import Counter
+from typing import Literal, Sequence
+
+import jax
+import numpy as np
+
+from rlpa_jax.dialogue.chat import Message, ParsedTurn, assistant_message, parse_turn, render_messages
+from rlpa_jax.dialogue.judges import ProfileJudge, ResponseJudge, ResponseRequest, TurnScore, score_turn
+from rlpa_jax.dialogue.personas import Persona
+from rlpa_jax.dialogue.users import OPENING_MESSAGE, UserSimulator, UserState
+from rlpa_jax.model.qwen2 import Params
+from rlpa_jax.sampling import Sampler, SamplingParams, pad_prompts
+from rlpa_jax.tokenizer import chat_token_ids
+
+RewardMode = Literal["both", "profile", "response"]
+
+
+@dataclasses.dataclass
+class Conversation:
+    conversation_id: int
+    persona: Persona
+    user: UserState
+    history: list[Message]
+    active: bool = True
+
+
+@dataclasses.dataclass
+class Sample:
+    """One sampled turn: a PPO experience (tokens and sampler log-probs) with its reward parts."""
+
+    conversation_id: int
+    turn: int
+    sample_index: int
+    prompt_tokens: np.ndarray
+    response_tokens: np.ndarray  # includes the stop token when one was produced
+    sampler_logprobs: np.ndarray
+    text: str
+    parsed: ParsedTurn
+    score: TurnScore
+    reward: float  # the reward the configured mode trains on
+    chosen: bool = False
+
+
+def reward_of(score: TurnScore, mode: RewardMode) -> float:
+    """Turn reward = profile F1 + response gate; the ablations keep one part."""
+    return {"both": score.total, "profile": score.profile_reward, "response": score.response_reward}[mode]
+
+
+def start_conversations(personas: Sequence[Persona], user_sim: UserSimulator, seeds: Sequence[int],
+                        first_id: int = 0, switch_turn: int | None = None,
+                        switch_personas: Sequence[Persona] | None = None) -> list[Conversation]:
+    """Cold starts: each user opens with the ALOE greeting and nothing about themselves."""
+    conversations = []
+    for i, (persona, seed) in enumerate(zip(personas, seeds)):
+        switch_to = switch_personas[i] if switch_personas is not None and switch_turn is not None else None
+        state = user_sim.start(persona, seed, switch_turn if switch_to else None, switch_to)
+        conversations.append(Conversation(first_id + i, persona, state, [Message("user", OPENING_MESSAGE)]))
+    return conversations
+
+
+class World:
+    """Everything outside the device: prompt rendering, judges, simulated users."""
+
+    def __init__(self, tokenizer, system_prompt: str, user_sim: UserSimulator, profile_judge: ProfileJudge,
+                 response_judge: ResponseJudge, reward_mode: RewardMode = "both", max_prompt_tokens: int = 4096):
+        self.tokenizer, self.system_prompt = tokenizer, system_prompt
+        self.user_sim, self.profile_judge, self.response_judge = user_sim, profile_judge, response_judge
+        self.reward_mode, self.max_prompt_tokens = reward_mode, max_prompt_tokens
+
+    def prompt_tokens(self, history: Sequence[Message]) -> list[int]:
+        """The policy prompt; the oldest exchanges are dropped while it exceeds max_prompt_tokens."""
+        history = list(history)
+        while True:
+            ids = chat_token_ids(self.tokenizer, render_messages(self.system_prompt, history), add_generation_prompt=True)
+            if len(ids) <= self.max_prompt_tokens or len(history) <= 1:
+                return ids
+            history = history[2:]
+
+    async def score(self, conversations: Sequence[Conversation], texts: Sequence[Sequence[str]]) -> list[list[tuple[ParsedTurn, TurnScore]]]:
+        """Parse and judge every sample of every conversation, both judges concurrently."""
+        parsed = [[parse_turn(t) for t in row] for row in texts]
+        cells = [(i, j) for i, row in enumerate(parsed) for j, p in enumerate(row) if p.well_formed]
+        truth = [conversations[i].user.persona.items for i, _ in cells]
+        pairs = [(parsed[i][j].profile, true) for (i, j), true in zip(cells, truth)]
+        requests = [ResponseRequest(conversations[i].user.persona, tuple(conversations[i].history), parsed[i][j].response)
+                    for i, j in cells]
+        matched, response_ok = await asyncio.gather(self.profile_judge.count_matches(pairs), self.response_judge.judge(requests))
+        judged = {cell: (m, r, len(true)) for cell, m, r, true in zip(cells, matched, response_ok, truth)}
+        results = []
+        for i, row in enumerate(parsed):
+            out = []
+            for j, p in enumerate(row):
+                m, r, n_true = judged.get((i, j), (None, None, 0))
+                out.append((p, score_turn(p, m, r, n_true)))
+            results.append(out)
+        return results
+
+
+@dataclasses.dataclass
+class RolloutResult:
+    samples: list[Sample]
+    conversations: list[Conversation]
+    stats: dict[str, float]
+
+
+class Rollout:
+    """Runs conversations for `max_rounds` turns and returns every sampled turn."""
+
+    def __init__(self, world: World, sampler: Sampler, sampling: SamplingParams, max_rounds: int,
+                 prompt_buckets: Sequence[int], groups: int = 2, batch_multiple: int = 1, put_batch=None):
+        self.world, self.sampler, self.sampling = world, sampler, sampling
+        self.max_rounds, self.prompt_buckets, self.groups = max_rounds, tuple(prompt_buckets), groups
+        self.batch_multiple = batch_multiple
+        self.put_batch = put_batch or (lambda x: x)  # places prompt arrays on the mesh when there is one
+        self.timings: Counter = Counter()
+
+    def run(self, params: Params, conversations: list[Conversation], key: jax.Array) -> RolloutResult:
+        self.timings = Counter()
+        start = time.perf_counter()
+        groups = [conversations[g::self.groups] for g in range(self.groups)]
+        groups = [g for g in groups if g]
+        samples = asyncio.run(self._run_groups(params, groups, key))
+        self.timings["rollout_s"] = time.perf_counter() - start
+        return RolloutResult(samples, conversations, self._stats(samples))
+
+    async def _run_groups(self, params, groups, key) -> list[Sample]:
+        results = await asyncio.gather(*(self._run_group(params, g, jax.random.fold_in(key, i)) for i, g in enumerate(groups)))
+        return [s for group_samples in results for s in group_samples]
+
+    async def _run_group(self, params, group: list[Conversation], key) -> list[Sample]:
+        samples: list[Sample] = []
+        for turn in range(self.max_rounds):
+            active = [c for c in group if c.active]
+            if not active:
+                break
+            samples += await self._turn(params, active, turn, jax.random.fold_in(key, turn))
+        return samples
+
+    async def _turn(self, params, conversations: list[Conversation], turn: int, key) -> list[Sample]:
+        n = self.sampling.num_samples
+        t0 = time.perf_counter()
+        prompts = [self.world.prompt_tokens(c.history) for c in conversations]
+        tokens, mask = pad_prompts(prompts, self.sampler.pad_id, self.prompt_buckets, self.batch_multiple)
+        generation = self.sampler(params, self.put_batch(tokens), self.put_batch(mask), key, self.sampling)
+        # Wait for the device in a thread, so other groups' host work proceeds meanwhile.
+        generation = await asyncio.to_thread(jax.device_get, generation)
+        t1 = time.perf_counter()
+        rows = [[(generation.tokens[i * n + j, :generation.lengths[i * n + j]],
+                  generation.logprobs[i * n + j, :generation.lengths[i * n + j]]) for j in range(n)]
+                for i in range(len(conversations))]
+        texts = [[self.world.tokenizer.decode(toks, skip_special_tokens=True) for toks, _ in row] for row in rows]
+        scored = await self.world.score(conversations, texts)
+        t2 = time.perf_counter()
+
+        samples, best = [], []
+        for c, prompt, row, row_texts, row_scores in zip(conversations, prompts, rows, texts, scored):
+            turn_samples = [
+                Sample(c.conversation_id, turn, j, np.asarray(prompt, np.int32), toks.astype(np.int32), lps.astype(np.float32),
+                       text, parsed, score, reward_of(score, self.world.reward_mode))
+                for j, ((toks, lps), text, (parsed, score)) in enumerate(zip(row, row_texts, row_scores))
+            ]
+            chosen = max(turn_samples, key=lambda s: (s.score.valid, s.reward, -s.sample_index))
+            chosen.chosen = True
+            samples += turn_samples
+            best.append(chosen)
+            c.history.append(_history_entry(chosen))
+        replies = await self.world.user_sim.respond([c.user for c in conversations], [c.history for c in conversations])
+        for c, reply in zip(conversations, replies):
+            if reply is None:  # the simulator failed: this conversation stops, its samples stay
+                c.active = False
+            else:
+                c.history.append(Message("user", reply))
+        t3 = time.perf_counter()
+        self.timings.update(sampling_s=t1 - t0, scoring_s=t2 - t1, users_s=t3 - t2,
+                            generated_tokens=int(generation.lengths.sum()), user_failures=replies.count(None))
+        return samples
+
+    def _stats(self, samples: list[Sample]) -> dict[str, float]:
+        valid = [s for s in samples if s.score.valid]
+        chosen = [s for s in valid if s.chosen]
+
+        def mean(values):
+            return float(np.mean(values)) if values else 0.0
+
+        stats = {
+            "samples": len(samples),
+            "invalid_samples": len(samples) - len(valid),
+            "reward": mean([s.reward for s in valid]),
+            "profile_f1": mean([s.score.profile_reward for s in valid]),
+            "response_reward": mean([s.score.response_reward for s in valid]),
+            "well_formed": mean([float(s.score.well_formed) for s in valid]),
+            "best_of_n_reward": mean([s.reward for s in chosen]),
+            "response_tokens": mean([len(s.response_tokens) for s in samples]),
+        }
+        stats.update({k: float(v) for k, v in self.timings.items()})
+        if self.timings.get("sampling_s"):
+            stats["sampling_tokens_per_s"] = self.timings["generated_tokens"] / self.timings["sampling_s"]
+        return stats
+
+
+def _history_entry(sample: Sample) -> Message:
+    """The chosen turn as the conversation remembers it; a malformed turn stays as raw text."""
+    if sample.parsed.well_formed:
+        return assistant_message(sample.parsed.profile, sample.parsed.response)
+    return Message("assistant", sample.text.strip() or "...")

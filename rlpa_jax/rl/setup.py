@@ -1,0 +1,103 @@
+"""Builds what a run needs from its config: model and tokenizer, mesh, personas, users, judges.
+
+The embedded default builds everything in place (a tiny random Qwen2, a tokenizer trained on the
+spot, synthetic personas, the scripted user and rule-based judges); real runs read a local Hugging
+Face directory and point users and judges at an OpenAI-compatible endpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from rlpa_jax import parallel
+from rlpa_jax.config import LLMSection, TrainConfig
+from rlpa_jax.dialogue import judges, personas, users
+from rlpa_jax.dialogue.llm import LLMClient, LLMConfig, run_sync
+from rlpa_jax.model import hf
+from rlpa_jax.model.qwen2 import Params, Qwen2Config, init_params
+from rlpa_jax.rl.step import param_shardings
+from rlpa_jax.tokenizer import load_tokenizer, train_tiny_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def build_mesh(config: TrainConfig) -> jax.sharding.Mesh:
+    m = config.mesh
+    return parallel.make_mesh(parallel.MeshConfig(m.data, m.fsdp, m.tensor))
+
+
+def tokenizer_dir(config: TrainConfig) -> Path:
+    if config.model.path is None:
+        return config.run_dir / "tokenizer"
+    return Path(config.model.tokenizer_path or config.model.path)
+
+
+def build_tokenizer(config: TrainConfig):
+    directory = tokenizer_dir(config)
+    if config.model.path is None and not (directory / "tokenizer.json").exists():
+        train_tiny_tokenizer(directory, vocab_size=config.model.tiny.vocab_size)
+    return load_tokenizer(directory)
+
+
+def model_config(config: TrainConfig) -> Qwen2Config:
+    numerics = dict(compute_dtype=config.model.compute_dtype, remat=config.model.remat)
+    if config.model.path is not None:
+        return hf.load_config(config.model.path, **numerics)
+    tiny = config.model.tiny
+    return Qwen2Config(vocab_size=tiny.vocab_size, hidden_size=tiny.hidden_size, intermediate_size=tiny.intermediate_size,
+                       num_layers=tiny.num_layers, num_heads=tiny.num_heads, num_kv_heads=tiny.num_kv_heads,
+                       rope_theta=tiny.rope_theta, tie_word_embeddings=tiny.tie_word_embeddings, **numerics)
+
+
+def build_policy(config: TrainConfig, model_cfg: Qwen2Config, mesh) -> Params:
+    """Policy parameters placed on the mesh: loaded from disk, or random for the tiny model."""
+    shardings = param_shardings(model_cfg, mesh)
+    if config.model.path is not None:
+        params, _ = hf.load_params(config.model.path, model_cfg, shardings=shardings)
+        return params
+    return jax.jit(lambda key: init_params(model_cfg, key), out_shardings=shardings)(jax.random.key(config.seed))
+
+
+def build_personas(config: TrainConfig, split: str = "train") -> list[personas.Persona]:
+    data = config.data
+    if data.source == "synthetic":
+        # Evaluation personas come from a disjoint seed stream.
+        return personas.synthetic_personas(data.num_personas, seed=config.seed + (0 if split == "train" else 10_000))
+    profiles, personalities = personas.load_aloe_pool(data.aloe_dir, split=split)
+    pairs = (personas.pair_for_training(profiles, personalities, data.num_personas, seed=config.seed)
+             if split == "train" else personas.pair_for_evaluation(profiles, personalities))
+    if data.extractor == "rules":
+        return personas.personas_from_pairs(pairs)
+    extractor = personas.LLMProfileExtractor(llm_client(config.judges.llm), config.run_dir / "persona_slots.jsonl")
+    items = run_sync(extractor.extract_many(pairs))
+    return personas.personas_from_items(pairs, items)
+
+
+def llm_client(section: LLMSection) -> LLMClient:
+    return LLMClient(LLMConfig(base_url=section.base_url, model=section.model, api_key_env=section.api_key_env,
+                               max_concurrency=section.max_concurrency, timeout_s=section.timeout_s,
+                               max_retries=section.max_retries, cache_path=section.cache_path))
+
+
+def build_user(config: TrainConfig) -> users.UserSimulator:
+    if config.user.kind == "scripted":
+        return users.ScriptedUser()
+    return users.LLMUser(llm_client(config.user.llm))
+
+
+def build_judges(config: TrainConfig) -> tuple[judges.ProfileJudge, judges.ResponseJudge]:
+    if config.judges.kind == "embedded":
+        return judges.EmbeddedProfileJudge(), judges.EmbeddedResponseJudge()
+    client = llm_client(config.judges.llm)
+    return judges.LLMProfileJudge(client), judges.LLMResponseJudge(client)
+
+
+def iteration_personas(pool: list[personas.Persona], count: int, seed: int, iteration: int) -> list[int]:
+    """Persona indices for one PPO iteration: a pure function of (seed, iteration), so a resumed
+    run draws exactly the users the uninterrupted run would have drawn."""
+    rng = np.random.default_rng([seed, iteration])
+    return rng.choice(len(pool), size=count, replace=len(pool) < count).tolist()

@@ -1,0 +1,299 @@
+"""The RLPA training run: optional SFT warm start, then rollout -> update -> log -> checkpoint.
+
+One PPO iteration: B conversations run `max_rounds` turns with n samples per turn (best-of-n
+continues), every sample becomes an experience, jitted forwards add the actor's, reference's and
+critic's numbers, rewards and advantages are computed, and the actor and critic are updated.
+Checkpoints hold actor, critic, reference, optimizer states and the data position, so `--resume`
+continues the same run. The first Ctrl-C finishes the current iteration, saves and exits; a NaN
+stops the run with a message and leaves the last good checkpoint in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Callable
+
+import jax
+import numpy as np
+import yaml
+from tqdm.auto import tqdm
+
+from rlpa_jax import parallel
+from rlpa_jax.checkpoint import Checkpointer, abstract_like, model_config_to_meta
+from rlpa_jax.config import TrainConfig, to_dict
+from rlpa_jax.dialogue.chat import load_prompt
+from rlpa_jax.model import hf
+from rlpa_jax.model.qwen2 import critic_params_from_policy, init_params
+from rlpa_jax.rl import ppo, setup
+from rlpa_jax.rl.experience import Scorer, add_advantages, pack_samples
+from rlpa_jax.rl.metrics import MetricsLog, plot_training
+from rlpa_jax.rl.rollout import Rollout, World, start_conversations
+from rlpa_jax.rl.step import Trainable, Updater, actor_loss_fn, critic_loss_fn, make_optimizer, param_shardings
+from rlpa_jax.sampling import Sampler, SamplingParams
+from rlpa_jax.tokenizer import stop_token_ids
+
+log = logging.getLogger(__name__)
+
+# Metrics that depend on wall-clock time; everything else is reproducible under the seed.
+TIMING_KEYS = ("_s", "per_s", "tokens_per_s", "mfu")
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss or gradient became NaN/inf; the last good checkpoint is kept."""
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        self.run_dir = config.run_dir
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+        self.mesh = setup.build_mesh(config)
+        self.model_config = setup.model_config(config)
+        self.tokenizer = setup.build_tokenizer(config)
+        self.pool = setup.build_personas(config, "train")
+        profile_judge, response_judge = setup.build_judges(config)
+        self.user = setup.build_user(config)
+        world = World(self.tokenizer, load_prompt(config.rollout.system_prompt), self.user, profile_judge, response_judge,
+                      config.ppo.reward, config.rollout.max_prompt_tokens)
+
+        r, p = config.rollout, config.ppo
+        self.row_multiple = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        if p.micro_batch_size % self.row_multiple:
+            raise ValueError(f"ppo.micro_batch_size={p.micro_batch_size} must be a multiple of mesh data*fsdp="
+                             f"{self.row_multiple} (rows are split over those devices)")
+        self.sampler = Sampler(self.model_config, stop_token_ids(self.tokenizer), self.tokenizer.pad_token_id)
+        self.sampling = SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k, r.samples_per_prompt)
+        self.rollout = Rollout(world, self.sampler, self.sampling, r.max_rounds, r.prompt_buckets, r.pipeline_groups,
+                               self.row_multiple, self._put_batch)
+        self.scorer = Scorer(self.model_config, chunk_rows=p.micro_batch_size, put_batch=self._put_batch)
+
+        samples_per_iteration = r.conversations * r.max_rounds * r.samples_per_prompt
+        self.total_steps = p.iterations * p.epochs * math.ceil(samples_per_iteration / p.train_batch_size)
+        opt = dict(b1=p.adam_b1, b2=p.adam_b2, weight_decay=p.weight_decay, grad_clip=p.grad_clip,
+                   warmup_ratio=p.warmup_ratio, min_lr_ratio=p.min_lr_ratio)
+        self.actor_updater = Updater(actor_loss_fn(self.model_config, p.clip_eps, p.entropy_coef),
+                                     make_optimizer(p.actor_lr, self.total_steps, **opt), p.micro_batch_size,
+                                     mesh=self.mesh, param_shardings=param_shardings(self.model_config, self.mesh))
+        self.critic_updater = Updater(critic_loss_fn(self.model_config, p.value_clip_eps),
+                                      make_optimizer(p.critic_lr, self.total_steps, **opt), p.micro_batch_size,
+                                      mesh=self.mesh, param_shardings=param_shardings(self.model_config, self.mesh, "value"))
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", config.logging.max_to_keep)
+        self.metrics = MetricsLog(self.run_dir, config.logging.tensorboard)
+        self.on_iteration_end: list[Callable[[int, dict], None]] = []
+        self._stop_requested = False
+
+    # ------------------------------------------------------------------------------- state
+
+    def _put_batch(self, array):
+        return jax.device_put(array, parallel.batch_sharding(self.mesh, np.ndim(array)))
+
+    def initial_state(self) -> dict:
+        actor = setup.build_policy(self.config, self.model_config, self.mesh)
+        if self.config.sft.enabled:
+            actor = self.warm_start(actor)
+        critic = parallel.shard(critic_params_from_policy(actor, self.model_config), self.critic_updater.param_shardings)
+        reference = jax.tree.map(lambda x: x.copy(), actor)  # frozen: the KL anchor
+        return {"actor": self.actor_updater.init(actor), "critic": self.critic_updater.init(critic), "reference": reference}
+
+    def warm_start(self, actor):
+        from rlpa_jax.offline import sft, teacher
+
+        cfg = self.config.sft
+        dialogues = teacher.scripted_dialogues(setup.build_personas(self.config, "train")[:cfg.num_dialogues],
+                                               num_turns=self.config.rollout.max_rounds, seed=self.config.seed)
+        examples = sft.build_sft_examples(dialogues, self.tokenizer, self.config.rollout.max_prompt_tokens)
+        actor, history = sft.train_sft(actor, self.model_config, examples, cfg, self.config.seed, mesh=self.mesh,
+                                       param_shardings=self.actor_updater.param_shardings,
+                                       progress=self.config.logging.progress_bar)
+        for step, record in enumerate(history):
+            self.metrics.write("sft", step, record)
+        return actor
+
+    def save(self, state: dict, iteration: int, kl_coef: float) -> None:
+        meta = {"iteration": iteration, "kl_coef": kl_coef, "seed": self.config.seed,
+                "model_config": model_config_to_meta(self.model_config), "tokenizer_dir": str(setup.tokenizer_dir(self.config).absolute())}
+        self.checkpointer.save(iteration, state, meta)
+
+    def restore(self) -> tuple[dict, int, float]:
+        template = jax.eval_shape(self.initial_state_shapes)
+        state, meta = self.checkpointer.restore(None, abstract_state=self._with_shardings(template))
+        log.info("resumed from iteration %d", meta["iteration"])
+        return state, int(meta["iteration"]), float(meta["kl_coef"])
+
+    def initial_state_shapes(self) -> dict:
+        """The state's structure without running SFT or loading weights (for restoring into)."""
+        actor = init_params(self.model_config, jax.random.key(0))
+        critic = critic_params_from_policy(actor, self.model_config)
+        return {"actor": Trainable(actor, self.actor_updater.optimizer.init(actor)),
+                "critic": Trainable(critic, self.critic_updater.optimizer.init(critic)), "reference": actor}
+
+    def _with_shardings(self, template: dict) -> dict:
+        actor_sh, critic_sh = self.actor_updater.param_shardings, self.critic_updater.param_shardings
+        shardings = {
+            "actor": Trainable(actor_sh, self.actor_updater.opt_state_shardings(template["actor"].params)),
+            "critic": Trainable(critic_sh, self.critic_updater.opt_state_shardings(template["critic"].params)),
+            "reference": actor_sh,
+        }
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), template, shardings)
+
+    # ------------------------------------------------------------------------------- one iteration
+
+    def conversations(self, iteration: int):
+        cfg = self.config
+        indices = setup.iteration_personas(self.pool, cfg.rollout.conversations, cfg.seed, iteration)
+        switch_to = None
+        if cfg.data.switch_turn is not None:
+            switch_to = [self.pool[i] for i in setup.iteration_personas(self.pool, len(indices), cfg.seed + 1, iteration)]
+        seeds = [derived_seed(cfg.seed, iteration, k) for k in range(len(indices))]
+        return start_conversations([self.pool[i] for i in indices], self.user, seeds, first_id=0,
+                                   switch_turn=cfg.data.switch_turn, switch_personas=switch_to)
+
+    def iteration(self, state: dict, iteration: int, kl_coef: float) -> tuple[dict, dict, float]:
+        cfg, p = self.config, self.config.ppo
+        key = jax.random.fold_in(jax.random.key(cfg.seed), iteration)
+        result = self.rollout.run(state["actor"].params, self.conversations(iteration), key)
+        metrics = {k: v for k, v in result.stats.items()}
+        valid = [s for s in result.samples if s.score.valid]
+        if not valid:
+            raise TrainingDiverged(f"iteration {iteration}: every sample was invalid (judge or user failures); "
+                                   "check the judge/user endpoints")
+
+        t0 = time.perf_counter()
+        batch = pack_samples(valid, self.tokenizer.pad_token_id, cfg.rollout.max_new_tokens, cfg.rollout.prompt_buckets,
+                             self.scorer.chunk_rows)
+        batch["old_logprobs"] = self.scorer.logprobs(state["actor"].params, batch)
+        batch["reference_logprobs"] = self.scorer.logprobs(state["reference"], batch)
+        batch["old_values"] = self.scorer.values(state["critic"].params, batch)
+        mask = batch["response_mask"]
+        metrics["logprob_gap"] = float(np.abs(batch["old_logprobs"] - batch["sampler_logprobs"])[mask].max())
+        batch = add_advantages(batch, p.advantage, kl_coef, p.kl_estimator, p.gamma, p.lam,
+                               cfg.rollout.samples_per_prompt, p.whiten_advantages)
+        metrics["kl"] = float(batch["kl"][mask].mean())
+        metrics["kl_coef"] = kl_coef
+        metrics["scoring_forward_s"] = time.perf_counter() - t0
+
+        t1 = time.perf_counter()
+        state, update_metrics = self.update(state, batch, iteration)
+        metrics |= update_metrics
+        metrics["update_s"] = time.perf_counter() - t1
+        metrics["update_tokens_per_s"] = float(batch["attention_mask"].sum()) * p.epochs / metrics["update_s"]
+        metrics["sampler_compiles"] = self.sampler.compile_count
+        if p.adaptive_kl:
+            kl_coef = float(ppo.adaptive_kl_coef(kl_coef, metrics["kl"], p.kl_target, p.kl_horizon, len(valid)))
+        return state, metrics, kl_coef
+
+    def update(self, state: dict, batch: dict, iteration: int) -> tuple[dict, dict]:
+        p = self.config.ppo
+        keys = ("tokens", "attention_mask", "response_mask", "old_logprobs", "advantages", "returns", "old_values")
+        rows, size = len(batch["tokens"]), p.train_batch_size
+        rng = np.random.default_rng([self.config.seed, iteration, 1])
+        actor, critic = state["actor"], state["critic"]
+        sums: dict[str, list[float]] = {}
+        for _ in range(p.epochs):
+            order = rng.permutation(rows)
+            for start in range(0, rows, size):
+                # Every minibatch has exactly train_batch_size rows (zero-mask padding), one program.
+                minibatch = _pad_rows({k: batch[k][order[start:start + size]] for k in keys}, size)
+                actor, actor_metrics = self.actor_updater(actor, minibatch)
+                if p.advantage != "grpo":
+                    critic, critic_metrics = self.critic_updater(critic, minibatch)
+                    actor_metrics |= {f"critic_{k}": v for k, v in critic_metrics.items()}
+                for k, v in jax.device_get(actor_metrics).items():
+                    sums.setdefault(k, []).append(float(v))
+        metrics = {k: float(np.mean(v)) for k, v in sums.items()}
+        bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+        if bad:
+            raise TrainingDiverged(f"iteration {iteration}: non-finite {', '.join(bad)}; stopping. "
+                                   f"The last good checkpoint in {self.checkpointer.directory} is kept.")
+        return state | {"actor": actor, "critic": critic}, metrics
+
+    # ------------------------------------------------------------------------------- the run
+
+    def evaluate(self, params, personas, label: str) -> dict:
+        """Mean rewards of one sample per turn on held-out personas (same judges and user)."""
+        sampling = dataclasses.replace(self.sampling, num_samples=1)
+        rollout = Rollout(self.rollout.world, self.sampler, sampling, self.config.rollout.max_rounds,
+                          self.config.rollout.prompt_buckets, self.config.rollout.pipeline_groups, self.row_multiple,
+                          self._put_batch)
+        seeds = [derived_seed(self.config.seed, -1, k) for k in range(len(personas))]
+        result = rollout.run(params, start_conversations(personas, self.user, seeds), jax.random.key(self.config.seed + 7))
+        keys = ("reward", "profile_f1", "response_reward", "well_formed")
+        metrics = {k: result.stats[k] for k in keys}
+        self.metrics.write(f"eval_{label}", 0, metrics)
+        return metrics
+
+    def train(self, resume: bool = False) -> dict:
+        cfg = self.config
+        if resume and self.checkpointer.latest_step() is not None:
+            state, start, kl_coef = self.restore()
+            self.metrics.truncate_after("ppo", start - 1)
+        else:
+            if resume:
+                log.warning("--resume: no checkpoint in %s; starting a new run", self.checkpointer.directory)
+            state, start, kl_coef = self.initial_state(), 0, cfg.ppo.kl_coef
+            self.save(state, 0, kl_coef)
+        eval_personas = setup.build_personas(cfg, "eval")[:max(cfg.rollout.conversations, 8)]
+        before = self.metrics.records("eval_start")
+        before = before[-1] if before else self.evaluate(state["actor"].params, eval_personas, "start")
+
+        previous = signal.signal(signal.SIGINT, self._request_stop)
+        bar = tqdm(range(start, cfg.ppo.iterations), initial=start, total=cfg.ppo.iterations, desc="PPO",
+                   disable=not cfg.logging.progress_bar, dynamic_ncols=True)
+        last = {}
+        try:
+            for iteration in bar:
+                state, last, kl_coef = self.iteration(state, iteration, kl_coef)
+                self.metrics.write("ppo", iteration, last)
+                bar.set_postfix(reward=f"{last['reward']:.3f}", f1=f"{last['profile_f1']:.3f}", kl=f"{last['kl']:.4f}",
+                                tok_s=f"{last.get('sampling_tokens_per_s', 0):.0f}")
+                done = iteration + 1
+                for callback in self.on_iteration_end:
+                    callback(iteration, last)
+                if done % cfg.logging.checkpoint_every == 0 or done == cfg.ppo.iterations or self._stop_requested:
+                    self.save(state, done, kl_coef)
+                if self._stop_requested:
+                    print(f"\nstopped after iteration {done}; checkpoint saved in {self.checkpointer.directory} "
+                          f"(continue with --resume)")
+                    return last
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            bar.close()
+
+        after = self.evaluate(state["actor"].params, eval_personas, "end")
+        summary = {"start": before, "end": after}
+        plot_training(self.metrics, self.run_dir / "rewards.png", baseline=before)
+        if cfg.logging.export_hf:
+            hf.export_hf(state["actor"].params, self.model_config, self.run_dir / "hf", tokenizer_dir=setup.tokenizer_dir(cfg))
+        self.metrics.close()
+        return summary
+
+    def _request_stop(self, signum, frame):
+        if self._stop_requested:  # a second Ctrl-C: leave now, the last checkpoint stays
+            raise KeyboardInterrupt
+        self._stop_requested = True
+        print("\nCtrl-C: finishing this iteration, then saving (press again to quit without saving)")
+
+
+def derived_seed(*parts: int) -> int:
+    """A seed that is a pure function of its parts (Python's hash() of strings is salted per process)."""
+    return int(np.random.default_rng([abs(x) for x in parts] + [int(x < 0) for x in parts]).integers(2**31))
+
+
+def _pad_rows(batch: dict, multiple: int) -> dict:
+    rows = len(batch["tokens"])
+    extra = -rows % multiple
+    if not extra:
+        return batch
+    return {k: np.concatenate([v, np.zeros((extra, *v.shape[1:]), v.dtype)]) for k, v in batch.items()}
+
+
+def timing_free(metrics: dict) -> dict:
+    """Metrics without wall-clock entries (for comparing runs)."""
+    return {k: v for k, v in metrics.items() if not any(k.endswith(t) for t in TIMING_KEYS)}
