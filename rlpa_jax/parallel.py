@@ -58,6 +58,8 @@ class MeshConfig:
 
 
 def mesh_shape(config: MeshConfig, num_devices: int) -> tuple[int, int, int]:
+    """Axis sizes; -1 takes the remaining devices. Fixed sizes that use fewer devices than exist
+    run on the first ones (a one-device job on an 8-GPU host), but must divide the device count."""
     sizes = [config.data, config.fsdp, config.tensor]
     free = [i for i, s in enumerate(sizes) if s == -1]
     if len(free) > 1:
@@ -72,11 +74,6 @@ def mesh_shape(config: MeshConfig, num_devices: int) -> tuple[int, int, int]:
         )
     if free:
         sizes[free[0]] = num_devices // known
-    if math.prod(sizes) != num_devices:
-        raise ValueError(
-            f"mesh data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]} uses {math.prod(sizes)} devices, "
-            f"but {num_devices} are available; sizes must multiply to the device count"
-        )
     return tuple(sizes)
 
 
@@ -84,10 +81,11 @@ def make_mesh(config: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] |
     """A mesh with Auto axis types, so logical constraints inside jit are honoured."""
     devices = list(devices) if devices is not None else jax.devices()
     shape = mesh_shape(config, len(devices))
+    used = devices[: math.prod(shape)]
+    if len(used) < len(devices):
+        log.info("mesh %s uses %d of %d devices", shape, len(used), len(devices))
     axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-    if devices == jax.devices():
-        return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types)
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=axis_types)
+    return Mesh(np.asarray(used).reshape(shape), MESH_AXES, axis_types=axis_types)
 
 
 @contextlib.contextmanager

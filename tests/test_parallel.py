@@ -72,6 +72,5 @@ def test_undividable_dimensions_stay_replicated(mesh):
 def test_mesh_that_does_not_divide_the_devices_is_refused():
     with pytest.raises(ValueError, match="does not divide the 8 available devices"):
         parallel.make_mesh(parallel.MeshConfig(data=3, fsdp=-1))
-    with pytest.raises(ValueError, match="sizes must multiply to the device count"):
-        parallel.make_mesh(parallel.MeshConfig(data=2, fsdp=2, tensor=1))
+    assert parallel.make_mesh(parallel.MeshConfig(data=2, fsdp=2, tensor=1)).devices.size == 4  # a subset
     assert parallel.make_mesh(parallel.MeshConfig(fsdp=-1)).shape["fsdp"] == 8

@@ -39,8 +39,10 @@ from rlpa_jax.tokenizer import stop_token_ids
 
 log = logging.getLogger(__name__)
 
-# Metrics that depend on wall-clock time; everything else is reproducible under the seed.
-TIMING_KEYS = ("_s", "per_s", "tokens_per_s", "mfu")
+# Metrics that depend on wall-clock time or on the process (compile counts); everything else is
+# reproducible under the seed.
+TIMING_SUFFIXES = ("_s", "per_s", "mfu")
+PROCESS_KEYS = ("sampler_compiles",)
 
 
 class TrainingDiverged(RuntimeError):
@@ -294,6 +296,6 @@ def _pad_rows(batch: dict, multiple: int) -> dict:
     return {k: np.concatenate([v, np.zeros((extra, *v.shape[1:]), v.dtype)]) for k, v in batch.items()}
 
 
-def timing_free(metrics: dict) -> dict:
-    """Metrics without wall-clock entries (for comparing runs)."""
-    return {k: v for k, v in metrics.items() if not any(k.endswith(t) for t in TIMING_KEYS)}
+def reproducible_metrics(metrics: dict) -> dict:
+    """Metrics without wall-clock or per-process entries (for comparing runs)."""
+    return {k: v for k, v in metrics.items() if k not in PROCESS_KEYS and not k.endswith(TIMING_SUFFIXES)}

@@ -1,0 +1,1 @@
+"""Offline training: scripted teacher dialogues, supervised fine-tuning (warm start) and DPO."""

@@ -1,0 +1,227 @@
+"""Supervised fine-tuning (the warm start): teacher dialogues -> token arrays -> a jitted update loop.
+
+Each example is one policy turn: the prompt is exactly what the sampler will see in a rollout
+(`render_messages(policy_system, history)` through the chat template with the generation prompt),
+and the target is the turn text followed by <|im_end|>, tokenised on its own, as the sampler
+generates it. Only target tokens carry loss. An example too long for `max_length` loses its
+oldest turns (the system prompt and the last user message always stay); the target is never cut.
+
+The update is step.Updater with a next-token cross-entropy that returns ppo.LossTerms, so micro-
+batching, meshes and the warm-up + cosine AdamW are shared with PPO.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+from tqdm.auto import tqdm
+
+from rlpa_jax.config import SFTConfig
+from rlpa_jax.dialogue.chat import Message, load_prompt, parse_turn, render_messages
+from rlpa_jax.model.qwen2 import Params, Qwen2Config, forward
+from rlpa_jax.offline.teacher import Dialogue
+from rlpa_jax.rl import ppo, step
+from rlpa_jax.sampling import Sampler, SamplingParams, bucket, pad_prompts
+from rlpa_jax.tokenizer import IM_END, chat_token_ids, stop_token_ids
+
+# Sequence lengths are rounded up to a multiple of 128 (then of 4096), so padding stays small
+# while a run compiles its update step once.
+SFT_LENGTH_BUCKETS: tuple[int, ...] = tuple(range(128, 4096 + 1, 128))
+PROMPT_LENGTH_BUCKETS: tuple[int, ...] = (64, 128, 256, 512, 768, 1024, 1536, 2048, 3072, 4096)
+
+
+# --------------------------------------------------------------------------------------------
+# Examples
+
+
+def prompt_token_ids(tokenizer, history: Sequence[Message], system_prompt: str) -> list[int]:
+    """The policy prompt for the turn after `history`, as the rollout renders it."""
+    return chat_token_ids(tokenizer, render_messages(system_prompt, history), add_generation_prompt=True)
+
+
+def target_token_ids(tokenizer, target_text: str) -> list[int]:
+    """The turn text's tokens and <|im_end|>: what the sampler must produce, stop token included."""
+    im_end = tokenizer.convert_tokens_to_ids(IM_END)
+    if im_end is None or im_end == tokenizer.unk_token_id:
+        raise ValueError(f"offline/sft.py: the tokenizer has no {IM_END} token; a Qwen-style chat tokenizer is needed")
+    return list(tokenizer.encode(target_text, add_special_tokens=False)) + [im_end]
+
+
+def drop_oldest_turn(history: Sequence[Message]) -> list[Message]:
+    """`history` without its first exchange: up to (not including) the next user message."""
+    for index in range(1, len(history)):
+        if history[index].role == "user":
+            return list(history[index:])
+    return list(history)
+
+
+def fitted_prompt(
+    tokenizer, history: Sequence[Message], target_length: int, max_length: int, system_prompt: str, where: str
+) -> list[int]:
+    """Prompt ids for `history`, dropping its oldest turns until prompt + target fit `max_length`."""
+    history = list(history)
+    while True:
+        prompt = prompt_token_ids(tokenizer, history, system_prompt)
+        if len(prompt) + target_length <= max_length:
+            return prompt
+        shorter = drop_oldest_turn(history)
+        if len(shorter) == len(history):
+            raise ValueError(
+                f"offline/sft.py: {where} needs {len(prompt)} prompt + {target_length} target tokens even with only "
+                f"the system prompt and the last user message; raise max_length={max_length} to at least "
+                f"{len(prompt) + target_length}"
+            )
+        history = shorter
+
+
+def build_sft_examples(
+    dialogues: Sequence[Dialogue],
+    tokenizer,
+    max_length: int,
+    system_prompt: str | None = None,
+    length_buckets: Sequence[int] = SFT_LENGTH_BUCKETS,
+) -> dict[str, np.ndarray]:
+    """Left-padded token arrays for every (history, target) example of every dialogue.
+
+    Returns tokens (N, L) int32, attention_mask (N, L) bool and loss_mask (N, L) float32 that is 1
+    exactly on the target tokens (<|im_end|> included); L is the longest example bucketed.
+    """
+    system_prompt = load_prompt("policy_system") if system_prompt is None else system_prompt
+    sequences: list[tuple[list[int], int]] = []  # (prompt + target ids, target length)
+    for dialogue_index, dialogue in enumerate(dialogues):
+        for turn_index, (history, target_text) in enumerate(dialogue):
+            target = target_token_ids(tokenizer, target_text)
+            where = f"dialogue {dialogue_index} turn {turn_index}"
+            prompt = fitted_prompt(tokenizer, history, len(target), max_length, system_prompt, where)
+            sequences.append((prompt + target, len(target)))
+    if not sequences:
+        raise ValueError("offline/sft.py: build_sft_examples got no examples (empty dialogues)")
+    length = bucket(max(len(ids) for ids, _ in sequences), length_buckets)
+    tokens = np.full((len(sequences), length), tokenizer.pad_token_id, np.int32)
+    attention_mask = np.zeros((len(sequences), length), bool)
+    loss_mask = np.zeros((len(sequences), length), np.float32)
+    for row, (ids, target_length) in enumerate(sequences):
+        tokens[row, length - len(ids):] = ids
+        attention_mask[row, length - len(ids):] = True
+        loss_mask[row, length - target_length:] = 1.0
+    return {"tokens": tokens, "attention_mask": attention_mask, "loss_mask": loss_mask}
+
+
+# --------------------------------------------------------------------------------------------
+# Loss and training loop
+
+
+def sft_loss_fn(config: Qwen2Config) -> step.LossFn:
+    """Summed next-token cross-entropy over the loss_mask tokens, as ppo.LossTerms.
+
+    The logits at position t predict token t+1, so the mask is shifted left by one: a target
+    token is scored by the prediction made just before it.
+    """
+
+    def loss(params: Params, batch: step.Batch) -> ppo.LossTerms:
+        logits, _ = forward(params, config, batch["tokens"], batch["attention_mask"])
+        log_probs = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+        next_tokens = batch["tokens"][:, 1:]
+        token_log_probs = jnp.take_along_axis(log_probs, next_tokens[..., None], axis=-1)[..., 0]
+        weights = batch["loss_mask"][:, 1:].astype(jnp.float32)
+        zero = jnp.zeros((), jnp.float32)
+        return ppo.LossTerms(total=-jnp.sum(token_log_probs * weights), count=jnp.sum(weights), clipped=zero,
+                             approx_kl=zero)
+
+    return loss
+
+
+def batch_indices(num_examples: int, batch_size: int, steps: int, seed: int) -> np.ndarray:
+    """(steps, batch_size) example indices: seeded shuffles of the data, one epoch after another."""
+    rng = np.random.default_rng(seed)
+    needed = steps * batch_size
+    epochs = -(-needed // num_examples)
+    order = np.concatenate([rng.permutation(num_examples) for _ in range(epochs)])
+    return order[:needed].reshape(steps, batch_size)
+
+
+def train_sft(
+    params: Params,
+    model_config: Qwen2Config,
+    examples: dict[str, np.ndarray],
+    sft_config: SFTConfig,
+    seed: int,
+    mesh: Mesh | None = None,
+    param_shardings: Params | None = None,
+    progress: bool = True,
+) -> tuple[Params, list[dict[str, float]]]:
+    """Fine-tune `params` on `examples` for sft_config.steps steps; returns (params, per-step metrics).
+
+    Batches are seeded shuffles, so a run is reproducible. `params` is donated to the jitted step
+    (on accelerators its buffers are reused): use the returned parameters afterwards.
+    """
+    if sft_config.steps < 1 or sft_config.batch_size < 1:
+        raise ValueError(
+            f"offline/sft.py: sft.steps={sft_config.steps} and sft.batch_size={sft_config.batch_size} must be >= 1"
+        )
+    missing = {"tokens", "attention_mask", "loss_mask"} - set(examples)
+    if missing:
+        raise KeyError(f"offline/sft.py: examples lack {sorted(missing)}; build them with build_sft_examples")
+    warmup_ratio = min(sft_config.warmup_steps / sft_config.steps, 1.0)
+    optimizer = step.make_optimizer(sft_config.learning_rate, sft_config.steps, warmup_ratio=warmup_ratio)
+    updater = step.Updater(sft_loss_fn(model_config), optimizer, micro_batch_size=sft_config.batch_size,
+                           token_mask_key="loss_mask", mesh=mesh, param_shardings=param_shardings)
+    trainable = updater.init(params)
+    schedule = batch_indices(len(examples["tokens"]), sft_config.batch_size, sft_config.steps, seed)
+    history: list[dict[str, float]] = []
+    bar = tqdm(schedule, desc="sft", disable=not progress, dynamic_ncols=True)
+    for step_index, rows in enumerate(bar, start=1):
+        batch = {key: value[rows] for key, value in examples.items()}
+        trainable, metrics = updater(trainable, batch)
+        record = {"step": float(step_index), "loss": float(metrics["loss_mean"]),
+                  "grad_norm": float(metrics["grad_norm"]), "tokens": float(metrics["loss_tokens"])}
+        history.append(record)
+        bar.set_postfix(loss=f"{record['loss']:.3f}")
+    return trainable.params, history
+
+
+# --------------------------------------------------------------------------------------------
+# Generation check
+
+
+def greedy_turns(
+    params: Params,
+    config: Qwen2Config,
+    tokenizer,
+    histories: Sequence[Sequence[Message]],
+    max_new_tokens: int = 128,
+    system_prompt: str | None = None,
+) -> list[str]:
+    """The greedy policy turn after each history, decoded up to (not including) its stop token."""
+    system_prompt = load_prompt("policy_system") if system_prompt is None else system_prompt
+    prompts = [prompt_token_ids(tokenizer, history, system_prompt) for history in histories]
+    tokens, mask = pad_prompts(prompts, tokenizer.pad_token_id, PROMPT_LENGTH_BUCKETS)
+    stop_ids = stop_token_ids(tokenizer)
+    sampler = Sampler(config, stop_ids, tokenizer.pad_token_id)
+    generation = sampler(params, tokens, mask, jax.random.key(0),
+                         SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
+    generated, lengths = np.asarray(generation.tokens), np.asarray(generation.lengths)
+    texts = []
+    for row in range(len(prompts)):
+        ids = [int(i) for i in generated[row, : lengths[row]]]
+        if ids and ids[-1] in stop_ids:
+            ids = ids[:-1]
+        texts.append(tokenizer.decode(ids, skip_special_tokens=False))
+    return texts
+
+
+def generation_quality(
+    params: Params,
+    config: Qwen2Config,
+    tokenizer,
+    histories: Sequence[Sequence[Message]],
+    max_new_tokens: int = 128,
+    system_prompt: str | None = None,
+) -> float:
+    """Fraction of greedy turns after `histories` that parse_turn accepts as well formed."""
+    texts = greedy_turns(params, config, tokenizer, histories, max_new_tokens, system_prompt)
+    return sum(parse_turn(text).well_formed for text in texts) / len(texts)

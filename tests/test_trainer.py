@@ -1,0 +1,89 @@
+"""End-to-end PPO runs on a tiny model: a short run, resume after Ctrl-C, NaN stop, HF export."""
+
+import json
+import signal
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from rlpa_jax.config import load_config
+from rlpa_jax.rl import trainer as trainer_module
+from rlpa_jax.rl.trainer import Trainer, TrainingDiverged, reproducible_metrics
+
+SMALL = [
+    "model.tiny.hidden_size=64", "model.tiny.intermediate_size=128", "model.tiny.vocab_size=512",
+    "rollout.conversations=2", "rollout.max_rounds=2", "rollout.samples_per_prompt=2", "rollout.max_new_tokens=16",
+    "rollout.prompt_buckets=[64,128,256]", "rollout.max_prompt_tokens=256",
+    "ppo.train_batch_size=8", "ppo.micro_batch_size=4", "ppo.iterations=4", "sft.enabled=false",
+    "logging.progress_bar=false", "logging.tensorboard=false", "logging.checkpoint_every=2", "data.num_personas=16",
+    "mesh.fsdp=1",
+]
+
+
+def small_config(tmp_path, *extra):
+    return load_config(None, SMALL + [f"output_dir={tmp_path}", *extra])
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    config = small_config(tmp_path_factory.mktemp("full"))
+    summary = Trainer(config).train()
+    records = [json.loads(line) for line in (config.run_dir / "metrics.jsonl").read_text().splitlines()]
+    return config, summary, [r for r in records if r["phase"] == "ppo"]
+
+
+def test_short_run_logs_checkpoints_and_exports(uninterrupted):
+    config, summary, records = uninterrupted
+    assert [r["step"] for r in records] == [0, 1, 2, 3]
+    for r in records:
+        assert r["samples"] == 2 * 2 * 2 and np.isfinite(r["loss_mean"]) and r["logprob_gap"] < 1e-4
+    assert set(summary) == {"start", "end"} and (config.run_dir / "rewards.png").stat().st_size > 0
+    steps = sorted(int(p.name) for p in (config.run_dir / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps[-1] == 4
+    model = transformers.AutoModelForCausalLM.from_pretrained(config.run_dir / "hf", dtype=torch.float32)
+    assert model.config.vocab_size == 512
+
+
+def test_resume_after_ctrl_c_gives_the_same_metrics(tmp_path, uninterrupted):
+    _, _, reference = uninterrupted
+    config = small_config(tmp_path)
+    first = Trainer(config)
+    # Ctrl-C during iteration 1: the run finishes it, saves at 2 and stops.
+    first.on_iteration_end.append(lambda i, m: signal.raise_signal(signal.SIGINT) if i == 1 else None)
+    first.train()
+    assert first.checkpointer.latest_step() == 2
+    Trainer(config).train(resume=True)
+    records = [json.loads(line) for line in (config.run_dir / "metrics.jsonl").read_text().splitlines()]
+    resumed = [r for r in records if r["phase"] == "ppo"]
+    assert [r["step"] for r in resumed] == [0, 1, 2, 3]
+    for ours, theirs in zip(resumed[2:], reference[2:]):
+        ours, theirs = reproducible_metrics(ours), reproducible_metrics(theirs)
+        assert ours.keys() == theirs.keys()
+        for key in ours:
+            if key != "phase":
+                assert ours[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-6), key
+
+
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    config = small_config(tmp_path)
+    run = Trainer(config)
+    original = run.actor_updater.__call__
+
+    def poisoned(trainable, batch):
+        trainable, metrics = original(trainable, batch)
+        return trainable, metrics | {"loss_mean": float("nan")}
+
+    calls = {"n": 0}
+
+    def update(trainable, batch):
+        calls["n"] += 1
+        return poisoned(trainable, batch) if calls["n"] > 2 else original(trainable, batch)
+
+    monkeypatch.setattr(run, "actor_updater", type("U", (), {"__call__": staticmethod(update), "param_shardings": run.actor_updater.param_shardings,
+                                                               "optimizer": run.actor_updater.optimizer, "init": run.actor_updater.init,
+                                                               "opt_state_shardings": run.actor_updater.opt_state_shardings})())
+    with pytest.raises(TrainingDiverged, match=r"iteration 2: non-finite loss_mean.*last good checkpoint"):
+        run.train()
+    assert run.checkpointer.latest_step() == 2
