@@ -9,36 +9,11 @@ import torch
 import transformers
 from safetensors.numpy import save_file
 
-from hf_reference import hf_logits, make_hf_model, save_hf_model
+from hf_reference import hf_logits, make_hf_model, save_hf_model, write_release_shaped
 from rlpa_jax.model import hf
 from rlpa_jax.model.qwen2 import forward
 
 TOKENS = np.random.default_rng(0).integers(0, 256, (2, 11))
-
-
-def write_release_shaped(model, directory, num_shards=3):
-    """Like a real Qwen2.5 release: top-level rope_theta, sharded safetensors + index, tied head absent."""
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.numpy() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    names = sorted(state)
-    weight_map = {}
-    for shard in range(num_shards):
-        file = f"model-{shard + 1:05d}-of-{num_shards:05d}.safetensors"
-        part = {n: state[n] for n in names[shard::num_shards]}
-        save_file(part, str(directory / file))
-        weight_map.update(dict.fromkeys(part, file))
-    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    c = model.config
-    config = {
-        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": c.vocab_size,
-        "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
-        "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
-        "num_key_value_heads": c.num_key_value_heads, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
-        "tie_word_embeddings": True, "max_position_embeddings": 32768, "torch_dtype": "bfloat16",
-        "use_sliding_window": False, "sliding_window": 32768, "hidden_act": "silu", "rope_scaling": None,
-    }
-    (directory / "config.json").write_text(json.dumps(config))
-    return directory
 
 
 def test_transformers_writes_rope_theta_nested_and_we_read_it(tmp_path):
