@@ -24,5 +24,9 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) launch/train.py
 
+bench: $(STAMP)
+	$(PY) benchmarks/forward.py
+	$(PY) benchmarks/sampling.py
+
 clean:
 	rm -rf $(VENV) .jax_cache

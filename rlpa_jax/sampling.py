@@ -103,7 +103,7 @@ def generate(
     key_mask = jnp.zeros((batch, slots), bool).at[:, :prompt_len].set(prompt_mask.astype(bool))
     cache = _constrain_cache(init_cache(config, batch, slots))
     logits, cache = forward(params, config, prompt_tokens, key_mask, positions_from_mask(prompt_mask),
-                            cache=cache, cache_index=0)
+                            cache=cache, cache_index=0, last_only=True)
     cache = _constrain_cache({k: jnp.repeat(v, n, axis=1) for k, v in cache.items()})
     key_mask = jnp.repeat(key_mask, n, axis=0)
     last_logits = jnp.repeat(logits[:, -1], n, axis=0)

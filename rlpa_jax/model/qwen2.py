@@ -204,6 +204,7 @@ class Qwen2(nn.Module):
 
     config: Qwen2Config
     head: Head = "lm"
+    last_only: bool = False  # project only the last position (sampler prefill: no prompt-wide logits)
 
     @nn.compact
     def __call__(self, tokens, positions, mask, cache: Cache | None = None, cache_index=0):
@@ -228,6 +229,8 @@ class Qwen2(nn.Module):
         x, new_kv = stack(cfg, name="layers")(x, cos, sin, mask, cache_kv, cache_index)
         new_cache = None if new_kv is None else {"k": new_kv[0], "v": new_kv[1]}
         x = RMSNorm(cfg.rms_norm_eps, name="final_norm")(x)
+        if self.last_only:
+            x = x[:, -1:]
 
         if self.head == "none":
             return x, new_cache
@@ -270,6 +273,7 @@ def forward(
     cache: Cache | None = None,
     cache_index: jax.Array | int = 0,
     head: Head = "lm",
+    last_only: bool = False,
 ) -> tuple[jax.Array, Cache | None]:
     """Run the model on `tokens` (batch, length).
 
@@ -277,7 +281,8 @@ def forward(
     the new tokens are written at slots [cache_index, cache_index + length) and `mask` covers all
     cache slots (batch, cache_length), including the new ones. Positions default to the count of
     real tokens before each one, so left padding gives the same result as no padding.
-    Returns (logits | values | hidden states, updated cache or None).
+    Returns (logits | values | hidden states, updated cache or None); with last_only=True only
+    the last position's output (batch, 1, ...).
     """
     if mask is None:
         mask = jnp.ones(tokens.shape, dtype=bool)
@@ -286,7 +291,9 @@ def forward(
             raise ValueError("forward with a cache needs explicit positions for the new tokens")
         positions = positions_from_mask(mask)
     full_mask = attention_mask(mask, tokens.shape[1], cache_index)
-    return Qwen2(config, head=head).apply({"params": params}, tokens, positions, full_mask, cache, cache_index)
+    return Qwen2(config, head=head, last_only=last_only).apply(
+        {"params": params}, tokens, positions, full_mask, cache, cache_index
+    )
 
 
 def init_params(config: Qwen2Config, key: jax.Array, head: Head = "lm") -> Params:
