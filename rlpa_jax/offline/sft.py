@@ -1,7 +1,8 @@
 """Supervised fine-tuning (the warm start): teacher dialogues -> token arrays -> a jitted update loop.
 
 Each example is one policy turn: the prompt is exactly what the sampler will see in a rollout
-(`render_messages(policy_system, history)` through the chat template with the generation prompt),
+(`render_messages(system_prompt, history)` through the chat template with the generation prompt;
+pass the rollout's system prompt, config.rollout.system_prompt, so the two agree),
 and the target is the turn text followed by <|im_end|>, tokenised on its own, as the sampler
 generates it. Only target tokens carry loss. An example too long for `max_length` loses its
 oldest turns (the system prompt and the last user message always stay); the target is never cut.
@@ -17,6 +18,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import transformers
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
@@ -28,22 +30,25 @@ from rlpa_jax.rl import ppo, step
 from rlpa_jax.sampling import Sampler, SamplingParams, bucket, pad_prompts
 from rlpa_jax.tokenizer import IM_END, chat_token_ids, stop_token_ids
 
-# Sequence lengths are rounded up to a multiple of 128 (then of 4096), so padding stays small
-# while a run compiles its update step once.
+# Sequence lengths are rounded up to a multiple of 128, so padding stays small while a run compiles
+# its update step once per bucket in use (a handful).
 SFT_LENGTH_BUCKETS: tuple[int, ...] = tuple(range(128, 4096 + 1, 128))
+GROUP_BATCHES = 16  # batches per length-sorted window in batch_schedule
 PROMPT_LENGTH_BUCKETS: tuple[int, ...] = (64, 128, 256, 512, 768, 1024, 1536, 2048, 3072, 4096)
+
+Tokenizer = transformers.PreTrainedTokenizerBase
 
 
 # --------------------------------------------------------------------------------------------
 # Examples
 
 
-def prompt_token_ids(tokenizer, history: Sequence[Message], system_prompt: str) -> list[int]:
+def prompt_token_ids(tokenizer: Tokenizer, history: Sequence[Message], system_prompt: str) -> list[int]:
     """The policy prompt for the turn after `history`, as the rollout renders it."""
     return chat_token_ids(tokenizer, render_messages(system_prompt, history), add_generation_prompt=True)
 
 
-def target_token_ids(tokenizer, target_text: str) -> list[int]:
+def target_token_ids(tokenizer: Tokenizer, target_text: str) -> list[int]:
     """The turn text's tokens and <|im_end|>: what the sampler must produce, stop token included."""
     im_end = tokenizer.convert_tokens_to_ids(IM_END)
     if im_end is None or im_end == tokenizer.unk_token_id:
@@ -60,7 +65,12 @@ def drop_oldest_turn(history: Sequence[Message]) -> list[Message]:
 
 
 def fitted_prompt(
-    tokenizer, history: Sequence[Message], target_length: int, max_length: int, system_prompt: str, where: str
+    tokenizer: Tokenizer,
+    history: Sequence[Message],
+    target_length: int,
+    max_length: int,
+    system_prompt: str,
+    where: str,
 ) -> list[int]:
     """Prompt ids for `history`, dropping its oldest turns until prompt + target fit `max_length`."""
     history = list(history)
@@ -80,7 +90,7 @@ def fitted_prompt(
 
 def build_sft_examples(
     dialogues: Sequence[Dialogue],
-    tokenizer,
+    tokenizer: Tokenizer,
     max_length: int,
     system_prompt: str | None = None,
     length_buckets: Sequence[int] = SFT_LENGTH_BUCKETS,
@@ -135,13 +145,37 @@ def sft_loss_fn(config: Qwen2Config) -> step.LossFn:
     return loss
 
 
-def batch_indices(num_examples: int, batch_size: int, steps: int, seed: int) -> np.ndarray:
-    """(steps, batch_size) example indices: seeded shuffles of the data, one epoch after another."""
+def batch_schedule(lengths: np.ndarray, batch_size: int, steps: int, seed: int) -> list[np.ndarray]:
+    """`steps` batches of example indices: seeded shuffles, one epoch after another, grouped by length.
+
+    Each epoch's shuffle is cut into windows of GROUP_BATCHES batches; a window is sorted by length
+    before it is cut into batches, and the epoch's batches are then shuffled again. A batch thus
+    holds examples of similar length and can be trimmed to a short bucket (most of the compute goes
+    to the prompt, so this about halves an SFT run), while batch contents stay random.
+    """
     rng = np.random.default_rng(seed)
-    needed = steps * batch_size
-    epochs = -(-needed // num_examples)
-    order = np.concatenate([rng.permutation(num_examples) for _ in range(epochs)])
-    return order[:needed].reshape(steps, batch_size)
+    window = batch_size * GROUP_BATCHES
+    batches: list[np.ndarray] = []
+    while len(batches) < steps:
+        order = rng.permutation(len(lengths))
+        if len(order) < batch_size:  # fewer examples than one batch: repeat them
+            order = np.resize(order, batch_size)
+        epoch: list[np.ndarray] = []
+        for start in range(0, len(order) - batch_size + 1, window):
+            chunk = order[start:start + window]
+            chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+            epoch.extend(chunk[i:i + batch_size] for i in range(0, len(chunk) - batch_size + 1, batch_size))
+        batches.extend(epoch[i] for i in rng.permutation(len(epoch)))
+    return batches[:steps]
+
+
+def trimmed_batch(
+    examples: dict[str, np.ndarray], rows: np.ndarray, length_buckets: Sequence[int]
+) -> dict[str, np.ndarray]:
+    """The rows of `examples`, cut to the bucket of their longest sequence (left padding dropped)."""
+    longest = int(examples["attention_mask"][rows].sum(axis=1).max())
+    length = min(bucket(longest, length_buckets), examples["tokens"].shape[1])
+    return {key: value[rows, -length:] for key, value in examples.items()}
 
 
 def train_sft(
@@ -153,10 +187,12 @@ def train_sft(
     mesh: Mesh | None = None,
     param_shardings: Params | None = None,
     progress: bool = True,
+    length_buckets: Sequence[int] = SFT_LENGTH_BUCKETS,
 ) -> tuple[Params, list[dict[str, float]]]:
     """Fine-tune `params` on `examples` for sft_config.steps steps; returns (params, per-step metrics).
 
-    Batches are seeded shuffles, so a run is reproducible. `params` is donated to the jitted step
+    Batches are seeded, length-grouped shuffles (batch_schedule), so a run is reproducible; each is
+    trimmed to the bucket of its longest example. `params` is donated to the jitted step
     (on accelerators its buffers are reused): use the returned parameters afterwards.
     """
     if sft_config.steps < 1 or sft_config.batch_size < 1:
@@ -171,11 +207,13 @@ def train_sft(
     updater = step.Updater(sft_loss_fn(model_config), optimizer, micro_batch_size=sft_config.batch_size,
                            token_mask_key="loss_mask", mesh=mesh, param_shardings=param_shardings)
     trainable = updater.init(params)
-    schedule = batch_indices(len(examples["tokens"]), sft_config.batch_size, sft_config.steps, seed)
+    lengths = examples["attention_mask"].sum(axis=1)
+    schedule = batch_schedule(lengths, sft_config.batch_size, sft_config.steps, seed)
     history: list[dict[str, float]] = []
     bar = tqdm(schedule, desc="sft", disable=not progress, dynamic_ncols=True)
     for step_index, rows in enumerate(bar, start=1):
-        batch = {key: value[rows] for key, value in examples.items()}
+        # One compiled program per length bucket in use (a handful), each much cheaper than the longest.
+        batch = trimmed_batch(examples, rows, length_buckets)
         trainable, metrics = updater(trainable, batch)
         record = {"step": float(step_index), "loss": float(metrics["loss_mean"]),
                   "grad_norm": float(metrics["grad_norm"]), "tokens": float(metrics["loss_tokens"])}
@@ -191,7 +229,7 @@ def train_sft(
 def greedy_turns(
     params: Params,
     config: Qwen2Config,
-    tokenizer,
+    tokenizer: Tokenizer,
     histories: Sequence[Sequence[Message]],
     max_new_tokens: int = 128,
     system_prompt: str | None = None,
@@ -217,7 +255,7 @@ def greedy_turns(
 def generation_quality(
     params: Params,
     config: Qwen2Config,
-    tokenizer,
+    tokenizer: Tokenizer,
     histories: Sequence[Sequence[Message]],
     max_new_tokens: int = 128,
     system_prompt: str | None = None,
