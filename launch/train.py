@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. ppo.actor_lr=1e-6")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for chatty in ("absl", "jax._src.xla_bridge", "matplotlib", "httpx", "openai"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
 
     from rlpa_jax import parallel
     from rlpa_jax.config import ConfigError, load_config

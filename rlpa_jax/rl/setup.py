@@ -20,7 +20,7 @@ from rlpa_jax.dialogue.llm import LLMClient, LLMConfig, run_sync
 from rlpa_jax.model import hf
 from rlpa_jax.model.qwen2 import Params, Qwen2Config, init_params
 from rlpa_jax.rl.step import param_shardings
-from rlpa_jax.tokenizer import load_tokenizer, train_tiny_tokenizer
+from rlpa_jax.tokenizer import load_tokenizer, synthetic_corpus, train_tiny_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,22 @@ def tokenizer_dir(config: TrainConfig) -> Path:
 def build_tokenizer(config: TrainConfig):
     directory = tokenizer_dir(config)
     if config.model.path is None and not (directory / "tokenizer.json").exists():
-        train_tiny_tokenizer(directory, vocab_size=config.model.tiny.vocab_size)
+        train_tiny_tokenizer(directory, vocab_size=config.model.tiny.vocab_size, texts=world_corpus(config))
     return load_tokenizer(directory)
+
+
+def world_corpus(config: TrainConfig, num_dialogues: int = 200) -> list[str]:
+    """Tokenizer training text for the embedded world: the generic corpus plus the world's own
+    persona paragraphs and scripted dialogues, so its names and values become whole tokens
+    (a tiny policy copies a one-token value from the conversation far more easily)."""
+    from rlpa_jax.offline.teacher import scripted_dialogues
+
+    texts = synthetic_corpus()
+    pool = build_personas(config, "train")[:num_dialogues]
+    texts += [f"{p.profile_text} {p.personality_text}" for p in pool]
+    for dialogue in scripted_dialogues(pool, num_turns=config.rollout.max_rounds, seed=config.seed):
+        texts += [target for _, target in dialogue] + [m.content for m in dialogue[-1][0] if m.role == "user"]
+    return texts
 
 
 def model_config(config: TrainConfig) -> Qwen2Config:
