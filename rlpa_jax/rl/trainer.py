@@ -110,7 +110,8 @@ class Trainer:
         cfg = self.config.sft
         dialogues = teacher.scripted_dialogues(setup.build_personas(self.config, "train")[:cfg.num_dialogues],
                                                num_turns=self.config.rollout.max_rounds, seed=self.config.seed)
-        examples = sft.build_sft_examples(dialogues, self.tokenizer, self.config.rollout.max_prompt_tokens)
+        examples = sft.build_sft_examples(dialogues, self.tokenizer, self.config.rollout.max_prompt_tokens,
+                                          system_prompt=self.rollout.world.system_prompt)
         actor, history = sft.train_sft(actor, self.model_config, examples, cfg, self.config.seed, mesh=self.mesh,
                                        param_shardings=self.actor_updater.param_shardings,
                                        progress=self.config.logging.progress_bar)
