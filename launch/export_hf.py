@@ -14,24 +14,24 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rlpa_jax.checkpoint import Checkpointer, model_config_from_meta  # noqa: E402
+from rlpa_jax.checkpoint import checkpoint_directory, model_config_from_meta, restore_actor_params  # noqa: E402
 from rlpa_jax.model.hf import export_hf  # noqa: E402
 
 
 def export_checkpoint(checkpoint: Path, output: Path, step: int | None = None, tokenizer: Path | None = None,
-                      dtype: str = "float32", params_key: str = "actor") -> Path:
-    checkpointer = Checkpointer(checkpoint, max_to_keep=None)
-    state, meta = checkpointer.restore(step)
-    config = model_config_from_meta(meta, str(checkpoint))
-    if params_key not in state:
-        raise KeyError(f"{checkpoint}: checkpoint state has no {params_key!r}; keys: {sorted(state)}")
+                      dtype: str = "float32") -> Path:
+    """Reads only the policy (not the critic, reference or optimizer state) and writes it out."""
+    directory = checkpoint_directory(checkpoint)
+    params, meta, _ = restore_actor_params(directory, step)
+    config = model_config_from_meta(meta, str(directory))
     tokenizer = tokenizer or (Path(meta["tokenizer_dir"]) if meta.get("tokenizer_dir") else None)
-    return export_hf(state[params_key], config, output, tokenizer_dir=tokenizer, dtype=dtype)
+    return export_hf(params, config, output, tokenizer_dir=tokenizer, dtype=dtype)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, required=True, help="orbax checkpoint directory of a run")
+    parser.add_argument("--checkpoint", type=Path, required=True,
+                        help="a run directory, its checkpoints/ or sft/ (orbax steps)")
     parser.add_argument("--output", type=Path, required=True, help="directory to write the HF model to")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     parser.add_argument("--tokenizer", type=Path, default=None, help="tokenizer directory to copy files from")

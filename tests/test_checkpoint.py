@@ -58,4 +58,4 @@ def test_export_command_line_writes_a_loadable_model(tmp_path):
     np.testing.assert_allclose(hf_logits(model, tokens), np.asarray(forward(params, CONFIG, jnp.asarray(tokens))[0]), atol=1e-4)
     missing = subprocess.run([sys.executable, str(REPO / "launch" / "export_hf.py"), "--checkpoint", str(tmp_path / "none"),
                               "--output", str(out)], capture_output=True, text=True, cwd=tmp_path)
-    assert missing.returncode == 2 and "no checkpoint steps found" in missing.stderr
+    assert missing.returncode == 2 and "does not exist" in missing.stderr

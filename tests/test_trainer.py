@@ -2,6 +2,9 @@
 
 import json
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +15,7 @@ from rlpa_jax.config import load_config
 from rlpa_jax.rl import trainer as trainer_module
 from rlpa_jax.rl.trainer import Trainer, TrainingDiverged, reproducible_metrics
 
+REPO = Path(__file__).resolve().parents[1]
 SMALL = [
     "model.tiny.hidden_size=64", "model.tiny.intermediate_size=128", "model.tiny.vocab_size=512",
     "rollout.conversations=2", "rollout.max_rounds=2", "rollout.samples_per_prompt=2", "rollout.max_new_tokens=16",
@@ -44,6 +48,14 @@ def test_short_run_logs_checkpoints_and_exports(uninterrupted):
     assert steps[-1] == 4
     model = transformers.AutoModelForCausalLM.from_pretrained(config.run_dir / "hf", dtype=torch.float32)
     assert model.config.vocab_size == 512
+    # The command-line export reads only the policy out of the PPO checkpoint.
+    out = config.run_dir / "hf_cli"
+    result = subprocess.run([sys.executable, str(REPO / "launch" / "export_hf.py"), "--checkpoint", str(config.run_dir),
+                             "--output", str(out)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    again = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), name
 
 
 def test_resume_after_ctrl_c_gives_the_same_metrics(tmp_path, uninterrupted):

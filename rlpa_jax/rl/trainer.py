@@ -121,7 +121,8 @@ class Trainer:
 
     def save(self, state: dict, iteration: int, kl_coef: float) -> None:
         meta = {"iteration": iteration, "kl_coef": kl_coef, "seed": self.config.seed,
-                "model_config": model_config_to_meta(self.model_config), "tokenizer_dir": str(setup.tokenizer_dir(self.config).absolute())}
+                "model_config": model_config_to_meta(self.model_config), "system_prompt": self.rollout.world.system_prompt,
+                "tokenizer_dir": str(setup.tokenizer_dir(self.config).absolute())}
         self.checkpointer.save(iteration, state, meta)
 
     def restore(self) -> tuple[dict, int, float]:

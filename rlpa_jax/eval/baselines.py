@@ -1,0 +1,418 @@
+"""Prompting baselines for the ALOE comparison: wrappers that change how a base policy is asked.
+
+Each wrapper is itself a Policy (name + batched `respond`) around a base policy, and only
+changes what the base is shown:
+
+- Base:        the base policy unchanged.
+- Reminder:    the system prompt also reminds the model, every turn, to use what the user has
+               revealed about themselves (configs/prompts/baseline_reminder.txt).
+- SelfCritic:  two batched calls per turn: the base drafts a reply, then a critique-and-revise
+               call sees the transcript and the draft and writes "Revised reply: ..."; the user
+               sees the revision (configs/prompts/baseline_self_critic.txt).
+- FewShotCoT:  the system prompt holds worked examples that first write "Thoughts: ..." about the
+               user, then "Reply: ..."; the user sees only the reply (baseline_cot.txt).
+- RAG:         the history is cut to the last `keep_exchanges` exchanges plus the new user
+               message; the `top_k` older exchanges most similar to that message (TF-IDF cosine,
+               numpy) go into the system prompt as relevant earlier context (baseline_rag.txt).
+
+The baselines are meant for plain chat policies (two_part=False), where the prompted model
+replies in free text. How a wrapper reaches the base's system prompt is the hook below.
+
+Hook (what a base policy must offer, checked when a wrapper is built):
+    system_prompt: str                                    the base's own system prompt
+    with_system_prompt(text) -> Policy                    the same policy under another prompt
+and optionally, to keep per-conversation prompts (RAG) in one batch:
+    async respond_with_system_prompts(histories, system_prompts) -> list[PolicyTurn]
+Without the optional method, conversations are grouped by prompt and each group goes through
+`with_system_prompt(prompt).respond(group)`, the groups running concurrently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import re
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from rlpa_jax.dialogue.chat import Message, load_prompt
+from rlpa_jax.eval.policies import Policy, PolicyTurn
+
+BASELINE_KINDS: tuple[str, ...] = ("base", "reminder", "self_critic", "cot", "rag")
+
+# Markers the prompt files tell the model to use; each starts a line of the model's output.
+COT_THOUGHTS_MARKER = "Thoughts:"
+COT_REPLY_MARKER = "Reply:"
+CRITIQUE_MARKER = "Critique:"
+REVISION_MARKER = "Revised reply:"
+
+# Section labels of the critique request; baseline_self_critic.txt describes these two parts.
+CONVERSATION_LABEL = "[Conversation so far]"
+DRAFT_LABEL = "[Draft reply to the user's last message]"
+# How SelfCritic's PolicyTurn.text keeps both raw outputs for inspection.
+RAW_DRAFT_LABEL = "[draft]"
+RAW_REVISION_LABEL = "[revision]"
+
+RAG_PLACEHOLDER = "{retrieved_exchanges}"
+
+# Function words that would otherwise dominate TF-IDF over a handful of chat messages, where
+# even smoothed IDF barely down-weights them.
+STOPWORDS: frozenset[str] = frozenset(
+    """a an and are as at be but by can do for from had has have how i i'm if in is it it's just
+    me my of on or so that the their them they this to was we were what when where which who will
+    with would you your""".split()
+)
+_WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+
+
+# ---------------------------------------------------------------------------
+# The hook into base policies
+
+
+@runtime_checkable
+class PromptablePolicy(Protocol):
+    """A Policy whose system prompt a wrapper can read and replace."""
+
+    name: str
+    system_prompt: str
+
+    async def respond(self, histories: Sequence[Sequence[Message]]) -> list[PolicyTurn]: ...
+
+    def with_system_prompt(self, system_prompt: str) -> Policy: ...
+
+
+def require_promptable(base: object, wrapper: str) -> PromptablePolicy:
+    """`base` if it offers the hook, else a TypeError naming what is missing."""
+    missing = [
+        attribute
+        for attribute, ok in (
+            ("name", isinstance(getattr(base, "name", None), str)),
+            ("system_prompt", isinstance(getattr(base, "system_prompt", None), str)),
+            ("respond", callable(getattr(base, "respond", None))),
+            ("with_system_prompt", callable(getattr(base, "with_system_prompt", None))),
+        )
+        if not ok
+    ]
+    if missing:
+        raise TypeError(
+            f"{wrapper} needs a base policy with name: str, system_prompt: str, "
+            f"async respond(histories) and with_system_prompt(text) -> Policy "
+            f"(see rlpa_jax/eval/baselines.py); {type(base).__name__} lacks {', '.join(missing)}"
+        )
+    return base  # type: ignore[return-value]
+
+
+async def respond_with_system_prompts(
+    base: PromptablePolicy, histories: Sequence[Sequence[Message]], system_prompts: Sequence[str]
+) -> list[PolicyTurn]:
+    """One turn per conversation, conversation i answered under system_prompts[i]."""
+    if len(histories) != len(system_prompts):
+        raise ValueError(f"{len(histories)} histories but {len(system_prompts)} system prompts; need one each")
+    if not histories:
+        return []
+    batched = getattr(base, "respond_with_system_prompts", None)
+    if callable(batched):
+        return list(await batched(histories, system_prompts))
+    groups: dict[str, list[int]] = {}
+    for index, prompt in enumerate(system_prompts):
+        groups.setdefault(prompt, []).append(index)
+    answers = await asyncio.gather(
+        *(base.with_system_prompt(prompt).respond([histories[i] for i in indices])
+          for prompt, indices in groups.items())
+    )
+    turns: list[PolicyTurn | None] = [None] * len(histories)
+    for indices, group_turns in zip(groups.values(), answers):
+        if len(group_turns) != len(indices):
+            raise ValueError(f"base policy {base.name!r} answered {len(group_turns)} of {len(indices)} conversations")
+        for index, turn in zip(indices, group_turns):
+            turns[index] = turn
+    return turns  # type: ignore[return-value]
+
+
+def extend_system_prompt(system_prompt: str, addition: str) -> str:
+    """The base prompt, a blank line, then the addition (either may be empty)."""
+    return "\n\n".join(part for part in (system_prompt.strip(), addition.strip()) if part)
+
+
+# ---------------------------------------------------------------------------
+# Reading marked model output
+
+
+def _line_start_positions(text: str, marker: str) -> list[re.Match[str]]:
+    return list(re.finditer(rf"(?im)^[ \t]*{re.escape(marker)}", text))
+
+
+def reply_after_marker(text: str, reply_marker: str, preamble_marker: str) -> str:
+    """The user-facing part of a "<preamble_marker> ... <reply_marker> ..." answer.
+
+    With a reply marker at the start of a line: everything after the first one (a model that
+    runs on past its reply keeps the reply it wrote first). Without it, a
+    leading preamble (text opening with preamble_marker) up to the first blank line is dropped,
+    so reasoning never reaches the user; otherwise the whole text is the reply.
+    """
+    matches = _line_start_positions(text, reply_marker)
+    if matches:
+        return text[matches[0].end():].strip()
+    stripped = text.strip()
+    if stripped.lower().startswith(preamble_marker.lower()):
+        _, _, rest = stripped.partition("\n\n")
+        return rest.strip()
+    return stripped
+
+
+def replace_response(turn: PolicyTurn, response: str, text: str | None = None) -> PolicyTurn:
+    """The turn with another visible reply (and raw text); profile and error are kept."""
+    return dataclasses.replace(turn, response=response, text=turn.text if text is None else text)
+
+
+# ---------------------------------------------------------------------------
+# Conversation structure
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """A user message and the assistant reply that followed it."""
+
+    number: int  # 1-based position among the conversation's exchanges
+    start: int  # index of the user message in the history
+    user: str
+    assistant: str
+
+
+def exchanges_of(history: Sequence[Message]) -> list[Exchange]:
+    """Every user message directly answered by an assistant message, in order."""
+    found: list[Exchange] = []
+    for index in range(len(history) - 1):
+        if history[index].role == "user" and history[index + 1].role == "assistant":
+            found.append(Exchange(len(found) + 1, index, history[index].content, history[index + 1].content))
+    return found
+
+
+def require_user_last(history: Sequence[Message], conversation: int) -> str:
+    """The message being answered; a history must end with the user's turn."""
+    if not history or history[-1].role != "user":
+        last = history[-1].role if history else "nothing"
+        raise ValueError(
+            f"histories[{conversation}] ends with {last}; a policy answers a history ending with a user message")
+    return history[-1].content
+
+
+def recent_history(history: Sequence[Message], exchanges: Sequence[Exchange], keep_exchanges: int) -> list[Message]:
+    """The last keep_exchanges exchanges and the current user message."""
+    if keep_exchanges <= 0 or not exchanges:
+        return list(history[-1:])
+    kept = exchanges[-keep_exchanges:]
+    return list(history[kept[0].start:])
+
+
+def transcript(history: Sequence[Message]) -> str:
+    """The conversation as "User: ..." / "Assistant: ..." lines (visible replies only)."""
+    speaker = {"user": "User", "assistant": "Assistant"}
+    return "\n".join(f"{speaker.get(message.role, message.role)}: {message.content.strip()}" for message in history)
+
+
+def format_exchange(exchange: Exchange) -> str:
+    return f"[Exchange {exchange.number}]\nUser: {exchange.user.strip()}\nAssistant: {exchange.assistant.strip()}"
+
+
+# ---------------------------------------------------------------------------
+# TF-IDF retrieval (numpy only)
+
+
+def word_tokens(text: str) -> list[str]:
+    """Lowercased word tokens (letters/digits, an optional 's-like suffix), stopwords removed."""
+    return [token for token in _WORD.findall(text.lower()) if token not in STOPWORDS]
+
+
+def tfidf_vectors(documents: Sequence[str], query: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """L2-normalised TF-IDF rows for the documents and the query, plus the vocabulary.
+
+    The vocabulary and IDF come from the documents only: tf = raw count, idf(t) =
+    ln((1 + N) / (1 + df(t))) + 1 (smoothed, so a term in every document still counts a little).
+    Query words outside the vocabulary carry no weight. All-zero rows stay zero.
+    """
+    tokenized = [word_tokens(document) for document in documents]
+    vocabulary = sorted({token for tokens in tokenized for token in tokens})
+    column = {token: j for j, token in enumerate(vocabulary)}
+    counts = np.zeros((len(documents), len(vocabulary)))
+    for i, tokens in enumerate(tokenized):
+        for token, count in Counter(tokens).items():
+            counts[i, column[token]] = count
+    query_counts = np.zeros(len(vocabulary))
+    for token, count in Counter(word_tokens(query)).items():
+        if token in column:
+            query_counts[column[token]] = count
+    document_frequency = (counts > 0).sum(axis=0)
+    idf = np.log((1.0 + len(documents)) / (1.0 + document_frequency)) + 1.0
+    return _l2_normalise(counts * idf), _l2_normalise(query_counts * idf), vocabulary
+
+
+def _l2_normalise(vectors: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
+    return np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)
+
+
+def cosine_scores(documents: Sequence[str], query: str) -> np.ndarray:
+    """TF-IDF cosine similarity of the query to each document (0 when nothing is shared)."""
+    if not documents:
+        return np.zeros(0)
+    document_vectors, query_vector, _ = tfidf_vectors(documents, query)
+    return document_vectors @ query_vector
+
+
+def top_k_indices(scores: np.ndarray, k: int) -> list[int]:
+    """Up to k indices with positive score, best first; ties go to the earlier index.
+
+    Zero-score documents share no word with the query, so they are not "relevant context".
+    """
+    order = np.argsort(-scores, kind="stable")
+    return [int(i) for i in order[:k] if scores[i] > 0]
+
+
+def retrieve(candidates: Sequence[Exchange], query: str, k: int) -> list[Exchange]:
+    """The k candidates most similar to the query, in conversation order."""
+    scores = cosine_scores([f"{exchange.user}\n{exchange.assistant}" for exchange in candidates], query)
+    return [candidates[i] for i in sorted(top_k_indices(scores, k))]
+
+
+# ---------------------------------------------------------------------------
+# The wrappers
+
+
+class Reminder:
+    """The base policy with a standing reminder to use the user's revealed details."""
+
+    def __init__(self, base: Policy, reminder: str | None = None) -> None:
+        self.base = require_promptable(base, "Reminder")
+        self.reminder = load_prompt("baseline_reminder") if reminder is None else reminder
+        self.system_prompt = extend_system_prompt(self.base.system_prompt, self.reminder)
+        self._reminded = self.base.with_system_prompt(self.system_prompt)
+        self.name = f"reminder/{self.base.name}"
+
+    async def respond(self, histories: Sequence[Sequence[Message]]) -> list[PolicyTurn]:
+        return list(await self._reminded.respond(histories))
+
+
+class SelfCritic:
+    """Draft with the base, then one critique-and-revise call; the user sees the revision.
+
+    Both passes are batched over conversations, so a turn costs two batched calls. A revision
+    with no usable reply (empty after its marker) falls back to the draft, which is a valid reply.
+    PolicyTurn.text keeps both raw outputs, labelled, for inspection. A failed call (a turn with
+    `error`) leaves the turn failed, so the protocol leaves it unscored: a failed draft is not
+    sent for revision, and a failed revision fails the turn.
+    """
+
+    def __init__(self, base: Policy, critic_prompt: str | None = None) -> None:
+        self.base = require_promptable(base, "SelfCritic")
+        self.critic_prompt = load_prompt("baseline_self_critic") if critic_prompt is None else critic_prompt
+        self.name = f"self_critic/{self.base.name}"
+
+    async def respond(self, histories: Sequence[Sequence[Message]]) -> list[PolicyTurn]:
+        for index, history in enumerate(histories):
+            require_user_last(history, index)
+        drafts = list(await self.base.respond(histories))
+        to_revise = [index for index, draft in enumerate(drafts) if draft.error is None]
+        requests = [[Message(role="user", content=critique_request(histories[index], drafts[index].response))]
+                    for index in to_revise]
+        revisions = await respond_with_system_prompts(self.base, requests, [self.critic_prompt] * len(requests))
+        turns = list(drafts)
+        for index, revision in zip(to_revise, revisions):
+            turns[index] = revised_turn(drafts[index], revision)
+        return turns
+
+
+def critique_request(history: Sequence[Message], draft: str) -> str:
+    """The critique pass's user message: the whole transcript and the draft, labelled."""
+    return f"{CONVERSATION_LABEL}\n{transcript(history)}\n\n{DRAFT_LABEL}\n{draft.strip()}"
+
+
+def revised_turn(draft: PolicyTurn, revision: PolicyTurn) -> PolicyTurn:
+    """The final turn: the revision's reply (the draft's if empty); both raw outputs in text."""
+    text = f"{RAW_DRAFT_LABEL}\n{draft.text}\n\n{RAW_REVISION_LABEL}\n{revision.text}"
+    if revision.error is not None:
+        error = f"self-critic revision failed: {revision.error}"
+        return dataclasses.replace(draft, text=text, response="", error=error)
+    revised = reply_after_marker(revision.response, REVISION_MARKER, CRITIQUE_MARKER)
+    return replace_response(draft, revised or draft.response, text=text)
+
+
+class FewShotCoT:
+    """Few-shot examples that reason about the user before replying; the reasoning is stripped."""
+
+    def __init__(self, base: Policy, cot_prompt: str | None = None) -> None:
+        self.base = require_promptable(base, "FewShotCoT")
+        self.cot_prompt = load_prompt("baseline_cot") if cot_prompt is None else cot_prompt
+        self.system_prompt = extend_system_prompt(self.base.system_prompt, self.cot_prompt)
+        self._prompted = self.base.with_system_prompt(self.system_prompt)
+        self.name = f"cot(fewshot)/{self.base.name}"
+
+    async def respond(self, histories: Sequence[Sequence[Message]]) -> list[PolicyTurn]:
+        turns = await self._prompted.respond(histories)
+        return [
+            replace_response(turn, reply_after_marker(turn.response, COT_REPLY_MARKER, COT_THOUGHTS_MARKER))
+            for turn in turns
+        ]
+
+
+class RAG:
+    """Recent history only, plus the top-k older exchanges most similar to the new message.
+
+    Candidates are the exchanges older than the kept window (the kept ones are already in view),
+    so with keep_exchanges=2 the model sees earlier turns only through retrieval.
+    """
+
+    def __init__(self, base: Policy, top_k: int = 5, keep_exchanges: int = 2, rag_prompt: str | None = None) -> None:
+        if top_k < 1 or keep_exchanges < 0:
+            raise ValueError(
+                f"RAG needs top_k >= 1 and keep_exchanges >= 0; got top_k={top_k}, keep_exchanges={keep_exchanges}")
+        self.base = require_promptable(base, "RAG")
+        self.top_k = top_k
+        self.keep_exchanges = keep_exchanges
+        self.rag_prompt = load_prompt("baseline_rag") if rag_prompt is None else rag_prompt
+        if RAG_PLACEHOLDER not in self.rag_prompt:
+            raise ValueError(f"the RAG prompt (configs/prompts/baseline_rag.txt) must contain {RAG_PLACEHOLDER}")
+        self.name = f"rag(top{top_k})/{self.base.name}"
+
+    def prepare(self, history: Sequence[Message], conversation: int = 0) -> tuple[str, list[Message], list[Exchange]]:
+        """(system prompt, truncated history, retrieved exchanges) for one conversation."""
+        query = require_user_last(history, conversation)
+        exchanges = exchanges_of(history)
+        older = exchanges[: len(exchanges) - self.keep_exchanges] if self.keep_exchanges else exchanges
+        retrieved = retrieve(older, query, self.top_k)
+        return self.system_prompt_for(retrieved), recent_history(history, exchanges, self.keep_exchanges), retrieved
+
+    def system_prompt_for(self, retrieved: Sequence[Exchange]) -> str:
+        if not retrieved:
+            return self.base.system_prompt
+        context = "\n\n".join(format_exchange(exchange) for exchange in retrieved)
+        return extend_system_prompt(self.base.system_prompt, self.rag_prompt.replace(RAG_PLACEHOLDER, context))
+
+    async def respond(self, histories: Sequence[Sequence[Message]]) -> list[PolicyTurn]:
+        prepared = [self.prepare(history, index) for index, history in enumerate(histories)]
+        return await respond_with_system_prompts(
+            self.base, [history for _, history, _ in prepared], [prompt for prompt, _, _ in prepared]
+        )
+
+
+_BUILDERS: dict[str, Callable[..., Policy]] = {
+    "reminder": Reminder,
+    "self_critic": SelfCritic,
+    "cot": FewShotCoT,
+    "rag": RAG,
+}
+
+
+def make_baseline(kind: str, base: Policy, **kw: object) -> Policy:
+    """The named prompting baseline around `base`; kw go to the wrapper (e.g. rag: top_k=5)."""
+    if kind == "base":
+        if kw:
+            raise ValueError(f"baseline 'base' takes no options; got {sorted(kw)}")
+        return base
+    if kind not in _BUILDERS:
+        raise ValueError(f"unknown baseline kind {kind!r}; expected one of {', '.join(BASELINE_KINDS)}")
+    return _BUILDERS[kind](base, **kw)

@@ -1,0 +1,453 @@
+"""The ALOE evaluation protocol and its four settings, run for many users at once.
+
+Every dialogue starts cold: the simulated user opens with "Hello" and reveals itself gradually.
+Turn k (k = 1..K) is the k-th exchange: the user's message k-1 (message 0 is the greeting) and the
+policy's k-th reply. A response judge that sees the user's full true persona gives every reply a
+strict 0/1 (natural, relevant, logical, engaging, informative); AL(k) is the mean over users.
+Policy, judge and user calls of one turn are each one batched (async) call over all users.
+
+Settings:
+- vanilla:   the personas as given (ALOE eval pairs, or synthetic personas in the embedded world).
+- extended:  slot keys renamed to free-form names never used in training ("Occupation" ->
+             "Line of work", ...) plus 1-2 extra free-form items ("Favourite season: autumn").
+- conflict:  the user becomes another persona from turn `switch_turn` (6) on; each reply is
+             judged against the persona active at its turn.
+- long_term: 70 turns; after every 10th reply the policy is asked for its profile (an extra user
+             message on a copy of the history, never shown to the user) and the answer is scored
+             with the profile judge: F1 x 100. Reported next to it: the share of items revealed so
+             far x 100, and the ceiling, the F1 x 100 of stating exactly the revealed items. (F1
+             is not bounded by the revealed share: with perfect precision and recall r it is
+             2r / (1 + r) > r, so the share alone would be a ceiling a good policy can pass.)
+
+A policy or user call that fails ends that user's dialogue (its remaining turns are unscored);
+a judge that cannot score a reply leaves that one turn unscored. Unscored is NaN, never 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from rlpa_jax.dialogue.chat import Message, load_prompt
+from rlpa_jax.dialogue.judges import ProfileJudge, ResponseJudge, ResponseRequest, canonical_slot
+from rlpa_jax.dialogue.llm import run_sync
+from rlpa_jax.dialogue.personas import Persona, make_persona, subject_gender
+from rlpa_jax.dialogue.profile import ProfileItem, parse_profile, profile_f1
+from rlpa_jax.dialogue.users import OPENING_MESSAGE, UserSimulator, UserState, revealed_items
+from rlpa_jax.eval import metrics
+from rlpa_jax.eval.policies import Policy, PolicyTurn, history_message
+
+SETTINGS = ("vanilla", "extended", "conflict", "long_term")
+STANDARD_TURNS = {"vanilla": 10, "extended": 10, "conflict": 10, "long_term": 70}
+CONFLICT_SWITCH_TURN = 6
+PROFILE_CHECK_EVERY = 10
+PROFILE_REQUEST_PROMPT = "profile_request"
+
+# New names for the standard slots. None of them maps back to a standard slot under the judges'
+# aliases (tests check this), so a policy must use the user's own words to score on them.
+EXTENDED_SLOT_KEYS: dict[str, tuple[str, ...]] = {
+    "Age": ("Current age", "Age in years"),
+    "Gender": ("Gender identity", "Self-described gender"),
+    "Interests": ("Favourite pastime", "Leisure pursuit"),
+    "Education Background": ("Schooling", "Academic path"),
+    "Personality Traits": ("Temperament", "Disposition"),
+    "Occupation": ("Line of work", "Day job"),
+    "Marital Status": ("Relationship situation", "Romantic status"),
+    "Family Background": ("Household", "Family circle"),
+    "Location": ("Home base", "Home region"),
+    "Other Information": ("Personal fact", "Extra detail"),
+}
+# Free-form items no training persona has; single values (no commas), so each is one item.
+EXTRA_ITEMS: dict[str, tuple[str, ...]] = {
+    "Favourite season": ("spring", "summer", "autumn", "winter"),
+    "Dream destination": ("Japan", "Iceland", "Peru", "New Zealand", "Morocco", "Norway"),
+    "Favourite cuisine": ("Italian food", "Mexican food", "Korean food", "Ethiopian food", "Thai food"),
+    "Morning drink": ("black coffee", "green tea", "hot chocolate", "orange juice"),
+    "Favourite film genre": ("science fiction", "comedy", "documentaries", "thrillers"),
+    "Music taste": ("jazz", "classical music", "hip hop", "folk music"),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Personas of the settings
+
+_POSSESSIVES = {"female": "Her", "male": "His"}
+
+
+def extended_persona(persona: Persona, rng: random.Random) -> Persona:
+    """`persona` with free-form slot names and 1-2 extra free-form items (also added to its text,
+    so an LLM user and an LLM judge know them too)."""
+    chosen_keys = {slot: rng.choice(names) for slot, names in EXTENDED_SLOT_KEYS.items()}
+    items = [ProfileItem(chosen_keys.get(canonical_slot(item.slot), item.slot), item.value) for item in persona.items]
+    extra_keys = rng.sample(sorted(EXTRA_ITEMS), rng.randint(1, 2))
+    extras = [ProfileItem(key, rng.choice(EXTRA_ITEMS[key])) for key in extra_keys]
+    possessive = _POSSESSIVES.get(subject_gender(persona.profile_text), "Their")
+    extra_text = " ".join(f"{possessive} {item.slot.lower()} is {item.value}." for item in extras)
+    return make_persona(f"{persona.persona_id}-extended", f"{persona.profile_text.rstrip()} {extra_text}",
+                        persona.personality_text, items + extras)
+
+
+def extended_personas(personas: Sequence[Persona], seed: int) -> list[Persona]:
+    """The extended-setting version of every persona; persona i's draw depends only on (seed, i)."""
+    return [extended_persona(persona, random.Random(seed * 1_000_003 + index))
+            for index, persona in enumerate(personas)]
+
+
+def conflict_partners(personas: Sequence[Persona], seed: int,
+                      pool: Sequence[Persona] | None = None) -> list[Persona]:
+    """For each persona, another persona to switch to, drawn from `pool` (default: `personas`),
+    with a different profile paragraph where one exists, so more than the personality changes.
+
+    Pass the whole evaluation pool when `personas` is a slice of it: ALOE's eval pairs come five
+    to a profile paragraph, so the first few pairs alone would only swap personalities.
+    """
+    pool = list(personas if pool is None else pool)
+    if len(pool) < 2:
+        raise ValueError(f"conflict setting: needs at least 2 personas to switch between, got {len(pool)}")
+    shift = random.Random(seed).randrange(1, len(pool))
+    partners = []
+    for index, persona in enumerate(personas):
+        order = [pool[(index + shift + offset) % len(pool)] for offset in range(len(pool))]
+        others = [other for other in order if other.persona_id != persona.persona_id]
+        if not others:
+            raise ValueError(f"conflict setting: no persona other than {persona.persona_id} to switch to")
+        different_text = [other for other in others if other.profile_text != persona.profile_text]
+        partners.append((different_text or others)[0])
+    return partners
+
+
+# ---------------------------------------------------------------------------------------------
+# Result
+
+
+@dataclass
+class EvalResult:
+    name: str
+    setting: str
+    judgments: np.ndarray  # (users, turns): 1.0 / 0.0, NaN where unscored
+    al: dict  # metrics.summary plus "unscored" per turn and "users"
+    profile_scores: list[dict] | None = None  # long_term: one entry per profile check
+    transcripts: list[dict] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name,
+            "setting": self.setting,
+            "judgments": [[None if np.isnan(value) else int(value) for value in row] for row in self.judgments],
+            "al": self.al,
+            "profile_scores": self.profile_scores,
+            "transcripts": self.transcripts,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict, source: str = "result") -> "EvalResult":
+        missing = [key for key in ("name", "setting", "judgments", "al") if key not in data]
+        if missing:
+            raise ValueError(f"{source}: not an evaluation result (missing {', '.join(missing)}); "
+                             "expected the JSON written by launch/eval.py")
+        judgments = np.array([[np.nan if value is None else float(value) for value in row]
+                              for row in data["judgments"]], dtype=np.float64).reshape(len(data["judgments"]), -1)
+        return cls(data["name"], data["setting"], judgments, data["al"], data.get("profile_scores"),
+                   data.get("transcripts", []))
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_json(), indent=1, ensure_ascii=False), encoding="utf-8")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "EvalResult":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: result file not found") from None
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from None
+        return cls.from_json(data, str(path))
+
+
+def al_report(judgments: np.ndarray) -> dict:
+    """metrics.summary of the judgments, with the unscored count per turn and the user count."""
+    per_turn = metrics.al_per_turn(judgments)
+    return metrics.summary(per_turn.al) | {"unscored": per_turn.unscored.tolist(), "users": int(judgments.shape[0])}
+
+
+# ---------------------------------------------------------------------------------------------
+# The dialogue loop
+
+
+@dataclass
+class Dialogue:
+    """One user's side of the evaluation: state, history, and what gets written to the transcript."""
+
+    index: int
+    user: UserState
+    history: list[Message]
+    messages: list[dict]
+    judgments: list[int | None]
+    judged_against: list[str | None]  # persona id per turn (None once the dialogue has stopped)
+    profile_checks: list[dict] = field(default_factory=list)
+    active: bool = True
+    stop_reason: str | None = None
+
+    def stop(self, reason: str) -> None:
+        self.active = False
+        self.stop_reason = reason
+
+    def transcript(self, persona: Persona, switch_persona: Persona | None) -> dict:
+        record = {
+            "user_index": self.index,
+            "persona_id": persona.persona_id,
+            "persona_items": [[item.slot, item.value] for item in persona.items],
+            "messages": self.messages,
+            "judgments": self.judgments,
+            "judged_against": self.judged_against,
+            "stop_reason": self.stop_reason,
+        }
+        if switch_persona is not None:
+            record["switch_persona_id"] = switch_persona.persona_id
+            record["switch_persona_items"] = [[item.slot, item.value] for item in switch_persona.items]
+        if self.profile_checks:
+            record["profile_checks"] = self.profile_checks
+        return record
+
+
+def _items_json(items: Sequence[ProfileItem] | None) -> list[list[str]] | None:
+    return None if items is None else [[item.slot, item.value] for item in items]
+
+
+def inferred_profile(turn: PolicyTurn) -> list[ProfileItem]:
+    """The profile a policy states in answer to the profile request: its <profile> block for
+    RLPA-format turns, else "- Slot: value" lines (or a JSON object) in its reply."""
+    if turn.profile is not None:
+        return list(turn.profile)
+    return parse_profile(turn.response or turn.text)
+
+
+def _record_turn(dialogues: Sequence[Dialogue], turns: Sequence[PolicyTurn],
+                 turn_number: int) -> list[tuple[Dialogue, dict, ResponseRequest]]:
+    """Write each reply to its transcript and history (or stop the dialogue if the policy failed);
+    returns the judge requests, built from the history as it was before the reply."""
+    pending = []
+    for dialogue, turn in zip(dialogues, turns):
+        message = {"role": "assistant", "content": turn.response, "text": turn.text,
+                   "profile": _items_json(turn.profile), "turn": turn_number, "judgment": None}
+        dialogue.messages.append(message)
+        dialogue.judged_against.append(dialogue.user.persona.persona_id)
+        dialogue.judgments.append(None)
+        if turn.error is not None:
+            message["error"] = turn.error
+            dialogue.stop(f"policy failed at turn {turn_number}: {turn.error}")
+            continue
+        request = ResponseRequest(dialogue.user.persona, tuple(dialogue.history), turn.response)
+        pending.append((dialogue, message, request))
+        dialogue.history.append(history_message(turn))
+    return pending
+
+
+async def _judge(pending: Sequence[tuple[Dialogue, dict, ResponseRequest]], response_judge: ResponseJudge) -> None:
+    """One batched judge call for the turn; None (unscored) stays None."""
+    if not pending:
+        return
+    verdicts = await response_judge.judge([request for _, _, request in pending])
+    for (dialogue, message, _), verdict in zip(pending, verdicts):
+        message["judgment"] = verdict
+        dialogue.judgments[-1] = verdict
+
+
+@dataclass(frozen=True)
+class ProfileProbe:
+    """A profile request on a copy of one dialogue, with the truth as it stood when it was asked
+    (taken before the simulated users reply, which runs at the same time)."""
+
+    dialogue: Dialogue
+    history: list[Message]
+    true_items: tuple[ProfileItem, ...]
+    revealed: int
+
+
+def profile_probe(dialogue: Dialogue, request_text: str) -> ProfileProbe:
+    return ProfileProbe(dialogue, dialogue.history + [Message("user", request_text)], dialogue.user.persona.items,
+                        len(revealed_items(dialogue.user)))
+
+
+async def _check_profiles(policy: Policy, probes: Sequence[ProfileProbe], turn_number: int,
+                          profile_judge: ProfileJudge) -> None:
+    """Ask the policy for its current profile in every probe and score it (F1 x 100)."""
+    answers = await policy.respond([probe.history for probe in probes])
+    inferred = [None if answer.error is not None else inferred_profile(answer) for answer in answers]
+    asked = [index for index, items in enumerate(inferred) if items is not None]
+    matches = await profile_judge.count_matches([(inferred[i], probes[i].true_items) for i in asked]) if asked else []
+    matched = dict(zip(asked, matches))
+    for index, (probe, answer) in enumerate(zip(probes, answers)):
+        total = len(probe.true_items)
+        check = {"turn": turn_number, "score": None, "answer": answer.text, "inferred": _items_json(inferred[index]),
+                 "revealed_share": 100.0 * probe.revealed / max(1, total),
+                 "ceiling": 100.0 * profile_f1(probe.revealed, probe.revealed, total)}
+        if answer.error is not None:
+            check["error"] = answer.error
+        elif matched.get(index) is not None:
+            check["score"] = 100.0 * profile_f1(matched[index], len(inferred[index]), total)
+        probe.dialogue.profile_checks.append(check)
+
+
+async def _continue_dialogues(user_sim: UserSimulator, dialogues: Sequence[Dialogue], turn_number: int) -> None:
+    """The simulated users' next messages, one batched call; a failed user ends its dialogue."""
+    replies = await user_sim.respond([dialogue.user for dialogue in dialogues],
+                                     [dialogue.history for dialogue in dialogues])
+    for dialogue, reply in zip(dialogues, replies):
+        if reply is None:
+            dialogue.stop(f"simulated user failed after turn {turn_number}")
+            continue
+        dialogue.history.append(Message("user", reply))
+        dialogue.messages.append({"role": "user", "content": reply})
+
+
+def profile_score_summary(dialogues: Sequence[Dialogue], check_turns: Sequence[int]) -> list[dict]:
+    """Per check turn, means over the users scored: profile score, revealed share and ceiling."""
+    summaries = []
+    for turn_number in check_turns:
+        checks = [check for dialogue in dialogues for check in dialogue.profile_checks
+                  if check["turn"] == turn_number and check["score"] is not None]
+
+        def mean(key: str) -> float | None:
+            return float(np.mean([check[key] for check in checks])) if checks else None
+
+        summaries.append({"turn": turn_number, "score": mean("score"), "revealed_share": mean("revealed_share"),
+                          "ceiling": mean("ceiling"), "scored": len(checks), "unscored": len(dialogues) - len(checks)})
+    return summaries
+
+
+def resolve_turns(setting: str, num_turns: int | None) -> int:
+    if setting not in SETTINGS:
+        raise ValueError(f"setting {setting!r} is not one of {', '.join(SETTINGS)}")
+    turns = STANDARD_TURNS[setting] if num_turns is None else num_turns
+    if turns < 1:
+        raise ValueError(f"num_turns must be >= 1, got {turns}")
+    return turns
+
+
+async def run_protocol_async(
+    policy: Policy,
+    personas: Sequence[Persona],
+    user_sim: UserSimulator,
+    response_judge: ResponseJudge,
+    num_turns: int | None = None,
+    setting: str = "vanilla",
+    profile_judge: ProfileJudge | None = None,
+    seed: int = 0,
+    *,
+    switch_turn: int = CONFLICT_SWITCH_TURN,
+    partner_pool: Sequence[Persona] | None = None,
+    profile_every: int = PROFILE_CHECK_EVERY,
+    progress: bool = False,
+) -> EvalResult:
+    """Run the protocol for every persona; see run_protocol."""
+    num_turns = resolve_turns(setting, num_turns)
+    if not personas:
+        raise ValueError("run_protocol: no personas to evaluate")
+    if setting == "long_term" and profile_judge is None:
+        raise ValueError("run_protocol: setting long_term needs a profile_judge")
+    if setting == "conflict" and not 2 <= switch_turn <= num_turns:
+        raise ValueError(f"run_protocol: conflict switch_turn={switch_turn} must be within 2..num_turns={num_turns}")
+    if profile_every < 1:
+        raise ValueError(f"run_protocol: profile_every must be >= 1, got {profile_every}")
+
+    personas = extended_personas(personas, seed) if setting == "extended" else list(personas)
+    partners = conflict_partners(personas, seed, partner_pool) if setting == "conflict" else [None] * len(personas)
+    request_text = load_prompt(PROFILE_REQUEST_PROMPT) if setting == "long_term" else ""
+    check_turns = [k for k in range(1, num_turns + 1) if k % profile_every == 0] if setting == "long_term" else []
+
+    dialogues = []
+    for index, (persona, partner) in enumerate(zip(personas, partners)):
+        # Turn k's user message is message k-1, so "switch at turn 6" is the user's message 5.
+        state = user_sim.start(persona, seed * 100_000 + index,
+                               switch_turn - 1 if partner is not None else None, partner)
+        dialogues.append(Dialogue(index, state, [Message("user", OPENING_MESSAGE)],
+                                  [{"role": "user", "content": OPENING_MESSAGE}], [], []))
+
+    with tqdm(total=num_turns, desc=f"{policy.name} [{setting}]", unit="turn", disable=not progress) as bar:
+        for turn_number in range(1, num_turns + 1):
+            active = [dialogue for dialogue in dialogues if dialogue.active]
+            for dialogue in dialogues:
+                if not dialogue.active:
+                    dialogue.judgments.append(None)
+                    dialogue.judged_against.append(None)
+            if not active:
+                bar.update(1)
+                continue
+            turns = await policy.respond([dialogue.history for dialogue in active])
+            pending = _record_turn(active, turns, turn_number)
+            still_active = [dialogue for dialogue in active if dialogue.active]
+            # Judging, profile checks and the users' replies need only what is settled now, so
+            # they run concurrently (host calls overlap each other and the policy's device work).
+            jobs = [_judge(pending, response_judge)]
+            if turn_number in check_turns and still_active:
+                probes = [profile_probe(dialogue, request_text) for dialogue in still_active]
+                jobs.append(_check_profiles(policy, probes, turn_number, profile_judge))
+            if turn_number < num_turns and still_active:
+                jobs.append(_continue_dialogues(user_sim, still_active, turn_number))
+            await asyncio.gather(*jobs)
+            bar.update(1)
+
+    judgments = np.array([[np.nan if value is None else float(value) for value in dialogue.judgments]
+                          for dialogue in dialogues], dtype=np.float64)
+    return EvalResult(
+        name=policy.name,
+        setting=setting,
+        judgments=judgments,
+        al=al_report(judgments),
+        profile_scores=profile_score_summary(dialogues, check_turns) if setting == "long_term" else None,
+        transcripts=[dialogue.transcript(persona, partner)
+                     for dialogue, persona, partner in zip(dialogues, personas, partners)],
+    )
+
+
+def run_protocol(
+    policy: Policy,
+    personas: Sequence[Persona],
+    user_sim: UserSimulator,
+    response_judge: ResponseJudge,
+    num_turns: int | None = None,
+    setting: str = "vanilla",
+    profile_judge: ProfileJudge | None = None,
+    seed: int = 0,
+    **kw: Any,
+) -> EvalResult:
+    """Evaluate `policy` with one cold-start dialogue per persona under `setting`.
+
+    num_turns: None gives the setting's standard length (10; 70 for long_term).
+    Keywords: switch_turn (conflict: the first turn whose user message comes from the new
+    persona, default 6), partner_pool (conflict: personas to switch to, default `personas`),
+    profile_every (long_term: turns between profile checks, default 10), progress (a tqdm bar
+    over turns). From inside a running event loop, await
+    run_protocol_async instead.
+    """
+    return run_sync(run_protocol_async(policy, personas, user_sim, response_judge, num_turns, setting,
+                                       profile_judge, seed, **kw))
+
+
+__all__ = [
+    "EXTENDED_SLOT_KEYS",
+    "EXTRA_ITEMS",
+    "EvalResult",
+    "SETTINGS",
+    "STANDARD_TURNS",
+    "al_report",
+    "conflict_partners",
+    "extended_persona",
+    "extended_personas",
+    "inferred_profile",
+    "run_protocol",
+    "run_protocol_async",
+]
