@@ -48,7 +48,7 @@ def test_scores_follow_the_turn_format_and_the_truth(tokenizer):
 
 def test_llm_judges_over_http_and_unscored_samples(tokenizer):
     conversation, persona = one_conversation()
-    answers = iter(["Two items match. \\boxed{2}", "All criteria hold. \\boxed{1}"])
+    answers = iter(["Judged. \\boxed{1}"] * 2)  # the two judges ask concurrently, in either order
 
     def handler(request):
         return Reply(content=next(answers, "garbage with no box"))

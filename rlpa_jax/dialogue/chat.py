@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlpa_jax.dialogue.profile import ProfileItem, format_profile, parse_profile
+from rlpa_jax.tokenizer import chat_token_ids
 
 PROMPTS_DIR = Path(__file__).resolve().parents[2] / "configs" / "prompts"
 
@@ -123,3 +124,26 @@ def load_prompt(name: str) -> str:
             f"prompts in {PROMPTS_DIR}: {', '.join(available_prompts()) or '(none)'}"
         )
     return path.read_text(encoding="utf-8").strip()
+
+
+def drop_oldest_exchange(history: Sequence[Message]) -> list[Message]:
+    """`history` without its first exchange: up to (not including) the next user message."""
+    for index in range(1, len(history)):
+        if history[index].role == "user":
+            return list(history[index:])
+    return list(history)
+
+
+def prompt_token_ids(tokenizer, system_prompt: str, history: Sequence[Message], max_tokens: int | None = None) -> list[int]:
+    """The policy prompt for the turn after `history` (chat template + generation prompt).
+
+    While it is longer than `max_tokens`, the oldest exchanges are dropped; the system prompt and
+    the last user message always stay, so the result can still exceed `max_tokens`.
+    """
+    history = list(history)
+    while True:
+        ids = chat_token_ids(tokenizer, render_messages(system_prompt, history), add_generation_prompt=True)
+        shorter = drop_oldest_exchange(history)
+        if max_tokens is None or len(ids) <= max_tokens or len(shorter) == len(history):
+            return ids
+        history = shorter

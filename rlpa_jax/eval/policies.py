@@ -25,13 +25,13 @@ import jax
 import numpy as np
 
 from rlpa_jax.checkpoint import checkpoint_directory, model_config_from_meta, restore_actor_params
-from rlpa_jax.dialogue.chat import Message, assistant_message, load_prompt, parse_turn, render_messages
+from rlpa_jax.dialogue.chat import Message, assistant_message, load_prompt, parse_turn, prompt_token_ids, render_messages
 from rlpa_jax.dialogue.judges import visible_reply_text
 from rlpa_jax.dialogue.llm import LLMCallError, LLMClient
 from rlpa_jax.dialogue.profile import ProfileItem
 from rlpa_jax.model.qwen2 import Params, Qwen2Config
 from rlpa_jax.sampling import Sampler, SamplingParams, pad_prompts
-from rlpa_jax.tokenizer import chat_token_ids, load_tokenizer, stop_token_ids
+from rlpa_jax.tokenizer import load_tokenizer, stop_token_ids
 
 DEFAULT_PROMPT_BUCKETS = (128, 256, 512, 1024, 2048, 4096)
 DEFAULT_PROMPT_NAME = "policy_system"
@@ -130,14 +130,8 @@ class JaxPolicy:
                          seed=self.seed, sampler=self.sampler)
 
     def prompt_tokens(self, history: Sequence[Message], system_prompt: str | None = None) -> list[int]:
-        """The chat prompt; the oldest exchanges are dropped while it exceeds max_prompt_tokens."""
         system_prompt = self.system_prompt if system_prompt is None else system_prompt
-        history = list(history)
-        while True:
-            ids = chat_token_ids(self.tokenizer, render_messages(system_prompt, history), add_generation_prompt=True)
-            if len(ids) <= self.max_prompt_tokens or len(history) <= 1:
-                return ids
-            history = history[2:]
+        return prompt_token_ids(self.tokenizer, system_prompt, history, self.max_prompt_tokens)
 
     def generate_texts(self, histories: Sequence[Sequence[Message]],
                        system_prompts: Sequence[str] | None = None) -> list[str]:

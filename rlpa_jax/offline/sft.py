@@ -23,12 +23,13 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from rlpa_jax.config import SFTConfig
-from rlpa_jax.dialogue.chat import Message, load_prompt, parse_turn, render_messages
+from rlpa_jax.dialogue import chat
+from rlpa_jax.dialogue.chat import Message, load_prompt, parse_turn
 from rlpa_jax.model.qwen2 import Params, Qwen2Config, forward
 from rlpa_jax.offline.teacher import Dialogue
 from rlpa_jax.rl import ppo, step
 from rlpa_jax.sampling import Sampler, SamplingParams, bucket, pad_prompts
-from rlpa_jax.tokenizer import IM_END, chat_token_ids, stop_token_ids
+from rlpa_jax.tokenizer import IM_END, stop_token_ids
 
 # Sequence lengths are rounded up to a multiple of 128, so padding stays small while a run compiles
 # its update step once per bucket in use (a handful).
@@ -45,7 +46,7 @@ Tokenizer = transformers.PreTrainedTokenizerBase
 
 def prompt_token_ids(tokenizer: Tokenizer, history: Sequence[Message], system_prompt: str) -> list[int]:
     """The policy prompt for the turn after `history`, as the rollout renders it."""
-    return chat_token_ids(tokenizer, render_messages(system_prompt, history), add_generation_prompt=True)
+    return chat.prompt_token_ids(tokenizer, system_prompt, history)
 
 
 def target_token_ids(tokenizer: Tokenizer, target_text: str) -> list[int]:
@@ -54,14 +55,6 @@ def target_token_ids(tokenizer: Tokenizer, target_text: str) -> list[int]:
     if im_end is None or im_end == tokenizer.unk_token_id:
         raise ValueError(f"offline/sft.py: the tokenizer has no {IM_END} token; a Qwen-style chat tokenizer is needed")
     return list(tokenizer.encode(target_text, add_special_tokens=False)) + [im_end]
-
-
-def drop_oldest_turn(history: Sequence[Message]) -> list[Message]:
-    """`history` without its first exchange: up to (not including) the next user message."""
-    for index in range(1, len(history)):
-        if history[index].role == "user":
-            return list(history[index:])
-    return list(history)
 
 
 def fitted_prompt(
@@ -73,19 +66,14 @@ def fitted_prompt(
     where: str,
 ) -> list[int]:
     """Prompt ids for `history`, dropping its oldest turns until prompt + target fit `max_length`."""
-    history = list(history)
-    while True:
-        prompt = prompt_token_ids(tokenizer, history, system_prompt)
-        if len(prompt) + target_length <= max_length:
-            return prompt
-        shorter = drop_oldest_turn(history)
-        if len(shorter) == len(history):
-            raise ValueError(
-                f"offline/sft.py: {where} needs {len(prompt)} prompt + {target_length} target tokens even with only "
-                f"the system prompt and the last user message; raise max_length={max_length} to at least "
-                f"{len(prompt) + target_length}"
-            )
-        history = shorter
+    prompt = chat.prompt_token_ids(tokenizer, system_prompt, history, max_length - target_length)
+    if len(prompt) + target_length > max_length:
+        raise ValueError(
+            f"offline/sft.py: {where} needs {len(prompt)} prompt + {target_length} target tokens even with only "
+            f"the system prompt and the last user message; raise max_length={max_length} to at least "
+            f"{len(prompt) + target_length}"
+        )
+    return prompt
 
 
 def build_sft_examples(

@@ -18,13 +18,12 @@ from typing import Literal, Sequence
 import jax
 import numpy as np
 
-from rlpa_jax.dialogue.chat import Message, ParsedTurn, assistant_message, parse_turn, render_messages
+from rlpa_jax.dialogue.chat import Message, ParsedTurn, assistant_message, parse_turn, prompt_token_ids
 from rlpa_jax.dialogue.judges import ProfileJudge, ResponseJudge, ResponseRequest, TurnScore, score_turn
 from rlpa_jax.dialogue.personas import Persona
 from rlpa_jax.dialogue.users import OPENING_MESSAGE, UserSimulator, UserState
 from rlpa_jax.model.qwen2 import Params
 from rlpa_jax.sampling import Sampler, SamplingParams, pad_prompts
-from rlpa_jax.tokenizer import chat_token_ids
 
 RewardMode = Literal["both", "profile", "response"]
 
@@ -82,13 +81,7 @@ class World:
         self.reward_mode, self.max_prompt_tokens = reward_mode, max_prompt_tokens
 
     def prompt_tokens(self, history: Sequence[Message]) -> list[int]:
-        """The policy prompt; the oldest exchanges are dropped while it exceeds max_prompt_tokens."""
-        history = list(history)
-        while True:
-            ids = chat_token_ids(self.tokenizer, render_messages(self.system_prompt, history), add_generation_prompt=True)
-            if len(ids) <= self.max_prompt_tokens or len(history) <= 1:
-                return ids
-            history = history[2:]
+        return prompt_token_ids(self.tokenizer, self.system_prompt, history, self.max_prompt_tokens)
 
     async def score(self, conversations: Sequence[Conversation], texts: Sequence[Sequence[str]]) -> list[list[tuple[ParsedTurn, TurnScore]]]:
         """Parse and judge every sample of every conversation, both judges concurrently."""

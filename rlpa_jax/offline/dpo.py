@@ -1,0 +1,359 @@
+"""Direct Preference Optimization (DPO) on the scripted world: the teacher's turn over a bland one.
+
+Each preference pair shares one history: the chosen turn is the scripted teacher's (the profile the
+user has revealed and a reply that picks up what they said), the rejected turn is `bland_turn` on
+the same history (a generic reply that ignores the user, an empty or partial profile). Examples
+are SFT's: the prompt is what the rollout renders for that history, each target is the turn text
+and <|im_end|>, and the chosen and rejected rows of a pair share one prompt token for token.
+
+The loss (Rafailov et al., 2023), per pair, with sequence log-probs summed over the turn's tokens:
+
+    m = (log pi(chosen) - log ref(chosen)) - (log pi(rejected) - log ref(rejected))
+    loss = -(1 - eps) * log sigmoid(beta * m) - eps * log sigmoid(-beta * m)
+
+eps > 0 is conservative DPO (labels flipped with probability eps). The reference is the policy
+as it was before the first step: its log-probs are computed once, before training, and travel in
+the batch, so a step runs one forward (chosen and rejected rows together) and no reference copy
+of the parameters is ever held. The update is step.Updater, so micro-batching, meshes and the
+warm-up + cosine AdamW are shared with SFT and PPO.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+from tqdm.auto import tqdm
+
+from rlpa_jax import parallel
+from rlpa_jax.dialogue.chat import Message, assistant_message, format_turn, load_prompt
+from rlpa_jax.dialogue.personas import Persona
+from rlpa_jax.dialogue.users import ScriptedUser, revealed_items
+from rlpa_jax.model.qwen2 import Params, Qwen2Config
+from rlpa_jax.offline import teacher
+from rlpa_jax.offline.sft import (
+    SFT_LENGTH_BUCKETS,
+    Tokenizer,
+    batch_schedule,
+    fitted_prompt,
+    target_token_ids,
+    trimmed_batch,
+)
+from rlpa_jax.rl import ppo, step
+from rlpa_jax.sampling import bucket
+
+# The response window (the last R positions, where every target lies) is bucketed once per run, so
+# the log-softmax runs over R positions instead of the whole sequence.
+RESPONSE_BUCKETS: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048)
+
+# (history before the turn, chosen turn text, rejected turn text)
+PreferencePair = tuple[list[Message], str, str]
+
+
+@dataclass
+class DPOSettings:
+    """DPO hyper-parameters (until a `dpo` section joins config.py; launch/dpo.py reads dpo.* overrides)."""
+
+    beta: float = 0.1  # strength of the implicit KL anchor to the reference
+    steps: int = 200
+    learning_rate: float = 1e-4
+    batch_size: int = 8  # preference pairs per optimizer step
+    num_dialogues: int = 128  # personas whose scripted dialogues give the pairs
+    warmup_steps: int = 10
+    label_smoothing: float = 0.0  # conservative DPO's label-flip probability, in [0, 0.5)
+
+
+def validate_settings(settings: DPOSettings) -> None:
+    if settings.steps < 1 or settings.batch_size < 1:
+        raise ValueError(f"offline/dpo.py: dpo.steps={settings.steps} and dpo.batch_size={settings.batch_size} "
+                         "must be >= 1")
+    if settings.beta <= 0:
+        raise ValueError(f"offline/dpo.py: dpo.beta={settings.beta} must be > 0")
+    if not 0.0 <= settings.label_smoothing < 0.5:
+        # At 0.5 the loss is symmetric in m and carries no preference at all.
+        raise ValueError(f"offline/dpo.py: dpo.label_smoothing={settings.label_smoothing} must be in [0, 0.5)")
+    if settings.learning_rate <= 0 or settings.warmup_steps < 0:
+        raise ValueError(f"offline/dpo.py: dpo.learning_rate={settings.learning_rate} must be > 0 and "
+                         f"dpo.warmup_steps={settings.warmup_steps} >= 0")
+
+
+# --------------------------------------------------------------------------------------------
+# Preference pairs and examples
+
+
+def preference_pairs(
+    personas: Sequence[Persona], num_turns: int, seed: int, user: ScriptedUser | None = None
+) -> list[PreferencePair]:
+    """(history, teacher turn, bland turn) for every turn of the ScriptedUser against the teacher.
+
+    The dialogue continues with the teacher's turn, so the chosen side and every history are
+    exactly teacher.scripted_dialogues(personas, num_turns, seed, user); the bland turns draw from
+    their own seeded stream, so the whole list is deterministic under `seed`. Pairs are
+    persona-major: pair k belongs to personas[k // num_turns].
+    """
+    if num_turns < 1:
+        raise ValueError(f"offline/dpo.py: preference_pairs needs num_turns >= 1, got {num_turns}")
+    user = user if user is not None else ScriptedUser()
+    pairs: list[PreferencePair] = []
+    for index, persona in enumerate(personas):
+        # The same user and teacher seeds as scripted_dialogues, so both see the same conversations.
+        state = user.start(persona, seed=seed * 1_000_003 + 2 * index)
+        teacher_rng = random.Random(seed * 1_000_003 + 2 * index + 1)
+        bland_rng = random.Random(f"dpo-bland:{seed}:{index}")  # str seeds are stable across processes
+        history: list[Message] = []
+        for _ in range(num_turns):
+            history.append(Message("user", user.reply(state, history)))
+            revealed = revealed_items(state)
+            profile, reply = teacher.teacher_turn(history, revealed, teacher_rng)
+            weak_profile, weak_reply = teacher.bland_turn(history, revealed, bland_rng)
+            pairs.append((list(history), format_turn(profile, reply), format_turn(weak_profile, weak_reply)))
+            history.append(assistant_message(profile, reply))
+    return pairs
+
+
+def left_padded(sequences: Sequence[tuple[list[int], int]], pad_id: int, length: int) -> dict[str, np.ndarray]:
+    """tokens, attention_mask and loss_mask (1 on each row's last `target length` tokens), left-padded."""
+    tokens = np.full((len(sequences), length), pad_id, np.int32)
+    attention_mask = np.zeros((len(sequences), length), bool)
+    loss_mask = np.zeros((len(sequences), length), np.float32)
+    for row, (ids, target_length) in enumerate(sequences):
+        tokens[row, length - len(ids):] = ids
+        attention_mask[row, length - len(ids):] = True
+        loss_mask[row, length - target_length:] = 1.0
+    return {"tokens": tokens, "attention_mask": attention_mask, "loss_mask": loss_mask}
+
+
+def build_dpo_examples(
+    pairs: Sequence[PreferencePair],
+    tokenizer: Tokenizer,
+    max_length: int,
+    system_prompt: str | None = None,
+    length_buckets: Sequence[int] = SFT_LENGTH_BUCKETS,
+) -> dict[str, np.ndarray]:
+    """Left-padded arrays with the pairs interleaved: row 2k is pair k's chosen turn, row 2k+1 its rejected.
+
+    Returns tokens (2N, L) int32, attention_mask (2N, L) bool and loss_mask (2N, L) float32, 1
+    exactly on the target tokens (<|im_end|> included). Both rows of a pair carry the same prompt,
+    fitted (oldest turns dropped, as in SFT) so that the longer of the two targets fits `max_length`.
+    """
+    system_prompt = load_prompt("policy_system") if system_prompt is None else system_prompt
+    sequences: list[tuple[list[int], int]] = []
+    for index, (history, chosen_text, rejected_text) in enumerate(pairs):
+        chosen = target_token_ids(tokenizer, chosen_text)
+        rejected = target_token_ids(tokenizer, rejected_text)
+        prompt = fitted_prompt(tokenizer, history, max(len(chosen), len(rejected)), max_length, system_prompt,
+                               f"preference pair {index}")
+        sequences += [(prompt + chosen, len(chosen)), (prompt + rejected, len(rejected))]
+    if not sequences:
+        raise ValueError("offline/dpo.py: build_dpo_examples got no preference pairs")
+    length = bucket(max(len(ids) for ids, _ in sequences), length_buckets)
+    return left_padded(sequences, tokenizer.pad_token_id, length)
+
+
+def check_examples(examples: dict[str, np.ndarray]) -> None:
+    missing = {"tokens", "attention_mask", "loss_mask"} - set(examples)
+    if missing:
+        raise KeyError(f"offline/dpo.py: examples lack {sorted(missing)}; build them with build_dpo_examples")
+    if len(examples["tokens"]) % 2 or not len(examples["tokens"]):
+        raise ValueError(f"offline/dpo.py: examples have {len(examples['tokens'])} rows; expected a positive even "
+                         "number (chosen and rejected rows interleaved)")
+
+
+def response_window(examples: dict[str, np.ndarray]) -> int:
+    """R: a bucketed length that holds every target (the last R positions of every row)."""
+    return bucket(int(examples["loss_mask"].sum(axis=1).max()), RESPONSE_BUCKETS)
+
+
+def pair_lengths(examples: dict[str, np.ndarray]) -> np.ndarray:
+    """Per pair, the longer of its two sequences (what its batch must hold)."""
+    return examples["attention_mask"].sum(axis=1).reshape(-1, 2).max(axis=1)
+
+
+def pair_batch(
+    examples: dict[str, np.ndarray],
+    pairs: np.ndarray,
+    window: int,
+    length_buckets: Sequence[int] = SFT_LENGTH_BUCKETS,
+) -> dict[str, np.ndarray]:
+    """The `pairs` of `examples` as (B, 2, ...) arrays (chosen, rejected), trimmed to their length bucket.
+
+    tokens and attention_mask are (B, 2, L); response_mask (B, 2, R) covers the last R positions
+    (R = the run's window, or L - 1 when the batch is shorter); pair_mask (B,) is all ones.
+    """
+    rows = np.stack([2 * pairs, 2 * pairs + 1], axis=1).reshape(-1)
+    trimmed = trimmed_batch(examples, rows, length_buckets)
+    length = trimmed["tokens"].shape[1]
+    # A target never fills the whole row (the prompt has at least the system turn), so L - 1 holds it.
+    window = min(window, length - 1)
+    count = len(pairs)
+    return {
+        "tokens": trimmed["tokens"].reshape(count, 2, length),
+        "attention_mask": trimmed["attention_mask"].reshape(count, 2, length),
+        "response_mask": trimmed["loss_mask"][:, -window:].reshape(count, 2, window),
+        "pair_mask": np.ones((count,), np.float32),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Log-probabilities and the loss
+
+
+def sequence_logps(params: Params, config: Qwen2Config, tokens: jax.Array, attention_mask: jax.Array,
+                   response_mask: jax.Array) -> jax.Array:
+    """Per row, the summed log-probability of the tokens `response_mask` marks.
+
+    tokens and attention_mask are (rows, L); response_mask (rows, R) covers the last R positions,
+    each scored by the prediction made one position earlier (step.response_logprobs).
+    """
+    token_logps, _ = step.response_logprobs(params, config, tokens, attention_mask, response_mask.shape[-1])
+    return jnp.sum(token_logps * response_mask.astype(jnp.float32), axis=-1)
+
+
+def pair_logps(params: Params, config: Qwen2Config, batch: step.Batch) -> tuple[jax.Array, jax.Array]:
+    """(chosen, rejected) sequence log-probs, each (B,), from one forward over the batch's 2B rows."""
+    count, _, length = batch["tokens"].shape
+    window = batch["response_mask"].shape[-1]
+    logps = sequence_logps(params, config, batch["tokens"].reshape(2 * count, length),
+                           batch["attention_mask"].reshape(2 * count, length),
+                           batch["response_mask"].reshape(2 * count, window)).reshape(count, 2)
+    return logps[:, 0], logps[:, 1]
+
+
+def dpo_losses(
+    policy_chosen_logps: jax.Array,
+    policy_rejected_logps: jax.Array,
+    reference_chosen_logps: jax.Array,
+    reference_rejected_logps: jax.Array,
+    beta: float,
+    label_smoothing: float = 0.0,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-pair DPO loss and implicit rewards: (losses, chosen_rewards, rejected_rewards).
+
+    A side's implicit reward is beta * (policy - reference) log-prob; the loss is the logistic loss
+    on their difference, with labels flipped with probability `label_smoothing` (conservative DPO).
+    """
+    chosen_rewards = beta * (jnp.asarray(policy_chosen_logps, jnp.float32)
+                             - jnp.asarray(reference_chosen_logps, jnp.float32))
+    rejected_rewards = beta * (jnp.asarray(policy_rejected_logps, jnp.float32)
+                               - jnp.asarray(reference_rejected_logps, jnp.float32))
+    margins = chosen_rewards - rejected_rewards
+    losses = (-(1.0 - label_smoothing) * jax.nn.log_sigmoid(margins)
+              - label_smoothing * jax.nn.log_sigmoid(-margins))
+    return losses, chosen_rewards, rejected_rewards
+
+
+def dpo_loss_fn(config: Qwen2Config, beta: float, label_smoothing: float = 0.0) -> step.LossFn:
+    """DPO over a pair batch (pair_batch plus reference_chosen_logps / reference_rejected_logps), as LossTerms.
+
+    LossTerms has no slot for extra diagnostics and the Updater sums every field over micro-batches
+    and divides it by `count` for logging, so the two spare fields carry per-pair sums:
+    clipped = pairs whose chosen reward beats the rejected one (logged as loss_clip_fraction: the
+    reward accuracy), approx_kl = summed reward margins (logged as loss_approx_kl: the mean margin).
+    Use with token_mask_key="pair_mask", so the step's mean is per pair.
+    """
+
+    def loss(params: Params, batch: step.Batch) -> ppo.LossTerms:
+        policy_chosen, policy_rejected = pair_logps(params, config, batch)
+        losses, chosen_rewards, rejected_rewards = dpo_losses(
+            policy_chosen, policy_rejected, batch["reference_chosen_logps"], batch["reference_rejected_logps"],
+            beta, label_smoothing)
+        weights = batch["pair_mask"].astype(jnp.float32)
+        margins = chosen_rewards - rejected_rewards
+        return ppo.LossTerms(total=jnp.sum(losses * weights), count=jnp.sum(weights),
+                             clipped=jnp.sum((margins > 0) * weights), approx_kl=jnp.sum(margins * weights))
+
+    return loss
+
+
+def preference_logps(
+    params: Params,
+    config: Qwen2Config,
+    examples: dict[str, np.ndarray],
+    batch_size: int,
+    mesh: Mesh | None = None,
+    length_buckets: Sequence[int] = SFT_LENGTH_BUCKETS,
+) -> np.ndarray:
+    """(N, 2) sequence log-probs of every pair's (chosen, rejected) turn under `params`.
+
+    Pairs go through in length order, `batch_size` at a time (the last batch repeats its final
+    pair to stay full), so a pass compiles once per length bucket, as training does.
+    """
+    check_examples(examples)
+    window = response_window(examples)
+    forward = jax.jit(lambda p, b: jnp.stack(pair_logps(p, config, b), axis=-1))
+    order = np.argsort(pair_lengths(examples), kind="stable")
+    result = np.zeros((len(order), 2), np.float32)
+    for start in range(0, len(order), batch_size):
+        pairs = order[start:start + batch_size]
+        full = np.concatenate([pairs, np.full(batch_size - len(pairs), pairs[-1])])
+        batch = pair_batch(examples, full, window, length_buckets)
+        del batch["pair_mask"]
+        if mesh is None:
+            logps = forward(params, batch)
+        else:
+            batch = {k: jax.device_put(v, parallel.batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
+            with parallel.activate(mesh):
+                logps = forward(params, batch)
+        result[pairs] = np.asarray(jax.device_get(logps))[: len(pairs)]
+    return result
+
+
+def reward_accuracy(policy_logps: np.ndarray, reference_logps: np.ndarray) -> float:
+    """Share of pairs whose implicit reward (policy - reference log-prob) favours the chosen turn."""
+    margins = (policy_logps[:, 0] - reference_logps[:, 0]) - (policy_logps[:, 1] - reference_logps[:, 1])
+    return float(np.mean(margins > 0))
+
+
+# --------------------------------------------------------------------------------------------
+# Training loop
+
+
+def train_dpo(
+    params: Params,
+    model_config: Qwen2Config,
+    examples: dict[str, np.ndarray],
+    settings: DPOSettings,
+    seed: int,
+    mesh: Mesh | None = None,
+    param_shardings: Params | None = None,
+    progress: bool = True,
+    length_buckets: Sequence[int] = SFT_LENGTH_BUCKETS,
+) -> tuple[Params, list[dict[str, float]]]:
+    """Train `params` with DPO for settings.steps steps; returns (params, per-step metrics).
+
+    The reference is `params` as given: every pair's reference log-probs are computed before the
+    first step. Batches are seeded, length-grouped shuffles of pairs (sft.batch_schedule), each
+    trimmed to its length bucket. `params` is donated to the jitted step (on accelerators its
+    buffers are reused): use the returned parameters afterwards. Each record holds the step's loss,
+    reward accuracy and mean reward margin, measured on the batch before its update.
+    """
+    validate_settings(settings)
+    check_examples(examples)
+    window = response_window(examples)
+    reference = preference_logps(params, model_config, examples, settings.batch_size, mesh, length_buckets)
+
+    warmup_ratio = min(settings.warmup_steps / settings.steps, 1.0)
+    optimizer = step.make_optimizer(settings.learning_rate, settings.steps, warmup_ratio=warmup_ratio)
+    updater = step.Updater(dpo_loss_fn(model_config, settings.beta, settings.label_smoothing), optimizer,
+                           micro_batch_size=settings.batch_size, token_mask_key="pair_mask", mesh=mesh,
+                           param_shardings=param_shardings)
+    trainable = updater.init(params)
+    schedule = batch_schedule(pair_lengths(examples), settings.batch_size, settings.steps, seed)
+    history: list[dict[str, float]] = []
+    bar = tqdm(schedule, desc="dpo", disable=not progress, dynamic_ncols=True)
+    for step_index, pairs in enumerate(bar, start=1):
+        batch = pair_batch(examples, pairs, window, length_buckets)
+        batch["reference_chosen_logps"] = reference[pairs, 0]
+        batch["reference_rejected_logps"] = reference[pairs, 1]
+        trainable, metrics = updater(trainable, batch)
+        record = {"step": float(step_index), "loss": float(metrics["loss_mean"]),
+                  "reward_accuracy": float(metrics["loss_clip_fraction"]),
+                  "reward_margin": float(metrics["loss_approx_kl"]), "grad_norm": float(metrics["grad_norm"])}
+        history.append(record)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['reward_accuracy']:.2f}")
+    return trainable.params, history
