@@ -43,6 +43,7 @@ class TinyModelConfig:
 class ModelConfig:
     path: str | None = None  # local Hugging Face directory; None builds the tiny model
     tokenizer_path: str | None = None  # defaults to `path`
+    init_checkpoint: str | None = None  # start the policy from a run's checkpoint (e.g. runs/x/sft)
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     remat: Literal["none", "full", "dots"] = "none"

@@ -99,3 +99,18 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypa
     with pytest.raises(TrainingDiverged, match=r"iteration 2: non-finite loss_mean.*last good checkpoint"):
         run.train()
     assert run.checkpointer.latest_step() == 2
+
+
+def test_a_run_can_start_from_another_runs_policy(tmp_path, uninterrupted):
+    source, _, _ = uninterrupted
+    config = small_config(tmp_path, f"model.init_checkpoint={source.run_dir}", "ppo.iterations=1", "logging.export_hf=false")
+    run = Trainer(config)
+    assert run.tokenizer_dir == (source.run_dir / "tokenizer").absolute()  # the policy keeps its tokenizer
+    state = run.initial_state()
+    from rlpa_jax.checkpoint import restore_actor_params
+    expected, _, _ = restore_actor_params(source.run_dir / "checkpoints")
+    np.testing.assert_array_equal(np.asarray(state["actor"].params["embed"]), np.asarray(expected["embed"]))
+    bad = small_config(tmp_path / "bad", f"model.init_checkpoint={source.run_dir}", "model.tiny.hidden_size=32",
+                       "model.tiny.intermediate_size=64")
+    with pytest.raises(ValueError, match="differs from the configured"):
+        Trainer(bad).initial_state()

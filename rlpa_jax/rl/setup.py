@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from rlpa_jax import parallel
+from rlpa_jax.checkpoint import Checkpointer, checkpoint_directory, model_config_from_meta, restore_actor_params
 from rlpa_jax.config import LLMSection, TrainConfig
 from rlpa_jax.dialogue import judges, personas, users
 from rlpa_jax.dialogue.llm import LLMClient, LLMConfig, run_sync
@@ -31,9 +32,17 @@ def build_mesh(config: TrainConfig) -> jax.sharding.Mesh:
 
 
 def tokenizer_dir(config: TrainConfig) -> Path:
-    if config.model.path is None:
-        return config.run_dir / "tokenizer"
-    return Path(config.model.tokenizer_path or config.model.path)
+    """The tokenizer that belongs to the policy: explicit, the model's, the initial checkpoint's,
+    or (the tiny world) one trained into the run directory."""
+    if config.model.tokenizer_path:
+        return Path(config.model.tokenizer_path)
+    if config.model.path is not None:
+        return Path(config.model.path)
+    if config.model.init_checkpoint is not None:
+        meta = Checkpointer(checkpoint_directory(config.model.init_checkpoint), max_to_keep=None).restore_meta()
+        if meta.get("tokenizer_dir"):
+            return Path(meta["tokenizer_dir"])
+    return config.run_dir / "tokenizer"
 
 
 def build_tokenizer(config: TrainConfig):
@@ -70,6 +79,13 @@ def model_config(config: TrainConfig) -> Qwen2Config:
 def build_policy(config: TrainConfig, model_cfg: Qwen2Config, mesh) -> Params:
     """Policy parameters placed on the mesh: loaded from disk, or random for the tiny model."""
     shardings = param_shardings(model_cfg, mesh)
+    if config.model.init_checkpoint is not None:
+        directory = checkpoint_directory(config.model.init_checkpoint)
+        params, meta, _ = restore_actor_params(directory, shardings=shardings)
+        saved = model_config_from_meta(meta, str(directory))
+        if saved.replace(compute_dtype=model_cfg.compute_dtype, remat=model_cfg.remat) != model_cfg:
+            raise ValueError(f"model.init_checkpoint={directory}: its model {saved} differs from the configured {model_cfg}")
+        return params
     if config.model.path is not None:
         params, _ = hf.load_params(config.model.path, model_cfg, shardings=shardings)
         return params

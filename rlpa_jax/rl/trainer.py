@@ -58,6 +58,7 @@ class Trainer:
 
         self.mesh = setup.build_mesh(config)
         self.model_config = setup.model_config(config)
+        self.tokenizer_dir = setup.tokenizer_dir(config).absolute()
         self.tokenizer = setup.build_tokenizer(config)
         self.pool = setup.build_personas(config, "train")
         profile_judge, response_judge = setup.build_judges(config)
@@ -122,7 +123,7 @@ class Trainer:
     def save(self, state: dict, iteration: int, kl_coef: float) -> None:
         meta = {"iteration": iteration, "kl_coef": kl_coef, "seed": self.config.seed,
                 "model_config": model_config_to_meta(self.model_config), "system_prompt": self.rollout.world.system_prompt,
-                "tokenizer_dir": str(setup.tokenizer_dir(self.config).absolute())}
+                "tokenizer_dir": str(self.tokenizer_dir)}
         self.checkpointer.save(iteration, state, meta)
 
     def restore(self) -> tuple[dict, int, float]:
@@ -274,7 +275,7 @@ class Trainer:
         summary = {"start": before, "end": after}
         plot_training(self.metrics, self.run_dir / "rewards.png", baseline=before)
         if cfg.logging.export_hf:
-            hf.export_hf(state["actor"].params, self.model_config, self.run_dir / "hf", tokenizer_dir=setup.tokenizer_dir(cfg))
+            hf.export_hf(state["actor"].params, self.model_config, self.run_dir / "hf", tokenizer_dir=self.tokenizer_dir)
         self.metrics.close()
         return summary
 
