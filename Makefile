@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo bench clean
+.PHONY: venv test demo bench reproduce-tiny clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) launch/train.py
+
+reproduce-tiny: $(STAMP)
+	bash launch/reproduce_tiny.sh runs/reproduce-tiny $(PY)
 
 bench: $(STAMP)
 	$(PY) benchmarks/forward.py
