@@ -62,14 +62,15 @@ def _plain(value):
 
 
 def plot_training(log: MetricsLog, output: Path, baseline: Mapping[str, float] | None = None) -> Path:
-    """Reward curves over PPO iterations (with the SFT starting point as a dashed line)."""
+    """Reward curves of the training rollouts per PPO iteration; the dashed line is the held-out
+    evaluation before PPO (one sample per turn, so it sits lower than best-of-n training rollouts)."""
     records = log.records("ppo")
     fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.2))
     for ax, (key, title) in zip(axes, CURVES):
         steps = [r["step"] for r in records if key in r]
         ax.plot(steps, [r[key] for r in records if key in r], marker="o", markersize=3)
         if baseline and key in baseline:
-            ax.axhline(baseline[key], color="gray", linestyle="--", label="start (after SFT)")
+            ax.axhline(baseline[key], color="gray", linestyle="--", label="held-out eval before PPO")
             ax.legend(fontsize=8)
         ax.set_title(title)
         ax.set_xlabel("PPO iteration")
