@@ -48,6 +48,10 @@ def test_short_run_logs_checkpoints_and_exports(uninterrupted):
     assert steps[-1] == 4
     model = transformers.AutoModelForCausalLM.from_pretrained(config.run_dir / "hf", dtype=torch.float32)
     assert model.config.vocab_size == 512
+    # Evaluation loads the policy with the system prompt it was trained with.
+    from rlpa_jax.dialogue.chat import load_prompt
+    from rlpa_jax.eval.policies import JaxPolicy
+    assert JaxPolicy.from_checkpoint(config.run_dir).system_prompt == load_prompt(config.rollout.system_prompt)
     # The command-line export reads only the policy out of the PPO checkpoint.
     out = config.run_dir / "hf_cli"
     result = subprocess.run([sys.executable, str(REPO / "launch" / "export_hf.py"), "--checkpoint", str(config.run_dir),

@@ -122,7 +122,8 @@ class Trainer:
 
     def save(self, state: dict, iteration: int, kl_coef: float) -> None:
         meta = {"iteration": iteration, "kl_coef": kl_coef, "seed": self.config.seed,
-                "model_config": model_config_to_meta(self.model_config), "system_prompt": self.rollout.world.system_prompt,
+                # The prompt's name (configs/prompts/<name>.txt), as launch/sft.py stores it.
+                "model_config": model_config_to_meta(self.model_config), "system_prompt": self.config.rollout.system_prompt,
                 "tokenizer_dir": str(self.tokenizer_dir)}
         self.checkpointer.save(iteration, state, meta)
 
