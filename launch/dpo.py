@@ -175,10 +175,10 @@ def main(argv: list[str] | None = None) -> int:
                              "(sets model.init_checkpoint); default: the config's model")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. dpo.beta=0.2 rollout.max_rounds=3")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes
-
+    from rlpa_jax import cli
     from rlpa_jax.config import ConfigError, load_config
+
+    cli.setup_logging()
 
     try:
         settings, overrides = split_overrides(args.overrides)
@@ -189,9 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dpo.py: {error}", file=sys.stderr)
         return 2
 
-    import jax
-
-    jax.config.update("jax_compilation_cache_dir", str(Path(config.output_dir) / ".jax_cache"))
+    cli.use_compilation_cache(config)
     try:
         summary = run_dpo(config, settings)
     except (FileNotFoundError, ValueError, KeyError) as error:

@@ -16,7 +16,6 @@ every --compare result on the same figure); long_term also writes a profile-scor
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 import os
 import re
@@ -172,22 +171,11 @@ def evaluate(args: argparse.Namespace, config) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for chatty in ("absl", "jax._src.xla_bridge", "matplotlib", "httpx", "openai"):
-        logging.getLogger(chatty).setLevel(logging.WARNING)
+    from rlpa_jax import cli
 
-    from rlpa_jax.config import ConfigError, load_config
-
-    try:
-        config = load_config(args.config, args.overrides)
-    except ConfigError as error:
-        print(f"eval.py: {error}", file=sys.stderr)
-        return 2
-
-    import jax
-
-    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        jax.config.update("jax_compilation_cache_dir", str(Path(config.output_dir) / ".jax_cache"))
+    cli.setup_logging()
+    config = cli.load_config_or_exit("eval.py", args.config, args.overrides)
+    cli.use_compilation_cache(config)
     from rlpa_jax.model.hf import CheckpointError
 
     try:

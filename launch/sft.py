@@ -105,20 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, default=None, help="YAML config (default: configs/tiny.yaml)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sft.steps=100")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes
+    from rlpa_jax import cli
 
-    from rlpa_jax.config import ConfigError, load_config
-
-    try:
-        config = load_config(args.config, args.overrides)
-    except ConfigError as error:
-        print(f"sft.py: {error}", file=sys.stderr)
-        return 2
-
-    import jax
-
-    jax.config.update("jax_compilation_cache_dir", str(Path(config.output_dir) / ".jax_cache"))
+    cli.setup_logging()
+    config = cli.load_config_or_exit("sft.py", args.config, args.overrides)
+    cli.use_compilation_cache(config)
     try:
         summary = run_sft(config)
     except (FileNotFoundError, ValueError, KeyError) as error:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -26,23 +25,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. ppo.actor_lr=1e-6")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for chatty in ("absl", "jax._src.xla_bridge", "matplotlib", "httpx", "openai"):
-        logging.getLogger(chatty).setLevel(logging.WARNING)
+    from rlpa_jax import cli, parallel
 
-    from rlpa_jax import parallel
-    from rlpa_jax.config import ConfigError, load_config
-
-    try:
-        config = load_config(args.config, args.overrides)
-    except ConfigError as error:
-        print(f"train.py: {error}", file=sys.stderr)
-        return 2
+    cli.setup_logging()
+    config = cli.load_config_or_exit("train.py", args.config, args.overrides)
     parallel.initialize_distributed()
-
-    import jax
-
-    jax.config.update("jax_compilation_cache_dir", str(Path(config.output_dir) / ".jax_cache"))
+    cli.use_compilation_cache(config)
     from rlpa_jax.model.hf import CheckpointError
     from rlpa_jax.rl.trainer import Trainer, TrainingDiverged
 

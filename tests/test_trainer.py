@@ -12,7 +12,6 @@ import torch
 import transformers
 
 from rlpa_jax.config import load_config
-from rlpa_jax.rl import trainer as trainer_module
 from rlpa_jax.rl.trainer import Trainer, TrainingDiverged, reproducible_metrics
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,7 +15,6 @@ import logging
 import math
 import signal
 import time
-from pathlib import Path
 from typing import Callable
 
 import jax
@@ -24,7 +23,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from rlpa_jax import parallel
-from rlpa_jax.checkpoint import Checkpointer, abstract_like, model_config_to_meta
+from rlpa_jax.checkpoint import Checkpointer, model_config_to_meta
 from rlpa_jax.config import TrainConfig, to_dict
 from rlpa_jax.dialogue.chat import load_prompt
 from rlpa_jax.model import hf
