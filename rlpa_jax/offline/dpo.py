@@ -31,9 +31,9 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from rlpa_jax import parallel
-from rlpa_jax.dialogue.chat import Message, assistant_message, format_turn, load_prompt
+from rlpa_jax.dialogue.chat import Message, format_turn, load_prompt
 from rlpa_jax.dialogue.personas import Persona
-from rlpa_jax.dialogue.users import ScriptedUser, revealed_items
+from rlpa_jax.dialogue.users import ScriptedUser
 from rlpa_jax.model.qwen2 import Params, Qwen2Config
 from rlpa_jax.offline import teacher
 from rlpa_jax.offline.sft import (
@@ -101,18 +101,10 @@ def preference_pairs(
     user = user if user is not None else ScriptedUser()
     pairs: list[PreferencePair] = []
     for index, persona in enumerate(personas):
-        # The same user and teacher seeds as scripted_dialogues, so both see the same conversations.
-        state = user.start(persona, seed=seed * 1_000_003 + 2 * index)
-        teacher_rng = random.Random(seed * 1_000_003 + 2 * index + 1)
         bland_rng = random.Random(f"dpo-bland:{seed}:{index}")  # str seeds are stable across processes
-        history: list[Message] = []
-        for _ in range(num_turns):
-            history.append(Message("user", user.reply(state, history)))
-            revealed = revealed_items(state)
-            profile, reply = teacher.teacher_turn(history, revealed, teacher_rng)
+        for history, revealed, profile, reply in teacher.scripted_turns(persona, index, num_turns, seed, user):
             weak_profile, weak_reply = teacher.bland_turn(history, revealed, bland_rng)
-            pairs.append((list(history), format_turn(profile, reply), format_turn(weak_profile, weak_reply)))
-            history.append(assistant_message(profile, reply))
+            pairs.append((history, format_turn(profile, reply), format_turn(weak_profile, weak_reply)))
     return pairs
 
 

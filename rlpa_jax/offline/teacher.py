@@ -13,7 +13,7 @@ empty or partial profile): the rejected side of DPO pairs.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from rlpa_jax.dialogue.chat import Message, assistant_message, format_turn
 from rlpa_jax.dialogue.judges import canonical_slot, mentioned_item_indices, near_duplicate, visible_reply_text
@@ -304,6 +304,26 @@ def bland_turn(
     return list(revealed[:keep]), rng.choice(BLAND_REPLIES)
 
 
+def scripted_turns(
+    persona: Persona, index: int, num_turns: int, seed: int, user: ScriptedUser
+) -> Iterator[tuple[list[Message], list[ProfileItem], list[ProfileItem], str]]:
+    """The ScriptedUser against the teacher for one persona: yields, per turn, (history before the
+    turn, items revealed so far, the teacher's profile, the teacher's reply).
+
+    The one place the scripted conversation is played, so SFT dialogues and DPO pairs see exactly
+    the same conversations; persona `index` picks its own user and teacher RNG streams.
+    """
+    state = user.start(persona, seed=seed * 1_000_003 + 2 * index)
+    rng = random.Random(seed * 1_000_003 + 2 * index + 1)
+    history: list[Message] = []
+    for _ in range(num_turns):
+        history.append(Message("user", user.reply(state, history)))
+        revealed = revealed_items(state)
+        profile, reply = teacher_turn(history, revealed, rng)
+        yield list(history), revealed, profile, reply
+        history.append(assistant_message(profile, reply))
+
+
 def scripted_dialogues(
     personas: Sequence[Persona], num_turns: int, seed: int, user: ScriptedUser | None = None
 ) -> list[Dialogue]:
@@ -314,16 +334,7 @@ def scripted_dialogues(
     if num_turns < 1:
         raise ValueError(f"teacher.scripted_dialogues: num_turns must be >= 1, got {num_turns}")
     user = user if user is not None else ScriptedUser()
-    dialogues: list[Dialogue] = []
-    for index, persona in enumerate(personas):
-        state = user.start(persona, seed=seed * 1_000_003 + 2 * index)
-        rng = random.Random(seed * 1_000_003 + 2 * index + 1)
-        history: list[Message] = []
-        dialogue: Dialogue = []
-        for _ in range(num_turns):
-            history.append(Message("user", user.reply(state, history)))
-            profile, reply = teacher_turn(history, revealed_items(state), rng)
-            dialogue.append((list(history), format_turn(profile, reply)))
-            history.append(assistant_message(profile, reply))
-        dialogues.append(dialogue)
-    return dialogues
+    return [
+        [(history, format_turn(profile, reply)) for history, _, profile, reply in scripted_turns(persona, index, num_turns, seed, user)]
+        for index, persona in enumerate(personas)
+    ]
