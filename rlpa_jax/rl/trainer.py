@@ -108,7 +108,7 @@ class Trainer:
         from rlpa_jax.offline import sft, teacher
 
         cfg = self.config.sft
-        dialogues = teacher.scripted_dialogues(setup.build_personas(self.config, "train")[:cfg.num_dialogues],
+        dialogues = teacher.scripted_dialogues(self.pool[:cfg.num_dialogues],
                                                num_turns=self.config.rollout.max_rounds, seed=self.config.seed)
         examples = sft.build_sft_examples(dialogues, self.tokenizer, self.config.rollout.max_prompt_tokens,
                                           system_prompt=self.rollout.world.system_prompt)
