@@ -1,4 +1,4 @@
-"""DPO alone: scripted preference pairs (teacher turn over bland turn) -> DPO -> an orbax checkpoint.
+"""DPO alone: scripted preference pairs (teacher turn over a misread turn) -> DPO -> an orbax checkpoint.
 
     python launch/dpo.py                                         # embedded default, from the random tiny model
     python launch/dpo.py --init runs/tiny/sft                    # from the SFT warm start (launch/sft.py)
@@ -9,7 +9,8 @@ learning_rate, batch_size, num_dialogues, warmup_steps, label_smoothing; offline
 DPOSettings), anything else overrides the YAML config. The run builds the world as launch/sft.py
 does (rl/setup.py); --init DIR is model.init_checkpoint=DIR: the policy starts from that run's
 checkpoint (SFT, DPO or PPO) with the tokenizer it names. The ScriptedUser talks with the teacher for
-rollout.max_rounds turns per persona, each teacher turn is paired with a bland turn on the same
+rollout.max_rounds turns per persona, each teacher turn is paired with the same turn misread (the
+user's values swapped for another persona's; a bland turn before anything is revealed) on the same
 history, and DPO trains on those pairs with the rollout's system prompt. The summary reports the
 reward accuracy on held-out personas' pairs and the share of greedy turns that are well formed and
 pass the response judge; {"actor": params} is saved under <output_dir>/<name>/dpo (per-step

@@ -18,7 +18,7 @@ $PY launch/train.py output_dir=$OUT name=base sft.enabled=false ppo.iterations=0
 step "SFT warm start on scripted teacher dialogues"
 $PY launch/sft.py output_dir=$OUT name=sft $QUIET
 SFT=$OUT/sft/sft
-step "DPO from SFT (teacher turn preferred over a bland turn)"
+step "DPO from SFT (teacher turn preferred over the same turn with the user's values misread)"
 $PY launch/dpo.py --init $SFT output_dir=$OUT name=dpo $QUIET
 for variant in "rlpa ppo.reward=both" "rlpa-profile-only ppo.reward=profile" "rlpa-response-only ppo.reward=response"; do
   set -- $variant

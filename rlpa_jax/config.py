@@ -103,6 +103,7 @@ class RolloutConfig:
     max_prompt_tokens: int = 4096  # older turns are dropped from the prompt beyond this
     pipeline_groups: int = 2  # host work for one group overlaps device sampling for another
     system_prompt: str = "policy_system"  # a file under configs/prompts/ (without .txt)
+    eval_conversations: int = 32  # held-out users scored before and after PPO (one sample per turn)
 
 
 @dataclass
@@ -306,6 +307,8 @@ def validate(config: TrainConfig, where: str = "config") -> None:
     if rollout.conversations < rollout.pipeline_groups:
         raise ConfigError(f"{where}: rollout.conversations={rollout.conversations} is below "
                           f"rollout.pipeline_groups={rollout.pipeline_groups}")
+    if rollout.eval_conversations < 1:
+        raise ConfigError(f"{where}: rollout.eval_conversations={rollout.eval_conversations} must be >= 1")
     if config.user.kind == "llm" and not config.user.llm.base_url:
         raise ConfigError(f"{where}: user.kind=llm needs user.llm.base_url")
     if config.data.switch_turn is not None and not 1 <= config.data.switch_turn <= rollout.max_rounds:

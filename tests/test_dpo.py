@@ -2,6 +2,7 @@
 pairs from the scripted world against the embedded judge, and a short run on a tiny random model."""
 
 import asyncio
+import random
 
 import jax
 import jax.numpy as jnp
@@ -9,8 +10,9 @@ import numpy as np
 import pytest
 
 from rlpa_jax.dialogue.chat import load_prompt, parse_turn
-from rlpa_jax.dialogue.judges import EmbeddedResponseJudge, ResponseRequest
+from rlpa_jax.dialogue.judges import EmbeddedProfileJudge, EmbeddedResponseJudge, ResponseRequest
 from rlpa_jax.dialogue.personas import synthetic_personas
+from rlpa_jax.dialogue.profile import ProfileItem, profile_f1
 from rlpa_jax.model.qwen2 import Qwen2Config, forward, init_params
 from rlpa_jax.offline import dpo, sft, teacher
 from rlpa_jax.tokenizer import IM_END, load_tokenizer, train_tiny_tokenizer
@@ -120,7 +122,13 @@ def judged_pass_rate(personas, histories, texts):
     return float(np.mean(asyncio.run(EmbeddedResponseJudge().judge(requests))))
 
 
-def test_preference_pairs_are_the_teacher_dialogues_against_bland_turns():
+def profile_f1_of(persona, text):
+    inferred = parse_turn(text).profile
+    matched = asyncio.run(EmbeddedProfileJudge().count_matches([(inferred, persona.items)]))[0]
+    return profile_f1(matched, len(inferred), len(persona.items))
+
+
+def test_preference_pairs_are_the_teacher_dialogues_against_misread_turns():
     personas, turns = synthetic_personas(30, seed=4), 4
     pairs = dpo.preference_pairs(personas, num_turns=turns, seed=3)
     assert pairs == dpo.preference_pairs(personas, num_turns=turns, seed=3)
@@ -131,10 +139,30 @@ def test_preference_pairs_are_the_teacher_dialogues_against_bland_turns():
     assert all(parse_turn(rejected).well_formed for _, _, rejected in pairs)
 
     owners = [personas[index // turns] for index in range(len(pairs))]
+    # Once the user has told something, the rejected turn keeps the teacher's wording but gets the
+    # facts wrong: a lower profile F1 on every such pair, and a reply of the same shape.
+    told = [(owner, chosen, rejected) for owner, (history, chosen, rejected) in zip(owners, pairs)
+            if parse_turn(chosen).profile]
+    assert len(told) >= 2 * len(personas)
+    assert all(profile_f1_of(o, r) < profile_f1_of(o, c) for o, c, r in told)
+    same_shape = [len(parse_turn(c).response.split()) == len(parse_turn(r).response.split()) for _, c, r in told]
+    assert np.mean(same_shape) > 0.5
+
     histories = [history for history, _, _ in pairs]
     chosen_rate = judged_pass_rate(owners, histories, [chosen for _, chosen, _ in pairs])
     rejected_rate = judged_pass_rate(owners, histories, [rejected for _, _, rejected in pairs])
-    assert chosen_rate >= 0.8 and rejected_rate <= 0.3, (chosen_rate, rejected_rate)
+    assert chosen_rate >= 0.8 and rejected_rate < chosen_rate, (chosen_rate, rejected_rate)
+
+
+def test_misread_turn_swaps_every_revealed_value_for_another_of_its_slot():
+    told = [ProfileItem("Occupation", "nurse"), ProfileItem("Interests", "hiking")]
+    values = {"Occupation": ["architect", "nurse"], "Interests": ["hiking", "yoga"]}
+    profile, reply = teacher.misread_turn(told, told, "Being a nurse who loves hiking, nurse.", values,
+                                          random.Random(0))
+    assert profile == [ProfileItem("Occupation", "architect"), ProfileItem("Interests", "yoga")]
+    assert reply == "Being an architect who loves yoga, architect."
+    assert teacher.misread_turn([], [], "Hi there!", values, random.Random(0)) is None
+    assert teacher.misread_turn(told[:1], told[:1], "Hi", {"Occupation": ["nurse"]}, random.Random(0)) is None
 
 
 def test_examples_interleave_each_pair_over_one_shared_prompt(tokenizer):

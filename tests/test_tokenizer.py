@@ -112,6 +112,19 @@ def test_training_on_given_texts_learns_their_words(tmp_path: Path) -> None:
     assert tokenizer.convert_ids_to_tokens(tokenizer.encode("zyxwv qpon")) == ["zyxwv", "Ġqpon"]
 
 
+def test_the_embedded_worlds_tokenizer_keeps_every_persona_value_word_whole(tmp_path: Path) -> None:
+    # A tiny policy copies a one-token value from the conversation far more easily.
+    from rlpa_jax.config import load_config
+    from rlpa_jax.dialogue.personas import synthetic_values
+    from rlpa_jax.rl.setup import world_corpus
+
+    config = load_config(None, [f"output_dir={tmp_path}"])  # the demo's own world
+    tokenizer = load_tokenizer(train_tiny_tokenizer(tmp_path / "tok", vocab_size=1000, texts=world_corpus(config)))
+    words = {word for value in synthetic_values() for word in value.split() if not word.isdigit()}
+    split = sorted(word for word in words if len(tokenizer.tokenize(" " + word)) > 1)
+    assert len(words) > 100 and split == []
+
+
 def test_too_small_vocab_size_is_rejected(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="vocab_size=100 .* at least 259"):
         train_tiny_tokenizer(tmp_path, vocab_size=100)

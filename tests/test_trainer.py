@@ -21,7 +21,7 @@ SMALL = [
     "rollout.prompt_buckets=[64,128,256]", "rollout.max_prompt_tokens=256",
     "ppo.train_batch_size=8", "ppo.micro_batch_size=4", "ppo.iterations=4", "sft.enabled=false",
     "logging.progress_bar=false", "logging.tensorboard=false", "logging.checkpoint_every=2", "data.num_personas=16",
-    "mesh.fsdp=1",
+    "mesh.fsdp=1", "rollout.eval_conversations=4",
 ]
 
 

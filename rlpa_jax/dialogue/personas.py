@@ -847,6 +847,7 @@ _SYNTHETIC_TRAITS = {
     "practical": "focusing on what works",
     "meticulous": "paying attention to every detail",
 }
+SYNTHETIC_AGES = (19, 68)  # inclusive
 _OPTIONAL_FACETS = ("interest", "interest", "trait", "location", "marital", "family", "pet")
 
 
@@ -858,7 +859,7 @@ def _join_english(parts: Sequence[str]) -> str:
 
 def _synthetic_persona(rng: random.Random, persona_id: str) -> Persona:
     pronoun, gender = rng.choice((("She", "female"), ("He", "male")))
-    age = rng.randint(19, 68)
+    age = rng.randint(*SYNTHETIC_AGES)
     occupation = rng.choice(_SYNTHETIC_OCCUPATIONS)
     total_items = rng.randint(5, 9)
     facets = ["interest", "trait"] + rng.sample(_OPTIONAL_FACETS, total_items - 5)
@@ -886,6 +887,15 @@ def _synthetic_persona(rng: random.Random, persona_id: str) -> Persona:
     items += [ProfileItem("Personality Traits", trait) for trait in traits]
     personality = " ".join(f"{pronoun} is {trait}, {_SYNTHETIC_TRAITS[trait]}." for trait in traits)
     return make_persona(persona_id, " ".join(sentences), personality, items)
+
+
+def synthetic_values() -> list[str]:
+    """Every value a synthetic persona can hold (ages included): the words a tiny tokenizer for the
+    embedded world should keep whole."""
+    ages = [str(age) for age in range(SYNTHETIC_AGES[0], SYNTHETIC_AGES[1] + 1)]
+    return [*_SYNTHETIC_OCCUPATIONS, *_SYNTHETIC_INTERESTS, *_SYNTHETIC_LOCATIONS, *_SYNTHETIC_MARITAL,
+            *(value for _, value in _SYNTHETIC_FAMILY), *_SYNTHETIC_PETS, *_SYNTHETIC_PET_NAMES,
+            *_SYNTHETIC_TRAITS, *ages]
 
 
 def synthetic_personas(n: int, seed: int) -> list[Persona]:

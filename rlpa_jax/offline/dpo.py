@@ -1,8 +1,10 @@
-"""Direct Preference Optimization (DPO) on the scripted world: the teacher's turn over a bland one.
+"""Direct Preference Optimization (DPO) on the scripted world: the teacher's turn over a misread one.
 
 Each preference pair shares one history: the chosen turn is the scripted teacher's (the profile the
-user has revealed and a reply that picks up what they said), the rejected turn is `bland_turn` on
-the same history (a generic reply that ignores the user, an empty or partial profile). Examples
+user has revealed and a reply that picks up what they said), the rejected turn is the same turn
+with the user's values swapped for someone else's (`teacher.misread_turn`: fluent, well-formed,
+wrong about the user), or a bland turn while nothing is revealed yet. Bland turns alone were too
+easy a negative: reward accuracy reached 1.0 in a few steps and DPO stopped teaching. Examples
 are SFT's: the prompt is what the rollout renders for that history, each target is the turn text
 and <|im_end|>, and the chosen and rejected rows of a pair share one prompt token for token.
 
@@ -89,22 +91,26 @@ def validate_settings(settings: DPOSettings) -> None:
 def preference_pairs(
     personas: Sequence[Persona], num_turns: int, seed: int, user: ScriptedUser | None = None
 ) -> list[PreferencePair]:
-    """(history, teacher turn, bland turn) for every turn of the ScriptedUser against the teacher.
+    """(history, teacher turn, rejected turn) for every turn of the ScriptedUser against the teacher.
 
-    The dialogue continues with the teacher's turn, so the chosen side and every history are
-    exactly teacher.scripted_dialogues(personas, num_turns, seed, user); the bland turns draw from
-    their own seeded stream, so the whole list is deterministic under `seed`. Pairs are
-    persona-major: pair k belongs to personas[k // num_turns].
+    The rejected turn is the teacher's turn misread (`teacher.misread_turn`: every revealed value
+    swapped for another persona's value of that slot, so only the facts differ) or, before the
+    user has revealed anything, a bland turn. The dialogue continues with the teacher's turn, so
+    the chosen side and every history are exactly teacher.scripted_dialogues(personas, num_turns,
+    seed, user); rejected turns draw from their own seeded stream, so the whole list is
+    deterministic under `seed`. Pairs are persona-major: pair k belongs to personas[k // num_turns].
     """
     if num_turns < 1:
         raise ValueError(f"offline/dpo.py: preference_pairs needs num_turns >= 1, got {num_turns}")
     user = user if user is not None else ScriptedUser()
+    values = teacher.slot_values(personas)
     pairs: list[PreferencePair] = []
     for index, persona in enumerate(personas):
-        bland_rng = random.Random(f"dpo-bland:{seed}:{index}")  # str seeds are stable across processes
+        rng = random.Random(f"dpo-rejected:{seed}:{index}")  # str seeds are stable across processes
         for history, revealed, profile, reply in teacher.scripted_turns(persona, index, num_turns, seed, user):
-            weak_profile, weak_reply = teacher.bland_turn(history, revealed, bland_rng)
-            pairs.append((history, format_turn(profile, reply), format_turn(weak_profile, weak_reply)))
+            rejected = (teacher.misread_turn(revealed, profile, reply, values, rng)
+                        or teacher.bland_turn(history, revealed, rng))
+            pairs.append((history, format_turn(profile, reply), format_turn(*rejected)))
     return pairs
 
 

@@ -13,6 +13,7 @@ empty or partial profile): the rejected side of DPO pairs.
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Iterator, Sequence
 
 from rlpa_jax.dialogue.chat import Message, assistant_message, format_turn
@@ -302,6 +303,37 @@ def bland_turn(
     del history  # ignoring the conversation is the point
     keep = rng.randrange(len(revealed)) if revealed and rng.random() < 0.5 else 0
     return list(revealed[:keep]), rng.choice(BLAND_REPLIES)
+
+
+def slot_values(personas: Sequence[Persona]) -> dict[str, list[str]]:
+    """Every value each canonical slot takes over `personas` (sorted): what misread_turn swaps in."""
+    values: dict[str, set[str]] = {}
+    for persona in personas:
+        for item in persona.items:
+            values.setdefault(canonical_slot(item.slot), set()).add(clean_value(item.value))
+    return {slot: sorted(found) for slot, found in values.items()}
+
+
+def misread_turn(
+    revealed: Sequence[ProfileItem], profile: Sequence[ProfileItem], reply: str,
+    values: dict[str, list[str]], rng: random.Random,
+) -> tuple[list[ProfileItem], str] | None:
+    """The teacher's turn with every revealed value swapped for another value of its slot: as fluent
+    and well-formed as the teacher, but about someone else (DPO's hard negative). None when there
+    is nothing to swap (nothing revealed yet, or no other value known for any revealed slot)."""
+    swaps: dict[str, str] = {}
+    for item in revealed:
+        value = clean_value(item.value)
+        others = [v for v in values.get(canonical_slot(item.slot), ()) if normalize_text(v) != normalize_text(value)]
+        if others and value not in swaps:
+            swaps[value] = rng.choice(others)
+            swaps.setdefault(with_article(value), with_article(swaps[value]))  # "a nurse" -> "an architect"
+    if not swaps:
+        return None
+    # Longest first, so "golden retriever named Pixel" is swapped before "Pixel" could be.
+    pattern = re.compile("|".join(rf"\b{re.escape(v)}\b" for v in sorted(swaps, key=len, reverse=True)))
+    swapped_profile = [ProfileItem(item.slot, pattern.sub(lambda m: swaps[m.group(0)], item.value)) for item in profile]
+    return swapped_profile, pattern.sub(lambda m: swaps[m.group(0)], reply)
 
 
 def scripted_turns(

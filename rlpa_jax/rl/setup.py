@@ -21,7 +21,7 @@ from rlpa_jax.dialogue.llm import LLMClient, LLMConfig, run_sync
 from rlpa_jax.model import hf
 from rlpa_jax.model.qwen2 import Params, Qwen2Config, init_params
 from rlpa_jax.rl.step import param_shardings
-from rlpa_jax.tokenizer import load_tokenizer, synthetic_corpus, train_tiny_tokenizer
+from rlpa_jax.tokenizer import load_tokenizer, train_tiny_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -52,18 +52,19 @@ def build_tokenizer(config: TrainConfig):
     return load_tokenizer(directory)
 
 
-def world_corpus(config: TrainConfig, num_dialogues: int = 200) -> list[str]:
-    """Tokenizer training text for the embedded world: the generic corpus plus the world's own
-    persona paragraphs and scripted dialogues, so its names and values become whole tokens
-    (a tiny policy copies a one-token value from the conversation far more easily)."""
+def world_corpus(config: TrainConfig, num_dialogues: int = 200, value_repeats: int = 100) -> list[str]:
+    """Tokenizer training text for the embedded world: its persona paragraphs, scripted dialogues
+    and every persona value repeated, so the values become whole tokens (a tiny policy copies a
+    one-token value from the conversation far more easily than a spelled-out one). The generic
+    corpus is left out: its words would take the merges the world's values need."""
     from rlpa_jax.offline.teacher import scripted_dialogues
 
-    texts = synthetic_corpus()
     pool = build_personas(config, "train")[:num_dialogues]
-    texts += [f"{p.profile_text} {p.personality_text}" for p in pool]
+    texts = [f"{p.profile_text} {p.personality_text}" for p in pool]
     for dialogue in scripted_dialogues(pool, num_turns=config.rollout.max_rounds, seed=config.seed):
         texts += [target for _, target in dialogue] + [m.content for m in dialogue[-1][0] if m.role == "user"]
-    return texts
+    values = " ".join(personas.synthetic_values())
+    return texts + [values] * value_repeats
 
 
 def model_config(config: TrainConfig) -> Qwen2Config:

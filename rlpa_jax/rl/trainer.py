@@ -244,7 +244,7 @@ class Trainer:
                 log.warning("--resume: no checkpoint in %s; starting a new run", self.checkpointer.directory)
             state, start, kl_coef = self.initial_state(), 0, cfg.ppo.kl_coef
             self.save(state, 0, kl_coef)
-        eval_personas = setup.build_personas(cfg, "eval")[:max(cfg.rollout.conversations, 8)]
+        eval_personas = setup.build_personas(cfg, "eval")[:cfg.rollout.eval_conversations]
         before = self.metrics.records("eval_start")
         before = before[-1] if before else self.evaluate(state["actor"].params, eval_personas, "start")
 
