@@ -133,6 +133,9 @@ class PPOConfig:
     whiten_advantages: bool = True
     entropy_coef: float = 0.0
     reward: Literal["both", "profile", "response"] = "both"  # reward ablations
+    # turn: the whole turn shares its reward (the paper); block: the <profile> block is credited with
+    # the profile reward and the reply with the response reward (rl/experience.add_advantages).
+    credit: Literal["turn", "block"] = "turn"
 
 
 @dataclass

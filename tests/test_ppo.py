@@ -304,6 +304,35 @@ def test_expand_to_tokens_fills_valid_tokens_only():
     np.testing.assert_array_equal(got, np.where(mask, advantages[:, None], 0.0))
 
 
+PROFILE_LENGTHS = (3, 1, 0, 10, 2, 6)  # tokens of each row's <profile> block (0: malformed turn)
+
+
+def test_block_token_rewards_put_each_blocks_score_on_its_last_token():
+    batch = random_batch(3)
+    rng = np.random.default_rng(3)
+    profile_scores, response_scores = rng.random(len(LENGTHS)), rng.random(len(LENGTHS))
+    profile_mask = padding_mask(PROFILE_LENGTHS)
+    rewards, kl = ppo.block_token_rewards(profile_scores, response_scores, profile_mask, batch["logprobs"],
+                                          batch["reference_logprobs"], batch["mask"], 0.05)
+    want = np.where(batch["mask"], -0.05 * (batch["logprobs"] - batch["reference_logprobs"]), 0.0)
+    for row, (n, p) in enumerate(zip(LENGTHS, PROFILE_LENGTHS)):
+        want[row, n - 1] += response_scores[row]
+        if p:
+            want[row, p - 1] += profile_scores[row]
+    np.testing.assert_allclose(rewards, want, **TOL)
+    np.testing.assert_allclose(kl, np.where(batch["mask"], batch["logprobs"] - batch["reference_logprobs"], 0), **TOL)
+
+
+def test_block_advantages_give_each_block_its_own_advantage():
+    profile_advantages = np.arange(len(LENGTHS), dtype=np.float32) + 1
+    response_advantages = -profile_advantages
+    got = np.asarray(ppo.block_advantages(profile_advantages, response_advantages, padding_mask(PROFILE_LENGTHS),
+                                          padding_mask()))
+    for row, (n, p) in enumerate(zip(LENGTHS, PROFILE_LENGTHS)):
+        want = [profile_advantages[row]] * p + [response_advantages[row]] * (n - p) + [0.0] * (WIDTH - n)
+        np.testing.assert_array_equal(got[row], want)
+
+
 # ----------------------------------------------------------------------------- losses
 
 

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 
 from openai_server import OpenAIServer, Reply
-from rlpa_jax.dialogue.chat import Message, format_turn, load_prompt
+from rlpa_jax.dialogue.chat import Message, format_turn, load_prompt, parse_turn
 from rlpa_jax.dialogue.judges import EmbeddedProfileJudge, EmbeddedResponseJudge, LLMProfileJudge, LLMResponseJudge
 from rlpa_jax.dialogue.llm import LLMClient, LLMConfig
 from rlpa_jax.dialogue.personas import synthetic_personas
 from rlpa_jax.dialogue.users import ScriptedUser
 from rlpa_jax.model.qwen2 import Qwen2Config, init_params
-from rlpa_jax.rl.rollout import Rollout, World, reward_of, start_conversations
+from rlpa_jax.rl.rollout import Rollout, World, profile_block_length, reward_of, start_conversations
 from rlpa_jax.sampling import Sampler, SamplingParams
 from rlpa_jax.tokenizer import load_tokenizer, stop_token_ids, train_tiny_tokenizer
 
@@ -71,6 +71,51 @@ def test_reward_modes():
     assert (reward_of(score, "both"), reward_of(score, "profile"), reward_of(score, "response")) == (1.5, 0.5, 1.0)
 
 
+def test_profile_block_length_is_the_shortest_prefix_that_closes_the_block(tokenizer):
+    ids = tokenizer.encode(format_turn(parse_turn("<profile>\n- Occupation: nurse\n</profile>\n\n<response>\nHi\n"
+                                                 "</response>").profile, "Hi"), add_special_tokens=False)
+    n = profile_block_length(tokenizer, ids, well_formed=True)
+    assert "</profile>" in tokenizer.decode(ids[:n]) and "</profile>" not in tokenizer.decode(ids[:n - 1])
+    assert profile_block_length(tokenizer, ids, well_formed=False) == 0
+
+
+def test_packed_rows_keep_each_blocks_reward_and_the_profile_tokens():
+    from rlpa_jax.dialogue.judges import TurnScore
+    from rlpa_jax.rl.experience import pack_samples
+    from rlpa_jax.rl.rollout import Sample
+
+    score = TurnScore(0.5, 1.0, 1.5, True, True)
+    samples = [Sample(0, 0, j, np.array([5, 6, 7], np.int32), np.arange(6, dtype=np.int32), np.zeros(6, np.float32),
+                      "", parse_turn(""), score, 1.5, profile_length=length) for j, length in enumerate((4, 0))]
+    for mode, parts in (("both", (0.5, 1.0)), ("profile", (0.5, 0.0)), ("response", (0.0, 1.0))):
+        batch = pack_samples(samples, 0, 8, (4, 8), reward_mode=mode)
+        assert (batch["profile_scores"][0], batch["response_scores"][0]) == parts
+    np.testing.assert_array_equal(batch["profile_mask"][:, :5], [[1, 1, 1, 1, 0], [0, 0, 0, 0, 0]])
+
+
+def test_block_credit_gives_profile_tokens_the_profile_advantage():
+    from rlpa_jax.dialogue.judges import TurnScore
+    from rlpa_jax.rl import ppo
+    from rlpa_jax.rl.experience import add_advantages, pack_samples
+    from rlpa_jax.rl.rollout import Sample
+
+    # One prompt, four samples: profile F1 and response gate vary independently.
+    parts = [(0.0, 1.0), (0.5, 1.0), (1.0, 0.0), (0.5, 0.0)]
+    samples = [Sample(0, 0, j, np.array([5, 6], np.int32), np.arange(6, dtype=np.int32), np.zeros(6, np.float32), "",
+                      parse_turn(""), TurnScore(f1, ok, f1 + ok, True, True), f1 + ok, profile_length=2)
+               for j, (f1, ok) in enumerate(parts)]
+    batch = pack_samples(samples, 0, 6, (2,))
+    batch |= {"old_logprobs": np.zeros((4, 6), np.float32), "reference_logprobs": np.zeros((4, 6), np.float32)}
+    got = add_advantages(batch, "grpo", 0.0, "k1", 1.0, 1.0, 4, whiten=False, credit="block")["advantages"]
+    profile = np.asarray(ppo.group_advantages(np.array([f1 for f1, _ in parts]), 4))
+    response = np.asarray(ppo.group_advantages(np.array([ok for _, ok in parts]), 4))
+    np.testing.assert_allclose(got[:, :2], np.repeat(profile[:, None], 2, 1), rtol=1e-6)
+    np.testing.assert_allclose(got[:, 2:], np.repeat(response[:, None], 4, 1), rtol=1e-6)
+    turn = add_advantages(batch, "grpo", 0.0, "k1", 1.0, 1.0, 4, whiten=False)["advantages"]
+    totals = np.asarray(ppo.group_advantages(np.array([f1 + ok for f1, ok in parts]), 4))
+    np.testing.assert_allclose(turn, np.repeat(totals[:, None], 6, 1), rtol=1e-6)
+
+
 def run_rollout(tokenizer, groups, seed=0):
     config = Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2)
     params = init_params(config, jax.random.key(0))
@@ -94,6 +139,7 @@ def test_rollout_records_every_sample_and_continues_with_the_best(tokenizer):
             assert len(group) == 3 and len(chosen) == 1 and chosen[0].reward == max(s.reward for s in group)
     first = result.samples[0]
     assert len(first.response_tokens) == len(first.sampler_logprobs) and first.prompt_tokens.dtype == np.int32
+    assert all(s.profile_length == 0 for s in result.samples if not s.parsed.well_formed)
 
 
 def test_pipelined_rollouts_are_reproducible(tokenizer):

@@ -17,7 +17,7 @@ import numpy as np
 
 from rlpa_jax.model.qwen2 import Params, Qwen2Config
 from rlpa_jax.rl import ppo
-from rlpa_jax.rl.rollout import Sample
+from rlpa_jax.rl.rollout import RewardMode, Sample
 from rlpa_jax.rl.step import response_logprobs, response_values
 from rlpa_jax.sampling import bucket
 
@@ -25,8 +25,11 @@ Batch = dict[str, np.ndarray]
 
 
 def pack_samples(samples: Sequence[Sample], pad_id: int, response_length: int, prompt_buckets: Sequence[int],
-                 row_multiple: int = 1) -> Batch:
-    """Padded arrays for a list of samples; extra all-padding rows up to a row multiple."""
+                 row_multiple: int = 1, reward_mode: RewardMode = "both") -> Batch:
+    """Padded arrays for a list of samples; extra all-padding rows up to a row multiple.
+
+    Besides the trained score, each row keeps the two parts of it the reward mode trains on and
+    a mask of its <profile> block's tokens (for crediting each block with its own reward)."""
     prompt_length = bucket(max(len(s.prompt_tokens) for s in samples), prompt_buckets)
     rows = -(-len(samples) // row_multiple) * row_multiple
     tokens = np.full((rows, prompt_length + response_length), pad_id, np.int32)
@@ -35,6 +38,8 @@ def pack_samples(samples: Sequence[Sample], pad_id: int, response_length: int, p
     meta = np.full((rows, 3), -1, np.int32)  # conversation, turn, sample index
     scores = np.zeros((rows,), np.float32)
     chosen = np.zeros((rows,), bool)
+    block_scores = np.zeros((rows, 2), np.float32)
+    profile_mask = np.zeros((rows, response_length), bool)
     for i, s in enumerate(samples):
         p, r = len(s.prompt_tokens), len(s.response_tokens)
         tokens[i, prompt_length - p:prompt_length] = s.prompt_tokens
@@ -44,10 +49,13 @@ def pack_samples(samples: Sequence[Sample], pad_id: int, response_length: int, p
         meta[i] = (s.conversation_id, s.turn, s.sample_index)
         scores[i] = s.reward
         chosen[i] = s.chosen
+        block_scores[i] = s.block_rewards(reward_mode)
+        profile_mask[i, :min(s.profile_length, r)] = True
     return {
         "tokens": tokens, "attention_mask": attention, "response_mask": attention[:, prompt_length:].copy(),
         "sampler_logprobs": sampler_logprobs, "scores": scores, "chosen": chosen,
         "conversation_id": meta[:, 0], "turn": meta[:, 1], "sample_index": meta[:, 2],
+        "profile_scores": block_scores[:, 0], "response_scores": block_scores[:, 1], "profile_mask": profile_mask,
     }
 
 
@@ -90,16 +98,34 @@ def next_turn_values(batch: Batch, gamma: float) -> np.ndarray:
 
 
 def add_advantages(batch: Batch, advantage: str, kl_coef: float, kl_estimator: str, gamma: float, lam: float,
-                   group_size: int, whiten: bool) -> Batch:
-    """Adds rewards, kl, advantages and returns to the batch (all (rows, response_length))."""
+                   group_size: int, whiten: bool, credit: str = "turn") -> Batch:
+    """Adds rewards, kl, advantages and returns to the batch (all (rows, response_length)).
+
+    credit="turn" scores the whole turn with its reward (the paper); credit="block" credits the
+    <profile> block with the profile reward and the reply with the response reward (GRPO: each
+    block gets its own group advantage; GAE: each block's reward sits on its last token).
+    """
+    if credit not in ("turn", "block"):
+        raise ValueError(f"ppo.credit={credit!r}; expected turn or block")
     mask = batch["response_mask"]
-    rewards, kl = ppo.token_rewards(batch["scores"], batch["old_logprobs"], batch["reference_logprobs"], mask,
-                                    kl_coef, kl_estimator)
+    by_block = credit == "block"
+    if by_block:
+        rewards, kl = ppo.block_token_rewards(batch["profile_scores"], batch["response_scores"], batch["profile_mask"],
+                                              batch["old_logprobs"], batch["reference_logprobs"], mask, kl_coef,
+                                              kl_estimator)
+    else:
+        rewards, kl = ppo.token_rewards(batch["scores"], batch["old_logprobs"], batch["reference_logprobs"], mask,
+                                        kl_coef, kl_estimator)
     rewards, kl = np.asarray(rewards), np.asarray(kl)
     if advantage == "grpo":
         # Group-relative advantages on the scores; the KL enters as a per-token penalty on top.
-        groups = np.asarray(ppo.group_advantages(batch["scores"], group_size))
-        advantages = np.asarray(ppo.expand_to_tokens(groups, mask)) - kl_coef * kl * mask
+        if by_block:
+            advantages = np.asarray(ppo.block_advantages(ppo.group_advantages(batch["profile_scores"], group_size),
+                                                         ppo.group_advantages(batch["response_scores"], group_size),
+                                                         batch["profile_mask"], mask))
+        else:
+            advantages = np.asarray(ppo.expand_to_tokens(ppo.group_advantages(batch["scores"], group_size), mask))
+        advantages = advantages - kl_coef * kl * mask
         returns = np.zeros_like(advantages)
     else:
         if advantage == "cross_turn":

@@ -258,6 +258,34 @@ def group_advantages(
     return centered.reshape(-1)
 
 
+def block_token_rewards(
+    profile_scores: jax.Array,
+    response_scores: jax.Array,
+    profile_mask: jax.Array,
+    logprobs: jax.Array,
+    reference_logprobs: jax.Array,
+    mask: jax.Array,
+    kl_coef: float | jax.Array,
+    estimator: KLEstimator = "k1",
+) -> tuple[jax.Array, jax.Array]:
+    """token_rewards with each block's reward where the block ends: the profile score on the last
+    token of the <profile> block (`profile_mask`), the response score on the turn's last token.
+
+    With gamma * lambda < 1, tokens after the profile block no longer share its reward, and the
+    profile tokens see their own reward a few tokens away instead of a whole reply away.
+    """
+    rewards, kl = token_rewards(response_scores, logprobs, reference_logprobs, mask, kl_coef, estimator)
+    return rewards + jnp.asarray(profile_scores, jnp.float32)[:, None] * last_token_mask(profile_mask), kl
+
+
+def block_advantages(profile_advantages: jax.Array, response_advantages: jax.Array, profile_mask: jax.Array,
+                     mask: jax.Array) -> jax.Array:
+    """Per-sample advantages of each block broadcast to its own tokens: (batch,) x 2 -> (batch, T)."""
+    profile_mask = _as_float(profile_mask)
+    return (expand_to_tokens(profile_advantages, profile_mask)
+            + expand_to_tokens(response_advantages, _as_float(mask) - profile_mask))
+
+
 def expand_to_tokens(advantages: jax.Array, mask: jax.Array) -> jax.Array:
     """Broadcasts per-sample advantages (batch,) to every valid token of (batch, T)."""
     return jnp.asarray(advantages, jnp.float32)[:, None] * _as_float(mask)

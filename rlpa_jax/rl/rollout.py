@@ -18,7 +18,7 @@ from typing import Literal, Sequence
 import jax
 import numpy as np
 
-from rlpa_jax.dialogue.chat import Message, ParsedTurn, assistant_message, parse_turn, prompt_token_ids
+from rlpa_jax.dialogue.chat import PROFILE_CLOSE, Message, ParsedTurn, assistant_message, parse_turn, prompt_token_ids
 from rlpa_jax.dialogue.judges import ProfileJudge, ResponseJudge, ResponseRequest, TurnScore, score_turn
 from rlpa_jax.dialogue.personas import Persona
 from rlpa_jax.dialogue.users import OPENING_MESSAGE, UserSimulator, UserState
@@ -52,11 +52,32 @@ class Sample:
     score: TurnScore
     reward: float  # the reward the configured mode trains on
     chosen: bool = False
+    profile_length: int = 0  # response tokens up to the end of </profile> (0: no well-formed turn)
+
+    def block_rewards(self, mode: RewardMode) -> tuple[float, float]:
+        """(profile part, response part) of the reward the mode trains on."""
+        keep_profile, keep_response = mode in ("both", "profile"), mode in ("both", "response")
+        return (self.score.profile_reward if keep_profile else 0.0, self.score.response_reward if keep_response else 0.0)
 
 
 def reward_of(score: TurnScore, mode: RewardMode) -> float:
     """Turn reward = profile F1 + response gate; the ablations keep one part."""
     return {"both": score.total, "profile": score.profile_reward, "response": score.response_reward}[mode]
+
+
+def profile_block_length(tokenizer, tokens: Sequence[int], well_formed: bool) -> int:
+    """How many of a turn's tokens it takes to close its <profile> block (0 for a malformed turn):
+    the smallest prefix whose text holds the closing tag, by bisection over decoded prefixes."""
+    if not well_formed:
+        return 0
+    low, high = 1, len(tokens)
+    while low < high:
+        middle = (low + high) // 2
+        if PROFILE_CLOSE in tokenizer.decode(tokens[:middle], skip_special_tokens=True):
+            high = middle
+        else:
+            low = middle + 1
+    return low
 
 
 def start_conversations(personas: Sequence[Persona], user_sim: UserSimulator, seeds: Sequence[int],
@@ -163,7 +184,8 @@ class Rollout:
         for c, prompt, row, row_texts, row_scores in zip(conversations, prompts, rows, texts, scored):
             turn_samples = [
                 Sample(c.conversation_id, turn, j, np.asarray(prompt, np.int32), toks.astype(np.int32), lps.astype(np.float32),
-                       text, parsed, score, reward_of(score, self.world.reward_mode))
+                       text, parsed, score, reward_of(score, self.world.reward_mode),
+                       profile_length=profile_block_length(self.world.tokenizer, toks, parsed.well_formed))
                 for j, ((toks, lps), text, (parsed, score)) in enumerate(zip(row, row_texts, row_scores))
             ]
             chosen = max(turn_samples, key=lambda s: (s.score.valid, s.reward, -s.sample_index))

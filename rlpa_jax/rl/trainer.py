@@ -172,14 +172,14 @@ class Trainer:
 
         t0 = time.perf_counter()
         batch = pack_samples(valid, self.tokenizer.pad_token_id, cfg.rollout.max_new_tokens, cfg.rollout.prompt_buckets,
-                             self.scorer.chunk_rows)
+                             self.scorer.chunk_rows, p.reward)
         batch["old_logprobs"] = self.scorer.logprobs(state["actor"].params, batch)
         batch["reference_logprobs"] = self.scorer.logprobs(state["reference"], batch)
         batch["old_values"] = self.scorer.values(state["critic"].params, batch)
         mask = batch["response_mask"]
         metrics["logprob_gap"] = float(np.abs(batch["old_logprobs"] - batch["sampler_logprobs"])[mask].max())
         batch = add_advantages(batch, p.advantage, kl_coef, p.kl_estimator, p.gamma, p.lam,
-                               cfg.rollout.samples_per_prompt, p.whiten_advantages)
+                               cfg.rollout.samples_per_prompt, p.whiten_advantages, p.credit)
         metrics["kl"] = float(batch["kl"][mask].mean())
         metrics["kl_coef"] = kl_coef
         metrics["scoring_forward_s"] = time.perf_counter() - t0
