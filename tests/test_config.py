@@ -38,7 +38,7 @@ def test_dotted_overrides_with_types():
     ("ppo.advantage=td", r"ppo.advantage: 'td' is not one of \['gae', 'cross_turn', 'grpo'\]"),
     ("rollout.max_rounds=2.5", r"rollout.max_rounds: expected an integer"),
     ("ppo.actor_lr", r"expected key.path=value"),
-    ("ppo.micro_batch_size=7", r"train_batch_size=64 must be a multiple of ppo.micro_batch_size=7"),
+    ("ppo.micro_batch_size=7", r"train_batch_size=32 must be a multiple of ppo.micro_batch_size=7"),
     ("rollout.eval_conversations=0", r"rollout.eval_conversations=0 must be >= 1"),
 ])
 def test_bad_overrides_are_explained(override, message):

@@ -207,7 +207,7 @@ def test_short_dpo_run_learns_to_prefer_the_teacher(tokenizer):
     params = random_params(jax.random.key(0))
     reference_held_out = dpo.preference_logps(params, CONFIG, held_out_examples, 8, length_buckets=buckets)
 
-    settings = dpo.DPOSettings(beta=0.1, steps=16, learning_rate=1e-3, batch_size=8, warmup_steps=2)
+    settings = dpo.DPOSettings(beta=0.1, steps=32, learning_rate=1e-3, batch_size=8, warmup_steps=2)
     params, history = dpo.train_dpo(params, CONFIG, examples, settings, seed=0, progress=False,
                                     length_buckets=buckets)
     policy_held_out = dpo.preference_logps(params, CONFIG, held_out_examples, 8, length_buckets=buckets)
@@ -216,10 +216,11 @@ def test_short_dpo_run_learns_to_prefer_the_teacher(tokenizer):
     accuracy = np.mean([record["reward_accuracy"] for record in history[-4:]])
     held_out_accuracy = dpo.reward_accuracy(policy_held_out, reference_held_out)
     # The first step sees policy == reference: every pair's loss is log 2, averaged per pair.
-    assert len(history) == 16 and abs(losses[0] - LN2) < 1e-4, losses[0]
-    assert np.mean(losses[-4:]) < 0.5 * LN2, losses  # ~0.69 -> ~0.15
-    assert accuracy == 1.0 and held_out_accuracy >= 0.9, (accuracy, held_out_accuracy)
-    assert history[-1]["reward_margin"] > 0.5
+    assert len(history) == 32 and abs(losses[0] - LN2) < 1e-4, losses[0]
+    assert np.mean(losses[-4:]) < 0.5 * LN2, losses  # ~0.69 -> ~0.2
+    # Held-out pairs are half misread turns (only the facts differ): well above chance (0.5), not 1.
+    assert accuracy >= 0.9 and held_out_accuracy >= 0.65, (accuracy, held_out_accuracy)
+    assert history[-1]["reward_margin"] > 0.3
 
 
 def test_dpo_on_a_mesh_matches_one_device(tokenizer):

@@ -175,7 +175,9 @@ class Trainer:
                              self.scorer.chunk_rows, p.reward)
         batch["old_logprobs"] = self.scorer.logprobs(state["actor"].params, batch)
         batch["reference_logprobs"] = self.scorer.logprobs(state["reference"], batch)
-        batch["old_values"] = self.scorer.values(state["critic"].params, batch)
+        # GRPO needs no critic: its values would be one forward pass spent for nothing.
+        batch["old_values"] = (np.zeros_like(batch["old_logprobs"]) if p.advantage == "grpo"
+                               else self.scorer.values(state["critic"].params, batch))
         mask = batch["response_mask"]
         metrics["logprob_gap"] = float(np.abs(batch["old_logprobs"] - batch["sampler_logprobs"])[mask].max())
         batch = add_advantages(batch, p.advantage, kl_coef, p.kl_estimator, p.gamma, p.lam,
