@@ -17,7 +17,7 @@ import numpy as np
 
 from rlpa_jax.model.qwen2 import Params, Qwen2Config
 from rlpa_jax.rl import ppo
-from rlpa_jax.rl.rollout import RewardMode, Sample
+from rlpa_jax.rl.rollout import RewardMode, Sample, reward_parts
 from rlpa_jax.rl.step import response_logprobs, response_values
 from rlpa_jax.sampling import bucket
 
@@ -49,7 +49,7 @@ def pack_samples(samples: Sequence[Sample], pad_id: int, response_length: int, p
         meta[i] = (s.conversation_id, s.turn, s.sample_index)
         scores[i] = s.reward
         chosen[i] = s.chosen
-        block_scores[i] = s.block_rewards(reward_mode)
+        block_scores[i] = reward_parts(s.score, reward_mode)
         profile_mask[i, :min(s.profile_length, r)] = True
     return {
         "tokens": tokens, "attention_mask": attention, "response_mask": attention[:, prompt_length:].copy(),

@@ -54,15 +54,16 @@ class Sample:
     chosen: bool = False
     profile_length: int = 0  # response tokens up to the end of </profile> (0: no well-formed turn)
 
-    def block_rewards(self, mode: RewardMode) -> tuple[float, float]:
-        """(profile part, response part) of the reward the mode trains on."""
-        keep_profile, keep_response = mode in ("both", "profile"), mode in ("both", "response")
-        return (self.score.profile_reward if keep_profile else 0.0, self.score.response_reward if keep_response else 0.0)
+
+def reward_parts(score: TurnScore, mode: RewardMode) -> tuple[float, float]:
+    """(profile part, response part) of the reward the mode trains on; the ablations keep one."""
+    return (score.profile_reward if mode in ("both", "profile") else 0.0,
+            score.response_reward if mode in ("both", "response") else 0.0)
 
 
 def reward_of(score: TurnScore, mode: RewardMode) -> float:
     """Turn reward = profile F1 + response gate; the ablations keep one part."""
-    return {"both": score.total, "profile": score.profile_reward, "response": score.response_reward}[mode]
+    return sum(reward_parts(score, mode))
 
 
 def profile_block_length(tokenizer, tokens: Sequence[int], well_formed: bool) -> int:
