@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/reproduce-tiny}
 PY=${2:-.venv/bin/python}
-USERS=${USERS:-16}
+USERS=${USERS:-32}
 QUIET="logging.progress_bar=false"
 
 step() { echo; echo "=== $* ($(date +%H:%M:%S))"; }
