@@ -6,8 +6,9 @@ asks about a slot that has been neither revealed nor asked about yet. Phrasings 
 seeded RNG, nothing is flattering, and a reply that comes close to an earlier one is re-drawn, so
 the ScriptedUser never complains and the embedded judges accept most turns.
 
-`bland_turn` is the deliberately weak counterpart (a generic reply that ignores the user, with an
-empty or partial profile): the rejected side of DPO pairs.
+Two weak counterparts make the rejected side of DPO pairs: `misread_turn` (the teacher's turn with
+the user's values swapped for someone else's: fluent, well-formed, wrong about the user) and
+`bland_turn` (a generic reply that ignores the user, for the cold start where nothing is known).
 """
 
 from __future__ import annotations
