@@ -59,22 +59,82 @@ def pack_samples(samples: Sequence[Sample], pad_id: int, response_length: int, p
     }
 
 
-class Scorer:
-    """Jitted forwards that read a packed batch in chunks: log-probs of the responses and values."""
+# Response lengths a trimmed batch is cut to: few enough that trimming compiles a handful of programs.
+RESPONSE_BUCKETS = (32, 64, 128, 256, 512)
 
-    def __init__(self, config: Qwen2Config, chunk_rows: int = 32, put_batch=None):
+
+def prompt_lengths(batch: Batch) -> np.ndarray:
+    """Real (unpadded) prompt tokens of every row."""
+    response_length = batch["response_mask"].shape[1]
+    return batch["attention_mask"][:, :-response_length].sum(axis=1)
+
+
+def trim_padding(batch: Batch, prompt_buckets: Sequence[int], response_buckets: Sequence[int] = RESPONSE_BUCKETS) -> Batch:
+    """The batch cut to the buckets of its own longest prompt and response.
+
+    A packed batch is as wide as the longest prompt of a whole iteration plus max_new_tokens, while
+    most rows are early turns with short prompts and short replies; the forwards and the update
+    cost what the width costs. Dropping columns that are padding in every row changes no result
+    (positions come from the attention mask), so each slice of rows runs at its own bucket.
+    """
+    prompt_width = batch["tokens"].shape[1] - batch["response_mask"].shape[1]
+    response_width = batch["response_mask"].shape[1]
+    keep_prompt = min(bucket(max(int(prompt_lengths(batch).max()), 1), prompt_buckets), prompt_width)
+    keep_response = min(bucket(max(int(batch["response_mask"].sum(axis=1).max()), 1), response_buckets), response_width)
+    start, stop = prompt_width - keep_prompt, prompt_width + keep_response
+    trimmed = {}
+    for key, value in batch.items():
+        if value.ndim >= 2 and value.shape[1] == prompt_width + response_width:
+            trimmed[key] = value[:, start:stop]
+        elif value.ndim >= 2 and value.shape[1] == response_width:
+            trimmed[key] = value[:, :keep_response]
+        else:
+            trimmed[key] = value
+    return trimmed
+
+
+def untrim_responses(values: np.ndarray, response_width: int) -> np.ndarray:
+    """(rows, trimmed response) -> (rows, response_width), zeros where the trim cut padding."""
+    return np.pad(values, ((0, 0), (0, response_width - values.shape[1])))
+
+
+def length_grouped_minibatches(lengths: np.ndarray, size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Row indices cut into minibatches of `size` rows of similar length, in random order.
+
+    A seeded shuffle is sorted by length (stable, so rows of one length stay shuffled), cut into
+    minibatches, and the minibatches are shuffled again: each can be trimmed to a short bucket,
+    while which rows meet in a minibatch and the order of updates stay random.
+    """
+    order = rng.permutation(len(lengths))
+    order = order[np.argsort(lengths[order], kind="stable")]
+    minibatches = [order[start:start + size] for start in range(0, len(order), size)]
+    return [minibatches[i] for i in rng.permutation(len(minibatches))]
+
+
+class Scorer:
+    """Jitted forwards that read a packed batch in chunks: log-probs of the responses and values.
+
+    Each chunk is trimmed to its own prompt and response buckets (rows arrive in rollout order,
+    so a chunk holds turns of similar length)."""
+
+    def __init__(self, config: Qwen2Config, chunk_rows: int = 32, put_batch=None, prompt_buckets: Sequence[int] = ()):
         self.config, self.chunk_rows = config, chunk_rows
         self.put_batch = put_batch or (lambda x: x)
+        self.prompt_buckets = tuple(prompt_buckets)
         self._logprobs = jax.jit(lambda p, t, m, r: response_logprobs(p, config, t, m, r)[0], static_argnums=3)
         self._values = jax.jit(lambda p, t, m, r: response_values(p, config, t, m, r), static_argnums=3)
 
     def _chunks(self, fn, params, batch: Batch) -> np.ndarray:
-        length = batch["response_mask"].shape[1]
+        width = batch["response_mask"].shape[1]
+        keys = ("tokens", "attention_mask", "response_mask")
         outs = []
         for start in range(0, len(batch["tokens"]), self.chunk_rows):
-            t = batch["tokens"][start:start + self.chunk_rows]
-            m = batch["attention_mask"][start:start + self.chunk_rows]
-            outs.append(np.asarray(jax.device_get(fn(params, self.put_batch(t), self.put_batch(m), length))))
+            chunk = {k: batch[k][start:start + self.chunk_rows] for k in keys}
+            if self.prompt_buckets:
+                chunk = trim_padding(chunk, self.prompt_buckets)
+            length = chunk["response_mask"].shape[1]
+            out = fn(params, self.put_batch(chunk["tokens"]), self.put_batch(chunk["attention_mask"]), length)
+            outs.append(untrim_responses(np.asarray(jax.device_get(out)), width))
         return np.concatenate(outs) * batch["response_mask"]
 
     def logprobs(self, params: Params, batch: Batch) -> np.ndarray:

@@ -1,21 +1,22 @@
 """Jitted, sharded update steps for any loss that returns LossTerms (PPO actor, critic, SFT, DPO).
 
-A batch arrives as (micro_batches, micro_batch_size, ...) arrays; one `lax.scan` accumulates the
-gradient of sum(loss) / (tokens in the whole batch), so the result equals one big-batch step
-whatever the split. Then optax applies global-norm clipping and AdamW on float32 master weights
+A batch is cut into micro-batches; jitted calls add up the gradient of sum(loss) / (tokens in the
+whole batch), so the result equals one big-batch step whatever the split, and each micro-batch may
+be trimmed to its own length bucket. Then optax applies global-norm clipping and AdamW on float32 master weights
 with a warm-up + cosine schedule. With a mesh, parameters and optimizer state keep the shardings
 the logical-axis rules give them and batches are split over (data, fsdp).
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from rlpa_jax import parallel
 from rlpa_jax.model.qwen2 import Params, Qwen2Config, forward, init_params, param_logical_axes
@@ -49,25 +50,20 @@ def make_optimizer(peak_lr: float, total_steps: int, *, b1: float = 0.9, b2: flo
     )
 
 
-def accumulate_and_apply(loss_fn: LossFn, optimizer: optax.GradientTransformation, trainable: Trainable,
-                         batch: Batch, token_mask_key: str) -> tuple[Trainable, dict[str, jax.Array]]:
-    """One optimizer step over all micro-batches of `batch` (leaves: (micro_batches, size, ...))."""
-    # Normalise by the tokens of the whole batch, so micro-batches add up to the full-batch mean.
-    total_tokens = jnp.maximum(jnp.sum(batch[token_mask_key].astype(jnp.float32)), 1.0)
+def accumulate_gradients(loss_fn: LossFn, params: Params, grads: Params, terms: ppo.LossTerms, micro_batch: Batch,
+                         total_tokens: jax.Array) -> tuple[Params, ppo.LossTerms]:
+    """Adds one micro-batch's gradient of sum(loss) / total_tokens to the running sums."""
 
-    def micro_step(carry, micro_batch):
-        grads, terms = carry
+    def scaled_loss(p):
+        micro_terms = loss_fn(p, micro_batch)
+        return micro_terms.total / total_tokens, micro_terms
 
-        def scaled_loss(params):
-            micro_terms = loss_fn(params, micro_batch)
-            return micro_terms.total / total_tokens, micro_terms
+    (_, micro_terms), micro_grads = jax.value_and_grad(scaled_loss, has_aux=True)(params)
+    return jax.tree.map(jnp.add, grads, micro_grads), ppo.add_terms(terms, micro_terms)
 
-        (_, micro_terms), micro_grads = jax.value_and_grad(scaled_loss, has_aux=True)(trainable.params)
-        return (jax.tree.map(jnp.add, grads, micro_grads), ppo.add_terms(terms, micro_terms)), None
 
-    zero_grads = jax.tree.map(jnp.zeros_like, trainable.params)
-    zero = jnp.zeros((), jnp.float32)
-    (grads, terms), _ = jax.lax.scan(micro_step, (zero_grads, ppo.LossTerms(zero, zero, zero, zero)), batch)
+def apply_gradients(optimizer: optax.GradientTransformation, trainable: Trainable, grads: Params,
+                    terms: ppo.LossTerms) -> tuple[Trainable, dict[str, jax.Array]]:
     updates, opt_state = optimizer.update(grads, trainable.opt_state, trainable.params)
     params = optax.apply_updates(trainable.params, updates)
     metrics = {f"loss_{k}": v for k, v in ppo.summary(terms).items()} | {"grad_norm": optax.tree.norm(grads)}
@@ -75,15 +71,22 @@ def accumulate_and_apply(loss_fn: LossFn, optimizer: optax.GradientTransformatio
 
 
 class Updater:
-    """A jitted optimizer step for one loss, with fixed shardings when a mesh is given."""
+    """One optimizer step per call, accumulated over micro-batches; fixed shardings with a mesh.
+
+    Micro-batches are separate jitted calls, so each may have its own shape: `trim` (when given)
+    cuts every micro-batch to its own length buckets, and one program is compiled per shape in
+    use. The gradient is normalised by the tokens of the whole batch, so any split gives the
+    full-batch result.
+    """
 
     def __init__(self, loss_fn: LossFn, optimizer: optax.GradientTransformation, micro_batch_size: int,
                  token_mask_key: str = "response_mask", mesh: Mesh | None = None,
-                 param_shardings: Params | None = None):
+                 param_shardings: Params | None = None, trim: Callable[[dict], dict] | None = None):
         self.loss_fn, self.optimizer = loss_fn, optimizer
         self.micro_batch_size, self.token_mask_key = micro_batch_size, token_mask_key
         self.mesh, self.param_shardings = mesh, param_shardings
-        self._step = None
+        self.trim = trim
+        self._accumulate = self._apply = None
 
     def init(self, params: Params) -> Trainable:
         if self.mesh is None:
@@ -100,38 +103,48 @@ class Updater:
             is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct),
         )
 
-    def _build(self, trainable: Trainable, batch: Batch):
-        step = lambda t, b: accumulate_and_apply(self.loss_fn, self.optimizer, t, b, self.token_mask_key)  # noqa: E731
+    def _build(self, trainable: Trainable) -> None:
+        accumulate = lambda p, g, t, b, n: accumulate_gradients(self.loss_fn, p, g, t, b, n)  # noqa: E731
+        apply = lambda tr, g, t: apply_gradients(self.optimizer, tr, g, t)  # noqa: E731
+        # The running gradient sum is donated: accumulating costs no second copy of the gradients.
         if self.mesh is None:
-            return jax.jit(step, donate_argnums=0)
-        state_shardings = Trainable(self.param_shardings, self.opt_state_shardings(trainable.params))
-        batch_shardings = {k: micro_batch_sharding(self.mesh, v.ndim) for k, v in batch.items()}
-        return jax.jit(step, in_shardings=(state_shardings, batch_shardings),
-                       out_shardings=(state_shardings, parallel.replicated(self.mesh)), donate_argnums=0)
+            self._accumulate = jax.jit(accumulate, donate_argnums=1)
+            self._apply = jax.jit(apply, donate_argnums=0)
+            return
+        state = Trainable(self.param_shardings, self.opt_state_shardings(trainable.params))
+        scalar = parallel.replicated(self.mesh)
+        terms = ppo.LossTerms(scalar, scalar, scalar, scalar)
+        self._accumulate = jax.jit(accumulate, donate_argnums=1, out_shardings=(self.param_shardings, terms))
+        self._apply = jax.jit(apply, donate_argnums=0, in_shardings=(state, self.param_shardings, terms),
+                              out_shardings=(state, scalar))
+
+    def _put(self, micro_batch: dict[str, np.ndarray]) -> dict:
+        if self.mesh is None:
+            return micro_batch
+        return {k: jax.device_put(v, parallel.batch_sharding(self.mesh, np.ndim(v))) for k, v in micro_batch.items()}
 
     def __call__(self, trainable: Trainable, batch: dict[str, np.ndarray]) -> tuple[Trainable, dict[str, float]]:
-        micro = split_micro_batches(batch, self.micro_batch_size)
-        if self._step is None:
-            self._step = self._build(trainable, micro)
-        if self.mesh is not None:
-            micro = {k: jax.device_put(v, micro_batch_sharding(self.mesh, v.ndim)) for k, v in micro.items()}
-            with parallel.activate(self.mesh):
-                trainable, metrics = self._step(trainable, micro)
-        else:
-            trainable, metrics = self._step(trainable, micro)
-        return trainable, metrics
+        micro_batches = split_micro_batches(batch, self.micro_batch_size)
+        if self.trim is not None:
+            micro_batches = [self.trim(micro) for micro in micro_batches]
+        if self._accumulate is None:
+            self._build(trainable)
+        total_tokens = np.float32(max(float(np.sum(batch[self.token_mask_key])), 1.0))
+        zero = np.zeros((), np.float32)
+        with parallel.activate(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+            grads = jax.tree.map(jnp.zeros_like, trainable.params)
+            terms = ppo.LossTerms(zero, zero, zero, zero)
+            for micro in micro_batches:
+                grads, terms = self._accumulate(trainable.params, grads, terms, self._put(micro), total_tokens)
+            return self._apply(trainable, grads, terms)
 
 
-def micro_batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-    """(micro_batches, rows, ...): rows over (data, fsdp); micro-batches run one after another."""
-    return NamedSharding(mesh, PartitionSpec(None, parallel.BATCH_AXES, *([None] * (ndim - 2))))
-
-
-def split_micro_batches(batch: dict[str, np.ndarray], micro_batch_size: int) -> dict[str, np.ndarray]:
+def split_micro_batches(batch: dict[str, np.ndarray], micro_batch_size: int) -> list[dict[str, np.ndarray]]:
     rows = len(next(iter(batch.values())))
     if rows % micro_batch_size:
         raise ValueError(f"batch of {rows} rows is not a multiple of micro_batch_size={micro_batch_size}")
-    return {k: np.asarray(v).reshape(rows // micro_batch_size, micro_batch_size, *np.shape(v)[1:]) for k, v in batch.items()}
+    return [{k: np.asarray(v)[start:start + micro_batch_size] for k, v in batch.items()}
+            for start in range(0, rows, micro_batch_size)]
 
 
 def param_shardings(config: Qwen2Config, mesh: Mesh, head="lm") -> Params:

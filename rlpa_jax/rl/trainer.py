@@ -11,6 +11,7 @@ stops the run with a message and leaves the last good checkpoint in place.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import signal
@@ -29,7 +30,8 @@ from rlpa_jax.dialogue.chat import load_prompt
 from rlpa_jax.model import hf
 from rlpa_jax.model.qwen2 import critic_params_from_policy, init_params
 from rlpa_jax.rl import ppo, setup
-from rlpa_jax.rl.experience import Scorer, add_advantages, pack_samples
+from rlpa_jax.rl.experience import (Scorer, add_advantages, length_grouped_minibatches, pack_samples, prompt_lengths,
+                                    trim_padding)
 from rlpa_jax.rl.metrics import MetricsLog, plot_training
 from rlpa_jax.rl.rollout import Rollout, World, start_conversations
 from rlpa_jax.rl.step import Trainable, Updater, actor_loss_fn, critic_loss_fn, make_optimizer, param_shardings
@@ -74,18 +76,22 @@ class Trainer:
         self.sampling = SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k, r.samples_per_prompt)
         self.rollout = Rollout(world, self.sampler, self.sampling, r.max_rounds, r.prompt_buckets, r.pipeline_groups,
                                self.row_multiple, self._put_batch)
-        self.scorer = Scorer(self.model_config, chunk_rows=p.micro_batch_size, put_batch=self._put_batch)
+        self.scorer = Scorer(self.model_config, chunk_rows=p.micro_batch_size, put_batch=self._put_batch,
+                             prompt_buckets=r.prompt_buckets)
 
         samples_per_iteration = r.conversations * r.max_rounds * r.samples_per_prompt
         self.total_steps = p.iterations * p.epochs * math.ceil(samples_per_iteration / p.train_batch_size)
         opt = dict(b1=p.adam_b1, b2=p.adam_b2, weight_decay=p.weight_decay, grad_clip=p.grad_clip,
                    warmup_ratio=p.warmup_ratio, min_lr_ratio=p.min_lr_ratio)
+        trim = functools.partial(trim_padding, prompt_buckets=r.prompt_buckets)
         self.actor_updater = Updater(actor_loss_fn(self.model_config, p.clip_eps, p.entropy_coef),
                                      make_optimizer(p.actor_lr, self.total_steps, **opt), p.micro_batch_size,
-                                     mesh=self.mesh, param_shardings=param_shardings(self.model_config, self.mesh))
+                                     mesh=self.mesh, param_shardings=param_shardings(self.model_config, self.mesh),
+                                     trim=trim)
         self.critic_updater = Updater(critic_loss_fn(self.model_config, p.value_clip_eps),
                                       make_optimizer(p.critic_lr, self.total_steps, **opt), p.micro_batch_size,
-                                      mesh=self.mesh, param_shardings=param_shardings(self.model_config, self.mesh, "value"))
+                                      mesh=self.mesh, param_shardings=param_shardings(self.model_config, self.mesh, "value"),
+                                      trim=trim)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", config.logging.max_to_keep)
         self.metrics = MetricsLog(self.run_dir, config.logging.tensorboard)
         self.on_iteration_end: list[Callable[[int, dict], None]] = []
@@ -199,15 +205,16 @@ class Trainer:
     def update(self, state: dict, batch: dict, iteration: int) -> tuple[dict, dict]:
         p = self.config.ppo
         keys = ("tokens", "attention_mask", "response_mask", "old_logprobs", "advantages", "returns", "old_values")
-        rows, size = len(batch["tokens"]), p.train_batch_size
+        size = p.train_batch_size
         rng = np.random.default_rng([self.config.seed, iteration, 1])
+        lengths = prompt_lengths(batch)
         actor, critic = state["actor"], state["critic"]
         sums: dict[str, list[float]] = {}
         for _ in range(p.epochs):
-            order = rng.permutation(rows)
-            for start in range(0, rows, size):
-                # Every minibatch has exactly train_batch_size rows (zero-mask padding), one program.
-                minibatch = _pad_rows({k: batch[k][order[start:start + size]] for k in keys}, size)
+            for rows in length_grouped_minibatches(lengths, size, rng):
+                # Every minibatch has exactly train_batch_size rows (zero-mask padding); the updaters
+                # cut each micro-batch to its own length buckets (one program per bucket pair in use).
+                minibatch = _pad_rows({k: batch[k][rows] for k in keys}, size)
                 actor, actor_metrics = self.actor_updater(actor, minibatch)
                 if p.advantage != "grpo":
                     critic, critic_metrics = self.critic_updater(critic, minibatch)
