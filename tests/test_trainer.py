@@ -91,10 +91,11 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypa
         return trainable, metrics | {"loss_mean": float("nan")}
 
     calls = {"n": 0}
+    healthy_calls = 2 * config.ppo.epochs  # two iterations of one minibatch (8 samples = train_batch_size) per epoch
 
     def update(trainable, batch):
         calls["n"] += 1
-        return poisoned(trainable, batch) if calls["n"] > 2 else original(trainable, batch)
+        return poisoned(trainable, batch) if calls["n"] > healthy_calls else original(trainable, batch)
 
     monkeypatch.setattr(run, "actor_updater", type("U", (), {"__call__": staticmethod(update), "param_shardings": run.actor_updater.param_shardings,
                                                                "optimizer": run.actor_updater.optimizer, "init": run.actor_updater.init,
