@@ -30,6 +30,7 @@ reproduce-tiny: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/forward.py
 	$(PY) benchmarks/sampling.py
+	$(PY) benchmarks/ppo_update.py
 
 clean:
 	rm -rf $(VENV) .jax_cache

@@ -61,17 +61,21 @@ def _plain(value):
         return str(value)
 
 
-def plot_training(log: MetricsLog, output: Path, baseline: Mapping[str, float] | None = None) -> Path:
-    """Reward curves of the training rollouts per PPO iteration; the dashed line is the held-out
-    evaluation before PPO (one sample per turn, so it sits lower than best-of-n training rollouts)."""
+def plot_training(log: MetricsLog, output: Path, baseline: Mapping[str, float] | None = None,
+                  final: Mapping[str, float] | None = None) -> Path:
+    """Reward curves of the training rollouts per PPO iteration, with the held-out evaluations
+    before (`baseline`) and after (`final`) PPO as dashed lines. Each iteration draws its own few
+    users, so the training curve is noisy; the held-out lines (the same users twice) compare."""
     records = log.records("ppo")
     fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.2))
     for ax, (key, title) in zip(axes, CURVES):
         steps = [r["step"] for r in records if key in r]
-        ax.plot(steps, [r[key] for r in records if key in r], marker="o", markersize=3)
-        if baseline and key in baseline:
-            ax.axhline(baseline[key], color="gray", linestyle="--", label="held-out eval before PPO")
-            ax.legend(fontsize=8)
+        ax.plot(steps, [r[key] for r in records if key in r], marker="o", markersize=3, label="training rollouts")
+        for evaluation, color, label in ((baseline, "gray", "held-out, before PPO"), (final, "tab:green", "held-out, after PPO")):
+            if evaluation and key in evaluation:
+                ax.axhline(evaluation[key], color=color, linestyle="--", label=label)
+        if baseline or final:
+            ax.legend(fontsize=7)
         ax.set_title(title)
         ax.set_xlabel("PPO iteration")
         ax.grid(alpha=0.3)

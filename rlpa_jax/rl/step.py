@@ -2,9 +2,9 @@
 
 A batch is cut into micro-batches; jitted calls add up the gradient of sum(loss) / (tokens in the
 whole batch), so the result equals one big-batch step whatever the split, and each micro-batch may
-be trimmed to its own length bucket. Then optax applies global-norm clipping and AdamW on float32 master weights
-with a warm-up + cosine schedule. With a mesh, parameters and optimizer state keep the shardings
-the logical-axis rules give them and batches are split over (data, fsdp).
+be trimmed to its own length bucket. Then optax applies global-norm clipping and AdamW on float32
+master weights with a warm-up + cosine schedule. With a mesh, parameters and optimizer state keep
+the shardings the logical-axis rules give them and batches are split over (data, fsdp).
 """
 
 from __future__ import annotations

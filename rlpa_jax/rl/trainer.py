@@ -282,7 +282,7 @@ class Trainer:
 
         after = self.evaluate(state["actor"].params, eval_personas, "end")
         summary = {"start": before, "end": after}
-        plot_training(self.metrics, self.run_dir / "rewards.png", baseline=before)
+        plot_training(self.metrics, self.run_dir / "rewards.png", baseline=before, final=after)
         if cfg.logging.export_hf:
             hf.export_hf(state["actor"].params, self.model_config, self.run_dir / "hf", tokenizer_dir=self.tokenizer_dir)
         self.metrics.close()
