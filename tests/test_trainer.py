@@ -43,6 +43,10 @@ def test_short_run_logs_checkpoints_and_exports(uninterrupted):
     for r in records:
         assert r["samples"] == 2 * 2 * 2 and np.isfinite(r["loss_mean"]) and r["logprob_gap"] < 1e-4
     assert set(summary) == {"start", "end"} and (config.run_dir / "rewards.png").stat().st_size > 0
+    # The held-out evaluation reports profile F1 per turn, and the turns average to the whole.
+    end = summary["end"]
+    assert set(end) >= {"profile_f1_turn1", "profile_f1_turn2"}
+    assert np.mean([end["profile_f1_turn1"], end["profile_f1_turn2"]]) == pytest.approx(end["profile_f1"])
     steps = sorted(int(p.name) for p in (config.run_dir / "checkpoints").iterdir() if p.name.isdigit())
     assert steps[-1] == 4
     model = transformers.AutoModelForCausalLM.from_pretrained(config.run_dir / "hf", dtype=torch.float32)

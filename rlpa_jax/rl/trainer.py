@@ -239,7 +239,7 @@ class Trainer:
         seeds = [derived_seed(self.config.seed, -1, k) for k in range(len(personas))]
         result = rollout.run(params, start_conversations(personas, self.user, seeds), jax.random.key(self.config.seed + 7))
         keys = ("reward", "profile_f1", "response_reward", "well_formed")
-        metrics = {k: result.stats[k] for k in keys}
+        metrics = {k: result.stats[k] for k in keys} | profile_f1_by_turn(result.samples)
         self.metrics.write(f"eval_{label}", 0, metrics)
         return metrics
 
@@ -293,6 +293,16 @@ class Trainer:
             raise KeyboardInterrupt
         self._stop_requested = True
         print("\nCtrl-C: finishing this iteration, then saving (press again to quit without saving)")
+
+
+def profile_f1_by_turn(samples) -> dict[str, float]:
+    """Mean profile F1 of the scored samples at each turn (`profile_f1_turn1`, ...): where in the
+    dialogue the inferred profile falls behind (the user reveals more every turn)."""
+    by_turn: dict[int, list[float]] = {}
+    for s in samples:
+        if s.score.valid:
+            by_turn.setdefault(s.turn, []).append(s.score.profile_reward)
+    return {f"profile_f1_turn{turn + 1}": float(np.mean(values)) for turn, values in sorted(by_turn.items())}
 
 
 def derived_seed(*parts: int) -> int:
