@@ -68,7 +68,8 @@ def test_scorer_trims_each_chunk_without_changing_results():
     params = init_params(CONFIG, jax.random.key(0))
     critic = critic_params_from_policy(params, CONFIG)
     batch = packed_batch([3, 4, 2, 30, 12, 5], [2, 16, 3, 5, 1, 8])
-    plain, trimming = Scorer(CONFIG, chunk_rows=2), Scorer(CONFIG, chunk_rows=2, prompt_buckets=BUCKETS)
+    plain = Scorer(CONFIG, chunk_rows=2)
+    trimming = Scorer(CONFIG, chunk_rows=2, trim=lambda chunk: trim_padding(chunk, BUCKETS))
     np.testing.assert_allclose(trimming.logprobs(params, batch), plain.logprobs(params, batch), atol=1e-5)
     np.testing.assert_allclose(trimming.values(critic, batch), plain.values(critic, batch), atol=1e-5)
 

@@ -9,7 +9,7 @@ advantages come from GAE within a turn (the paper), GAE across turns, or GRPO gr
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -114,13 +114,14 @@ def length_grouped_minibatches(lengths: np.ndarray, size: int, rng: np.random.Ge
 class Scorer:
     """Jitted forwards that read a packed batch in chunks: log-probs of the responses and values.
 
-    Each chunk is trimmed to its own prompt and response buckets (rows arrive in rollout order,
-    so a chunk holds turns of similar length)."""
+    `trim` (when given, as for step.Updater) cuts each chunk to its own length buckets: rows arrive
+    in rollout order, so a chunk holds turns of similar length."""
 
-    def __init__(self, config: Qwen2Config, chunk_rows: int = 32, put_batch=None, prompt_buckets: Sequence[int] = ()):
+    def __init__(self, config: Qwen2Config, chunk_rows: int = 32, put_batch=None,
+                 trim: Callable[[Batch], Batch] | None = None):
         self.config, self.chunk_rows = config, chunk_rows
         self.put_batch = put_batch or (lambda x: x)
-        self.prompt_buckets = tuple(prompt_buckets)
+        self.trim = trim
         self._logprobs = jax.jit(lambda p, t, m, r: response_logprobs(p, config, t, m, r)[0], static_argnums=3)
         self._values = jax.jit(lambda p, t, m, r: response_values(p, config, t, m, r), static_argnums=3)
 
@@ -130,8 +131,8 @@ class Scorer:
         outs = []
         for start in range(0, len(batch["tokens"]), self.chunk_rows):
             chunk = {k: batch[k][start:start + self.chunk_rows] for k in keys}
-            if self.prompt_buckets:
-                chunk = trim_padding(chunk, self.prompt_buckets)
+            if self.trim is not None:
+                chunk = self.trim(chunk)
             length = chunk["response_mask"].shape[1]
             out = fn(params, self.put_batch(chunk["tokens"]), self.put_batch(chunk["attention_mask"]), length)
             outs.append(untrim_responses(np.asarray(jax.device_get(out)), width))

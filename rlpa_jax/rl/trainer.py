@@ -76,14 +76,14 @@ class Trainer:
         self.sampling = SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k, r.samples_per_prompt)
         self.rollout = Rollout(world, self.sampler, self.sampling, r.max_rounds, r.prompt_buckets, r.pipeline_groups,
                                self.row_multiple, self._put_batch)
-        self.scorer = Scorer(self.model_config, chunk_rows=p.micro_batch_size, put_batch=self._put_batch,
-                             prompt_buckets=r.prompt_buckets)
 
         samples_per_iteration = r.conversations * r.max_rounds * r.samples_per_prompt
         self.total_steps = p.iterations * p.epochs * math.ceil(samples_per_iteration / p.train_batch_size)
         opt = dict(b1=p.adam_b1, b2=p.adam_b2, weight_decay=p.weight_decay, grad_clip=p.grad_clip,
                    warmup_ratio=p.warmup_ratio, min_lr_ratio=p.min_lr_ratio)
+        # Every forward and update runs on rows cut to their own length buckets.
         trim = functools.partial(trim_padding, prompt_buckets=r.prompt_buckets)
+        self.scorer = Scorer(self.model_config, chunk_rows=p.micro_batch_size, put_batch=self._put_batch, trim=trim)
         self.actor_updater = Updater(actor_loss_fn(self.model_config, p.clip_eps, p.entropy_coef),
                                      make_optimizer(p.actor_lr, self.total_steps, **opt), p.micro_batch_size,
                                      mesh=self.mesh, param_shardings=param_shardings(self.model_config, self.mesh),
