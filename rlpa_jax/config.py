@@ -134,8 +134,9 @@ class PPOConfig:
     entropy_coef: float = 0.0
     reward: Literal["both", "profile", "response"] = "both"  # reward ablations
     # turn: the whole turn shares its reward (the paper); block: the <profile> block is credited with
-    # the profile reward and the reply with the response reward (rl/experience.add_advantages).
-    credit: Literal["turn", "block"] = "turn"
+    # the profile reward and the reply with the response reward (rl/experience.add_advantages);
+    # item: block, with each profile line credited with its items' share of the F1 (rl/item_credit.py).
+    credit: Literal["turn", "block", "item"] = "turn"
 
 
 @dataclass
@@ -307,6 +308,11 @@ def validate(config: TrainConfig, where: str = "config") -> None:
                           f"ppo.micro_batch_size={ppo.micro_batch_size}")
     if ppo.advantage == "grpo" and rollout.samples_per_prompt < 2:
         raise ConfigError(f"{where}: ppo.advantage=grpo needs rollout.samples_per_prompt >= 2")
+    if ppo.credit == "item" and ppo.advantage != "grpo":
+        raise ConfigError(f"{where}: ppo.credit=item needs ppo.advantage=grpo (item credits replace group advantages)")
+    if ppo.credit == "item" and config.judges.kind != "embedded":
+        raise ConfigError(f"{where}: ppo.credit=item needs judges.kind=embedded (the LLM judge returns how many "
+                          "items match, not which)")
     if rollout.conversations < rollout.pipeline_groups:
         raise ConfigError(f"{where}: rollout.conversations={rollout.conversations} is below "
                           f"rollout.pipeline_groups={rollout.pipeline_groups}")

@@ -40,10 +40,13 @@ def test_dotted_overrides_with_types():
     ("ppo.actor_lr", r"expected key.path=value"),
     ("ppo.micro_batch_size=7", r"train_batch_size=32 must be a multiple of ppo.micro_batch_size=7"),
     ("rollout.eval_conversations=0", r"rollout.eval_conversations=0 must be >= 1"),
+    ("ppo.credit=items", r"ppo.credit: 'items' is not one of \['turn', 'block', 'item'\]"),
+    ("ppo.credit=item ppo.advantage=gae", r"ppo.credit=item needs ppo.advantage=grpo"),
+    ("ppo.credit=item judges.kind=llm", r"ppo.credit=item needs judges.kind=embedded"),
 ])
 def test_bad_overrides_are_explained(override, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(None, [override])
+        load_config(None, override.split())
 
 
 def test_bad_files_are_named(tmp_path):

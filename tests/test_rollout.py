@@ -11,6 +11,7 @@ from rlpa_jax.dialogue.chat import Message, format_turn, load_prompt, parse_turn
 from rlpa_jax.dialogue.judges import EmbeddedProfileJudge, EmbeddedResponseJudge, LLMProfileJudge, LLMResponseJudge
 from rlpa_jax.dialogue.llm import LLMClient, LLMConfig
 from rlpa_jax.dialogue.personas import synthetic_personas
+from rlpa_jax.dialogue.profile import ProfileItem
 from rlpa_jax.dialogue.users import ScriptedUser
 from rlpa_jax.model.qwen2 import Qwen2Config, init_params
 from rlpa_jax.rl.rollout import Rollout, World, profile_block_length, reward_of, start_conversations
@@ -40,7 +41,7 @@ def test_scores_follow_the_turn_format_and_the_truth(tokenizer):
     good = format_turn(persona.items[:2], "Hiking sounds lovely. Which trail near you do you like best?")
     texts = [good, "no tags at all", format_turn([], "ok")]
     (scored,) = asyncio.run(make_world(tokenizer).score([conversation], [texts]))
-    (p0, s0), (p1, s1), (_, s2) = scored
+    (p0, s0, _), (p1, s1, _), (_, s2, _) = scored
     assert p0.well_formed and s0.profile_reward > 0 and s0.valid
     assert not p1.well_formed and s1.total == 0 and s1.valid
     assert s2.profile_reward == 0
@@ -114,6 +115,40 @@ def test_block_credit_gives_profile_tokens_the_profile_advantage():
     turn = add_advantages(batch, "grpo", 0.0, "k1", 1.0, 1.0, 4, whiten=False)["advantages"]
     totals = np.asarray(ppo.group_advantages(np.array([f1 + ok for f1, ok in parts]), 4))
     np.testing.assert_allclose(turn, np.repeat(totals[:, None], 6, 1), rtol=1e-6)
+
+
+def test_item_credit_replaces_the_profile_advantage_on_item_tokens():
+    from rlpa_jax.dialogue.judges import TurnScore
+    from rlpa_jax.rl import ppo
+    from rlpa_jax.rl.experience import add_advantages, pack_samples
+    from rlpa_jax.rl.rollout import Sample
+
+    parts = [(0.0, 1.0), (0.5, 1.0), (1.0, 0.0), (0.5, 0.0)]
+    samples = [Sample(0, 0, j, np.array([5, 6], np.int32), np.arange(6, dtype=np.int32), np.zeros(6, np.float32), "",
+                      parse_turn(""), TurnScore(f1, ok, f1 + ok, True, True), f1 + ok, profile_length=3,
+                      item_credit=np.array([0, 0.2 * j, 0, 0, 0, 0], np.float32),
+                      item_mask=np.array([0, 1, 0, 0, 0, 0], bool))
+               for j, (f1, ok) in enumerate(parts)]
+    batch = pack_samples(samples, 0, 6, (2,))
+    batch |= {"old_logprobs": np.zeros((4, 6), np.float32), "reference_logprobs": np.zeros((4, 6), np.float32)}
+    block = add_advantages(batch, "grpo", 0.0, "k1", 1.0, 1.0, 4, whiten=False, credit="block")["advantages"]
+    item = add_advantages(batch, "grpo", 0.0, "k1", 1.0, 1.0, 4, whiten=False, credit="item")["advantages"]
+    credits = 0.2 * np.arange(4)
+    np.testing.assert_allclose(item[:, 1], credits / np.sqrt(np.mean(credits**2)), rtol=1e-6)
+    np.testing.assert_array_equal(np.delete(item, 1, axis=1), np.delete(block, 1, axis=1))
+    with pytest.raises(ValueError, match="credit=item needs ppo.advantage=grpo"):
+        add_advantages(batch | {"old_values": np.zeros((4, 6), np.float32)}, "gae", 0.0, "k1", 1.0, 1.0, 4,
+                       whiten=False, credit="item")
+
+
+def test_world_with_item_credit_says_which_items_matched(tokenizer):
+    conversation, persona = one_conversation()
+    text = format_turn([persona.items[0], persona.items[1], ProfileItem("Location", "Atlantis")], "Nice. What else?")
+    world = World(tokenizer, load_prompt("policy_system_tiny"), ScriptedUser(), EmbeddedProfileJudge(),
+                  EmbeddedResponseJudge(), item_credit=True)
+    ((parsed, score, matched),) = asyncio.run(world.score([conversation], [[text]]))[0]
+    ((_, plain_score, none),) = asyncio.run(make_world(tokenizer).score([conversation], [[text]]))[0]
+    assert matched == {0, 1} and none is None and score == plain_score
 
 
 def run_rollout(tokenizer, groups, seed=0):

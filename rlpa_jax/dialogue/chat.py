@@ -28,8 +28,8 @@ from rlpa_jax.tokenizer import chat_token_ids
 
 PROMPTS_DIR = Path(__file__).resolve().parents[2] / "configs" / "prompts"
 
-PROFILE_CLOSE = "</profile>"
-_TAGS = ("<profile>", PROFILE_CLOSE, "<response>", "</response>")
+PROFILE_OPEN, PROFILE_CLOSE = "<profile>", "</profile>"
+_TAGS = (PROFILE_OPEN, PROFILE_CLOSE, "<response>", "</response>")
 _TURN = re.compile(
     r"\A\s*<profile>(?P<profile>.*?)</profile>\s*<response>(?P<response>.*?)</response>\s*\Z",
     re.DOTALL,

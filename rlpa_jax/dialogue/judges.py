@@ -369,13 +369,14 @@ def item_match_score(
     return sum(best_scores) / len(best_scores)
 
 
-def count_item_matches(
+def matched_item_indices(
     inferred: Sequence[ProfileItem],
     true: Sequence[ProfileItem],
     rules: MatchRules = MatchRules(),
     encoder: SentenceEncoder | None = None,
-) -> int:
-    """One-to-one greedy matching: best-scoring pairs first, each true item used once."""
+) -> frozenset[int]:
+    """Which inferred items match a true item, by one-to-one greedy matching: best-scoring pairs
+    first, each true item used once."""
     candidates = []
     for i, inferred_item in enumerate(inferred):
         for j, true_item in enumerate(true):
@@ -389,7 +390,17 @@ def count_item_matches(
         if i not in used_inferred and j not in used_true:
             used_inferred.add(i)
             used_true.add(j)
-    return len(used_inferred)
+    return frozenset(used_inferred)
+
+
+def count_item_matches(
+    inferred: Sequence[ProfileItem],
+    true: Sequence[ProfileItem],
+    rules: MatchRules = MatchRules(),
+    encoder: SentenceEncoder | None = None,
+) -> int:
+    """How many inferred items match a distinct true item (matched_item_indices, counted)."""
+    return len(matched_item_indices(inferred, true, rules, encoder))
 
 
 def mentioned_item_indices(items: Sequence[ProfileItem], text: str) -> set[int]:
@@ -481,6 +492,12 @@ class EmbeddedProfileJudge:
         self, pairs: Sequence[tuple[Sequence[ProfileItem], Sequence[ProfileItem]]]
     ) -> list[int | None]:
         return [count_item_matches(inferred, true, self.rules, self.encoder) for inferred, true in pairs]
+
+    async def match_items(
+        self, pairs: Sequence[tuple[Sequence[ProfileItem], Sequence[ProfileItem]]]
+    ) -> list[frozenset[int] | None]:
+        """For each (inferred, true): which inferred items match (for crediting items one by one)."""
+        return [matched_item_indices(inferred, true, self.rules, self.encoder) for inferred, true in pairs]
 
 
 # --------------------------------------------------------------------------------------

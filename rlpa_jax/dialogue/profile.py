@@ -103,16 +103,21 @@ def split_value(slot: str, value: str) -> list[str]:
     return [part.strip(" .") for part in parts]
 
 
+def dedupe_key(item: ProfileItem) -> tuple[str, str] | None:
+    """What two items are the same item by: (slot, value) normalised; None for a placeholder."""
+    value_key = normalize_text(item.value)
+    if value_key in _EMPTY_VALUES or not item.slot:
+        return None
+    return normalize_text(item.slot), value_key
+
+
 def dedupe_items(items: Iterable[ProfileItem]) -> list[ProfileItem]:
     """Drop placeholder values and repeats of (slot, normalised value), keeping first occurrences."""
     seen: set[tuple[str, str]] = set()
     kept: list[ProfileItem] = []
     for item in items:
-        value_key = normalize_text(item.value)
-        if value_key in _EMPTY_VALUES or not item.slot:
-            continue
-        key = (normalize_text(item.slot), value_key)
-        if key not in seen:
+        key = dedupe_key(item)
+        if key is not None and key not in seen:
             seen.add(key)
             kept.append(item)
     return kept
@@ -162,13 +167,21 @@ def _try_json_object(text: str) -> dict | None:
     return decoded if isinstance(decoded, dict) else None
 
 
-def _items_from_lines(text: str) -> list[ProfileItem]:
-    items: list[ProfileItem] = []
-    for line in text.splitlines():
-        match = _BULLET_LINE.match(line)
+def bullet_lines(text: str) -> list[tuple[int, int, list[ProfileItem]]]:
+    """Every "- Slot: value" line of `text` as (start, end, its items), character offsets into
+    `text` (end excludes the newline); items before de-duplication, in the order written."""
+    lines, start = [], 0
+    for line in text.splitlines(keepends=True):
+        match = _BULLET_LINE.match(line.rstrip("\r\n"))
         if match:
-            items.extend(_items_from_slot_value(match.group("slot"), match.group("value")))
-    return items
+            items = _items_from_slot_value(match.group("slot"), match.group("value"))
+            lines.append((start, start + len(line.rstrip("\r\n")), items))
+        start += len(line)
+    return lines
+
+
+def _items_from_lines(text: str) -> list[ProfileItem]:
+    return [item for _, _, items in bullet_lines(text) for item in items]
 
 
 def parse_profile(text: str) -> list[ProfileItem]:
@@ -205,3 +218,15 @@ def profile_f1(num_matched: int, num_inferred: int, num_true: int) -> float:
     precision = matched / num_inferred
     recall = matched / num_true
     return 2 * precision * recall / (precision + recall)
+
+
+def item_credits(matched: Sequence[bool], num_true: int) -> list[float]:
+    """Each inferred item's share of the profile F1: F1 with the item minus F1 without it.
+
+    F1 = 2m / (|inferred| + |true|), so a matched item is worth about 2 / (|inferred| + |true|)
+    and a wrong one costs only the precision it dilutes (2m / ((n + T)(n + T - 1))): the same
+    trade-off the turn's F1 makes, told item by item instead of once for the whole block.
+    """
+    num_matched, num_inferred = sum(matched), len(matched)
+    full = profile_f1(num_matched, num_inferred, num_true)
+    return [full - profile_f1(num_matched - int(hit), num_inferred - 1, num_true) for hit in matched]

@@ -29,7 +29,8 @@ def pack_samples(samples: Sequence[Sample], pad_id: int, response_length: int, p
     """Padded arrays for a list of samples; extra all-padding rows up to a row multiple.
 
     Besides the trained score, each row keeps the two parts of it the reward mode trains on and
-    a mask of its <profile> block's tokens (for crediting each block with its own reward)."""
+    a mask of its <profile> block's tokens (for crediting each block with its own reward), and
+    its item credits when the rollout computed them (zeros otherwise)."""
     prompt_length = bucket(max(len(s.prompt_tokens) for s in samples), prompt_buckets)
     rows = -(-len(samples) // row_multiple) * row_multiple
     tokens = np.full((rows, prompt_length + response_length), pad_id, np.int32)
@@ -40,6 +41,8 @@ def pack_samples(samples: Sequence[Sample], pad_id: int, response_length: int, p
     chosen = np.zeros((rows,), bool)
     block_scores = np.zeros((rows, 2), np.float32)
     profile_mask = np.zeros((rows, response_length), bool)
+    item_credit = np.zeros((rows, response_length), np.float32)
+    item_mask = np.zeros((rows, response_length), bool)
     for i, s in enumerate(samples):
         p, r = len(s.prompt_tokens), len(s.response_tokens)
         tokens[i, prompt_length - p:prompt_length] = s.prompt_tokens
@@ -51,11 +54,14 @@ def pack_samples(samples: Sequence[Sample], pad_id: int, response_length: int, p
         chosen[i] = s.chosen
         block_scores[i] = reward_parts(s.score, reward_mode)
         profile_mask[i, :min(s.profile_length, r)] = True
+        if s.item_credit is not None:
+            item_credit[i, :r], item_mask[i, :r] = s.item_credit, s.item_mask
     return {
         "tokens": tokens, "attention_mask": attention, "response_mask": attention[:, prompt_length:].copy(),
         "sampler_logprobs": sampler_logprobs, "scores": scores, "chosen": chosen,
         "conversation_id": meta[:, 0], "turn": meta[:, 1], "sample_index": meta[:, 2],
         "profile_scores": block_scores[:, 0], "response_scores": block_scores[:, 1], "profile_mask": profile_mask,
+        "item_credit": item_credit, "item_mask": item_mask,
     }
 
 
@@ -164,12 +170,16 @@ def add_advantages(batch: Batch, advantage: str, kl_coef: float, kl_estimator: s
 
     credit="turn" scores the whole turn with its reward (the paper); credit="block" credits the
     <profile> block with the profile reward and the reply with the response reward (GRPO: each
-    block gets its own group advantage; GAE: each block's reward sits on its last token).
+    block gets its own group advantage; GAE: each block's reward sits on its last token);
+    credit="item" is "block" with each profile line credited with its items' share of the F1
+    (rl/item_credit.py; GRPO only).
     """
-    if credit not in ("turn", "block"):
-        raise ValueError(f"ppo.credit={credit!r}; expected turn or block")
+    if credit not in ("turn", "block", "item"):
+        raise ValueError(f"ppo.credit={credit!r}; expected turn, block or item")
+    if credit == "item" and advantage != "grpo":
+        raise ValueError(f"ppo.credit=item needs ppo.advantage=grpo, got {advantage!r}")
     mask = batch["response_mask"]
-    by_block = credit == "block"
+    by_block = credit in ("block", "item")
     if by_block:
         rewards, kl = ppo.block_token_rewards(batch["profile_scores"], batch["response_scores"], batch["profile_mask"],
                                               batch["old_logprobs"], batch["reference_logprobs"], mask, kl_coef,
@@ -184,6 +194,8 @@ def add_advantages(batch: Batch, advantage: str, kl_coef: float, kl_estimator: s
             advantages = np.asarray(ppo.block_advantages(ppo.group_advantages(batch["profile_scores"], group_size),
                                                          ppo.group_advantages(batch["response_scores"], group_size),
                                                          batch["profile_mask"], mask))
+            if credit == "item":
+                advantages = np.asarray(ppo.item_advantages(advantages, batch["item_credit"], batch["item_mask"]))
         else:
             advantages = np.asarray(ppo.expand_to_tokens(ppo.group_advantages(batch["scores"], group_size), mask))
         advantages = advantages - kl_coef * kl * mask

@@ -286,6 +286,20 @@ def block_advantages(profile_advantages: jax.Array, response_advantages: jax.Arr
             + expand_to_tokens(response_advantages, _as_float(mask) - profile_mask))
 
 
+def item_advantages(advantages: jax.Array, item_credit: jax.Array, item_mask: jax.Array,
+                    eps: float = 1e-8) -> jax.Array:
+    """Item credits in place of `advantages` on the tokens of profile lines (`item_mask`).
+
+    Credits are F1 differences (a matched item about +0.2, a wrong one a few hundredths below 0),
+    so only their scale is normalised, to a root mean square of 1 over the masked tokens, like the
+    unit-spread group advantages around them; their sign already says right or wrong.
+    """
+    item_mask = _as_float(item_mask)
+    credit = jnp.asarray(item_credit, jnp.float32)
+    rms = jnp.sqrt(masked_mean(credit**2, item_mask))
+    return jnp.where(item_mask > 0, credit / jnp.maximum(rms, eps), jnp.asarray(advantages, jnp.float32))
+
+
 def expand_to_tokens(advantages: jax.Array, mask: jax.Array) -> jax.Array:
     """Broadcasts per-sample advantages (batch,) to every valid token of (batch, T)."""
     return jnp.asarray(advantages, jnp.float32)[:, None] * _as_float(mask)

@@ -23,6 +23,7 @@ from rlpa_jax.dialogue.judges import ProfileJudge, ResponseJudge, ResponseReques
 from rlpa_jax.dialogue.personas import Persona
 from rlpa_jax.dialogue.users import OPENING_MESSAGE, UserSimulator, UserState
 from rlpa_jax.model.qwen2 import Params
+from rlpa_jax.rl.item_credit import token_item_credit
 from rlpa_jax.sampling import Sampler, SamplingParams, pad_prompts
 
 RewardMode = Literal["both", "profile", "response"]
@@ -53,6 +54,10 @@ class Sample:
     reward: float  # the reward the configured mode trains on
     chosen: bool = False
     profile_length: int = 0  # response tokens up to the end of </profile> (0: no well-formed turn)
+    # With item credit: each response token's share of the profile F1 (rl/item_credit.py), and
+    # which tokens belong to a profile line; None otherwise.
+    item_credit: np.ndarray | None = None
+    item_mask: np.ndarray | None = None
 
 
 def reward_parts(score: TurnScore, mode: RewardMode) -> tuple[float, float]:
@@ -94,33 +99,44 @@ def start_conversations(personas: Sequence[Persona], user_sim: UserSimulator, se
 
 
 class World:
-    """Everything outside the device: prompt rendering, judges, simulated users."""
+    """Everything outside the device: prompt rendering, judges, simulated users.
+
+    With `item_credit`, the profile judge also says which inferred items matched (it needs a
+    `match_items` method, as judges.EmbeddedProfileJudge has) and each sample gets per-token
+    item credits."""
 
     def __init__(self, tokenizer, system_prompt: str, user_sim: UserSimulator, profile_judge: ProfileJudge,
-                 response_judge: ResponseJudge, reward_mode: RewardMode = "both", max_prompt_tokens: int = 4096):
+                 response_judge: ResponseJudge, reward_mode: RewardMode = "both", max_prompt_tokens: int = 4096,
+                 item_credit: bool = False):
         self.tokenizer, self.system_prompt = tokenizer, system_prompt
         self.user_sim, self.profile_judge, self.response_judge = user_sim, profile_judge, response_judge
         self.reward_mode, self.max_prompt_tokens = reward_mode, max_prompt_tokens
+        self.item_credit = item_credit and reward_mode != "response"
 
     def prompt_tokens(self, history: Sequence[Message]) -> list[int]:
         return prompt_token_ids(self.tokenizer, self.system_prompt, history, self.max_prompt_tokens)
 
-    async def score(self, conversations: Sequence[Conversation], texts: Sequence[Sequence[str]]) -> list[list[tuple[ParsedTurn, TurnScore]]]:
-        """Parse and judge every sample of every conversation, both judges concurrently."""
+    async def score(self, conversations: Sequence[Conversation],
+                    texts: Sequence[Sequence[str]]) -> list[list[tuple[ParsedTurn, TurnScore, frozenset[int] | None]]]:
+        """Parse and judge every sample of every conversation, both judges concurrently: the parsed
+        turn, its score, and which of its profile items matched (None unless item credit is on)."""
         parsed = [[parse_turn(t) for t in row] for row in texts]
         cells = [(i, j) for i, row in enumerate(parsed) for j, p in enumerate(row) if p.well_formed]
         truth = [conversations[i].user.persona.items for i, _ in cells]
         pairs = [(parsed[i][j].profile, true) for (i, j), true in zip(cells, truth)]
         requests = [ResponseRequest(conversations[i].user.persona, tuple(conversations[i].history), parsed[i][j].response)
                     for i, j in cells]
-        matched, response_ok = await asyncio.gather(self.profile_judge.count_matches(pairs), self.response_judge.judge(requests))
-        judged = {cell: (m, r, len(true)) for cell, m, r, true in zip(cells, matched, response_ok, truth)}
+        profile_call = self.profile_judge.match_items(pairs) if self.item_credit else self.profile_judge.count_matches(pairs)
+        matches, response_ok = await asyncio.gather(profile_call, self.response_judge.judge(requests))
+        judged = {cell: (m, r, len(true)) for cell, m, r, true in zip(cells, matches, response_ok, truth)}
         results = []
         for i, row in enumerate(parsed):
             out = []
             for j, p in enumerate(row):
                 m, r, n_true = judged.get((i, j), (None, None, 0))
-                out.append((p, score_turn(p, m, r, n_true)))
+                matched = m if self.item_credit else None
+                count = len(m) if self.item_credit and m is not None else m
+                out.append((p, score_turn(p, count, r, n_true), matched))
             results.append(out)
         return results
 
@@ -183,12 +199,8 @@ class Rollout:
 
         samples, best = [], []
         for c, prompt, row, row_texts, row_scores in zip(conversations, prompts, rows, texts, scored):
-            turn_samples = [
-                Sample(c.conversation_id, turn, j, np.asarray(prompt, np.int32), toks.astype(np.int32), lps.astype(np.float32),
-                       text, parsed, score, reward_of(score, self.world.reward_mode),
-                       profile_length=profile_block_length(self.world.tokenizer, toks, parsed.well_formed))
-                for j, ((toks, lps), text, (parsed, score)) in enumerate(zip(row, row_texts, row_scores))
-            ]
+            turn_samples = [self._sample(c, turn, j, prompt, toks, lps, text, parsed, score, matched)
+                            for j, ((toks, lps), text, (parsed, score, matched)) in enumerate(zip(row, row_texts, row_scores))]
             chosen = max(turn_samples, key=lambda s: (s.score.valid, s.reward, -s.sample_index))
             chosen.chosen = True
             samples += turn_samples
@@ -204,6 +216,16 @@ class Rollout:
         self.timings.update(sampling_s=t1 - t0, scoring_s=t2 - t1, users_s=t3 - t2,
                             generated_tokens=int(generation.lengths.sum()), user_failures=replies.count(None))
         return samples
+
+    def _sample(self, conversation, turn, index, prompt, tokens, logprobs, text, parsed, score, matched) -> Sample:
+        tokenizer = self.world.tokenizer
+        sample = Sample(conversation.conversation_id, turn, index, np.asarray(prompt, np.int32), tokens.astype(np.int32),
+                        logprobs.astype(np.float32), text, parsed, score, reward_of(score, self.world.reward_mode),
+                        profile_length=profile_block_length(tokenizer, tokens, parsed.well_formed))
+        if self.world.item_credit:
+            sample.item_credit, sample.item_mask = token_item_credit(
+                tokenizer, tokens, text, parsed, matched, len(conversation.user.persona.items), sample.profile_length)
+        return sample
 
     def _stats(self, samples: list[Sample]) -> dict[str, float]:
         valid = [s for s in samples if s.score.valid]

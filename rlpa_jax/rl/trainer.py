@@ -65,7 +65,7 @@ class Trainer:
         profile_judge, response_judge = setup.build_judges(config)
         self.user = setup.build_user(config)
         world = World(self.tokenizer, load_prompt(config.rollout.system_prompt), self.user, profile_judge, response_judge,
-                      config.ppo.reward, config.rollout.max_prompt_tokens)
+                      config.ppo.reward, config.rollout.max_prompt_tokens, item_credit=config.ppo.credit == "item")
 
         r, p = config.rollout, config.ppo
         self.row_multiple = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
