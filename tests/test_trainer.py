@@ -42,11 +42,13 @@ def test_short_run_logs_checkpoints_and_exports(uninterrupted):
     assert [r["step"] for r in records] == [0, 1, 2, 3]
     for r in records:
         assert r["samples"] == 2 * 2 * 2 and np.isfinite(r["loss_mean"]) and r["logprob_gap"] < 1e-4
+        assert r["entropy_reply"] > 0 and r["entropy_profile"] >= 0
     assert set(summary) == {"start", "end"} and (config.run_dir / "rewards.png").stat().st_size > 0
     # The held-out evaluation reports profile F1 per turn, and the turns average to the whole.
     end = summary["end"]
     assert set(end) >= {"profile_f1_turn1", "profile_f1_turn2"}
     assert np.mean([end["profile_f1_turn1"], end["profile_f1_turn2"]]) == pytest.approx(end["profile_f1"])
+    assert {"revealed_turn2", "written_turn2", "right_turn2", "revealed_items"} <= set(end)
     steps = sorted(int(p.name) for p in (config.run_dir / "checkpoints").iterdir() if p.name.isdigit())
     assert steps[-1] == 4
     model = transformers.AutoModelForCausalLM.from_pretrained(config.run_dir / "hf", dtype=torch.float32)
@@ -122,3 +124,28 @@ def test_a_run_can_start_from_another_runs_policy(tmp_path, uninterrupted):
                        "model.tiny.intermediate_size=64")
     with pytest.raises(ValueError, match="differs from the configured"):
         Trainer(bad).initial_state()
+
+
+def test_profile_by_turn_says_what_was_revealed_written_and_right():
+    from rlpa_jax.dialogue.chat import Message, format_turn, parse_turn
+    from rlpa_jax.dialogue.judges import TurnScore
+    from rlpa_jax.dialogue.personas import synthetic_personas
+    from rlpa_jax.dialogue.profile import ProfileItem, profile_f1
+    from rlpa_jax.dialogue.users import ScriptedUser
+    from rlpa_jax.rl.rollout import Sample, start_conversations
+    from rlpa_jax.rl.trainer import profile_by_turn
+
+    persona = synthetic_personas(1, seed=3)[0]
+    conversation = start_conversations([persona], ScriptedUser(), [0], first_id=5)[0]
+    told = persona.items[0]
+    conversation.history += [Message("assistant", "Hi! What do you do?"), Message("user", f"{told.slot}: {told.value}.")]
+    wrong = ProfileItem("Location", "Atlantis")
+
+    def sample(turn, items, matched):
+        f1 = profile_f1(matched, len(items), len(persona.items))
+        return Sample(5, turn, 0, np.zeros(1, np.int32), np.zeros(1, np.int32), np.zeros(1, np.float32), "",
+                      parse_turn(format_turn(items, "Nice.")), TurnScore(f1, 1.0, f1 + 1.0, True, True), f1 + 1.0)
+
+    got = profile_by_turn([sample(0, [], 0), sample(1, [told, wrong], 1), sample(1, [told], 1)], [conversation])
+    assert got["revealed_turn1"] == 0 and got["written_turn1"] == 0 and got["right_turn1"] == 0
+    assert got["revealed_turn2"] == 1 and got["written_turn2"] == 1.5 and got["right_turn2"] == 1

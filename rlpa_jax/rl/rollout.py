@@ -166,7 +166,10 @@ class Rollout:
         groups = [g for g in groups if g]
         samples = asyncio.run(self._run_groups(params, groups, key))
         self.timings["rollout_s"] = time.perf_counter() - start
-        return RolloutResult(samples, conversations, self._stats(samples))
+        stats = self._stats(samples)
+        # What the replies drew out of the users: profile F1 can only count what was revealed.
+        stats["revealed_items"] = float(np.mean([len(c.user.revealed) for c in conversations])) if conversations else 0.0
+        return RolloutResult(samples, conversations, stats)
 
     async def _run_groups(self, params, groups, key) -> list[Sample]:
         results = await asyncio.gather(*(self._run_group(params, g, jax.random.fold_in(key, i)) for i, g in enumerate(groups)))

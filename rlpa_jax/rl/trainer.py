@@ -27,6 +27,7 @@ from rlpa_jax import parallel
 from rlpa_jax.checkpoint import Checkpointer, model_config_to_meta
 from rlpa_jax.config import TrainConfig, to_dict
 from rlpa_jax.dialogue.chat import load_prompt
+from rlpa_jax.dialogue.judges import mentioned_item_indices
 from rlpa_jax.model import hf
 from rlpa_jax.model.qwen2 import critic_params_from_policy, init_params
 from rlpa_jax.rl import ppo, setup
@@ -186,6 +187,11 @@ class Trainer:
                                else self.scorer.values(state["critic"].params, batch))
         mask = batch["response_mask"]
         metrics["logprob_gap"] = float(np.abs(batch["old_logprobs"] - batch["sampler_logprobs"])[mask].max())
+        # Per-token entropy of each block, estimated as the sampled tokens' mean -log p (exact in
+        # expectation at temperature 1): whether PPO sharpens the profile, the reply, or neither.
+        reply_mask = mask & ~batch["profile_mask"]
+        for name, block in (("entropy_profile", batch["profile_mask"]), ("entropy_reply", reply_mask)):
+            metrics[name] = float(-batch["old_logprobs"][block].mean()) if block.any() else 0.0
         batch = add_advantages(batch, p.advantage, kl_coef, p.kl_estimator, p.gamma, p.lam,
                                cfg.rollout.samples_per_prompt, p.whiten_advantages, p.credit)
         metrics["kl"] = float(batch["kl"][mask].mean())
@@ -238,8 +244,8 @@ class Trainer:
                           self._put_batch)
         seeds = [derived_seed(self.config.seed, -1, k) for k in range(len(personas))]
         result = rollout.run(params, start_conversations(personas, self.user, seeds), jax.random.key(self.config.seed + 7))
-        keys = ("reward", "profile_f1", "response_reward", "well_formed")
-        metrics = {k: result.stats[k] for k in keys} | profile_f1_by_turn(result.samples)
+        keys = ("reward", "profile_f1", "response_reward", "well_formed", "revealed_items")
+        metrics = {k: result.stats[k] for k in keys} | profile_by_turn(result.samples, result.conversations)
         self.metrics.write(f"eval_{label}", 0, metrics)
         return metrics
 
@@ -295,14 +301,27 @@ class Trainer:
         print("\nCtrl-C: finishing this iteration, then saving (press again to quit without saving)")
 
 
-def profile_f1_by_turn(samples) -> dict[str, float]:
-    """Mean profile F1 of the scored samples at each turn (`profile_f1_turn1`, ...): where in the
-    dialogue the inferred profile falls behind (the user reveals more every turn)."""
-    by_turn: dict[int, list[float]] = {}
+def profile_by_turn(samples, conversations) -> dict[str, float]:
+    """Where in the dialogue profile F1 is lost, per turn K (mean over the scored samples):
+    `profile_f1_turnK`; `revealed_turnK`, the true items the user's messages so far mention (what
+    a perfect reader could list); `written_turnK`, the items the turn lists (0 when malformed);
+    `right_turnK`, how many of those match (m, read back from F1 = 2m / (written + true))."""
+    by_id = {c.conversation_id: c for c in conversations}
+    by_turn: dict[int, dict[str, list[float]]] = {}
     for s in samples:
-        if s.score.valid:
-            by_turn.setdefault(s.turn, []).append(s.score.profile_reward)
-    return {f"profile_f1_turn{turn + 1}": float(np.mean(values)) for turn, values in sorted(by_turn.items())}
+        if not s.score.valid:
+            continue
+        conversation = by_id[s.conversation_id]
+        true = conversation.user.persona.items
+        said = [m.content for m in conversation.history if m.role == "user"][:s.turn + 1]
+        written = len(s.parsed.profile) if s.parsed.well_formed else 0
+        row = by_turn.setdefault(s.turn, {"profile_f1": [], "revealed": [], "written": [], "right": []})
+        row["profile_f1"].append(s.score.profile_reward)
+        row["revealed"].append(len(set().union(*(mentioned_item_indices(true, text) for text in said))))
+        row["written"].append(written)
+        row["right"].append(round(s.score.profile_reward * (written + len(true)) / 2))
+    return {f"{name}_turn{turn + 1}": float(np.mean(values)) for turn, row in sorted(by_turn.items())
+            for name, values in row.items()}
 
 
 def derived_seed(*parts: int) -> int:
