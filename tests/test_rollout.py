@@ -176,7 +176,7 @@ def test_rollout_records_every_sample_and_continues_with_the_best(tokenizer):
     assert len(first.response_tokens) == len(first.sampler_logprobs) and first.prompt_tokens.dtype == np.int32
     assert all(s.profile_length == 0 for s in result.samples if not s.parsed.well_formed)
     assert result.stats["revealed_items"] == np.mean([len(c.user.revealed) for c in result.conversations])
-    assert result.stats["revealed_items"] > 0  # three user replies reveal something (unprompted at worst)
+    assert result.stats["revealed_items"] > 0  # these seeded users reveal something in three replies
 
 
 def test_pipelined_rollouts_are_reproducible(tokenizer):
