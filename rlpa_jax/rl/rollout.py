@@ -127,16 +127,17 @@ class World:
         requests = [ResponseRequest(conversations[i].user.persona, tuple(conversations[i].history), parsed[i][j].response)
                     for i, j in cells]
         profile_call = self.profile_judge.match_items(pairs) if self.item_credit else self.profile_judge.count_matches(pairs)
-        matches, response_ok = await asyncio.gather(profile_call, self.response_judge.judge(requests))
-        judged = {cell: (m, r, len(true)) for cell, m, r, true in zip(cells, matches, response_ok, truth)}
+        found, response_ok = await asyncio.gather(profile_call, self.response_judge.judge(requests))
+        matched = found if self.item_credit else [None] * len(found)
+        counts = [None if m is None else len(m) for m in found] if self.item_credit else found
+        judged = {cell: (count, m, r, len(true))
+                  for cell, count, m, r, true in zip(cells, counts, matched, response_ok, truth)}
         results = []
         for i, row in enumerate(parsed):
             out = []
             for j, p in enumerate(row):
-                m, r, n_true = judged.get((i, j), (None, None, 0))
-                matched = m if self.item_credit else None
-                count = len(m) if self.item_credit and m is not None else m
-                out.append((p, score_turn(p, count, r, n_true), matched))
+                count, m, r, n_true = judged.get((i, j), (None, None, None, 0))
+                out.append((p, score_turn(p, count, r, n_true), m))
             results.append(out)
         return results
 
