@@ -111,6 +111,9 @@ class PPOConfig:
     iterations: int = 20
     actor_lr: float = 5e-7
     critic_lr: float = 9e-6
+    # None: the policy's final norm trains like every other weight. A number: it moves as one
+    # scalar inverse temperature, in log space, at this peak learning rate (rl/output_scale.py).
+    output_scale_lr: float | None = None
     adam_b1: float = 0.9
     adam_b2: float = 0.95
     weight_decay: float = 0.0
@@ -322,6 +325,6 @@ def validate(config: TrainConfig, where: str = "config") -> None:
         raise ConfigError(f"{where}: user.kind=llm needs user.llm.base_url")
     if config.data.switch_turn is not None and not 1 <= config.data.switch_turn <= rollout.max_rounds:
         raise ConfigError(f"{where}: data.switch_turn must be within 1..rollout.max_rounds={rollout.max_rounds}")
-    for name in ("actor_lr", "critic_lr"):
-        if getattr(ppo, name) <= 0:
+    for name in ("actor_lr", "critic_lr", "output_scale_lr"):
+        if getattr(ppo, name) is not None and getattr(ppo, name) <= 0:
             raise ConfigError(f"{where}: ppo.{name} must be > 0")

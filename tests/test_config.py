@@ -26,8 +26,9 @@ def test_paper_recipe_in_the_3b_config():
 
 def test_dotted_overrides_with_types():
     c = load_config(None, ["ppo.actor_lr=1e-6", "rollout.max_rounds=3", "model.tiny.hidden_size=64",
-                           "data.switch_turn=2", "rollout.prompt_buckets=[64,128]", "logging.tensorboard=false"])
-    assert c.ppo.actor_lr == 1e-6 and c.rollout.max_rounds == 3 and c.model.tiny.hidden_size == 64
+                           "data.switch_turn=2", "rollout.prompt_buckets=[64,128]", "logging.tensorboard=false",
+                           "ppo.output_scale_lr=0.02"])
+    assert c.ppo.actor_lr == 1e-6 and c.ppo.output_scale_lr == 0.02 and c.rollout.max_rounds == 3 and c.model.tiny.hidden_size == 64
     assert c.data.switch_turn == 2 and c.rollout.prompt_buckets == [64, 128] and c.logging.tensorboard is False
 
 
@@ -42,6 +43,7 @@ def test_dotted_overrides_with_types():
     ("rollout.eval_conversations=0", r"rollout.eval_conversations=0 must be >= 1"),
     ("ppo.credit=items", r"ppo.credit: 'items' is not one of \['turn', 'block', 'item'\]"),
     ("ppo.credit=item ppo.advantage=gae", r"ppo.credit=item needs ppo.advantage=grpo"),
+    ("ppo.output_scale_lr=0", r"ppo.output_scale_lr must be > 0"),
     ("ppo.credit=item judges.kind=llm", r"ppo.credit=item needs judges.kind=embedded"),
 ])
 def test_bad_overrides_are_explained(override, message):

@@ -34,6 +34,7 @@ from rlpa_jax.rl import ppo, setup
 from rlpa_jax.rl.experience import (Scorer, add_advantages, length_grouped_minibatches, pack_samples, prompt_lengths,
                                     trim_padding)
 from rlpa_jax.rl.metrics import MetricsLog, plot_training
+from rlpa_jax.rl.output_scale import output_scale_ratio, with_output_scale_lr
 from rlpa_jax.rl.rollout import Rollout, World, start_conversations
 from rlpa_jax.rl.step import Trainable, Updater, actor_loss_fn, critic_loss_fn, make_optimizer, param_shardings
 from rlpa_jax.sampling import Sampler, SamplingParams
@@ -86,7 +87,8 @@ class Trainer:
         trim = functools.partial(trim_padding, prompt_buckets=r.prompt_buckets)
         self.scorer = Scorer(self.model_config, chunk_rows=p.micro_batch_size, put_batch=self._put_batch, trim=trim)
         self.actor_updater = Updater(actor_loss_fn(self.model_config, p.clip_eps, p.entropy_coef),
-                                     make_optimizer(p.actor_lr, self.total_steps, **opt), p.micro_batch_size,
+                                     with_output_scale_lr(make_optimizer(p.actor_lr, self.total_steps, **opt),
+                                                          p.actor_lr, p.output_scale_lr), p.micro_batch_size,
                                      mesh=self.mesh, param_shardings=param_shardings(self.model_config, self.mesh),
                                      trim=trim)
         self.critic_updater = Updater(critic_loss_fn(self.model_config, p.value_clip_eps),
@@ -203,6 +205,7 @@ class Trainer:
         metrics |= update_metrics
         metrics["update_s"] = time.perf_counter() - t1
         metrics["update_tokens_per_s"] = float(batch["attention_mask"].sum()) * p.epochs / metrics["update_s"]
+        metrics["output_scale"] = output_scale_ratio(state["actor"].params, state["reference"])
         metrics["sampler_compiles"] = self.sampler.compile_count
         if p.adaptive_kl:
             kl_coef = float(ppo.adaptive_kl_coef(kl_coef, metrics["kl"], p.kl_target, p.kl_horizon, len(valid)))
