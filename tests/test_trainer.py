@@ -42,7 +42,7 @@ def test_short_run_logs_checkpoints_and_exports(uninterrupted):
     assert [r["step"] for r in records] == [0, 1, 2, 3]
     for r in records:
         assert r["samples"] == 2 * 2 * 2 and np.isfinite(r["loss_mean"]) and r["logprob_gap"] < 1e-4
-        assert r["entropy_reply"] > 0 and r["entropy_profile"] >= 0
+        assert r["entropy_reply"] > 0 and r["entropy_profile"] >= 0 and r["output_scale"] > 0
     assert set(summary) == {"start", "end"} and (config.run_dir / "rewards.png").stat().st_size > 0
     # The held-out evaluation reports profile F1 per turn, and the turns average to the whole.
     end = summary["end"]

@@ -13,7 +13,7 @@ matplotlib.use("Agg")  # files only: runs happen on headless hosts
 import matplotlib.pyplot as plt  # noqa: E402
 
 CURVES = (("reward", "mean turn reward"), ("profile_f1", "profile F1"), ("response_reward", "response reward"),
-          ("kl", "KL to reference"))
+          ("kl", "KL to reference"), ("output_scale", "output scale (1 / temperature)"))
 
 
 class MetricsLog:
