@@ -128,8 +128,10 @@ class World:
                     for i, j in cells]
         profile_call = self.profile_judge.match_items(pairs) if self.item_credit else self.profile_judge.count_matches(pairs)
         found, response_ok = await asyncio.gather(profile_call, self.response_judge.judge(requests))
-        matched = found if self.item_credit else [None] * len(found)
-        counts = [None if m is None else len(m) for m in found] if self.item_credit else found
+        if self.item_credit:  # the judge returned each turn's matched item indices
+            matched, counts = found, [None if m is None else len(m) for m in found]
+        else:  # the judge returned match counts
+            matched, counts = [None] * len(found), found
         judged = {cell: (count, m, r, len(true))
                   for cell, count, m, r, true in zip(cells, counts, matched, response_ok, truth)}
         results = []
