@@ -27,14 +27,15 @@ import optax  # noqa: E402
 from forward import describe_times, environment_line, interleaved_times  # noqa: E402
 
 from rlpa_jax.model.qwen2 import Qwen2Config, init_params  # noqa: E402
-from rlpa_jax.rl import step  # noqa: E402
-from rlpa_jax.rl.experience import length_grouped_minibatches, prompt_lengths, trim_padding  # noqa: E402
+from rlpa_jax.rl.experience import Experience, length_grouped_minibatches, prompt_lengths, trim_padding  # noqa: E402
+from rlpa_jax.rl.objectives import actor_loss_fn, response_tokens  # noqa: E402
+from rlpa_jax.training.updater import Updater  # noqa: E402
 
 PROMPT_BUCKETS = (64, 128, 192, 256, 384, 512)  # configs/tiny.yaml
 PROMPT_WIDTH, RESPONSE_WIDTH = 384, 128
 
 
-def iteration_batch(rounds: int, rows_per_round: int, vocab: int, seed: int) -> dict[str, np.ndarray]:
+def iteration_batch(rounds: int, rows_per_round: int, vocab: int, seed: int) -> Experience:
     """Packed rows as pack_samples lays them out, in length-grouped order."""
     rng = np.random.default_rng(seed)
     prompts = np.concatenate([rng.integers(50 + 80 * r, 90 + 80 * r, rows_per_round) for r in range(rounds)])
@@ -46,13 +47,12 @@ def iteration_batch(rounds: int, rows_per_round: int, vocab: int, seed: int) -> 
         tokens[i, PROMPT_WIDTH - p:PROMPT_WIDTH + r] = rng.integers(1, vocab, p + r)
         attention[i, PROMPT_WIDTH - p:PROMPT_WIDTH + r] = True
     response_mask = attention[:, PROMPT_WIDTH:].copy()
-    batch = {
-        "tokens": tokens, "attention_mask": attention, "response_mask": response_mask,
-        "old_logprobs": rng.normal(-3, 0.5, response_mask.shape).astype(np.float32) * response_mask,
-        "advantages": rng.normal(size=response_mask.shape).astype(np.float32) * response_mask,
-    }
-    order = np.concatenate(length_grouped_minibatches(prompt_lengths(batch), rows, rng))
-    return {k: v[order] for k, v in batch.items()}
+    batch = Experience(
+        tokens=tokens, attention_mask=attention, response_mask=response_mask,
+        old_logprobs=rng.normal(-3, 0.5, response_mask.shape).astype(np.float32) * response_mask,
+        advantages=rng.normal(size=response_mask.shape).astype(np.float32) * response_mask,
+    )
+    return batch.take(np.concatenate(length_grouped_minibatches(prompt_lengths(batch), rows, rng)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,16 +68,16 @@ def main(argv: list[str] | None = None) -> int:
                          num_layers=args.layers, num_heads=4, num_kv_heads=2)
     params = init_params(config, jax.random.key(0))
     batch = iteration_batch(4, 32, args.vocab, seed=0)
-    real_tokens = int(batch["attention_mask"].sum())
+    real_tokens = int(batch.attention_mask.sum())
     print(environment_line())
-    print(f"model: hidden {args.hidden}, layers {args.layers}, vocab {args.vocab}; batch {len(batch['tokens'])} rows x "
-          f"{batch['tokens'].shape[1]} columns, {real_tokens} real tokens "
-          f"({real_tokens / batch['attention_mask'].size:.0%} of the packed width), micro-batches of {args.micro_batch}")
+    print(f"model: hidden {args.hidden}, layers {args.layers}, vocab {args.vocab}; batch {batch.rows} rows x "
+          f"{batch.tokens.shape[1]} columns, {real_tokens} real tokens "
+          f"({real_tokens / batch.attention_mask.size:.0%} of the packed width), micro-batches of {args.micro_batch}")
 
     updaters = {
-        "untrimmed": step.Updater(step.actor_loss_fn(config, 0.2, 0.0), optax.sgd(1e-3), args.micro_batch),
-        "trimmed": step.Updater(step.actor_loss_fn(config, 0.2, 0.0), optax.sgd(1e-3), args.micro_batch,
-                                trim=functools.partial(trim_padding, prompt_buckets=PROMPT_BUCKETS)),
+        "untrimmed": Updater(actor_loss_fn(config, 0.2, 0.0), optax.sgd(1e-3), args.micro_batch, response_tokens),
+        "trimmed": Updater(actor_loss_fn(config, 0.2, 0.0), optax.sgd(1e-3), args.micro_batch, response_tokens,
+                           trim=functools.partial(trim_padding, prompt_buckets=PROMPT_BUCKETS)),
     }
 
     def update(name):

@@ -12,20 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from rlpa_jax.checkpoint import checkpoint_directory, model_config_from_meta, restore_actor_params  # noqa: E402
-from rlpa_jax.model.hf import export_hf  # noqa: E402
-
-
-def export_checkpoint(checkpoint: Path, output: Path, step: int | None = None, tokenizer: Path | None = None,
-                      dtype: str = "float32") -> Path:
-    """Reads only the policy (not the critic, reference or optimizer state) and writes it out."""
-    directory = checkpoint_directory(checkpoint)
-    params, meta, _ = restore_actor_params(directory, step)
-    config = model_config_from_meta(meta, str(directory))
-    tokenizer = tokenizer or (Path(meta["tokenizer_dir"]) if meta.get("tokenizer_dir") else None)
-    return export_hf(params, config, output, tokenizer_dir=tokenizer, dtype=dtype)
+from rlpa_jax.checkpoint import export_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from rlpa_jax import build, cli, parallel
+from rlpa_jax.model.hf import CheckpointError
+from rlpa_jax.rl.trainer import TrainingDiverged
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,17 +25,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. ppo.actor_lr=1e-6")
     args = parser.parse_args(argv)
-    from rlpa_jax import cli, parallel
-
     cli.setup_logging()
     config = cli.load_config_or_exit("train.py", args.config, args.overrides)
     parallel.initialize_distributed()
     cli.use_compilation_cache(config)
-    from rlpa_jax.model.hf import CheckpointError
-    from rlpa_jax.rl.trainer import Trainer, TrainingDiverged
-
     try:
-        summary = Trainer(config).train(resume=args.resume)
+        summary = build.build_trainer(config).train(resume=args.resume)
     except (TrainingDiverged, CheckpointError, FileNotFoundError, ValueError) as error:
         print(f"train.py: {error}", file=sys.stderr)
         return 1

@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from rlpa_jax.model.hf import export_hf
 from rlpa_jax.model.qwen2 import Params, Qwen2Config
 
 
@@ -169,3 +170,15 @@ def _nest(path: tuple, leaf: Any) -> Any:
     for key in reversed(path):
         leaf = {key: leaf}
     return leaf
+
+
+def export_checkpoint(checkpoint: str | Path, output: str | Path, step: int | None = None,
+                      tokenizer: str | Path | None = None, dtype: str = "float32") -> Path:
+    """A checkpoint's policy as a Hugging Face directory (loads with AutoModelForCausalLM). Reads only
+    the policy (not the critic, reference or optimizer state); the meta names the model config and
+    the tokenizer directory (`tokenizer` overrides it)."""
+    directory = checkpoint_directory(checkpoint)
+    params, meta, _ = restore_actor_params(directory, step)
+    config = model_config_from_meta(meta, str(directory))
+    tokenizer = tokenizer or (Path(meta["tokenizer_dir"]) if meta.get("tokenizer_dir") else None)
+    return export_hf(params, config, Path(output), tokenizer_dir=tokenizer, dtype=dtype)

@@ -7,6 +7,10 @@ import os
 import sys
 from pathlib import Path
 
+# The tokenizers library warns (and disables its threads) when a process forks after using them;
+# the launch scripts never fork, so say so before it is imported.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
 # Libraries that log every file written or request sent at INFO.
 CHATTY_LOGGERS = ("absl", "jax._src.xla_bridge", "matplotlib", "httpx", "openai")
 

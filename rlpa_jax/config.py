@@ -104,6 +104,7 @@ class RolloutConfig:
     pipeline_groups: int = 2  # host work for one group overlaps device sampling for another
     system_prompt: str = "policy_system"  # a file under configs/prompts/ (without .txt)
     eval_conversations: int = 32  # held-out users scored before and after PPO (one sample per turn)
+    generator: str = "jax"  # what samples the policy: a name in sampling.GENERATORS
 
 
 @dataclass
@@ -253,7 +254,7 @@ def to_dict(config) -> dict:
 # YAML + dotted overrides
 
 
-def _parse_override(text: str) -> tuple[list[str], Any]:
+def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected key.path=value (e.g. ppo.actor_lr=1e-6)")
     key, raw = text.split("=", 1)
@@ -296,7 +297,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     for text in overrides or []:
-        keys, value = _parse_override(text)
+        keys, value = parse_override(text)
         apply_override(tree, keys, value, text=text)
     config = from_dict(TrainConfig, tree, where=str(path))
     validate(config, str(path))

@@ -19,6 +19,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from rlpa_jax.model.qwen2 import Params, Qwen2Config, init_params, param_logical_axes
+
 log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -27,7 +29,6 @@ BATCH_AXES = ("data", "fsdp")
 # Logical name -> mesh axes. Parameters shard their "embed" dimension over fsdp (ZeRO-3 style) and
 # their head / mlp / vocab dimensions over tensor; activations shard batch over data and fsdp.
 LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", BATCH_AXES),
     ("activation_batch", BATCH_AXES),
     ("cache_batch", BATCH_AXES),
     ("embed", "fsdp"),
@@ -132,6 +133,12 @@ def shardings_for(logical_axes: Any, shapes: Any, mesh: Mesh) -> Any:
         shapes,
         is_leaf=_is_axes,
     )
+
+
+def param_shardings(config: Qwen2Config, mesh: Mesh, head: str = "lm") -> Params:
+    """The sharding of every parameter of a Qwen2 policy (head="lm") or critic (head="value")."""
+    abstract = jax.eval_shape(lambda: init_params(config, jax.random.key(0), head=head))
+    return shardings_for(param_logical_axes(config, head), abstract, mesh)
 
 
 def shard(tree: Any, shardings: Any) -> Any:

@@ -5,13 +5,17 @@ samples, and decodes with a `lax.while_loop` that stops as soon as every row has
 id. It returns the sampled tokens, their log-probabilities under the unfiltered model
 distribution (what the PPO trainer recomputes), and response lengths. Prompt lengths and batch
 sizes are bucketed by the caller (`pad_prompts`), so a run compiles a handful of programs.
+
+Everything that samples (the rollout, the evaluation policies, SFT previews) does so through the
+`Generator` interface, built from the GENERATORS table by config name (`rollout.generator`): a new
+sampler is one class and one table entry.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Protocol, Sequence
 
 import flax.linen as nn
 import jax
@@ -194,3 +198,26 @@ class Sampler:
             self._signatures.add(signature)
             log.info("sampler: compiling for prompts %s, %s (program %d)", tokens.shape, sampling, len(self._signatures))
         return self._jitted(params, self.config, tokens, mask, key, sampling, self.stop_ids, self.pad_id)
+
+
+class Generator(Protocol):
+    """Samples continuations of left-padded prompts with the parameters it is given."""
+
+    pad_id: int
+
+    @property
+    def compile_count(self) -> int:
+        """Programs compiled so far (logged: a growing count means unbucketed shapes)."""
+        ...
+
+    def __call__(self, params: Params, tokens, mask, key: jax.Array, sampling: SamplingParams) -> Generation: ...
+
+
+# Config name -> constructor (model config, stop token ids, pad id) -> Generator.
+GENERATORS: dict[str, Callable[[Qwen2Config, Sequence[int], int], Generator]] = {"jax": Sampler}
+
+
+def build_generator(kind: str, config: Qwen2Config, stop_ids: Sequence[int], pad_id: int) -> Generator:
+    if kind not in GENERATORS:
+        raise ValueError(f"rollout.generator={kind!r} is not one of {', '.join(GENERATORS)}")
+    return GENERATORS[kind](config, stop_ids, pad_id)

@@ -112,8 +112,8 @@ def test_dpo_loss_fn_pairs_rows_and_fills_the_diagnostics():
     used = batch["pair_mask"] > 0
     assert float(terms.count) == 2.0
     np.testing.assert_allclose(float(terms.total), losses[used].sum(), rtol=1e-4)
-    assert float(terms.clipped) == np.sum(margin[used] > 0)  # reward accuracy (as a count)
-    np.testing.assert_allclose(float(terms.approx_kl), margin[used].sum(), rtol=1e-4, atol=1e-4)
+    assert float(terms.sums["reward_accuracy"]) == np.sum(margin[used] > 0)  # a count of pairs
+    np.testing.assert_allclose(float(terms.sums["reward_margin"]), margin[used].sum(), rtol=1e-4, atol=1e-4)
 
 
 def judged_pass_rate(personas, histories, texts):
@@ -225,7 +225,7 @@ def test_short_dpo_run_learns_to_prefer_the_teacher(tokenizer):
 
 def test_dpo_on_a_mesh_matches_one_device(tokenizer):
     from rlpa_jax import parallel
-    from rlpa_jax.rl.step import param_shardings
+    from rlpa_jax.parallel import param_shardings
 
     pairs = dpo.preference_pairs(synthetic_personas(4, seed=1), num_turns=1, seed=0)
     # A one-word system prompt keeps these first turns within one 128-token bucket.

@@ -56,7 +56,8 @@ from rlpa_jax.eval.protocol import (
 from rlpa_jax.model import hf
 from rlpa_jax.model.qwen2 import Qwen2Config, init_params
 from rlpa_jax.offline.teacher import teacher_turn
-from rlpa_jax.rl.step import Trainable, param_shardings
+from rlpa_jax.parallel import param_shardings
+from rlpa_jax.training.updater import Trainable
 from rlpa_jax.tokenizer import load_tokenizer, train_tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -138,7 +139,7 @@ def test_jax_policy_per_conversation_prompts_share_one_program(policy, personas)
     assert [mixed[0], mixed[2]] == [alone[0], alone[2]] and mixed[1] == alone_other[1]
     assert policy.sampler.compile_count == max(compiled, 1)  # one bucket, one batch size: one program
     chunked = JaxPolicy(policy.params, TINY, policy.tokenizer, policy.system_prompt, "chunked", **POLICY_OPTIONS,
-                        max_batch_size=2, sampler=policy.sampler)
+                        max_batch_size=2, generator=policy.generator)
     assert asyncio.run(chunked.respond(histories)) == alone
     assert policy.sampler.compile_count == max(compiled, 1) + 1  # chunks of 2, the last one padded
 

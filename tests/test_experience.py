@@ -4,8 +4,10 @@ import jax
 import numpy as np
 
 from rlpa_jax.model.qwen2 import Qwen2Config, critic_params_from_policy, init_params
-from rlpa_jax.rl import step
-from rlpa_jax.rl.experience import Scorer, length_grouped_minibatches, prompt_lengths, trim_padding
+from rlpa_jax.rl.experience import Experience, ForwardPasses, length_grouped_minibatches, prompt_lengths, trim_padding
+from rlpa_jax.rl.objectives import actor_loss_fn, critic_loss_fn, response_tokens
+from rlpa_jax.training.forwards import response_logprobs
+from rlpa_jax.training.updater import Updater
 
 CONFIG = Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2)
 PROMPT, RESPONSE = 32, 16
@@ -22,27 +24,27 @@ def packed_batch(prompt_lengths, response_lengths, seed=0):
         tokens[i, PROMPT - p:PROMPT + r] = rng.integers(1, CONFIG.vocab_size, p + r)
         attention[i, PROMPT - p:PROMPT + r] = True
     response_mask = attention[:, PROMPT:].copy()
-    return {
-        "tokens": tokens, "attention_mask": attention, "response_mask": response_mask,
-        "old_logprobs": rng.normal(-4, 0.3, (rows, RESPONSE)).astype(np.float32) * response_mask,
-        "advantages": rng.normal(size=(rows, RESPONSE)).astype(np.float32) * response_mask,
-        "returns": rng.normal(size=(rows, RESPONSE)).astype(np.float32) * response_mask,
-        "old_values": rng.normal(size=(rows, RESPONSE)).astype(np.float32) * 0.1 * response_mask,
-        "scores": rng.normal(size=(rows,)).astype(np.float32),
-    }
+    return Experience(
+        tokens=tokens, attention_mask=attention, response_mask=response_mask,
+        old_logprobs=rng.normal(-4, 0.3, (rows, RESPONSE)).astype(np.float32) * response_mask,
+        advantages=rng.normal(size=(rows, RESPONSE)).astype(np.float32) * response_mask,
+        returns=rng.normal(size=(rows, RESPONSE)).astype(np.float32) * response_mask,
+        old_values=rng.normal(size=(rows, RESPONSE)).astype(np.float32) * 0.1 * response_mask,
+        scores=rng.normal(size=(rows,)).astype(np.float32),
+    )
 
 
 def test_trim_cuts_to_the_buckets_of_the_longest_row():
     batch = packed_batch([5, 11, 3], [4, 9, 1])
     trimmed = trim_padding(batch, BUCKETS, response_buckets=(4, 8, 12, 16))
-    assert trimmed["tokens"].shape == (3, 16 + 12) and trimmed["response_mask"].shape == (3, 12)
-    assert trimmed["advantages"].shape == (3, 12) and trimmed["scores"].shape == (3,)
+    assert trimmed.tokens.shape == (3, 16 + 12) and trimmed.response_mask.shape == (3, 12)
+    assert trimmed.advantages.shape == (3, 12) and trimmed.scores.shape == (3,)
     # Nothing real is cut: every row keeps all its tokens.
-    assert trimmed["attention_mask"].sum() == batch["attention_mask"].sum()
+    assert trimmed.attention_mask.sum() == batch.attention_mask.sum()
     np.testing.assert_array_equal(prompt_lengths(trimmed), [5, 11, 3])
     # A batch already at its buckets stays as it is.
     full = packed_batch([32, 2], [16, 1])
-    assert trim_padding(full, BUCKETS)["tokens"].shape == full["tokens"].shape
+    assert trim_padding(full, BUCKETS).tokens.shape == full.tokens.shape
 
 
 def test_trimmed_batches_give_the_same_logprobs_values_and_losses():
@@ -51,25 +53,25 @@ def test_trimmed_batches_give_the_same_logprobs_values_and_losses():
     critic["value_kernel"] = jax.random.normal(jax.random.key(1), (CONFIG.hidden_size,)) * 0.1
     batch = packed_batch([5, 11, 3, 7], [4, 9, 1, 6])
     trimmed = trim_padding(batch, BUCKETS, response_buckets=(12,))
-    kept = trimmed["response_mask"].shape[1]
+    kept = trimmed.response_mask.shape[1]
 
-    full_lp, _ = step.response_logprobs(params, CONFIG, batch["tokens"], batch["attention_mask"], RESPONSE)
-    cut_lp, _ = step.response_logprobs(params, CONFIG, trimmed["tokens"], trimmed["attention_mask"], kept)
-    mask = trimmed["response_mask"]
+    full_lp, _ = response_logprobs(params, CONFIG, batch.tokens, batch.attention_mask, RESPONSE)
+    cut_lp, _ = response_logprobs(params, CONFIG, trimmed.tokens, trimmed.attention_mask, kept)
+    mask = trimmed.response_mask
     np.testing.assert_allclose(np.asarray(cut_lp)[mask], np.asarray(full_lp)[:, :kept][mask], atol=1e-5)
 
-    for loss_fn, p in ((step.actor_loss_fn(CONFIG, 0.2, 0.01), params), (step.critic_loss_fn(CONFIG, 0.2), critic)):
+    for loss_fn, p in ((actor_loss_fn(CONFIG, 0.2, 0.01), params), (critic_loss_fn(CONFIG, 0.2), critic)):
         full_terms, cut_terms = loss_fn(p, batch), loss_fn(p, trimmed)
         np.testing.assert_allclose(np.asarray(cut_terms.total), np.asarray(full_terms.total), rtol=1e-5, atol=1e-6)
         assert float(cut_terms.count) == float(full_terms.count)
 
 
-def test_scorer_trims_each_chunk_without_changing_results():
+def test_forward_passes_trim_each_chunk_without_changing_results():
     params = init_params(CONFIG, jax.random.key(0))
     critic = critic_params_from_policy(params, CONFIG)
     batch = packed_batch([3, 4, 2, 30, 12, 5], [2, 16, 3, 5, 1, 8])
-    plain = Scorer(CONFIG, chunk_rows=2)
-    trimming = Scorer(CONFIG, chunk_rows=2, trim=lambda chunk: trim_padding(chunk, BUCKETS))
+    plain = ForwardPasses(CONFIG, chunk_rows=2)
+    trimming = ForwardPasses(CONFIG, chunk_rows=2, trim=lambda chunk: trim_padding(chunk, BUCKETS))
     np.testing.assert_allclose(trimming.logprobs(params, batch), plain.logprobs(params, batch), atol=1e-5)
     np.testing.assert_allclose(trimming.values(critic, batch), plain.values(critic, batch), atol=1e-5)
 
@@ -94,10 +96,11 @@ def test_an_update_on_trimmed_micro_batches_equals_the_untrimmed_update():
 
     params = init_params(CONFIG, jax.random.key(0))
     batch = packed_batch([5, 11, 3, 7, 30, 2, 9, 4], [4, 9, 1, 6, 16, 2, 3, 5])
-    batch.pop("scores")
+    batch = batch.only("tokens", "attention_mask", "response_mask", "old_logprobs", "advantages")
     results = []
     for trim in (None, lambda micro: trim_padding(micro, BUCKETS, response_buckets=(4, 8, 16))):
-        updater = step.Updater(step.actor_loss_fn(CONFIG, 0.2, 0.0), optax.sgd(0.5), micro_batch_size=2, trim=trim)
+        updater = Updater(actor_loss_fn(CONFIG, 0.2, 0.0), optax.sgd(0.5), micro_batch_size=2, loss_mask=response_tokens,
+                          trim=trim)
         trainable, metrics = updater(updater.init(jax.tree.map(lambda x: x.copy(), params)), batch)
         results.append((trainable.params, metrics))
     (plain, plain_metrics), (trimmed, trimmed_metrics) = results

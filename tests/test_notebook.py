@@ -5,7 +5,6 @@ short SFT run made by launch/sft.py's own run_sft, with every output path inside
 notebook must also be clean for version control: no stored outputs or execution counts.
 """
 
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -14,6 +13,7 @@ import matplotlib
 import numpy as np
 import pytest
 
+from rlpa_jax import jobs
 from rlpa_jax.config import load_config
 from rlpa_jax.dialogue.judges import count_item_matches
 from rlpa_jax.dialogue.personas import synthetic_personas
@@ -57,11 +57,8 @@ def turn_sections(output: str) -> dict[int, str]:
 
 @pytest.fixture(scope="module")
 def quick_checkpoint(tmp_path_factory) -> Path:
-    spec = importlib.util.spec_from_file_location("launch_sft_for_notebook_test", REPO / "launch" / "sft.py")
-    launcher = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(launcher)
     config = load_config(None, [*QUICK_SFT, f"output_dir={tmp_path_factory.mktemp('sft')}", "name=notebook"])
-    launcher.run_sft(config)
+    jobs.sft(config)
     return config.run_dir / "sft"
 
 

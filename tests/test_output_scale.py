@@ -1,4 +1,4 @@
-"""The policy's output scale learned as one inverse temperature (rl/output_scale.py)."""
+"""The policy's output scale learned as one inverse temperature (training/output_scale.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +8,11 @@ import pytest
 
 from rlpa_jax import parallel
 from rlpa_jax.model.qwen2 import Qwen2Config, forward, init_params
-from rlpa_jax.rl import output_scale, step
+from rlpa_jax.rl.experience import Experience
+from rlpa_jax.rl.objectives import actor_loss_fn, response_tokens
+from rlpa_jax.training import output_scale
+from rlpa_jax.training.optimizer import make_optimizer
+from rlpa_jax.training.updater import Updater
 
 CONFIG = Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2)
 
@@ -63,22 +67,22 @@ def test_clipping_sees_the_log_scale_gradient_at_its_true_size():
 
 
 def test_no_output_scale_lr_leaves_the_optimizer_alone():
-    optimizer = step.make_optimizer(1e-3, 10)
+    optimizer = make_optimizer(1e-3, 10)
     assert output_scale.with_output_scale_lr(optimizer, 1e-3, None) is optimizer
 
 
 def test_policy_update_on_the_eight_device_mesh_rescales_the_final_norm_as_one():
     mesh = parallel.make_mesh(parallel.MeshConfig(data=2, fsdp=2, tensor=2))
-    shardings = step.param_shardings(CONFIG, mesh)
-    optimizer = output_scale.with_output_scale_lr(step.make_optimizer(1e-4, 4, warmup_ratio=0.0), 1e-4, 1e-2)
-    updater = step.Updater(step.actor_loss_fn(CONFIG, 0.2, 0.0), optimizer, 4, mesh=mesh, param_shardings=shardings)
+    shardings = parallel.param_shardings(CONFIG, mesh)
+    optimizer = output_scale.with_output_scale_lr(make_optimizer(1e-4, 4, warmup_ratio=0.0), 1e-4, 1e-2)
+    updater = Updater(actor_loss_fn(CONFIG, 0.2, 0.0), optimizer, 4, response_tokens, mesh=mesh, param_shardings=shardings)
     start = jax.tree.map(np.asarray, init_params(CONFIG, jax.random.key(0)))  # the update donates its input
     rng = np.random.default_rng(0)
     tokens = rng.integers(1, CONFIG.vocab_size, (8, 12)).astype(np.int32)
     response_mask = np.ones((8, 4), bool)
-    batch = {"tokens": tokens, "attention_mask": np.ones_like(tokens, bool), "response_mask": response_mask,
-             "old_logprobs": np.full((8, 4), -4.8, np.float32),
-             "advantages": rng.normal(size=(8, 4)).astype(np.float32)}
+    batch = Experience(tokens=tokens, attention_mask=np.ones_like(tokens, bool), response_mask=response_mask,
+                       old_logprobs=np.full((8, 4), -4.8, np.float32),
+                       advantages=rng.normal(size=(8, 4)).astype(np.float32))
     trained, _ = updater(updater.init(parallel.shard(start, shardings)), batch)
     ratio = np.asarray(trained.params["final_norm"]["scale"]) / np.asarray(start["final_norm"]["scale"])
     np.testing.assert_allclose(ratio, ratio[0], rtol=1e-6)

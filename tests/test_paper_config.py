@@ -10,7 +10,7 @@ import jax
 from hf_reference import make_hf_model, write_release_shaped
 from openai_server import OpenAIServer, Reply
 from rlpa_jax.config import REPO_ROOT, load_config
-from rlpa_jax.rl.trainer import Trainer
+from rlpa_jax.build import build_trainer
 from rlpa_jax.tokenizer import train_tiny_tokenizer
 
 
@@ -38,7 +38,7 @@ def test_paper_config_starts_on_eight_fake_devices(tmp_path, aloe_dir):
             "ppo.iterations=1", "ppo.train_batch_size=64", "ppo.micro_batch_size=8", "logging.progress_bar=false",
             "logging.tensorboard=false", "logging.export_hf=false"])
         assert (config.mesh.fsdp, config.model.compute_dtype, config.ppo.actor_lr) == (8, "bfloat16", 5e-7)
-        run = Trainer(config)
+        run = build_trainer(config)
         state = run.initial_state()
         q = state["actor"].params["layers"]["attn"]["q_kernel"]
         assert q.sharding.spec[1] == "fsdp" and len(q.sharding.device_set) == 8

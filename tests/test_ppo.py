@@ -1,4 +1,4 @@
-"""rl/ppo.py against plain numpy references written the obvious way (loops over valid tokens)."""
+"""rl/ppo.py and training/losses.py against plain numpy references written the obvious way (loops over valid tokens)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from rlpa_jax.rl import ppo
+from rlpa_jax.training import losses
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 # Right-padded rows of different lengths, including length 1 and the full width.
@@ -46,11 +47,7 @@ def np_kl(logp, ref, estimator):
     logp, ref = np.float64(logp), np.float64(ref)
     if estimator == "k1":
         return logp - ref
-    if estimator == "k3":
-        return np.exp(ref - logp) - (ref - logp) - 1
-    if estimator == "abs":
-        return np.abs(logp - ref)
-    return 0.5 * (logp - ref) ** 2
+    return np.exp(ref - logp) - (ref - logp) - 1  # k3
 
 
 def np_gae_row(rewards, values, valid, gamma, lam):
@@ -73,13 +70,9 @@ def np_gae(rewards, values, mask, gamma, lam):
     return np.stack([a for a, _ in rows]), np.stack([r for _, r in rows])
 
 
-def np_masked_whiten(x, mask, shift_mean):
+def np_masked_whiten(x, mask):
     valid = x[mask].astype(np.float64)
-    mean = valid.mean()
-    var = valid.var(ddof=1)
-    out = (x - mean) / np.sqrt(var + 1e-8)
-    if not shift_mean:
-        out = out + mean
+    out = (x - valid.mean()) / np.sqrt(valid.var(ddof=1) + 1e-8)
     return np.where(mask, out, 0.0)
 
 
@@ -89,22 +82,20 @@ def np_masked_whiten(x, mask, shift_mean):
 def test_masked_sum_and_mean_match_numpy():
     batch = random_batch(0)
     x, mask = batch["values"], batch["mask"]
-    np.testing.assert_allclose(ppo.masked_sum(x, mask), x[mask].sum(), **TOL)
-    np.testing.assert_allclose(ppo.masked_mean(x, mask), x[mask].mean(), **TOL)
+    np.testing.assert_allclose(losses.masked_sum(x, mask), x[mask].sum(), **TOL)
+    np.testing.assert_allclose(losses.masked_mean(x, mask), x[mask].mean(), **TOL)
     row_means = [x[i, : n].mean() for i, n in enumerate(LENGTHS)]
-    np.testing.assert_allclose(ppo.masked_mean(x, mask, axis=1), row_means, **TOL)
-    np.testing.assert_allclose(ppo.masked_mean(x, np.zeros_like(mask)), 0.0)
+    np.testing.assert_allclose(losses.masked_mean(x, mask, axis=1), row_means, **TOL)
+    np.testing.assert_allclose(losses.masked_mean(x, np.zeros_like(mask)), 0.0)
 
 
-@pytest.mark.parametrize("shift_mean", [True, False])
-def test_whiten_matches_numpy(shift_mean):
+def test_whiten_matches_numpy():
     batch = random_batch(1)
     x, mask = batch["values"] * 3 + 2, batch["mask"]
-    got = ppo.whiten(x, mask, shift_mean=shift_mean)
-    np.testing.assert_allclose(got, np_masked_whiten(x, mask, shift_mean), **TOL)
-    if shift_mean:
-        assert abs(float(ppo.masked_mean(got, mask))) < 1e-5
-        assert float(ppo.masked_var(got, mask)) == pytest.approx(1.0, rel=1e-4)
+    got = ppo.whiten(x, mask)
+    np.testing.assert_allclose(got, np_masked_whiten(x, mask), **TOL)
+    assert abs(float(losses.masked_mean(got, mask))) < 1e-5
+    assert float(ppo.masked_var(got, mask)) == pytest.approx(1.0, rel=1e-4)
 
 
 def test_last_token_mask_marks_last_valid_token_only():
@@ -120,7 +111,7 @@ def test_last_token_mask_marks_last_valid_token_only():
 # ----------------------------------------------------------------------------- KL and rewards
 
 
-@pytest.mark.parametrize("estimator", ppo.KL_ESTIMATORS)
+@pytest.mark.parametrize("estimator", ["k1", "k3"])
 def test_kl_penalty_matches_numpy(estimator):
     batch = random_batch(2)
     got = ppo.kl_penalty(batch["logprobs"], batch["reference_logprobs"], estimator)
@@ -137,10 +128,8 @@ def test_kl_penalty_rejects_unknown_estimator():
 def test_token_rewards_match_numpy(estimator):
     batch = random_batch(3)
     kl_coef = 0.05
-    rewards, kl = ppo.token_rewards(
-        batch["scores"], batch["logprobs"], batch["reference_logprobs"], batch["mask"], kl_coef,
-        estimator,
-    )
+    kl = ppo.kl_penalty(batch["logprobs"], batch["reference_logprobs"], estimator) * batch["mask"]
+    rewards = ppo.token_rewards(batch["scores"], kl, batch["mask"], kl_coef)
     want_kl = np.zeros((len(LENGTHS), WIDTH))
     want_rewards = np.zeros((len(LENGTHS), WIDTH))
     for row, n in enumerate(LENGTHS):
@@ -168,7 +157,6 @@ def test_adaptive_kl_moves_coefficient_toward_target():
     far_below = float(ppo.adaptive_kl_coef(coef, 0.0, target, horizon, n_steps))
     assert far_above == pytest.approx(coef * (1 + 0.2 * n_steps / horizon), rel=1e-6)
     assert far_below == pytest.approx(coef * (1 - 0.2 * n_steps / horizon), rel=1e-6)
-    assert float(ppo.fixed_kl_coef(coef, 600.0, target, horizon, n_steps)) == pytest.approx(coef)
 
 
 # ----------------------------------------------------------------------------- GAE
@@ -213,63 +201,6 @@ def test_gae_is_independent_of_where_the_padding_sits():
     np.testing.assert_allclose(left_adv, shift(np.asarray(right_adv)), **TOL)
 
 
-def stack_turns(seed: int, conversations=3, turns=4, width=6):
-    """(C, K, T) arrays: ragged turns, a 1-token turn, a dropped turn, a conversation cut short."""
-    rng = np.random.default_rng(seed)
-    lengths = rng.integers(1, width + 1, (conversations, turns))
-    lengths[0, 1] = 1
-    mask = np.arange(width)[None, None, :] < lengths[:, :, None]
-    turn_mask = np.ones((conversations, turns), bool)
-    turn_mask[1, 3:] = False  # conversation 1 ended after three turns
-    turn_mask[2, 1] = False  # a failed judge call dropped turn 1 of conversation 2
-    shape = (conversations, turns, width)
-    rewards = rng.normal(0, 1, shape).astype(np.float32)
-    values = rng.normal(0, 1, shape).astype(np.float32)
-    return rewards, values, mask, turn_mask
-
-
-@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.99, 0.9)])
-def test_cross_turn_gae_matches_numpy_over_concatenated_turns(gamma, lam):
-    rewards, values, mask, turn_mask = stack_turns(7)
-    advantages, returns = ppo.cross_turn_gae(rewards, values, mask, turn_mask, gamma, lam)
-    token_mask = mask & turn_mask[:, :, None]
-    c, k, t = rewards.shape
-    want_adv, want_ret = np_gae(
-        rewards.reshape(c, k * t), values.reshape(c, k * t), token_mask.reshape(c, k * t),
-        gamma, lam,
-    )
-    np.testing.assert_allclose(advantages, want_adv.reshape(c, k, t), **TOL)
-    np.testing.assert_allclose(returns, want_ret.reshape(c, k, t), **TOL)
-    assert not np.any(np.asarray(advantages)[~token_mask])
-
-
-def test_cross_turn_gae_bootstraps_from_next_turns_first_value():
-    rewards, values, mask, turn_mask = stack_turns(8)
-    gamma = 0.97
-    advantages, _ = ppo.cross_turn_gae(rewards, values, mask, turn_mask, gamma, 0.0)
-    last = mask.sum(-1) - 1
-    # Conversation 0, turn 0: its last token's TD error uses turn 1's first value.
-    expected = rewards[0, 0, last[0, 0]] + gamma * values[0, 1, 0] - values[0, 0, last[0, 0]]
-    np.testing.assert_allclose(advantages[0, 0, last[0, 0]], expected, **TOL)
-    # Conversation 2 skips its dropped turn 1: turn 0 bootstraps from turn 2.
-    expected = rewards[2, 0, last[2, 0]] + gamma * values[2, 2, 0] - values[2, 0, last[2, 0]]
-    np.testing.assert_allclose(advantages[2, 0, last[2, 0]], expected, **TOL)
-    # The final existing turn of conversation 1 bootstraps from nothing.
-    expected = rewards[1, 2, last[1, 2]] - values[1, 2, last[1, 2]]
-    np.testing.assert_allclose(advantages[1, 2, last[1, 2]], expected, **TOL)
-
-
-def test_cross_turn_gae_of_single_turn_conversations_equals_within_turn_gae():
-    batch = random_batch(9)
-    within = ppo.gae_advantages(batch["rewards"], batch["values"], batch["mask"], 0.99, 0.95)
-    across = ppo.cross_turn_gae(
-        batch["rewards"][:, None], batch["values"][:, None], batch["mask"][:, None],
-        np.ones((len(LENGTHS), 1), bool), 0.99, 0.95,
-    )
-    for got, want in zip(across, within):
-        np.testing.assert_allclose(np.asarray(got)[:, 0], want, **TOL)
-
-
 # ----------------------------------------------------------------------------- group advantages
 
 
@@ -281,8 +212,6 @@ def test_group_advantages_for_known_groups():
     np.testing.assert_allclose(got[4:8], 0.0, atol=1e-6)  # all equal: no signal, no NaN
     third = np.array([0.0, 0.5, 1.0, 1.5])
     np.testing.assert_allclose(got[8:], (third - third.mean()) / third.std(ddof=1), rtol=1e-5)
-    centered = np.asarray(ppo.group_advantages(scores, 4, normalize_std=False))
-    np.testing.assert_allclose(centered[:4], [0.5, -0.5, -0.5, 0.5], rtol=1e-6)
 
 
 def test_group_advantages_match_numpy_for_random_groups():
@@ -302,35 +231,6 @@ def test_expand_to_tokens_fills_valid_tokens_only():
     advantages = np.arange(len(LENGTHS), dtype=np.float32) + 1
     got = np.asarray(ppo.expand_to_tokens(advantages, mask))
     np.testing.assert_array_equal(got, np.where(mask, advantages[:, None], 0.0))
-
-
-PROFILE_LENGTHS = (3, 1, 0, 10, 2, 6)  # tokens of each row's <profile> block (0: malformed turn)
-
-
-def test_block_token_rewards_put_each_blocks_score_on_its_last_token():
-    batch = random_batch(3)
-    rng = np.random.default_rng(3)
-    profile_scores, response_scores = rng.random(len(LENGTHS)), rng.random(len(LENGTHS))
-    profile_mask = padding_mask(PROFILE_LENGTHS)
-    rewards, kl = ppo.block_token_rewards(profile_scores, response_scores, profile_mask, batch["logprobs"],
-                                          batch["reference_logprobs"], batch["mask"], 0.05)
-    want = np.where(batch["mask"], -0.05 * (batch["logprobs"] - batch["reference_logprobs"]), 0.0)
-    for row, (n, p) in enumerate(zip(LENGTHS, PROFILE_LENGTHS)):
-        want[row, n - 1] += response_scores[row]
-        if p:
-            want[row, p - 1] += profile_scores[row]
-    np.testing.assert_allclose(rewards, want, **TOL)
-    np.testing.assert_allclose(kl, np.where(batch["mask"], batch["logprobs"] - batch["reference_logprobs"], 0), **TOL)
-
-
-def test_block_advantages_give_each_block_its_own_advantage():
-    profile_advantages = np.arange(len(LENGTHS), dtype=np.float32) + 1
-    response_advantages = -profile_advantages
-    got = np.asarray(ppo.block_advantages(profile_advantages, response_advantages, padding_mask(PROFILE_LENGTHS),
-                                          padding_mask()))
-    for row, (n, p) in enumerate(zip(LENGTHS, PROFILE_LENGTHS)):
-        want = [profile_advantages[row]] * p + [response_advantages[row]] * (n - p) + [0.0] * (WIDTH - n)
-        np.testing.assert_array_equal(got[row], want)
 
 
 # ----------------------------------------------------------------------------- losses
@@ -354,8 +254,8 @@ def test_policy_loss_matches_numpy():
             approx_kl += ratio - 1 - log_ratio
     np.testing.assert_allclose(terms.total, total, **TOL)
     assert float(terms.count) == sum(LENGTHS)
-    assert float(terms.clipped) == clipped and clipped > 0
-    np.testing.assert_allclose(terms.approx_kl, approx_kl, **TOL)
+    assert float(terms.sums["clip_fraction"]) == clipped and clipped > 0
+    np.testing.assert_allclose(terms.sums["approx_kl"], approx_kl, **TOL)
 
 
 def test_value_loss_matches_numpy():
@@ -374,14 +274,14 @@ def test_value_loss_matches_numpy():
             clipped += (v_clipped - ret) ** 2 > (v - ret) ** 2
     np.testing.assert_allclose(terms.total, total, **TOL)
     assert float(terms.count) == sum(LENGTHS)
-    assert float(terms.clipped) == clipped and clipped > 0
+    assert float(terms.sums["clip_fraction"]) == clipped and clipped > 0
 
 
-def test_entropy_from_logits_matches_numpy():
+def test_entropy_sum_matches_numpy():
     rng = np.random.default_rng(13)
     logits = rng.normal(0, 2, (len(LENGTHS), WIDTH, 11)).astype(np.float32)
     mask = padding_mask()
-    terms = ppo.entropy_from_logits(logits, mask)
+    got = ppo.entropy_sum(logits, mask)
     total = 0.0
     for row, n in enumerate(LENGTHS):
         for t in range(n):
@@ -389,8 +289,7 @@ def test_entropy_from_logits_matches_numpy():
             p = np.exp(z - z.max())
             p /= p.sum()
             total += -np.sum(p * np.log(p))
-    np.testing.assert_allclose(terms.total, total, **TOL)
-    assert float(terms.count) == sum(LENGTHS)
+    np.testing.assert_allclose(got, total, **TOL)
 
 
 def test_policy_loss_gradient_is_zero_only_in_the_clipped_direction():
@@ -408,7 +307,7 @@ def test_policy_loss_gradient_is_zero_only_in_the_clipped_direction():
     # Ratio outside the range the other way: the unclipped term rules, the gradient pulls back.
     ratio = np.exp(log_ratio)
     np.testing.assert_allclose(grad[2:], -advantages[2:] * ratio[2:], rtol=1e-6)
-    assert float(ppo.policy_loss(new, old, advantages, mask, eps).clipped) == 2
+    assert float(ppo.policy_loss(new, old, advantages, mask, eps).sums["clip_fraction"]) == 2
 
 
 def test_value_loss_gradient_is_zero_when_the_clipped_error_dominates():
@@ -431,14 +330,13 @@ def test_micro_batch_sums_give_the_full_batch_mean():
     full = ppo.policy_loss(*args(slice(None)))
     # Rows 0-1 hold 8 tokens, rows 2-5 hold 23: unequal micro-batches.
     first, second = ppo.policy_loss(*args(slice(0, 2))), ppo.policy_loss(*args(slice(2, None)))
-    summed = ppo.add_terms(first, second)
-    np.testing.assert_allclose(ppo.mean(summed), ppo.mean(full), **TOL)
-    for key, value in ppo.summary(summed).items():
-        np.testing.assert_allclose(value, ppo.summary(full)[key], **TOL)
+    summed = losses.add_terms(first, second)
+    for key, value in losses.summary(summed).items():
+        np.testing.assert_allclose(value, losses.summary(full)[key], **TOL)
     # The naive mean of micro-batch means differs, which is why losses return sums.
-    naive = (float(ppo.mean(first)) + float(ppo.mean(second))) / 2
-    assert abs(naive - float(ppo.mean(full))) > 1e-3
-    assert float(ppo.mean(ppo.policy_loss(*args(slice(0, 0))))) == 0.0
+    naive = (mean(first) + mean(second)) / 2
+    assert abs(naive - mean(full)) > 1e-3
+    assert mean(ppo.policy_loss(*args(slice(0, 0)))) == 0.0
 
     values = batch["values"]
 
@@ -446,10 +344,14 @@ def test_micro_batch_sums_give_the_full_batch_mean():
         return values[rows], values[rows] * 0.5, batch["returns"][rows], mask[rows]
 
     full_value = ppo.value_loss(*value_args(slice(None)))
-    split_value = ppo.add_terms(
+    split_value = losses.add_terms(
         ppo.value_loss(*value_args(slice(0, 2))), ppo.value_loss(*value_args(slice(2, None)))
     )
-    np.testing.assert_allclose(ppo.mean(split_value), ppo.mean(full_value), **TOL)
+    np.testing.assert_allclose(mean(split_value), mean(full_value), **TOL)
+
+
+def mean(terms: losses.LossTerms) -> float:
+    return float(losses.summary(terms)["mean"])
 
 
 # ----------------------------------------------------------------------------- jit == eager
@@ -458,26 +360,21 @@ def test_micro_batch_sums_give_the_full_batch_mean():
 def test_jitted_functions_equal_eager():
     batch = random_batch(15)
     mask = batch["mask"].astype(np.float32)  # float masks are accepted as well as bool
-    rewards, values, turn_token_mask, turn_mask = stack_turns(16)
     logits = np.random.default_rng(17).normal(size=(len(LENGTHS), WIDTH, 5)).astype(np.float32)
     calls = {
         "kl_k3": (functools.partial(ppo.kl_penalty, estimator="k3"),
                   (batch["logprobs"], batch["reference_logprobs"])),
-        "token_rewards": (functools.partial(ppo.token_rewards, estimator="k1"),
-                          (batch["scores"], batch["logprobs"], batch["reference_logprobs"], mask,
-                           0.1)),
+        "token_rewards": (ppo.token_rewards, (batch["scores"], batch["logprobs"] * mask, mask, 0.1)),
         "adaptive_kl": (ppo.adaptive_kl_coef, (0.1, 0.3, 0.2, 1000.0, 64)),
         "gae": (ppo.gae_advantages, (batch["rewards"], batch["values"], mask, 0.99, 0.95)),
-        "cross_turn_gae": (ppo.cross_turn_gae,
-                           (rewards, values, turn_token_mask, turn_mask, 0.99, 0.95)),
         "group": (functools.partial(ppo.group_advantages, group_size=3), (batch["scores"],)),
         "whiten": (ppo.whiten, (batch["values"], mask)),
         "policy_loss": (ppo.policy_loss,
                         (batch["logprobs"], batch["old_logprobs"], batch["advantages"], mask)),
         "value_loss": (ppo.value_loss,
                        (batch["values"], batch["values"] * 0.7, batch["returns"], mask)),
-        "entropy": (ppo.entropy_from_logits, (logits, mask)),
-        "masked_mean": (ppo.masked_mean, (batch["values"], mask)),
+        "entropy": (ppo.entropy_sum, (logits, mask)),
+        "masked_mean": (losses.masked_mean, (batch["values"], mask)),
     }
     for name, (fn, args) in calls.items():
         eager = jax.tree.leaves(fn(*args))

@@ -14,7 +14,8 @@ from rlpa_jax.dialogue.personas import synthetic_personas
 from rlpa_jax.dialogue.profile import ProfileItem
 from rlpa_jax.dialogue.users import ScriptedUser
 from rlpa_jax.model.qwen2 import Qwen2Config, init_params
-from rlpa_jax.rl.rollout import Rollout, World, profile_block_length, reward_of, start_conversations
+from rlpa_jax.rl.environment import Environment, reward_of, start_conversations
+from rlpa_jax.rl.rollout import Rollout, profile_block_length
 from rlpa_jax.sampling import Sampler, SamplingParams
 from rlpa_jax.tokenizer import load_tokenizer, stop_token_ids, train_tiny_tokenizer
 
@@ -24,8 +25,8 @@ def tokenizer(tmp_path_factory):
     return load_tokenizer(train_tiny_tokenizer(tmp_path_factory.mktemp("tok"), vocab_size=512))
 
 
-def make_world(tokenizer, profile_judge=None, response_judge=None, mode="both"):
-    return World(tokenizer, load_prompt("policy_system_tiny"), ScriptedUser(), profile_judge or EmbeddedProfileJudge(),
+def make_environment(tokenizer, profile_judge=None, response_judge=None, mode="both"):
+    return Environment(tokenizer, load_prompt("policy_system_tiny"), ScriptedUser(), profile_judge or EmbeddedProfileJudge(),
                  response_judge or EmbeddedResponseJudge(), mode, max_prompt_tokens=256)
 
 
@@ -40,7 +41,7 @@ def test_scores_follow_the_turn_format_and_the_truth(tokenizer):
     conversation, persona = one_conversation()
     good = format_turn(persona.items[:2], "Hiking sounds lovely. Which trail near you do you like best?")
     texts = [good, "no tags at all", format_turn([], "ok")]
-    (scored,) = asyncio.run(make_world(tokenizer).score([conversation], [texts]))
+    (scored,) = asyncio.run(make_environment(tokenizer).score([conversation], [texts]))
     (p0, s0, _), (p1, s1, _), (_, s2, _) = scored
     assert p0.well_formed and s0.profile_reward > 0 and s0.valid
     assert not p1.well_formed and s1.total == 0 and s1.valid
@@ -56,10 +57,11 @@ def test_llm_judges_over_http_and_unscored_samples(tokenizer):
 
     with OpenAIServer(handler) as server:
         client = LLMClient(LLMConfig(base_url=server.base_url, model="judge", max_retries=0, backoff_initial_s=0.01))
-        world = make_world(tokenizer, LLMProfileJudge(client, max_attempts=1), LLMResponseJudge(client, max_attempts=1))
+        environment = make_environment(tokenizer, LLMProfileJudge(client, max_attempts=1),
+                                       LLMResponseJudge(client, max_attempts=1))
         text = format_turn(persona.items[:2], "Hiking sounds lovely. Which trail do you like best?")
-        (scored,) = asyncio.run(world.score([conversation], [[text]]))
-        (scored_again,) = asyncio.run(world.score([conversation], [[format_turn(persona.items[:1], "Nice. What else?")]]))
+        (scored,) = asyncio.run(environment.score([conversation], [[text]]))
+        (scored_again,) = asyncio.run(environment.score([conversation], [[format_turn(persona.items[:1], "Nice. What else?")]]))
     assert scored[0][1].valid  # both judges answered
     assert not scored_again[0][1].valid  # unparsable judge output: unscored, masked out, never 0 or 1
     fenced = [r for r in server.requests if "Which trail" in str(r["messages"])]
@@ -80,74 +82,13 @@ def test_profile_block_length_is_the_shortest_prefix_that_closes_the_block(token
     assert profile_block_length(tokenizer, ids, well_formed=False) == 0
 
 
-def test_packed_rows_keep_each_blocks_reward_and_the_profile_tokens():
-    from rlpa_jax.dialogue.judges import TurnScore
-    from rlpa_jax.rl.experience import pack_samples
-    from rlpa_jax.rl.rollout import Sample
-
-    score = TurnScore(0.5, 1.0, 1.5, True, True)
-    samples = [Sample(0, 0, j, np.array([5, 6, 7], np.int32), np.arange(6, dtype=np.int32), np.zeros(6, np.float32),
-                      "", parse_turn(""), score, 1.5, profile_length=length) for j, length in enumerate((4, 0))]
-    for mode, parts in (("both", (0.5, 1.0)), ("profile", (0.5, 0.0)), ("response", (0.0, 1.0))):
-        batch = pack_samples(samples, 0, 8, (4, 8), reward_mode=mode)
-        assert (batch["profile_scores"][0], batch["response_scores"][0]) == parts
-    np.testing.assert_array_equal(batch["profile_mask"][:, :5], [[1, 1, 1, 1, 0], [0, 0, 0, 0, 0]])
-
-
-def test_block_credit_gives_profile_tokens_the_profile_advantage():
-    from rlpa_jax.dialogue.judges import TurnScore
-    from rlpa_jax.rl import ppo
-    from rlpa_jax.rl.experience import add_advantages, pack_samples
-    from rlpa_jax.rl.rollout import Sample
-
-    # One prompt, four samples: profile F1 and response gate vary independently.
-    parts = [(0.0, 1.0), (0.5, 1.0), (1.0, 0.0), (0.5, 0.0)]
-    samples = [Sample(0, 0, j, np.array([5, 6], np.int32), np.arange(6, dtype=np.int32), np.zeros(6, np.float32), "",
-                      parse_turn(""), TurnScore(f1, ok, f1 + ok, True, True), f1 + ok, profile_length=2)
-               for j, (f1, ok) in enumerate(parts)]
-    batch = pack_samples(samples, 0, 6, (2,))
-    batch |= {"old_logprobs": np.zeros((4, 6), np.float32), "reference_logprobs": np.zeros((4, 6), np.float32)}
-    got = add_advantages(batch, "grpo", 0.0, "k1", 1.0, 1.0, 4, whiten=False, credit="block")["advantages"]
-    profile = np.asarray(ppo.group_advantages(np.array([f1 for f1, _ in parts]), 4))
-    response = np.asarray(ppo.group_advantages(np.array([ok for _, ok in parts]), 4))
-    np.testing.assert_allclose(got[:, :2], np.repeat(profile[:, None], 2, 1), rtol=1e-6)
-    np.testing.assert_allclose(got[:, 2:], np.repeat(response[:, None], 4, 1), rtol=1e-6)
-    turn = add_advantages(batch, "grpo", 0.0, "k1", 1.0, 1.0, 4, whiten=False)["advantages"]
-    totals = np.asarray(ppo.group_advantages(np.array([f1 + ok for f1, ok in parts]), 4))
-    np.testing.assert_allclose(turn, np.repeat(totals[:, None], 6, 1), rtol=1e-6)
-
-
-def test_item_credit_replaces_the_profile_advantage_on_item_tokens():
-    from rlpa_jax.dialogue.judges import TurnScore
-    from rlpa_jax.rl import ppo
-    from rlpa_jax.rl.experience import add_advantages, pack_samples
-    from rlpa_jax.rl.rollout import Sample
-
-    parts = [(0.0, 1.0), (0.5, 1.0), (1.0, 0.0), (0.5, 0.0)]
-    samples = [Sample(0, 0, j, np.array([5, 6], np.int32), np.arange(6, dtype=np.int32), np.zeros(6, np.float32), "",
-                      parse_turn(""), TurnScore(f1, ok, f1 + ok, True, True), f1 + ok, profile_length=3,
-                      item_credit=np.array([0, 0.2 * j, 0, 0, 0, 0], np.float32),
-                      item_mask=np.array([0, 1, 0, 0, 0, 0], bool))
-               for j, (f1, ok) in enumerate(parts)]
-    batch = pack_samples(samples, 0, 6, (2,))
-    batch |= {"old_logprobs": np.zeros((4, 6), np.float32), "reference_logprobs": np.zeros((4, 6), np.float32)}
-    block = add_advantages(batch, "grpo", 0.0, "k1", 1.0, 1.0, 4, whiten=False, credit="block")["advantages"]
-    item = add_advantages(batch, "grpo", 0.0, "k1", 1.0, 1.0, 4, whiten=False, credit="item")["advantages"]
-    credits = 0.2 * np.arange(4)
-    np.testing.assert_allclose(item[:, 1], credits / np.sqrt(np.mean(credits**2)), rtol=1e-6)
-    np.testing.assert_array_equal(np.delete(item, 1, axis=1), np.delete(block, 1, axis=1))
-    with pytest.raises(ValueError, match="credit=item needs ppo.advantage=grpo"):
-        add_advantages(batch | {"old_values": np.zeros((4, 6), np.float32)}, "gae", 0.0, "k1", 1.0, 1.0, 4,
-                       whiten=False, credit="item")
-
-
-def test_world_with_item_credit_says_which_items_matched(tokenizer):
+def test_environment_with_item_credit_says_which_items_matched(tokenizer):
     conversation, persona = one_conversation()
     text = format_turn([persona.items[0], persona.items[1], ProfileItem("Location", "Atlantis")], "Nice. What else?")
-    world = World(tokenizer, load_prompt("policy_system_tiny"), ScriptedUser(), EmbeddedProfileJudge(),
-                  EmbeddedResponseJudge(), item_credit=True)
-    ((parsed, score, matched),) = asyncio.run(world.score([conversation], [[text]]))[0]
-    ((_, plain_score, none),) = asyncio.run(make_world(tokenizer).score([conversation], [[text]]))[0]
+    environment = Environment(tokenizer, load_prompt("policy_system_tiny"), ScriptedUser(), EmbeddedProfileJudge(),
+                              EmbeddedResponseJudge(), item_credit=True)
+    ((parsed, score, matched),) = asyncio.run(environment.score([conversation], [[text]]))[0]
+    ((_, plain_score, none),) = asyncio.run(make_environment(tokenizer).score([conversation], [[text]]))[0]
     assert matched == {0, 1} and none is None and score == plain_score
 
 
@@ -155,7 +96,7 @@ def run_rollout(tokenizer, groups, seed=0):
     config = Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2)
     params = init_params(config, jax.random.key(0))
     sampler = Sampler(config, stop_token_ids(tokenizer), tokenizer.pad_token_id)
-    rollout = Rollout(make_world(tokenizer), sampler, SamplingParams(max_new_tokens=12, num_samples=3), max_rounds=3,
+    rollout = Rollout(make_environment(tokenizer), sampler, SamplingParams(max_new_tokens=12, num_samples=3), max_rounds=3,
                       prompt_buckets=(64, 128, 256), groups=groups)
     personas = synthetic_personas(4, seed=1)
     conversations = start_conversations(personas, ScriptedUser(), [10, 11, 12, 13])

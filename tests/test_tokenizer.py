@@ -116,7 +116,7 @@ def test_the_embedded_worlds_tokenizer_keeps_every_persona_value_word_whole(tmp_
     # A tiny policy copies a one-token value from the conversation far more easily.
     from rlpa_jax.config import load_config
     from rlpa_jax.dialogue.personas import synthetic_values
-    from rlpa_jax.rl.setup import world_corpus
+    from rlpa_jax.build import world_corpus
 
     config = load_config(None, [f"output_dir={tmp_path}"])  # the demo's own world
     tokenizer = load_tokenizer(train_tiny_tokenizer(tmp_path / "tok", vocab_size=1000, texts=world_corpus(config)))

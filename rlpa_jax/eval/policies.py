@@ -2,7 +2,7 @@
 
 A Policy answers the next turn of every conversation it is given. Two kinds exist:
 
-- JaxPolicy: our own parameters and jitted Sampler (greedy by default), built from an orbax run
+- JaxPolicy: our own parameters and a jitted Generator (greedy by default), built from an orbax run
   checkpoint (a PPO run's runs/<name>/checkpoints or launch/sft.py's runs/<name>/sft) or from a
   local Hugging Face directory;
 - ChatPolicy: any OpenAI-compatible chat model through LLMClient.
@@ -29,8 +29,9 @@ from rlpa_jax.dialogue.chat import Message, assistant_message, load_prompt, pars
 from rlpa_jax.dialogue.judges import visible_reply_text
 from rlpa_jax.dialogue.llm import LLMCallError, LLMClient
 from rlpa_jax.dialogue.profile import ProfileItem
+from rlpa_jax.model import hf
 from rlpa_jax.model.qwen2 import Params, Qwen2Config
-from rlpa_jax.sampling import Sampler, SamplingParams, pad_prompts
+from rlpa_jax.sampling import Generator, SamplingParams, build_generator, pad_prompts
 from rlpa_jax.tokenizer import load_tokenizer, stop_token_ids
 
 DEFAULT_PROMPT_BUCKETS = (128, 256, 512, 1024, 2048, 4096)
@@ -87,7 +88,7 @@ def history_message(turn: PolicyTurn) -> Message:
 
 
 class JaxPolicy:
-    """Our parameters + the jitted Sampler: every conversation's prompt goes into one sampler call."""
+    """Our parameters + a Generator (the jitted sampler): all conversations in one sampler call."""
 
     def __init__(
         self,
@@ -104,7 +105,8 @@ class JaxPolicy:
         max_prompt_tokens: int = 4096,
         max_batch_size: int | None = None,
         seed: int = 0,
-        sampler: Sampler | None = None,
+        generator: Generator | None = None,
+        generator_kind: str = "jax",
     ) -> None:
         self.params = params
         self.model_config = model_config
@@ -119,7 +121,8 @@ class JaxPolicy:
             raise ValueError(f"JaxPolicy: max_batch_size must be >= 1 or None, got {max_batch_size}")
         self.max_batch_size = max_batch_size
         self.seed = seed
-        self.sampler = sampler or Sampler(model_config, stop_token_ids(tokenizer), tokenizer.pad_token_id)
+        self.generator = generator or build_generator(generator_kind, model_config, stop_token_ids(tokenizer),
+                                                      tokenizer.pad_token_id)
         self._calls = itertools.count()
 
     def with_system_prompt(self, system_prompt: str, name: str | None = None) -> "JaxPolicy":
@@ -127,7 +130,7 @@ class JaxPolicy:
         return JaxPolicy(self.params, self.model_config, self.tokenizer, system_prompt, name or self.name,
                          self.sampling.max_new_tokens, self.sampling.temperature, self.two_part, self.prompt_buckets,
                          max_prompt_tokens=self.max_prompt_tokens, max_batch_size=self.max_batch_size,
-                         seed=self.seed, sampler=self.sampler)
+                         seed=self.seed, generator=self.generator)
 
     def prompt_tokens(self, history: Sequence[Message], system_prompt: str | None = None) -> list[int]:
         system_prompt = self.system_prompt if system_prompt is None else system_prompt
@@ -146,11 +149,11 @@ class JaxPolicy:
 
     def _decode(self, prompts: list[list[int]]) -> list[str]:
         # A short last chunk is padded to the chunk size, so every call reuses one program.
-        tokens, mask = pad_prompts(prompts, self.sampler.pad_id, self.prompt_buckets,
+        tokens, mask = pad_prompts(prompts, self.generator.pad_id, self.prompt_buckets,
                                    batch_multiple=self.max_batch_size or 1)
         # Greedy decoding ignores the key; sampled decoding gets a fresh, reproducible one per call.
         key = jax.random.fold_in(jax.random.key(self.seed), next(self._calls))
-        generation = jax.device_get(self.sampler(self.params, tokens, mask, key, self.sampling))
+        generation = jax.device_get(self.generator(self.params, tokens, mask, key, self.sampling))
         lengths = np.asarray(generation.lengths)
         return [self.tokenizer.decode(generation.tokens[row, : lengths[row]], skip_special_tokens=True)
                 for row in range(len(prompts))]
@@ -211,8 +214,6 @@ class JaxPolicy:
         **kw: Any,
     ) -> "JaxPolicy":
         """A local Hugging Face Qwen2 directory (config.json, *.safetensors, tokenizer files)."""
-        from rlpa_jax.model import hf
-
         directory = Path(directory)
         if not (directory / "config.json").is_file():
             raise FileNotFoundError(

@@ -16,8 +16,8 @@ The loss (Rafailov et al., 2023), per pair, with sequence log-probs summed over 
 eps > 0 is conservative DPO (labels flipped with probability eps). The reference is the policy
 as it was before the first step: its log-probs are computed once, before training, and travel in
 the batch, so a step runs one forward (chosen and rejected rows together) and no reference copy
-of the parameters is ever held. The update is step.Updater, so micro-batching, meshes and the
-warm-up + cosine AdamW are shared with SFT and PPO.
+of the parameters is ever held. The update is training.updater.Updater, so micro-batching, meshes
+and the warm-up + cosine AdamW are shared with SFT and PPO.
 """
 
 from __future__ import annotations
@@ -46,8 +46,11 @@ from rlpa_jax.offline.sft import (
     target_token_ids,
     trimmed_batch,
 )
-from rlpa_jax.rl import ppo, step
 from rlpa_jax.sampling import bucket
+from rlpa_jax.training.forwards import response_logprobs
+from rlpa_jax.training.losses import LossTerms
+from rlpa_jax.training.optimizer import make_optimizer
+from rlpa_jax.training.updater import Batch, LossFn, Updater
 
 # The response window (the last R positions, where every target lies) is bucketed once per run, so
 # the log-softmax runs over R positions instead of the whole sequence.
@@ -206,13 +209,13 @@ def sequence_logps(params: Params, config: Qwen2Config, tokens: jax.Array, atten
     """Per row, the summed log-probability of the tokens `response_mask` marks.
 
     tokens and attention_mask are (rows, L); response_mask (rows, R) covers the last R positions,
-    each scored by the prediction made one position earlier (step.response_logprobs).
+    each scored by the prediction made one position earlier (training.forwards.response_logprobs).
     """
-    token_logps, _ = step.response_logprobs(params, config, tokens, attention_mask, response_mask.shape[-1])
+    token_logps, _ = response_logprobs(params, config, tokens, attention_mask, response_mask.shape[-1])
     return jnp.sum(token_logps * response_mask.astype(jnp.float32), axis=-1)
 
 
-def pair_logps(params: Params, config: Qwen2Config, batch: step.Batch) -> tuple[jax.Array, jax.Array]:
+def pair_logps(params: Params, config: Qwen2Config, batch: Batch) -> tuple[jax.Array, jax.Array]:
     """(chosen, rejected) sequence log-probs, each (B,), from one forward over the batch's 2B rows."""
     count, _, length = batch["tokens"].shape
     window = batch["response_mask"].shape[-1]
@@ -245,27 +248,30 @@ def dpo_losses(
     return losses, chosen_rewards, rejected_rewards
 
 
-def dpo_loss_fn(config: Qwen2Config, beta: float, label_smoothing: float = 0.0) -> step.LossFn:
-    """DPO over a pair batch (pair_batch plus reference_chosen_logps / reference_rejected_logps), as LossTerms.
-
-    LossTerms has no slot for extra diagnostics and the Updater sums every field over micro-batches
-    and divides it by `count` for logging, so the two spare fields carry per-pair sums:
-    clipped = pairs whose chosen reward beats the rejected one (logged as loss_clip_fraction: the
-    reward accuracy), approx_kl = summed reward margins (logged as loss_approx_kl: the mean margin).
-    Use with token_mask_key="pair_mask", so the step's mean is per pair.
+def dpo_loss_fn(config: Qwen2Config, beta: float, label_smoothing: float = 0.0) -> LossFn:
+    """DPO over a pair batch (pair_batch plus reference_chosen_logps / reference_rejected_logps), as
+    LossTerms per pair, with two diagnostics of its own: `reward_accuracy` (pairs whose chosen
+    reward beats the rejected one) and `reward_margin` (chosen minus rejected implicit reward).
+    Use with Updater's loss_mask=scored_pairs, so the step's mean is per pair.
     """
 
-    def loss(params: Params, batch: step.Batch) -> ppo.LossTerms:
+    def loss(params: Params, batch: Batch) -> LossTerms:
         policy_chosen, policy_rejected = pair_logps(params, config, batch)
         losses, chosen_rewards, rejected_rewards = dpo_losses(
             policy_chosen, policy_rejected, batch["reference_chosen_logps"], batch["reference_rejected_logps"],
             beta, label_smoothing)
         weights = batch["pair_mask"].astype(jnp.float32)
         margins = chosen_rewards - rejected_rewards
-        return ppo.LossTerms(total=jnp.sum(losses * weights), count=jnp.sum(weights),
-                             clipped=jnp.sum((margins > 0) * weights), approx_kl=jnp.sum(margins * weights))
+        return LossTerms(total=jnp.sum(losses * weights), count=jnp.sum(weights),
+                         sums={"reward_accuracy": jnp.sum((margins > 0) * weights),
+                               "reward_margin": jnp.sum(margins * weights)})
 
     return loss
+
+
+def scored_pairs(batch: Batch):
+    """The units DPO's loss averages over (Updater's loss_mask): the batch's real pairs."""
+    return batch["pair_mask"]
 
 
 def preference_logps(
@@ -336,10 +342,10 @@ def train_dpo(
     reference = preference_logps(params, model_config, examples, settings.batch_size, mesh, length_buckets)
 
     warmup_ratio = min(settings.warmup_steps / settings.steps, 1.0)
-    optimizer = step.make_optimizer(settings.learning_rate, settings.steps, warmup_ratio=warmup_ratio)
-    updater = step.Updater(dpo_loss_fn(model_config, settings.beta, settings.label_smoothing), optimizer,
-                           micro_batch_size=settings.batch_size, token_mask_key="pair_mask", mesh=mesh,
-                           param_shardings=param_shardings)
+    optimizer = make_optimizer(settings.learning_rate, settings.steps, warmup_ratio=warmup_ratio)
+    updater = Updater(dpo_loss_fn(model_config, settings.beta, settings.label_smoothing), optimizer,
+                      micro_batch_size=settings.batch_size, loss_mask=scored_pairs, mesh=mesh,
+                      param_shardings=param_shardings)
     trainable = updater.init(params)
     schedule = batch_schedule(pair_lengths(examples), settings.batch_size, settings.steps, seed)
     history: list[dict[str, float]] = []
@@ -350,8 +356,8 @@ def train_dpo(
         batch["reference_rejected_logps"] = reference[pairs, 1]
         trainable, metrics = updater(trainable, batch)
         record = {"step": float(step_index), "loss": float(metrics["loss_mean"]),
-                  "reward_accuracy": float(metrics["loss_clip_fraction"]),
-                  "reward_margin": float(metrics["loss_approx_kl"]), "grad_norm": float(metrics["grad_norm"])}
+                  "reward_accuracy": float(metrics["loss_reward_accuracy"]),
+                  "reward_margin": float(metrics["loss_reward_margin"]), "grad_norm": float(metrics["grad_norm"])}
         history.append(record)
         bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['reward_accuracy']:.2f}")
     return trainable.params, history

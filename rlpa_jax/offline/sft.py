@@ -7,8 +7,10 @@ and the target is the turn text followed by <|im_end|>, tokenised on its own, as
 generates it. Only target tokens carry loss. An example too long for `max_length` loses its
 oldest turns (the system prompt and the last user message always stay); the target is never cut.
 
-The update is step.Updater with a next-token cross-entropy that returns ppo.LossTerms, so micro-
-batching, meshes and the warm-up + cosine AdamW are shared with PPO.
+The update is training.updater.Updater with a next-token cross-entropy that returns LossTerms, so
+micro-batching, meshes and the warm-up + cosine AdamW are shared with PPO and DPO. `warm_start` is
+the one entry point that turns personas into a fine-tuned policy: the trainer's warm start and
+launch/sft.py both call it.
 """
 
 from __future__ import annotations
@@ -22,14 +24,18 @@ import transformers
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from rlpa_jax.config import SFTConfig
+from rlpa_jax.config import SFTConfig, TrainConfig
 from rlpa_jax.dialogue import chat
 from rlpa_jax.dialogue.chat import Message, load_prompt, parse_turn
+from rlpa_jax.dialogue.personas import Persona
 from rlpa_jax.model.qwen2 import Params, Qwen2Config, forward
+from rlpa_jax.offline import teacher
 from rlpa_jax.offline.teacher import Dialogue
-from rlpa_jax.rl import ppo, step
-from rlpa_jax.sampling import Sampler, SamplingParams, bucket, pad_prompts
+from rlpa_jax.sampling import SamplingParams, bucket, build_generator, pad_prompts
 from rlpa_jax.tokenizer import IM_END, stop_token_ids
+from rlpa_jax.training.losses import LossTerms
+from rlpa_jax.training.optimizer import make_optimizer
+from rlpa_jax.training.updater import Batch, LossFn, Updater
 
 # Sequence lengths are rounded up to a multiple of 128, so padding stays small while a run compiles
 # its update step once per bucket in use (a handful).
@@ -113,24 +119,27 @@ def build_sft_examples(
 # Loss and training loop
 
 
-def sft_loss_fn(config: Qwen2Config) -> step.LossFn:
-    """Summed next-token cross-entropy over the loss_mask tokens, as ppo.LossTerms.
+def sft_loss_fn(config: Qwen2Config) -> LossFn:
+    """Summed next-token cross-entropy over the loss_mask tokens, as LossTerms.
 
     The logits at position t predict token t+1, so the mask is shifted left by one: a target
     token is scored by the prediction made just before it.
     """
 
-    def loss(params: Params, batch: step.Batch) -> ppo.LossTerms:
+    def loss(params: Params, batch: Batch) -> LossTerms:
         logits, _ = forward(params, config, batch["tokens"], batch["attention_mask"])
         log_probs = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
         next_tokens = batch["tokens"][:, 1:]
         token_log_probs = jnp.take_along_axis(log_probs, next_tokens[..., None], axis=-1)[..., 0]
         weights = batch["loss_mask"][:, 1:].astype(jnp.float32)
-        zero = jnp.zeros((), jnp.float32)
-        return ppo.LossTerms(total=-jnp.sum(token_log_probs * weights), count=jnp.sum(weights), clipped=zero,
-                             approx_kl=zero)
+        return LossTerms(total=-jnp.sum(token_log_probs * weights), count=jnp.sum(weights), sums={})
 
     return loss
+
+
+def target_tokens(batch: Batch):
+    """The units SFT's loss averages over (Updater's loss_mask)."""
+    return batch["loss_mask"]
 
 
 def batch_schedule(lengths: np.ndarray, batch_size: int, steps: int, seed: int) -> list[np.ndarray]:
@@ -191,9 +200,9 @@ def train_sft(
     if missing:
         raise KeyError(f"offline/sft.py: examples lack {sorted(missing)}; build them with build_sft_examples")
     warmup_ratio = min(sft_config.warmup_steps / sft_config.steps, 1.0)
-    optimizer = step.make_optimizer(sft_config.learning_rate, sft_config.steps, warmup_ratio=warmup_ratio)
-    updater = step.Updater(sft_loss_fn(model_config), optimizer, micro_batch_size=sft_config.batch_size,
-                           token_mask_key="loss_mask", mesh=mesh, param_shardings=param_shardings)
+    optimizer = make_optimizer(sft_config.learning_rate, sft_config.steps, warmup_ratio=warmup_ratio)
+    updater = Updater(sft_loss_fn(model_config), optimizer, micro_batch_size=sft_config.batch_size,
+                      loss_mask=target_tokens, mesh=mesh, param_shardings=param_shardings)
     trainable = updater.init(params)
     lengths = examples["attention_mask"].sum(axis=1)
     schedule = batch_schedule(lengths, sft_config.batch_size, sft_config.steps, seed)
@@ -210,6 +219,25 @@ def train_sft(
     return trainable.params, history
 
 
+def warm_start(params: Params, model_config: Qwen2Config, tokenizer: Tokenizer, personas: Sequence[Persona],
+               config: TrainConfig, mesh: Mesh | None = None,
+               param_shardings: Params | None = None) -> tuple[Params, list[dict[str, float]], dict[str, np.ndarray]]:
+    """The SFT warm start: the scripted teacher talks with the ScriptedUser for rollout.max_rounds
+    turns with each of the first sft.num_dialogues personas, and `params` is fine-tuned on those
+    turns with the rollout's system prompt. Returns (params, per-step records, the examples).
+
+    An example may be as long as a rollout's longest sequence (rollout.max_prompt_tokens +
+    rollout.max_new_tokens); a longer one loses its oldest turns, as a rollout prompt would."""
+    rollout = config.rollout
+    dialogues = teacher.scripted_dialogues(personas[:config.sft.num_dialogues], num_turns=rollout.max_rounds,
+                                           seed=config.seed)
+    examples = build_sft_examples(dialogues, tokenizer, rollout.max_prompt_tokens + rollout.max_new_tokens,
+                                  system_prompt=load_prompt(rollout.system_prompt))
+    params, history = train_sft(params, model_config, examples, config.sft, config.seed, mesh=mesh,
+                                param_shardings=param_shardings, progress=config.logging.progress_bar)
+    return params, history, examples
+
+
 # --------------------------------------------------------------------------------------------
 # Generation check
 
@@ -221,15 +249,16 @@ def greedy_turns(
     histories: Sequence[Sequence[Message]],
     max_new_tokens: int = 128,
     system_prompt: str | None = None,
+    generator_kind: str = "jax",
 ) -> list[str]:
     """The greedy policy turn after each history, decoded up to (not including) its stop token."""
     system_prompt = load_prompt("policy_system") if system_prompt is None else system_prompt
     prompts = [prompt_token_ids(tokenizer, history, system_prompt) for history in histories]
     tokens, mask = pad_prompts(prompts, tokenizer.pad_token_id, PROMPT_LENGTH_BUCKETS)
     stop_ids = stop_token_ids(tokenizer)
-    sampler = Sampler(config, stop_ids, tokenizer.pad_token_id)
-    generation = sampler(params, tokens, mask, jax.random.key(0),
-                         SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
+    generator = build_generator(generator_kind, config, stop_ids, tokenizer.pad_token_id)
+    generation = generator(params, tokens, mask, jax.random.key(0),
+                           SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
     generated, lengths = np.asarray(generation.tokens), np.asarray(generation.lengths)
     texts = []
     for row in range(len(prompts)):
@@ -240,14 +269,6 @@ def greedy_turns(
     return texts
 
 
-def generation_quality(
-    params: Params,
-    config: Qwen2Config,
-    tokenizer: Tokenizer,
-    histories: Sequence[Sequence[Message]],
-    max_new_tokens: int = 128,
-    system_prompt: str | None = None,
-) -> float:
-    """Fraction of greedy turns after `histories` that parse_turn accepts as well formed."""
-    texts = greedy_turns(params, config, tokenizer, histories, max_new_tokens, system_prompt)
+def well_formed_share(texts: Sequence[str]) -> float:
+    """Fraction of turns that parse_turn accepts as well formed."""
     return sum(parse_turn(text).well_formed for text in texts) / len(texts)

@@ -1,32 +1,98 @@
-"""From sampled turns to a PPO batch: padded arrays, scoring forwards, rewards and advantages.
+"""From sampled turns to one typed PPO batch: the `Experience`.
 
-Samples are packed as prompt (left-padded to a bucketed length) + response (right-padded to
-max_new_tokens). Jitted forwards then recompute the actor's log-probs (the "old" policy; the gap
-to the sampler's log-probs is logged), the frozen reference's log-probs and the critic's values.
-Rewards put the turn score on the last response token minus a KL penalty on every token, and
-advantages come from GAE within a turn (the paper), GAE across turns, or GRPO groups.
+Each sampled turn is one row: its prompt (left-padded to a bucketed length P) and its response
+(right-padded to R = max_new_tokens). `ExperienceBuilder` builds the whole Experience in one call:
+it packs the rollout's samples, runs the scoring forwards (the actor's log-probs as the "old"
+policy, the frozen reference's log-probs, the critic's values when the advantage estimator needs
+a critic), and adds KL, advantages and returns (an estimator from rl/advantages.py). The losses
+(rl/objectives.py) read its fields by name.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from rlpa_jax.model.qwen2 import Params, Qwen2Config
 from rlpa_jax.rl import ppo
-from rlpa_jax.rl.rollout import RewardMode, Sample, reward_parts
-from rlpa_jax.rl.step import response_logprobs, response_values
+from rlpa_jax.rl.ppo import AdvantageSettings
+from rlpa_jax.rl.environment import RewardMode, reward_parts
+from rlpa_jax.rl.rollout import Sample
 from rlpa_jax.sampling import bucket
+from rlpa_jax.training.forwards import response_logprobs, response_values
 
-Batch = dict[str, np.ndarray]
+# What each field's second axis spans; trimming and padding follow it.
+SEQUENCE, RESPONSE, ROW = "sequence", "response", "row"
+
+
+def _field(axis: str, doc: str):
+    return dataclasses.field(default=None, metadata={"axis": axis, "doc": doc})
+
+
+@dataclasses.dataclass(frozen=True)
+class Experience:
+    """One PPO batch: `rows` sampled turns, NumPy arrays on the host (or their device copies).
+
+    Shapes: (rows, P + R) for sequence fields, (rows, R) for response fields, (rows,) for row
+    fields. Fields a stage has not filled yet are None (`only` keeps a subset for an update).
+    """
+
+    tokens: np.ndarray = _field(SEQUENCE, "int32 prompt (left-padded) then response (right-padded)")
+    attention_mask: np.ndarray = _field(SEQUENCE, "bool, True on real tokens")
+    response_mask: np.ndarray = _field(RESPONSE, "bool, True on the turn's tokens (stop token included)")
+    sampler_logprobs: np.ndarray = _field(RESPONSE, "float32 log-probs the sampler drew the tokens with")
+    profile_mask: np.ndarray = _field(RESPONSE, "bool, the tokens up to and including </profile>")
+    item_credit: np.ndarray = _field(RESPONSE, "float32 each profile line's share of the F1 (item credit)")
+    item_mask: np.ndarray = _field(RESPONSE, "bool, the tokens of profile lines that carry an item credit")
+    scores: np.ndarray = _field(ROW, "float32 the turn reward the configured reward mode trains on")
+    profile_scores: np.ndarray = _field(ROW, "float32 its profile part (profile F1, or 0 in an ablation)")
+    response_scores: np.ndarray = _field(ROW, "float32 its response part (the 0/1 gate, or 0 in an ablation)")
+    chosen: np.ndarray = _field(ROW, "bool, the best-of-n sample that continued the conversation")
+    conversation_id: np.ndarray = _field(ROW, "int32 (-1 on padding rows)")
+    turn: np.ndarray = _field(ROW, "int32 (-1 on padding rows)")
+    sample_index: np.ndarray = _field(ROW, "int32 which of the prompt's n samples (-1 on padding rows)")
+    old_logprobs: np.ndarray = _field(RESPONSE, "float32 the actor's log-probs before this update")
+    reference_logprobs: np.ndarray = _field(RESPONSE, "float32 the frozen reference's log-probs")
+    old_values: np.ndarray = _field(RESPONSE, "float32 the critic's values (zeros without a critic)")
+    kl: np.ndarray = _field(RESPONSE, "float32 per-token KL estimate to the reference")
+    advantages: np.ndarray = _field(RESPONSE, "float32")
+    returns: np.ndarray = _field(RESPONSE, "float32 value targets (zeros without a critic)")
+
+    @property
+    def rows(self) -> int:
+        return len(self.tokens)
+
+    def replace(self, **fields) -> "Experience":
+        return dataclasses.replace(self, **fields)
+
+    def only(self, *names: str) -> "Experience":
+        """The named fields; every other field None (what one jitted forward or update needs)."""
+        return Experience(**{name: getattr(self, name) for name in names})
+
+    def take(self, rows) -> "Experience":
+        return jax.tree.map(lambda value: value[rows], self)
+
+    def padded_rows(self, multiple: int) -> "Experience":
+        """All-zero rows appended up to a multiple (zero masks: they add nothing to a loss)."""
+        extra = -self.rows % multiple
+        if not extra:
+            return self
+        return jax.tree.map(lambda v: np.concatenate([v, np.zeros((extra, *v.shape[1:]), v.dtype)]), self)
+
+
+jax.tree_util.register_dataclass(Experience, data_fields=[f.name for f in dataclasses.fields(Experience)],
+                                 meta_fields=[])
+
+# The fields the actor and critic updates read.
+UPDATE_FIELDS = ("tokens", "attention_mask", "response_mask", "old_logprobs", "advantages", "returns", "old_values")
 
 
 def pack_samples(samples: Sequence[Sample], pad_id: int, response_length: int, prompt_buckets: Sequence[int],
-                 row_multiple: int = 1, reward_mode: RewardMode = "both") -> Batch:
-    """Padded arrays for a list of samples; extra all-padding rows up to a row multiple.
+                 row_multiple: int = 1, reward_mode: RewardMode = "both") -> Experience:
+    """The samples' arrays, with all-padding rows up to a row multiple.
 
     Besides the trained score, each row keeps the two parts of it the reward mode trains on and
     a mask of its <profile> block's tokens (for crediting each block with its own reward), and
@@ -56,52 +122,42 @@ def pack_samples(samples: Sequence[Sample], pad_id: int, response_length: int, p
         profile_mask[i, :min(s.profile_length, r)] = True
         if s.item_credit is not None:
             item_credit[i, :r], item_mask[i, :r] = s.item_credit, s.item_mask
-    return {
-        "tokens": tokens, "attention_mask": attention, "response_mask": attention[:, prompt_length:].copy(),
-        "sampler_logprobs": sampler_logprobs, "scores": scores, "chosen": chosen,
-        "conversation_id": meta[:, 0], "turn": meta[:, 1], "sample_index": meta[:, 2],
-        "profile_scores": block_scores[:, 0], "response_scores": block_scores[:, 1], "profile_mask": profile_mask,
-        "item_credit": item_credit, "item_mask": item_mask,
-    }
+    return Experience(
+        tokens=tokens, attention_mask=attention, response_mask=attention[:, prompt_length:].copy(),
+        sampler_logprobs=sampler_logprobs, profile_mask=profile_mask, item_credit=item_credit, item_mask=item_mask,
+        scores=scores, profile_scores=block_scores[:, 0], response_scores=block_scores[:, 1], chosen=chosen,
+        conversation_id=meta[:, 0], turn=meta[:, 1], sample_index=meta[:, 2],
+    )
 
 
 # Response lengths a trimmed batch is cut to: few enough that trimming compiles a handful of programs.
 RESPONSE_BUCKETS = (32, 64, 128, 256, 512)
 
 
-def prompt_lengths(batch: Batch) -> np.ndarray:
+def prompt_lengths(experience: Experience) -> np.ndarray:
     """Real (unpadded) prompt tokens of every row."""
-    response_length = batch["response_mask"].shape[1]
-    return batch["attention_mask"][:, :-response_length].sum(axis=1)
+    response_length = experience.response_mask.shape[1]
+    return experience.attention_mask[:, :-response_length].sum(axis=1)
 
 
-def trim_padding(batch: Batch, prompt_buckets: Sequence[int], response_buckets: Sequence[int] = RESPONSE_BUCKETS) -> Batch:
-    """The batch cut to the buckets of its own longest prompt and response.
+def trim_padding(experience: Experience, prompt_buckets: Sequence[int],
+                 response_buckets: Sequence[int] = RESPONSE_BUCKETS) -> Experience:
+    """The rows cut to the buckets of their own longest prompt and response.
 
     A packed batch is as wide as the longest prompt of a whole iteration plus max_new_tokens, while
     most rows are early turns with short prompts and short replies; the forwards and the update
     cost what the width costs. Dropping columns that are padding in every row changes no result
     (positions come from the attention mask), so each slice of rows runs at its own bucket.
     """
-    prompt_width = batch["tokens"].shape[1] - batch["response_mask"].shape[1]
-    response_width = batch["response_mask"].shape[1]
-    keep_prompt = min(bucket(max(int(prompt_lengths(batch).max()), 1), prompt_buckets), prompt_width)
-    keep_response = min(bucket(max(int(batch["response_mask"].sum(axis=1).max()), 1), response_buckets), response_width)
-    start, stop = prompt_width - keep_prompt, prompt_width + keep_response
-    trimmed = {}
-    for key, value in batch.items():
-        if value.ndim >= 2 and value.shape[1] == prompt_width + response_width:
-            trimmed[key] = value[:, start:stop]
-        elif value.ndim >= 2 and value.shape[1] == response_width:
-            trimmed[key] = value[:, :keep_response]
-        else:
-            trimmed[key] = value
-    return trimmed
-
-
-def untrim_responses(values: np.ndarray, response_width: int) -> np.ndarray:
-    """(rows, trimmed response) -> (rows, response_width), zeros where the trim cut padding."""
-    return np.pad(values, ((0, 0), (0, response_width - values.shape[1])))
+    response_width = experience.response_mask.shape[1]
+    prompt_width = experience.tokens.shape[1] - response_width
+    keep_prompt = min(bucket(max(int(prompt_lengths(experience).max()), 1), prompt_buckets), prompt_width)
+    keep_response = min(bucket(max(int(experience.response_mask.sum(axis=1).max()), 1), response_buckets),
+                        response_width)
+    cuts = {SEQUENCE: np.s_[:, prompt_width - keep_prompt:prompt_width + keep_response],
+            RESPONSE: np.s_[:, :keep_response], ROW: np.s_[:]}
+    return experience.replace(**{f.name: getattr(experience, f.name)[cuts[f.metadata["axis"]]]
+                                 for f in dataclasses.fields(Experience) if getattr(experience, f.name) is not None})
 
 
 def length_grouped_minibatches(lengths: np.ndarray, size: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -117,97 +173,76 @@ def length_grouped_minibatches(lengths: np.ndarray, size: int, rng: np.random.Ge
     return [minibatches[i] for i in rng.permutation(len(minibatches))]
 
 
-class Scorer:
-    """Jitted forwards that read a packed batch in chunks: log-probs of the responses and values.
+def untrim_responses(values: np.ndarray, response_width: int) -> np.ndarray:
+    """(rows, trimmed response) -> (rows, response_width), zeros where the trim cut padding."""
+    return np.pad(values, ((0, 0), (0, response_width - values.shape[1])))
 
-    `trim` (when given, as for step.Updater) cuts each chunk to its own length buckets: rows arrive
-    in rollout order, so a chunk holds turns of similar length."""
+
+class ForwardPasses:
+    """The scoring forwards: response log-probs under a policy (the actor, the reference) and the
+    critic's values, jitted, over the rows in chunks of `chunk_rows`.
+
+    `trim` (the cut the updates use too) shortens each chunk to its own length buckets: rows
+    arrive in rollout order, so a chunk holds turns of similar length."""
 
     def __init__(self, config: Qwen2Config, chunk_rows: int = 32, put_batch=None,
-                 trim: Callable[[Batch], Batch] | None = None):
+                 trim: Callable[[Experience], Experience] | None = None):
         self.config, self.chunk_rows = config, chunk_rows
         self.put_batch = put_batch or (lambda x: x)
         self.trim = trim
         self._logprobs = jax.jit(lambda p, t, m, r: response_logprobs(p, config, t, m, r)[0], static_argnums=3)
         self._values = jax.jit(lambda p, t, m, r: response_values(p, config, t, m, r), static_argnums=3)
 
-    def _chunks(self, fn, params, batch: Batch) -> np.ndarray:
-        width = batch["response_mask"].shape[1]
-        keys = ("tokens", "attention_mask", "response_mask")
+    def _chunks(self, fn, params, experience: Experience) -> np.ndarray:
+        width = experience.response_mask.shape[1]
+        inputs = experience.only("tokens", "attention_mask", "response_mask")
         outs = []
-        for start in range(0, len(batch["tokens"]), self.chunk_rows):
-            chunk = {k: batch[k][start:start + self.chunk_rows] for k in keys}
+        for start in range(0, experience.rows, self.chunk_rows):
+            chunk = inputs.take(np.s_[start:start + self.chunk_rows])
             if self.trim is not None:
                 chunk = self.trim(chunk)
-            length = chunk["response_mask"].shape[1]
-            out = fn(params, self.put_batch(chunk["tokens"]), self.put_batch(chunk["attention_mask"]), length)
+            length = chunk.response_mask.shape[1]
+            out = fn(params, self.put_batch(chunk.tokens), self.put_batch(chunk.attention_mask), length)
             outs.append(untrim_responses(np.asarray(jax.device_get(out)), width))
-        return np.concatenate(outs) * batch["response_mask"]
+        return np.concatenate(outs) * experience.response_mask
 
-    def logprobs(self, params: Params, batch: Batch) -> np.ndarray:
-        return self._chunks(self._logprobs, params, batch)
+    def logprobs(self, params: Params, experience: Experience) -> np.ndarray:
+        return self._chunks(self._logprobs, params, experience)
 
-    def values(self, params: Params, batch: Batch) -> np.ndarray:
-        return self._chunks(self._values, params, batch)
-
-
-def next_turn_values(batch: Batch, gamma: float) -> np.ndarray:
-    """gamma * V(first token of the next chosen turn of the same conversation); 0 at the end.
-
-    The dialogue continues from the chosen sample only, so the chosen turn's successor is real
-    and every other sample of that turn shares it as the estimate of what would follow.
-    """
-    first_values = {}
-    for i in np.flatnonzero(batch["chosen"]):
-        first_values[(int(batch["conversation_id"][i]), int(batch["turn"][i]))] = batch["old_values"][i, 0]
-    nxt = [first_values.get((int(c), int(t) + 1), 0.0) for c, t in zip(batch["conversation_id"], batch["turn"])]
-    return gamma * np.asarray(nxt, np.float32)
+    def values(self, params: Params, experience: Experience) -> np.ndarray:
+        return self._chunks(self._values, params, experience)
 
 
-def add_advantages(batch: Batch, advantage: str, kl_coef: float, kl_estimator: str, gamma: float, lam: float,
-                   group_size: int, whiten: bool, credit: str = "turn") -> Batch:
-    """Adds rewards, kl, advantages and returns to the batch (all (rows, response_length)).
+@dataclasses.dataclass(frozen=True)
+class ExperienceBuilder:
+    """Samples -> a finished Experience: packing, scoring forwards, KL and advantages, in one call."""
 
-    credit="turn" scores the whole turn with its reward (the paper); credit="block" credits the
-    <profile> block with the profile reward and the reply with the response reward (GRPO: each
-    block gets its own group advantage; GAE: each block's reward sits on its last token);
-    credit="item" is "block" with each profile line credited with its items' share of the F1
-    (rl/item_credit.py; GRPO only).
-    """
-    if credit not in ("turn", "block", "item"):
-        raise ValueError(f"ppo.credit={credit!r}; expected turn, block or item")
-    if credit == "item" and advantage != "grpo":
-        raise ValueError(f"ppo.credit=item needs ppo.advantage=grpo, got {advantage!r}")
-    mask = batch["response_mask"]
-    by_block = credit in ("block", "item")
-    if by_block:
-        rewards, kl = ppo.block_token_rewards(batch["profile_scores"], batch["response_scores"], batch["profile_mask"],
-                                              batch["old_logprobs"], batch["reference_logprobs"], mask, kl_coef,
-                                              kl_estimator)
-    else:
-        rewards, kl = ppo.token_rewards(batch["scores"], batch["old_logprobs"], batch["reference_logprobs"], mask,
-                                        kl_coef, kl_estimator)
-    rewards, kl = np.asarray(rewards), np.asarray(kl)
-    if advantage == "grpo":
-        # Group-relative advantages on the scores; the KL enters as a per-token penalty on top.
-        if by_block:
-            advantages = np.asarray(ppo.block_advantages(ppo.group_advantages(batch["profile_scores"], group_size),
-                                                         ppo.group_advantages(batch["response_scores"], group_size),
-                                                         batch["profile_mask"], mask))
-            if credit == "item":
-                advantages = np.asarray(ppo.item_advantages(advantages, batch["item_credit"], batch["item_mask"]))
-        else:
-            advantages = np.asarray(ppo.expand_to_tokens(ppo.group_advantages(batch["scores"], group_size), mask))
-        advantages = advantages - kl_coef * kl * mask
-        returns = np.zeros_like(advantages)
-    else:
-        if advantage == "cross_turn":
-            last = np.asarray(ppo.last_token_mask(mask))
-            rewards = rewards + last * next_turn_values(batch, gamma)[:, None]
-        elif advantage != "gae":
-            raise ValueError(f"ppo.advantage={advantage!r}; expected gae, cross_turn or grpo")
-        advantages, returns = (np.asarray(x) for x in ppo.gae_advantages(rewards, batch["old_values"], mask, gamma, lam))
-    if whiten:
-        advantages = np.asarray(ppo.whiten(jnp.asarray(advantages), mask))
-    return batch | {"rewards": rewards, "kl": kl, "advantages": advantages.astype(np.float32),
-                    "returns": returns.astype(np.float32)}
+    forwards: ForwardPasses
+    # (experience, settings) -> per-token (advantages, returns): rl.advantages.lookup(...)
+    advantages: Callable[[Experience, AdvantageSettings], tuple[np.ndarray, np.ndarray]]
+    needs_critic: bool
+    pad_id: int
+    response_length: int
+    prompt_buckets: Sequence[int]
+    reward_mode: RewardMode
+    kl_estimator: ppo.KLEstimator
+    whiten_advantages: bool
+
+    def __call__(self, samples: Sequence[Sample], actor: Params, reference: Params, critic: Params | None,
+                 settings: AdvantageSettings) -> Experience:
+        experience = pack_samples(samples, self.pad_id, self.response_length, self.prompt_buckets,
+                                  self.forwards.chunk_rows, self.reward_mode)
+        old_logprobs = self.forwards.logprobs(actor, experience)
+        reference_logprobs = self.forwards.logprobs(reference, experience)
+        # Without a critic its values would be one forward pass spent for nothing.
+        old_values = (self.forwards.values(critic, experience) if self.needs_critic
+                      else np.zeros_like(old_logprobs))
+        mask = experience.response_mask
+        kl = np.asarray(ppo.kl_penalty(old_logprobs, reference_logprobs, self.kl_estimator) * mask)
+        experience = experience.replace(old_logprobs=old_logprobs, reference_logprobs=reference_logprobs,
+                                        old_values=old_values, kl=kl)
+        advantages, returns = self.advantages(experience, settings)
+        if self.whiten_advantages:
+            advantages = np.asarray(ppo.whiten(advantages, mask))
+        return experience.replace(advantages=np.asarray(advantages, np.float32),
+                                  returns=np.asarray(returns, np.float32))

@@ -13,29 +13,17 @@ import asyncio
 import dataclasses
 import time
 from collections import Counter
-from typing import Literal, Sequence
+from typing import Sequence
 
 import jax
 import numpy as np
 
-from rlpa_jax.dialogue.chat import PROFILE_CLOSE, Message, ParsedTurn, assistant_message, parse_turn, prompt_token_ids
-from rlpa_jax.dialogue.judges import ProfileJudge, ResponseJudge, ResponseRequest, TurnScore, score_turn
-from rlpa_jax.dialogue.personas import Persona
-from rlpa_jax.dialogue.users import OPENING_MESSAGE, UserSimulator, UserState
+from rlpa_jax.dialogue.chat import PROFILE_CLOSE, Message, ParsedTurn, assistant_message
+from rlpa_jax.dialogue.judges import TurnScore
 from rlpa_jax.model.qwen2 import Params
+from rlpa_jax.rl.environment import Conversation, Environment, reward_of
 from rlpa_jax.rl.item_credit import token_item_credit
-from rlpa_jax.sampling import Sampler, SamplingParams, pad_prompts
-
-RewardMode = Literal["both", "profile", "response"]
-
-
-@dataclasses.dataclass
-class Conversation:
-    conversation_id: int
-    persona: Persona
-    user: UserState
-    history: list[Message]
-    active: bool = True
+from rlpa_jax.sampling import Generator, SamplingParams, pad_prompts
 
 
 @dataclasses.dataclass
@@ -60,17 +48,6 @@ class Sample:
     item_mask: np.ndarray | None = None
 
 
-def reward_parts(score: TurnScore, mode: RewardMode) -> tuple[float, float]:
-    """(profile part, response part) of the reward the mode trains on; the ablations keep one."""
-    return (score.profile_reward if mode in ("both", "profile") else 0.0,
-            score.response_reward if mode in ("both", "response") else 0.0)
-
-
-def reward_of(score: TurnScore, mode: RewardMode) -> float:
-    """Turn reward = profile F1 + response gate; the ablations keep one part."""
-    return sum(reward_parts(score, mode))
-
-
 def profile_block_length(tokenizer, tokens: Sequence[int], well_formed: bool) -> int:
     """How many of a turn's tokens it takes to close its <profile> block (0 for a malformed turn):
     the smallest prefix whose text holds the closing tag, by bisection over decoded prefixes."""
@@ -86,64 +63,6 @@ def profile_block_length(tokenizer, tokens: Sequence[int], well_formed: bool) ->
     return low
 
 
-def start_conversations(personas: Sequence[Persona], user_sim: UserSimulator, seeds: Sequence[int],
-                        first_id: int = 0, switch_turn: int | None = None,
-                        switch_personas: Sequence[Persona] | None = None) -> list[Conversation]:
-    """Cold starts: each user opens with the ALOE greeting and nothing about themselves."""
-    conversations = []
-    for i, (persona, seed) in enumerate(zip(personas, seeds)):
-        switch_to = switch_personas[i] if switch_personas is not None and switch_turn is not None else None
-        state = user_sim.start(persona, seed, switch_turn if switch_to else None, switch_to)
-        conversations.append(Conversation(first_id + i, persona, state, [Message("user", OPENING_MESSAGE)]))
-    return conversations
-
-
-class World:
-    """Everything outside the device: prompt rendering, judges, simulated users.
-
-    With `item_credit`, the profile judge also says which inferred items matched (it needs a
-    `match_items` method, as judges.EmbeddedProfileJudge has) and each sample gets per-token
-    item credits."""
-
-    def __init__(self, tokenizer, system_prompt: str, user_sim: UserSimulator, profile_judge: ProfileJudge,
-                 response_judge: ResponseJudge, reward_mode: RewardMode = "both", max_prompt_tokens: int = 4096,
-                 item_credit: bool = False):
-        self.tokenizer, self.system_prompt = tokenizer, system_prompt
-        self.user_sim, self.profile_judge, self.response_judge = user_sim, profile_judge, response_judge
-        self.reward_mode, self.max_prompt_tokens = reward_mode, max_prompt_tokens
-        self.item_credit = item_credit and reward_mode != "response"
-
-    def prompt_tokens(self, history: Sequence[Message]) -> list[int]:
-        return prompt_token_ids(self.tokenizer, self.system_prompt, history, self.max_prompt_tokens)
-
-    async def score(self, conversations: Sequence[Conversation],
-                    texts: Sequence[Sequence[str]]) -> list[list[tuple[ParsedTurn, TurnScore, frozenset[int] | None]]]:
-        """Parse and judge every sample of every conversation, both judges concurrently: the parsed
-        turn, its score, and which of its profile items matched (None unless item credit is on)."""
-        parsed = [[parse_turn(t) for t in row] for row in texts]
-        cells = [(i, j) for i, row in enumerate(parsed) for j, p in enumerate(row) if p.well_formed]
-        truth = [conversations[i].user.persona.items for i, _ in cells]
-        pairs = [(parsed[i][j].profile, true) for (i, j), true in zip(cells, truth)]
-        requests = [ResponseRequest(conversations[i].user.persona, tuple(conversations[i].history), parsed[i][j].response)
-                    for i, j in cells]
-        profile_call = self.profile_judge.match_items(pairs) if self.item_credit else self.profile_judge.count_matches(pairs)
-        found, response_ok = await asyncio.gather(profile_call, self.response_judge.judge(requests))
-        if self.item_credit:  # the judge returned each turn's matched item indices
-            matched, counts = found, [None if m is None else len(m) for m in found]
-        else:  # the judge returned match counts
-            matched, counts = [None] * len(found), found
-        judged = {cell: (count, m, r, len(true))
-                  for cell, count, m, r, true in zip(cells, counts, matched, response_ok, truth)}
-        results = []
-        for i, row in enumerate(parsed):
-            out = []
-            for j, p in enumerate(row):
-                count, m, r, n_true = judged.get((i, j), (None, None, None, 0))
-                out.append((p, score_turn(p, count, r, n_true), m))
-            results.append(out)
-        return results
-
-
 @dataclasses.dataclass
 class RolloutResult:
     samples: list[Sample]
@@ -154,9 +73,9 @@ class RolloutResult:
 class Rollout:
     """Runs conversations for `max_rounds` turns and returns every sampled turn."""
 
-    def __init__(self, world: World, sampler: Sampler, sampling: SamplingParams, max_rounds: int,
+    def __init__(self, environment: Environment, generator: Generator, sampling: SamplingParams, max_rounds: int,
                  prompt_buckets: Sequence[int], groups: int = 2, batch_multiple: int = 1, put_batch=None):
-        self.world, self.sampler, self.sampling = world, sampler, sampling
+        self.environment, self.generator, self.sampling = environment, generator, sampling
         self.max_rounds, self.prompt_buckets, self.groups = max_rounds, tuple(prompt_buckets), groups
         self.batch_multiple = batch_multiple
         self.put_batch = put_batch or (lambda x: x)  # places prompt arrays on the mesh when there is one
@@ -190,17 +109,17 @@ class Rollout:
     async def _turn(self, params, conversations: list[Conversation], turn: int, key) -> list[Sample]:
         n = self.sampling.num_samples
         t0 = time.perf_counter()
-        prompts = [self.world.prompt_tokens(c.history) for c in conversations]
-        tokens, mask = pad_prompts(prompts, self.sampler.pad_id, self.prompt_buckets, self.batch_multiple)
-        generation = self.sampler(params, self.put_batch(tokens), self.put_batch(mask), key, self.sampling)
+        prompts = [self.environment.prompt_tokens(c.history) for c in conversations]
+        tokens, mask = pad_prompts(prompts, self.generator.pad_id, self.prompt_buckets, self.batch_multiple)
+        generation = self.generator(params, self.put_batch(tokens), self.put_batch(mask), key, self.sampling)
         # Wait for the device in a thread, so other groups' host work proceeds meanwhile.
         generation = await asyncio.to_thread(jax.device_get, generation)
         t1 = time.perf_counter()
         rows = [[(generation.tokens[i * n + j, :generation.lengths[i * n + j]],
                   generation.logprobs[i * n + j, :generation.lengths[i * n + j]]) for j in range(n)]
                 for i in range(len(conversations))]
-        texts = [[self.world.tokenizer.decode(toks, skip_special_tokens=True) for toks, _ in row] for row in rows]
-        scored = await self.world.score(conversations, texts)
+        texts = [[self.environment.tokenizer.decode(toks, skip_special_tokens=True) for toks, _ in row] for row in rows]
+        scored = await self.environment.score(conversations, texts)
         t2 = time.perf_counter()
 
         samples, best = [], []
@@ -212,7 +131,7 @@ class Rollout:
             samples += turn_samples
             best.append(chosen)
             c.history.append(_history_entry(chosen))
-        replies = await self.world.user_sim.respond([c.user for c in conversations], [c.history for c in conversations])
+        replies = await self.environment.user_sim.respond([c.user for c in conversations], [c.history for c in conversations])
         for c, reply in zip(conversations, replies):
             if reply is None:  # the simulator failed: this conversation stops, its samples stay
                 c.active = False
@@ -224,11 +143,11 @@ class Rollout:
         return samples
 
     def _sample(self, conversation, turn, index, prompt, tokens, logprobs, text, parsed, score, matched) -> Sample:
-        tokenizer = self.world.tokenizer
+        tokenizer = self.environment.tokenizer
         sample = Sample(conversation.conversation_id, turn, index, np.asarray(prompt, np.int32), tokens.astype(np.int32),
-                        logprobs.astype(np.float32), text, parsed, score, reward_of(score, self.world.reward_mode),
+                        logprobs.astype(np.float32), text, parsed, score, reward_of(score, self.environment.reward_mode),
                         profile_length=profile_block_length(tokenizer, tokens, parsed.well_formed))
-        if self.world.item_credit:
+        if self.environment.item_credit:
             sample.item_credit, sample.item_mask = token_item_credit(
                 tokenizer, tokens, text, parsed, matched, len(conversation.user.persona.items), sample.profile_length)
         return sample

@@ -1,11 +1,15 @@
-"""The RLPA training run: optional SFT warm start, then rollout -> update -> log -> checkpoint.
+"""The RLPA training run: rollout -> experience -> update -> log -> checkpoint, iteration after iteration.
 
 One PPO iteration: B conversations run `max_rounds` turns with n samples per turn (best-of-n
-continues), every sample becomes an experience, jitted forwards add the actor's, reference's and
-critic's numbers, rewards and advantages are computed, and the actor and critic are updated.
-Checkpoints hold actor, critic, reference, optimizer states and the data position, so `--resume`
-continues the same run. The first Ctrl-C finishes the current iteration, saves and exits; a NaN
-stops the run with a message and leaves the last good checkpoint in place.
+continues), every sample becomes a row of one Experience (rl/experience.py: the actor's,
+reference's and, when the estimator needs one, the critic's forwards, KL and advantages), and the
+actor and, when there is one, the critic are updated. Checkpoints hold actor, critic, reference,
+optimizer states and the data position, so `--resume` continues the same run. The first Ctrl-C
+finishes the current iteration, saves and exits; a NaN stops the run with a message and leaves the
+last good checkpoint in place.
+
+The trainer is handed its parts (`TrainingParts`: the environment, the generator, the personas,
+the initial policy) already built; rlpa_jax/build.py builds them from a config.
 """
 
 from __future__ import annotations
@@ -16,68 +20,74 @@ import logging
 import math
 import signal
 import time
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
 import yaml
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from rlpa_jax import parallel
 from rlpa_jax.checkpoint import Checkpointer, model_config_to_meta
 from rlpa_jax.config import TrainConfig, to_dict
-from rlpa_jax.dialogue.chat import load_prompt
 from rlpa_jax.dialogue.judges import mentioned_item_indices
+from rlpa_jax.dialogue.personas import Persona
 from rlpa_jax.model import hf
-from rlpa_jax.model.qwen2 import critic_params_from_policy, init_params
-from rlpa_jax.rl import ppo, setup
-from rlpa_jax.rl.experience import (Scorer, add_advantages, length_grouped_minibatches, pack_samples, prompt_lengths,
-                                    trim_padding)
+from rlpa_jax.model.qwen2 import Params, Qwen2Config, critic_params_from_policy, init_params
+from rlpa_jax.rl import advantages, ppo
+from rlpa_jax.rl.environment import Environment, start_conversations
+from rlpa_jax.rl.experience import (UPDATE_FIELDS, Experience, ExperienceBuilder, ForwardPasses,
+                                    length_grouped_minibatches, prompt_lengths, trim_padding)
 from rlpa_jax.rl.metrics import MetricsLog, plot_training
-from rlpa_jax.rl.output_scale import output_scale_ratio, with_output_scale_lr
-from rlpa_jax.rl.rollout import Rollout, World, start_conversations
-from rlpa_jax.rl.step import Trainable, Updater, actor_loss_fn, critic_loss_fn, make_optimizer, param_shardings
-from rlpa_jax.sampling import Sampler, SamplingParams
-from rlpa_jax.tokenizer import stop_token_ids
+from rlpa_jax.rl.objectives import actor_loss_fn, critic_loss_fn, response_tokens
+from rlpa_jax.rl.rollout import Rollout
+from rlpa_jax.sampling import Generator, SamplingParams
+from rlpa_jax.training.optimizer import make_optimizer
+from rlpa_jax.training.output_scale import output_scale_ratio, with_output_scale_lr
+from rlpa_jax.training.updater import Trainable, Updater
 
 log = logging.getLogger(__name__)
-
-# Metrics that depend on wall-clock time or on the process (compile counts); everything else is
-# reproducible under the seed.
-TIMING_SUFFIXES = ("_s", "per_s", "mfu")
-PROCESS_KEYS = ("sampler_compiles",)
 
 
 class TrainingDiverged(RuntimeError):
     """A loss or gradient became NaN/inf; the last good checkpoint is kept."""
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainingParts:
+    """What a training run is made of, built from its config by rlpa_jax/build.py."""
+
+    mesh: Mesh
+    model_config: Qwen2Config
+    tokenizer_dir: Path  # saved in checkpoint metadata, so a checkpoint names its tokenizer
+    environment: Environment  # prompts, simulated users, judges
+    generator: Generator
+    train_personas: Sequence[Persona]
+    eval_personas: Sequence[Persona]  # held-out users scored before and after PPO
+    # The policy placed on the mesh, and the per-step records of its warm start (empty without one).
+    initial_actor: Callable[[], tuple[Params, list[dict]]]
+
+
 class Trainer:
-    def __init__(self, config: TrainConfig):
-        self.config = config
+    def __init__(self, config: TrainConfig, parts: TrainingParts):
+        self.config, self.parts = config, parts
         self.run_dir = config.run_dir
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-
-        self.mesh = setup.build_mesh(config)
-        self.model_config = setup.model_config(config)
-        self.tokenizer_dir = setup.tokenizer_dir(config).absolute()
-        self.tokenizer = setup.build_tokenizer(config)
-        self.pool = setup.build_personas(config, "train")
-        profile_judge, response_judge = setup.build_judges(config)
-        self.user = setup.build_user(config)
-        world = World(self.tokenizer, load_prompt(config.rollout.system_prompt), self.user, profile_judge, response_judge,
-                      config.ppo.reward, config.rollout.max_prompt_tokens, item_credit=config.ppo.credit == "item")
+        self.mesh, self.model_config = parts.mesh, parts.model_config
+        self.advantages = advantages.lookup(config.ppo.advantage, config.ppo.credit)
 
         r, p = config.rollout, config.ppo
         self.row_multiple = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         if p.micro_batch_size % self.row_multiple:
             raise ValueError(f"ppo.micro_batch_size={p.micro_batch_size} must be a multiple of mesh data*fsdp="
                              f"{self.row_multiple} (rows are split over those devices)")
-        self.sampler = Sampler(self.model_config, stop_token_ids(self.tokenizer), self.tokenizer.pad_token_id)
+        self.generator = parts.generator
         self.sampling = SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k, r.samples_per_prompt)
-        self.rollout = Rollout(world, self.sampler, self.sampling, r.max_rounds, r.prompt_buckets, r.pipeline_groups,
-                               self.row_multiple, self._put_batch)
+        self.rollout = Rollout(parts.environment, self.generator, self.sampling, r.max_rounds, r.prompt_buckets,
+                               r.pipeline_groups, self.row_multiple, self._put_batch)
 
         samples_per_iteration = r.conversations * r.max_rounds * r.samples_per_prompt
         self.total_steps = p.iterations * p.epochs * math.ceil(samples_per_iteration / p.train_batch_size)
@@ -85,15 +95,19 @@ class Trainer:
                    warmup_ratio=p.warmup_ratio, min_lr_ratio=p.min_lr_ratio)
         # Every forward and update runs on rows cut to their own length buckets.
         trim = functools.partial(trim_padding, prompt_buckets=r.prompt_buckets)
-        self.scorer = Scorer(self.model_config, chunk_rows=p.micro_batch_size, put_batch=self._put_batch, trim=trim)
+        forwards = ForwardPasses(self.model_config, chunk_rows=p.micro_batch_size, put_batch=self._put_batch, trim=trim)
+        self.build_experience = ExperienceBuilder(
+            forwards, self.advantages, self.advantages.needs_critic, parts.environment.tokenizer.pad_token_id,
+            r.max_new_tokens, r.prompt_buckets, p.reward, p.kl_estimator, p.whiten_advantages)
         self.actor_updater = Updater(actor_loss_fn(self.model_config, p.clip_eps, p.entropy_coef),
                                      with_output_scale_lr(make_optimizer(p.actor_lr, self.total_steps, **opt),
                                                           p.actor_lr, p.output_scale_lr), p.micro_batch_size,
-                                     mesh=self.mesh, param_shardings=param_shardings(self.model_config, self.mesh),
-                                     trim=trim)
+                                     response_tokens, mesh=self.mesh,
+                                     param_shardings=parallel.param_shardings(self.model_config, self.mesh), trim=trim)
         self.critic_updater = Updater(critic_loss_fn(self.model_config, p.value_clip_eps),
                                       make_optimizer(p.critic_lr, self.total_steps, **opt), p.micro_batch_size,
-                                      mesh=self.mesh, param_shardings=param_shardings(self.model_config, self.mesh, "value"),
+                                      response_tokens, mesh=self.mesh,
+                                      param_shardings=parallel.param_shardings(self.model_config, self.mesh, "value"),
                                       trim=trim)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", config.logging.max_to_keep)
         self.metrics = MetricsLog(self.run_dir, config.logging.tensorboard)
@@ -106,33 +120,18 @@ class Trainer:
         return jax.device_put(array, parallel.batch_sharding(self.mesh, np.ndim(array)))
 
     def initial_state(self) -> dict:
-        actor = setup.build_policy(self.config, self.model_config, self.mesh)
-        if self.config.sft.enabled:
-            actor = self.warm_start(actor)
+        actor, warm_start_history = self.parts.initial_actor()
+        for step, record in enumerate(warm_start_history):
+            self.metrics.write("sft", step, record)
         critic = parallel.shard(critic_params_from_policy(actor, self.model_config), self.critic_updater.param_shardings)
         reference = jax.tree.map(lambda x: x.copy(), actor)  # frozen: the KL anchor
         return {"actor": self.actor_updater.init(actor), "critic": self.critic_updater.init(critic), "reference": reference}
-
-    def warm_start(self, actor):
-        from rlpa_jax.offline import sft, teacher
-
-        cfg = self.config.sft
-        dialogues = teacher.scripted_dialogues(self.pool[:cfg.num_dialogues],
-                                               num_turns=self.config.rollout.max_rounds, seed=self.config.seed)
-        examples = sft.build_sft_examples(dialogues, self.tokenizer, self.config.rollout.max_prompt_tokens,
-                                          system_prompt=self.rollout.world.system_prompt)
-        actor, history = sft.train_sft(actor, self.model_config, examples, cfg, self.config.seed, mesh=self.mesh,
-                                       param_shardings=self.actor_updater.param_shardings,
-                                       progress=self.config.logging.progress_bar)
-        for step, record in enumerate(history):
-            self.metrics.write("sft", step, record)
-        return actor
 
     def save(self, state: dict, iteration: int, kl_coef: float) -> None:
         meta = {"iteration": iteration, "kl_coef": kl_coef, "seed": self.config.seed,
                 # The prompt's name (configs/prompts/<name>.txt), as launch/sft.py stores it.
                 "model_config": model_config_to_meta(self.model_config), "system_prompt": self.config.rollout.system_prompt,
-                "tokenizer_dir": str(self.tokenizer_dir)}
+                "tokenizer_dir": str(self.parts.tokenizer_dir.absolute())}
         self.checkpointer.save(iteration, state, meta)
 
     def restore(self) -> tuple[dict, int, float]:
@@ -160,13 +159,13 @@ class Trainer:
     # ------------------------------------------------------------------------------- one iteration
 
     def conversations(self, iteration: int):
-        cfg = self.config
-        indices = setup.iteration_personas(self.pool, cfg.rollout.conversations, cfg.seed, iteration)
+        cfg, pool = self.config, self.parts.train_personas
+        indices = iteration_personas(pool, cfg.rollout.conversations, cfg.seed, iteration)
         switch_to = None
         if cfg.data.switch_turn is not None:
-            switch_to = [self.pool[i] for i in setup.iteration_personas(self.pool, len(indices), cfg.seed + 1, iteration)]
+            switch_to = [pool[i] for i in iteration_personas(pool, len(indices), cfg.seed + 1, iteration)]
         seeds = [derived_seed(cfg.seed, iteration, k) for k in range(len(indices))]
-        return start_conversations([self.pool[i] for i in indices], self.user, seeds, first_id=0,
+        return start_conversations([pool[i] for i in indices], self.parts.environment.user_sim, seeds, first_id=0,
                                    switch_turn=cfg.data.switch_turn, switch_personas=switch_to)
 
     def iteration(self, state: dict, iteration: int, kl_coef: float) -> tuple[dict, dict, float]:
@@ -180,52 +179,39 @@ class Trainer:
                                    "check the judge/user endpoints")
 
         t0 = time.perf_counter()
-        batch = pack_samples(valid, self.tokenizer.pad_token_id, cfg.rollout.max_new_tokens, cfg.rollout.prompt_buckets,
-                             self.scorer.chunk_rows, p.reward)
-        batch["old_logprobs"] = self.scorer.logprobs(state["actor"].params, batch)
-        batch["reference_logprobs"] = self.scorer.logprobs(state["reference"], batch)
-        # GRPO needs no critic: its values would be one forward pass spent for nothing.
-        batch["old_values"] = (np.zeros_like(batch["old_logprobs"]) if p.advantage == "grpo"
-                               else self.scorer.values(state["critic"].params, batch))
-        mask = batch["response_mask"]
-        metrics["logprob_gap"] = float(np.abs(batch["old_logprobs"] - batch["sampler_logprobs"])[mask].max())
-        # Per-token entropy of each block, estimated as the sampled tokens' mean -log p (exact in
-        # expectation at temperature 1): whether PPO sharpens the profile, the reply, or neither.
-        reply_mask = mask & ~batch["profile_mask"]
-        for name, block in (("entropy_profile", batch["profile_mask"]), ("entropy_reply", reply_mask)):
-            metrics[name] = float(-batch["old_logprobs"][block].mean()) if block.any() else 0.0
-        batch = add_advantages(batch, p.advantage, kl_coef, p.kl_estimator, p.gamma, p.lam,
-                               cfg.rollout.samples_per_prompt, p.whiten_advantages, p.credit)
-        metrics["kl"] = float(batch["kl"][mask].mean())
+        settings = ppo.AdvantageSettings(p.gamma, p.lam, cfg.rollout.samples_per_prompt, kl_coef)
+        critic = state["critic"].params if self.advantages.needs_critic else None
+        experience = self.build_experience(valid, state["actor"].params, state["reference"], critic, settings)
+        metrics |= experience_metrics(experience)
         metrics["kl_coef"] = kl_coef
         metrics["scoring_forward_s"] = time.perf_counter() - t0
 
         t1 = time.perf_counter()
-        state, update_metrics = self.update(state, batch, iteration)
+        state, update_metrics = self.update(state, experience, iteration)
         metrics |= update_metrics
         metrics["update_s"] = time.perf_counter() - t1
-        metrics["update_tokens_per_s"] = float(batch["attention_mask"].sum()) * p.epochs / metrics["update_s"]
+        metrics["update_tokens_per_s"] = float(experience.attention_mask.sum()) * p.epochs / metrics["update_s"]
         metrics["output_scale"] = output_scale_ratio(state["actor"].params, state["reference"])
-        metrics["sampler_compiles"] = self.sampler.compile_count
+        metrics["sampler_compiles"] = self.generator.compile_count
         if p.adaptive_kl:
             kl_coef = float(ppo.adaptive_kl_coef(kl_coef, metrics["kl"], p.kl_target, p.kl_horizon, len(valid)))
         return state, metrics, kl_coef
 
-    def update(self, state: dict, batch: dict, iteration: int) -> tuple[dict, dict]:
+    def update(self, state: dict, experience: Experience, iteration: int) -> tuple[dict, dict]:
         p = self.config.ppo
-        keys = ("tokens", "attention_mask", "response_mask", "old_logprobs", "advantages", "returns", "old_values")
         size = p.train_batch_size
         rng = np.random.default_rng([self.config.seed, iteration, 1])
-        lengths = prompt_lengths(batch)
+        lengths = prompt_lengths(experience)
+        update_rows = experience.only(*UPDATE_FIELDS)
         actor, critic = state["actor"], state["critic"]
         sums: dict[str, list[float]] = {}
         for _ in range(p.epochs):
             for rows in length_grouped_minibatches(lengths, size, rng):
                 # Every minibatch has exactly train_batch_size rows (zero-mask padding); the updaters
                 # cut each micro-batch to its own length buckets (one program per bucket pair in use).
-                minibatch = _pad_rows({k: batch[k][rows] for k in keys}, size)
+                minibatch = update_rows.take(rows).padded_rows(size)
                 actor, actor_metrics = self.actor_updater(actor, minibatch)
-                if p.advantage != "grpo":
+                if self.advantages.needs_critic:
                     critic, critic_metrics = self.critic_updater(critic, minibatch)
                     actor_metrics |= {f"critic_{k}": v for k, v in critic_metrics.items()}
                 for k, v in jax.device_get(actor_metrics).items():
@@ -242,11 +228,12 @@ class Trainer:
     def evaluate(self, params, personas, label: str) -> dict:
         """Mean rewards of one sample per turn on held-out personas (same judges and user)."""
         sampling = dataclasses.replace(self.sampling, num_samples=1)
-        rollout = Rollout(self.rollout.world, self.sampler, sampling, self.config.rollout.max_rounds,
+        rollout = Rollout(self.parts.environment, self.generator, sampling, self.config.rollout.max_rounds,
                           self.config.rollout.prompt_buckets, self.config.rollout.pipeline_groups, self.row_multiple,
                           self._put_batch)
         seeds = [derived_seed(self.config.seed, -1, k) for k in range(len(personas))]
-        result = rollout.run(params, start_conversations(personas, self.user, seeds), jax.random.key(self.config.seed + 7))
+        conversations = start_conversations(personas, self.parts.environment.user_sim, seeds)
+        result = rollout.run(params, conversations, jax.random.key(self.config.seed + 7))
         keys = ("reward", "profile_f1", "response_reward", "well_formed", "revealed_items")
         metrics = {k: result.stats[k] for k in keys} | profile_by_turn(result.samples, result.conversations)
         self.metrics.write(f"eval_{label}", 0, metrics)
@@ -262,7 +249,7 @@ class Trainer:
                 log.warning("--resume: no checkpoint in %s; starting a new run", self.checkpointer.directory)
             state, start, kl_coef = self.initial_state(), 0, cfg.ppo.kl_coef
             self.save(state, 0, kl_coef)
-        eval_personas = setup.build_personas(cfg, "eval")[:cfg.rollout.eval_conversations]
+        eval_personas = self.parts.eval_personas
         before = self.metrics.records("eval_start")
         before = before[-1] if before else self.evaluate(state["actor"].params, eval_personas, "start")
 
@@ -293,7 +280,8 @@ class Trainer:
         summary = {"start": before, "end": after}
         plot_training(self.metrics, self.run_dir / "rewards.png", baseline=before, final=after)
         if cfg.logging.export_hf:
-            hf.export_hf(state["actor"].params, self.model_config, self.run_dir / "hf", tokenizer_dir=self.tokenizer_dir)
+            hf.export_hf(state["actor"].params, self.model_config, self.run_dir / "hf",
+                         tokenizer_dir=self.parts.tokenizer_dir)
         self.metrics.close()
         return summary
 
@@ -332,14 +320,22 @@ def derived_seed(*parts: int) -> int:
     return int(np.random.default_rng([abs(x) for x in parts] + [int(x < 0) for x in parts]).integers(2**31))
 
 
-def _pad_rows(batch: dict, multiple: int) -> dict:
-    rows = len(batch["tokens"])
-    extra = -rows % multiple
-    if not extra:
-        return batch
-    return {k: np.concatenate([v, np.zeros((extra, *v.shape[1:]), v.dtype)]) for k, v in batch.items()}
+def iteration_personas(pool: Sequence[Persona], count: int, seed: int, iteration: int) -> list[int]:
+    """Persona indices for one PPO iteration: a pure function of (seed, iteration), so a resumed
+    run draws exactly the users the uninterrupted run would have drawn."""
+    rng = np.random.default_rng([seed, iteration])
+    return rng.choice(len(pool), size=count, replace=len(pool) < count).tolist()
 
 
-def reproducible_metrics(metrics: dict) -> dict:
-    """Metrics without wall-clock or per-process entries (for comparing runs)."""
-    return {k: v for k, v in metrics.items() if k not in PROCESS_KEYS and not k.endswith(TIMING_SUFFIXES)}
+def experience_metrics(experience: Experience) -> dict[str, float]:
+    """What an iteration's experience says before the update: the largest gap between the sampler's
+    and the trainer's log-probs (~0 in float32), each block's entropy, and the KL to the reference."""
+    mask = experience.response_mask
+    metrics = {"logprob_gap": float(np.abs(experience.old_logprobs - experience.sampler_logprobs)[mask].max())}
+    # Per-token entropy of each block, estimated as the sampled tokens' mean -log p (exact in
+    # expectation at temperature 1): whether PPO sharpens the profile, the reply, or neither.
+    reply_mask = mask & ~experience.profile_mask
+    for name, block in (("entropy_profile", experience.profile_mask), ("entropy_reply", reply_mask)):
+        metrics[name] = float(-experience.old_logprobs[block].mean()) if block.any() else 0.0
+    metrics["kl"] = float(experience.kl[mask].mean())
+    return metrics

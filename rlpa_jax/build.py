@@ -1,27 +1,38 @@
-"""Builds what a run needs from its config: model and tokenizer, mesh, personas, users, judges.
+"""Builds what a run needs from its config: mesh, model and tokenizer, personas, the environment
+(simulated users and judges), the generator, the initial policy, and the trainer made of them.
 
 The embedded default builds everything in place (a tiny random Qwen2, a tokenizer trained on the
 spot, synthetic personas, the scripted user and rule-based judges); real runs read a local Hugging
-Face directory and point users and judges at an OpenAI-compatible endpoint.
+Face directory and point users and judges at an OpenAI-compatible endpoint. This module sits above
+rl/, offline/ and eval/ (it wires them together); the launch scripts call it.
 """
 
 from __future__ import annotations
 
 import logging
+import dataclasses
 from pathlib import Path
 
 import jax
-import numpy as np
 
 from rlpa_jax import parallel
 from rlpa_jax.checkpoint import Checkpointer, checkpoint_directory, model_config_from_meta, restore_actor_params
 from rlpa_jax.config import LLMSection, TrainConfig
 from rlpa_jax.dialogue import judges, personas, users
+from rlpa_jax.dialogue.chat import load_prompt
 from rlpa_jax.dialogue.llm import LLMClient, LLMConfig, run_sync
+from rlpa_jax.eval import baselines
+from rlpa_jax.eval.policies import ChatPolicy, JaxPolicy, Policy
 from rlpa_jax.model import hf
 from rlpa_jax.model.qwen2 import Params, Qwen2Config, init_params
-from rlpa_jax.rl.step import param_shardings
-from rlpa_jax.tokenizer import load_tokenizer, train_tiny_tokenizer
+from rlpa_jax.offline import sft
+from rlpa_jax.offline.teacher import scripted_dialogues
+from rlpa_jax.parallel import param_shardings
+from rlpa_jax.rl import advantages
+from rlpa_jax.rl.environment import Environment
+from rlpa_jax.rl.trainer import Trainer, TrainingParts
+from rlpa_jax.sampling import Generator, build_generator
+from rlpa_jax.tokenizer import load_tokenizer, stop_token_ids, train_tiny_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +68,6 @@ def world_corpus(config: TrainConfig, num_dialogues: int = 200, value_repeats: i
     and every persona value repeated, so the values become whole tokens (a tiny policy copies a
     one-token value from the conversation far more easily than a spelled-out one). The generic
     corpus is left out: its words would take the merges the world's values need."""
-    from rlpa_jax.offline.teacher import scripted_dialogues
-
     pool = build_personas(config, "train")[:num_dialogues]
     texts = [f"{p.profile_text} {p.personality_text}" for p in pool]
     for dialogue in scripted_dialogues(pool, num_turns=config.rollout.max_rounds, seed=config.seed):
@@ -94,6 +103,7 @@ def build_policy(config: TrainConfig, model_cfg: Qwen2Config, mesh) -> Params:
 
 
 def build_personas(config: TrainConfig, split: str = "train") -> list[personas.Persona]:
+    """The split's persona pool (the evaluation split is disjoint from training)."""
     data = config.data
     if data.source == "synthetic":
         # Evaluation personas come from a disjoint seed stream.
@@ -127,8 +137,81 @@ def build_judges(config: TrainConfig) -> tuple[judges.ProfileJudge, judges.Respo
     return judges.LLMProfileJudge(client), judges.LLMResponseJudge(client)
 
 
-def iteration_personas(pool: list[personas.Persona], count: int, seed: int, iteration: int) -> list[int]:
-    """Persona indices for one PPO iteration: a pure function of (seed, iteration), so a resumed
-    run draws exactly the users the uninterrupted run would have drawn."""
-    rng = np.random.default_rng([seed, iteration])
-    return rng.choice(len(pool), size=count, replace=len(pool) < count).tolist()
+def build_environment(config: TrainConfig, tokenizer) -> Environment:
+    profile_judge, response_judge = build_judges(config)
+    item_credit = advantages.lookup(config.ppo.advantage, config.ppo.credit).needs_item_credit
+    return Environment(tokenizer, load_prompt(config.rollout.system_prompt), build_user(config), profile_judge,
+                       response_judge, config.ppo.reward, config.rollout.max_prompt_tokens, item_credit=item_credit)
+
+
+def build_sampler(config: TrainConfig, model_cfg: Qwen2Config, tokenizer) -> Generator:
+    return build_generator(config.rollout.generator, model_cfg, stop_token_ids(tokenizer), tokenizer.pad_token_id)
+
+
+def initial_actor(config: TrainConfig, model_cfg: Qwen2Config, mesh, tokenizer,
+                  train_personas) -> tuple[Params, list[dict]]:
+    """The policy a PPO run starts from, placed on the mesh, after the SFT warm start when enabled
+    (the same entry point as launch/sft.py); with the warm start's per-step records."""
+    actor = build_policy(config, model_cfg, mesh)
+    if not config.sft.enabled:
+        return actor, []
+    actor, history, _ = sft.warm_start(actor, model_cfg, tokenizer, train_personas, config, mesh,
+                                       param_shardings(model_cfg, mesh))
+    return actor, history
+
+
+def build_trainer(config: TrainConfig) -> Trainer:
+    """A Trainer with every part built from `config` (nothing heavy runs until train())."""
+    mesh = build_mesh(config)
+    model_cfg = model_config(config)
+    tokenizer = build_tokenizer(config)
+    train_personas = build_personas(config, "train")
+    eval_personas = build_personas(config, "eval")[:config.rollout.eval_conversations]
+    parts = TrainingParts(
+        mesh=mesh, model_config=model_cfg, tokenizer_dir=tokenizer_dir(config).absolute(),
+        environment=build_environment(config, tokenizer), generator=build_sampler(config, model_cfg, tokenizer),
+        train_personas=train_personas, eval_personas=eval_personas,
+        initial_actor=lambda: initial_actor(config, model_cfg, mesh, tokenizer, train_personas))
+    return Trainer(config, parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicySpec:
+    """The policy an ALOE evaluation runs (launch/eval.py's flags): `source` is an orbax checkpoint
+    directory, hf:<directory> or openai:<model>; None settings fall back to the config."""
+
+    source: str
+    base_url: str | None = None  # openai:<model> only
+    api_key_env: str = "OPENAI_API_KEY"
+    two_part: bool = True  # <profile>/<response> turns; False: plain chat text
+    max_new_tokens: int | None = None
+    name: str | None = None
+    system_prompt: str | None = None
+    temperature: float = 0.0
+    max_batch_size: int | None = None
+    seed: int | None = None
+    step: int | None = None
+    baseline: str | None = None  # a prompting baseline around the policy (eval/baselines.py)
+
+
+def build_eval_policy(spec: PolicySpec, config: TrainConfig) -> Policy:
+    max_new_tokens = spec.max_new_tokens or config.rollout.max_new_tokens
+    if spec.source.startswith("openai:"):
+        model = spec.source.removeprefix("openai:")
+        if not model or not spec.base_url:
+            raise ValueError("--policy openai:<model> needs a model name and --base-url http://host:port/v1")
+        client = llm_client(LLMSection(base_url=spec.base_url, model=model, api_key_env=spec.api_key_env))
+        prompt = load_prompt(spec.system_prompt or config.rollout.system_prompt)
+        policy = ChatPolicy(client, prompt, spec.name or model, spec.two_part, max_tokens=max_new_tokens)
+    else:
+        options = dict(name=spec.name, prompt_name=spec.system_prompt, max_new_tokens=max_new_tokens,
+                       temperature=spec.temperature, two_part=spec.two_part, prompt_buckets=config.rollout.prompt_buckets,
+                       max_prompt_tokens=config.rollout.max_prompt_tokens, max_batch_size=spec.max_batch_size,
+                       seed=config.seed if spec.seed is None else spec.seed, generator_kind=config.rollout.generator)
+        if spec.source.startswith("hf:"):
+            options["prompt_name"] = spec.system_prompt or config.rollout.system_prompt
+            policy = JaxPolicy.from_hf(spec.source.removeprefix("hf:"), **options)
+        else:
+            policy = JaxPolicy.from_checkpoint(spec.source, spec.step, fallback_prompt_name=config.rollout.system_prompt,
+                                               **options)
+    return baselines.make_baseline(spec.baseline, policy) if spec.baseline else policy

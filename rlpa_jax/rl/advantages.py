@@ -1,0 +1,169 @@
+"""Advantage estimators and credit schemes: small pure functions in two tables keyed by config name.
+
+A credit scheme says which tokens each part of a turn's reward belongs to, as blocks of
+(per-row score, token mask), the last block ending on the turn's last token:
+- `turn` (the paper): the whole turn shares its reward;
+- `block`: the <profile> block gets the profile reward, the reply the response reward;
+- `item`: `block`, and each profile line's tokens get its items' share of the F1 in place of the
+  block's advantage (rl/item_credit.py; it needs an estimator with per-sample advantages).
+
+An estimator turns an Experience (with old log-probs, values and KL) and a credit scheme into
+per-token (advantages, returns):
+- `gae` (the paper): each block's score on its last token minus the KL penalty on every token,
+  then GAE within the turn over the critic's values;
+- `cross_turn`: the same, with each turn's last token also bootstrapping from the value of the
+  conversation's next chosen turn;
+- `grpo`: each block's score minus its group mean over the prompt's n samples, over the group's
+  std, spread over the block's tokens, minus the KL penalty; no critic.
+
+The trainer asks the tables (`needs_critic`, `needs_item_credit`), never the names. A new
+estimator is one function and one entry in ADVANTAGE_ESTIMATORS.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, NamedTuple
+
+import numpy as np
+
+from rlpa_jax.rl import ppo
+from rlpa_jax.rl.experience import Experience
+from rlpa_jax.rl.ppo import AdvantageSettings
+from rlpa_jax.training.losses import as_float
+
+
+class CreditBlock(NamedTuple):
+    scores: np.ndarray  # (rows,)
+    mask: np.ndarray  # (rows, R) float, the tokens the score belongs to
+
+
+@dataclasses.dataclass(frozen=True)
+class CreditScheme:
+    blocks: Callable[[Experience], list[CreditBlock]]
+    # Per-token credits (values, mask) that replace the block advantage where the mask is set.
+    token_credit: Callable[[Experience], tuple[np.ndarray, np.ndarray]] | None = None
+
+    @property
+    def needs_item_credit(self) -> bool:
+        return self.token_credit is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class AdvantageEstimator:
+    estimate: Callable[[Experience, CreditScheme, AdvantageSettings], tuple[np.ndarray, np.ndarray]]
+    needs_critic: bool
+    takes_token_credit: bool  # per-sample advantages that token credits may replace
+
+
+# ----------------------------------------------------------------------------- credit schemes
+
+
+def turn_blocks(experience: Experience) -> list[CreditBlock]:
+    return [CreditBlock(experience.scores, as_float(experience.response_mask))]
+
+
+def profile_and_reply_blocks(experience: Experience) -> list[CreditBlock]:
+    profile = as_float(experience.profile_mask)
+    return [CreditBlock(experience.profile_scores, profile),
+            CreditBlock(experience.response_scores, as_float(experience.response_mask) - profile)]
+
+
+def item_token_credit(experience: Experience) -> tuple[np.ndarray, np.ndarray]:
+    return experience.item_credit, experience.item_mask
+
+
+CREDIT_SCHEMES: dict[str, CreditScheme] = {
+    "turn": CreditScheme(turn_blocks),
+    "block": CreditScheme(profile_and_reply_blocks),
+    "item": CreditScheme(profile_and_reply_blocks, token_credit=item_token_credit),
+}
+
+
+# ----------------------------------------------------------------------------- estimators
+
+
+def token_rewards(experience: Experience, credit: CreditScheme, kl_coef: float) -> np.ndarray:
+    """Each block's score on its last token, minus kl_coef * KL on every token."""
+    *earlier, last = credit.blocks(experience)
+    rewards = ppo.token_rewards(last.scores, experience.kl, as_float(experience.response_mask), kl_coef)
+    for block in earlier:
+        rewards = rewards + np.asarray(block.scores, np.float32)[:, None] * ppo.last_token_mask(block.mask)
+    return np.asarray(rewards)
+
+
+def gae_within_turn(experience: Experience, credit: CreditScheme, settings: AdvantageSettings):
+    rewards = token_rewards(experience, credit, settings.kl_coef)
+    return ppo.gae_advantages(rewards, experience.old_values, experience.response_mask, settings.gamma, settings.lam)
+
+
+def next_turn_values(experience: Experience, gamma: float) -> np.ndarray:
+    """gamma * V(first token of the next chosen turn of the same conversation); 0 at the end.
+
+    The dialogue continues from the chosen sample only, so the chosen turn's successor is real
+    and every other sample of that turn shares it as the estimate of what would follow.
+    """
+    first_values = {}
+    for i in np.flatnonzero(experience.chosen):
+        first_values[(int(experience.conversation_id[i]), int(experience.turn[i]))] = experience.old_values[i, 0]
+    nxt = [first_values.get((int(c), int(t) + 1), 0.0) for c, t in zip(experience.conversation_id, experience.turn)]
+    return gamma * np.asarray(nxt, np.float32)
+
+
+def gae_across_turns(experience: Experience, credit: CreditScheme, settings: AdvantageSettings):
+    rewards = token_rewards(experience, credit, settings.kl_coef)
+    last = np.asarray(ppo.last_token_mask(experience.response_mask))
+    rewards = rewards + last * next_turn_values(experience, settings.gamma)[:, None]
+    return ppo.gae_advantages(rewards, experience.old_values, experience.response_mask, settings.gamma, settings.lam)
+
+
+def group_relative(experience: Experience, credit: CreditScheme, settings: AdvantageSettings):
+    """Group advantages of each block on its tokens; the KL enters as a per-token penalty on top."""
+    blocks = [ppo.expand_to_tokens(ppo.group_advantages(block.scores, settings.group_size), block.mask)
+              for block in credit.blocks(experience)]
+    advantages = sum(blocks[1:], blocks[0])
+    if credit.token_credit is not None:
+        advantages = ppo.item_advantages(advantages, *credit.token_credit(experience))
+    advantages = np.asarray(advantages) - settings.kl_coef * experience.kl * experience.response_mask
+    return advantages, np.zeros_like(advantages)
+
+
+ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {
+    "gae": AdvantageEstimator(gae_within_turn, needs_critic=True, takes_token_credit=False),
+    "cross_turn": AdvantageEstimator(gae_across_turns, needs_critic=True, takes_token_credit=False),
+    "grpo": AdvantageEstimator(group_relative, needs_critic=False, takes_token_credit=True),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Advantages:
+    """The configured estimator bound to the configured credit scheme: what the trainer asks
+    (`needs_critic`, `needs_item_credit`) and calls (experience -> (advantages, returns))."""
+
+    estimator: AdvantageEstimator
+    credit: CreditScheme
+
+    @property
+    def needs_critic(self) -> bool:
+        return self.estimator.needs_critic
+
+    @property
+    def needs_item_credit(self) -> bool:
+        return self.credit.needs_item_credit
+
+    def __call__(self, experience: Experience, settings: AdvantageSettings) -> tuple[np.ndarray, np.ndarray]:
+        return self.estimator.estimate(experience, self.credit, settings)
+
+
+def lookup(advantage: str, credit: str) -> Advantages:
+    """The configured estimator and credit scheme, or an error naming the key and what is accepted."""
+    if advantage not in ADVANTAGE_ESTIMATORS:
+        raise ValueError(f"ppo.advantage={advantage!r} is not one of {', '.join(ADVANTAGE_ESTIMATORS)}")
+    if credit not in CREDIT_SCHEMES:
+        raise ValueError(f"ppo.credit={credit!r} is not one of {', '.join(CREDIT_SCHEMES)}")
+    estimator, scheme = ADVANTAGE_ESTIMATORS[advantage], CREDIT_SCHEMES[credit]
+    if scheme.token_credit is not None and not estimator.takes_token_credit:
+        takers = [name for name, e in ADVANTAGE_ESTIMATORS.items() if e.takes_token_credit]
+        raise ValueError(f"ppo.credit={credit} needs ppo.advantage={' or '.join(takers)} (item credits replace "
+                         f"per-sample advantages), got {advantage!r}")
+    return Advantages(estimator, scheme)

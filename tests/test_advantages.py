@@ -1,0 +1,87 @@
+"""Advantage estimators and credit schemes (rl/advantages.py), on Experiences packed from samples."""
+
+import numpy as np
+import pytest
+
+from rlpa_jax.dialogue.chat import parse_turn
+from rlpa_jax.dialogue.judges import TurnScore
+from rlpa_jax.rl import advantages, ppo
+from rlpa_jax.rl.experience import pack_samples
+from rlpa_jax.rl.rollout import Sample
+
+# One prompt, four samples: profile F1 and response gate vary independently.
+PARTS = [(0.0, 1.0), (0.5, 1.0), (1.0, 0.0), (0.5, 0.0)]
+SETTINGS = ppo.AdvantageSettings(gamma=1.0, lam=1.0, group_size=4, kl_coef=0.0)
+
+
+def samples(profile_length=2, **extra):
+    return [Sample(0, 0, j, np.array([5, 6], np.int32), np.arange(6, dtype=np.int32), np.zeros(6, np.float32), "",
+                   parse_turn(""), TurnScore(f1, ok, f1 + ok, True, True), f1 + ok, profile_length=profile_length,
+                   **{k: v(j) for k, v in extra.items()})
+            for j, (f1, ok) in enumerate(PARTS)]
+
+
+def scored(experience, kl=None, values=None):
+    """The fields the builder adds before estimating: KL (zeros here) and the critic's values."""
+    zeros = np.zeros(experience.response_mask.shape, np.float32)
+    return experience.replace(kl=zeros if kl is None else kl, old_values=zeros if values is None else values)
+
+
+def test_packed_rows_keep_each_blocks_reward_and_the_profile_tokens():
+    score = TurnScore(0.5, 1.0, 1.5, True, True)
+    rows = [Sample(0, 0, j, np.array([5, 6, 7], np.int32), np.arange(6, dtype=np.int32), np.zeros(6, np.float32),
+                   "", parse_turn(""), score, 1.5, profile_length=length) for j, length in enumerate((4, 0))]
+    for mode, parts in (("both", (0.5, 1.0)), ("profile", (0.5, 0.0)), ("response", (0.0, 1.0))):
+        experience = pack_samples(rows, 0, 8, (4, 8), reward_mode=mode)
+        assert (experience.profile_scores[0], experience.response_scores[0]) == parts
+    np.testing.assert_array_equal(experience.profile_mask[:, :5], [[1, 1, 1, 1, 0], [0, 0, 0, 0, 0]])
+    assert experience.tokens.shape == (2, 4 + 8) and experience.old_logprobs is None
+
+
+def test_block_credit_gives_profile_tokens_the_profile_advantage():
+    experience = scored(pack_samples(samples(), 0, 6, (2,)))
+    got, returns = advantages.lookup("grpo", "block")(experience, SETTINGS)
+    profile = np.asarray(ppo.group_advantages(np.array([f1 for f1, _ in PARTS]), 4))
+    response = np.asarray(ppo.group_advantages(np.array([ok for _, ok in PARTS]), 4))
+    np.testing.assert_allclose(got[:, :2], np.repeat(profile[:, None], 2, 1), rtol=1e-6)
+    np.testing.assert_allclose(got[:, 2:], np.repeat(response[:, None], 4, 1), rtol=1e-6)
+    assert not returns.any()
+    turn, _ = advantages.lookup("grpo", "turn")(experience, SETTINGS)
+    totals = np.asarray(ppo.group_advantages(np.array([f1 + ok for f1, ok in PARTS]), 4))
+    np.testing.assert_allclose(turn, np.repeat(totals[:, None], 6, 1), rtol=1e-6)
+
+
+def test_item_credit_replaces_the_profile_advantage_on_item_tokens():
+    experience = scored(pack_samples(samples(3, item_credit=lambda j: np.array([0, 0.2 * j, 0, 0, 0, 0], np.float32),
+                                             item_mask=lambda j: np.array([0, 1, 0, 0, 0, 0], bool)), 0, 6, (2,)))
+    block, _ = advantages.lookup("grpo", "block")(experience, SETTINGS)
+    item, _ = advantages.lookup("grpo", "item")(experience, SETTINGS)
+    credits = 0.2 * np.arange(4)
+    np.testing.assert_allclose(item[:, 1], credits / np.sqrt(np.mean(credits**2)), rtol=1e-6)
+    np.testing.assert_array_equal(np.delete(item, 1, axis=1), np.delete(block, 1, axis=1))
+    with pytest.raises(ValueError, match="ppo.credit=item needs ppo.advantage=grpo"):
+        advantages.lookup("gae", "item")
+
+
+def test_gae_with_block_credit_puts_each_score_on_its_blocks_last_token():
+    kl = np.random.default_rng(0).normal(size=(4, 6)).astype(np.float32) * 0.1
+    values = np.random.default_rng(1).normal(size=(4, 6)).astype(np.float32)
+    experience = scored(pack_samples(samples(), 0, 6, (2,)), kl=kl, values=values)
+    settings = ppo.AdvantageSettings(gamma=1.0, lam=0.9, group_size=4, kl_coef=0.05)
+    got, returns = advantages.lookup("gae", "block")(experience, settings)
+    rewards = -0.05 * kl
+    rewards[:, 1] += [f1 for f1, _ in PARTS]  # the <profile> block ends at token 1
+    rewards[:, 5] += [ok for _, ok in PARTS]  # the reply ends the turn
+    expected, expected_returns = ppo.gae_advantages(rewards, values, np.ones((4, 6)), 1.0, 0.9)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(returns, expected_returns, rtol=1e-5, atol=1e-6)
+
+
+def test_the_tables_say_what_each_estimator_and_scheme_needs():
+    assert advantages.lookup("gae", "turn").needs_critic and advantages.lookup("cross_turn", "turn").needs_critic
+    assert not advantages.lookup("grpo", "turn").needs_critic
+    assert advantages.lookup("grpo", "item").needs_item_credit and not advantages.lookup("grpo", "block").needs_item_credit
+    with pytest.raises(ValueError, match=r"ppo.advantage='td' is not one of gae, cross_turn, grpo"):
+        advantages.lookup("td", "turn")
+    with pytest.raises(ValueError, match=r"ppo.credit='items' is not one of turn, block, item"):
+        advantages.lookup("grpo", "items")
