@@ -558,7 +558,7 @@ def from_dict(cls, values: dict, where: str = "config"):
     problems = _Problems(lambda key: None)
     instance = _build(cls, values, where, problems)
     _check_domains(instance, where, problems)
-    problems.raise_if_any(f"invalid {where}")
+    problems.raise_if_any(where)
     return instance
 
 
