@@ -3,19 +3,32 @@
 A checkpoint step holds a dict of pytrees ("state": actor/critic params, optimizer states, RNG ...)
 and a JSON document ("meta": model config, data position, anything plain), so a run can resume
 exactly and export its policy without the code that trained it.
+
+Saves are atomic: orbax writes a step into `<step>.orbax-checkpoint-tmp` and renames it when
+complete, so a save cut short leaves a directory that is never listed as a step. Resuming
+(`restore_latest_readable`) still survives a step damaged later (a truncated array file, a deleted
+metadata file): it falls back to the newest step that reads, and moves the bad ones aside.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
-from rlpa_jax.model.hf import export_hf
+# One error for "this checkpoint cannot be used", HF or orbax.
+from rlpa_jax.model.hf import CheckpointError, export_hf
 from rlpa_jax.model.qwen2 import Params, Qwen2Config
+
+log = logging.getLogger(__name__)
+
+CORRUPT_SUFFIX = ".corrupt"  # <step>.corrupt: a step that could not be read, kept for inspection
+MAX_REASON_CHARS = 300  # tensorstore errors carry the whole store spec; the first line says what failed
 
 
 class Checkpointer:
@@ -50,6 +63,54 @@ class Checkpointer:
         restored = self._manager.restore(step, args=ocp.args.Composite(state=state_args, meta=ocp.args.JsonRestore()))
         return restored["state"], restored["meta"]
 
+    def restore_latest_readable(self, abstract_state: Any = None) -> tuple[int, Any, dict]:
+        """(step, state, meta) from the newest step that can be read, for resuming a run.
+
+        A step that fails to read is logged (step, exception type and message) and the next older
+        step is tried. Once one reads, the failed newer steps are moved aside to
+        `<directory>/<step>.corrupt` (kept for inspection, no longer listed, so the run's next saves
+        of those step numbers do not collide). When none reads, CheckpointError names the directory
+        and each step with its failure, and nothing is moved: the fault may be the caller's
+        `abstract_state` (a state tree the code no longer builds), not the files. No steps at all is a
+        CheckpointError too; callers that may start fresh check `latest_step()` first.
+        """
+        self._manager.reload()  # another process, or an earlier call, may have changed the directory
+        steps = sorted(self.all_steps(), reverse=True)
+        if not steps:
+            raise CheckpointError(f"{self.directory}: no checkpoint steps to resume from")
+        failures: list[tuple[int, str]] = []
+        for step in steps:
+            try:
+                state, meta = self.restore(step, abstract_state)
+            except Exception as error:  # orbax and tensorstore raise bare Exception for unreadable arrays
+                reason = describe_failure(error)
+                log.warning("checkpoint %s step %d cannot be read (%s); trying an older step",
+                            self.directory, step, reason)
+                failures.append((step, reason))
+                continue
+            if failures:
+                self._move_aside([bad for bad, _ in failures])
+                log.warning("resuming from step %d of %s; unreadable steps moved aside: %s", step, self.directory,
+                            ", ".join(f"{bad}{CORRUPT_SUFFIX}" for bad, _ in failures))
+            return step, state, meta
+        tried = "\n".join(f"  step {step}: {reason}" for step, reason in failures)
+        raise CheckpointError(f"{self.directory}: no checkpoint step can be read (tried {len(failures)}; "
+                              f"nothing was moved or deleted):\n{tried}")
+
+    def _move_aside(self, steps: list[int]) -> None:
+        if jax.process_index() == 0:
+            for step in steps:
+                source = self.directory / str(step)
+                target = self.directory / f"{step}{CORRUPT_SUFFIX}"
+                copy = 1
+                while target.exists():  # the same step number went bad before
+                    target = self.directory / f"{step}{CORRUPT_SUFFIX}.{copy}"
+                    copy += 1
+                source.rename(target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("rlpa_jax.checkpoint.move_aside")
+        self._manager.reload()
+
     def _require_step(self, step: int | None) -> int:
         steps = self.all_steps()
         if step is None:
@@ -63,6 +124,20 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def describe_failure(error: BaseException) -> str:
+    """One line: the exception's type and first line, and its root cause's (what tensorstore says)."""
+    def first_line(e: BaseException) -> str:
+        text = (str(e).strip().splitlines() or [""])[0]
+        text = text if len(text) <= MAX_REASON_CHARS else text[:MAX_REASON_CHARS] + "..."
+        return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+    root, seen = error, {id(error)}
+    while (parent := root.__cause__ or root.__context__) is not None and id(parent) not in seen:
+        root = parent
+        seen.add(id(root))
+    return first_line(error) if root is error else f"{first_line(error)}; caused by {first_line(root)}"
 
 
 def model_config_to_meta(config: Qwen2Config) -> dict:

@@ -1,11 +1,23 @@
-"""What every launch script does first: readable logs, the config (or a clear exit), the compile cache."""
+"""What every launch script does first: readable logs, the config (or a clear exit), the compile cache,
+and one-line exits for file-system problems the user can fix (a full or read-only disk, permissions,
+a path that is missing or runs through a file):
+
+    with cli.exit_on_os_error("train.py"):
+        cli.check_writable(config.run_dir, needed_bytes=...)
+        run(config)
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
+import secrets
+import shutil
 import sys
 from pathlib import Path
+from typing import Iterator
 
 # The tokenizers library warns (and disables its threads) when a process forks after using them;
 # the launch scripts never fork, so say so before it is imported.
@@ -38,3 +50,105 @@ def use_compilation_cache(config) -> None:
 
     if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         jax.config.update("jax_compilation_cache_dir", str(Path(config.output_dir) / ".jax_cache"))
+
+
+# ---------------------------------------------------------------------------------------------
+# File-system errors the user causes and can fix: one line and status 1, not a traceback
+
+CANNOT_WRITE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+CANNOT_ACCESS = {errno.EACCES, errno.EPERM, errno.ENOENT}
+CANNOT_USE = {errno.ENOTDIR, errno.EISDIR}
+USER_OS_ERRORS = CANNOT_WRITE | CANNOT_ACCESS | CANNOT_USE
+OS_ERROR_EXIT_STATUS = 1
+
+
+class NotEnoughSpaceError(OSError):
+    """A directory's file system has less free space than a run needs (errno ENOSPC)."""
+
+    def __init__(self, directory: str | Path, needed_bytes: int, free_bytes: int):
+        super().__init__(errno.ENOSPC, f"not enough free space: {_bytes(needed_bytes)} needed, "
+                                       f"{_bytes(free_bytes)} free", str(directory))
+        self.needed_bytes, self.free_bytes = needed_bytes, free_bytes
+
+
+def _bytes(count: int) -> str:
+    size, unit = float(count), "B"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            break
+        size /= 1024
+    return f"{count:,} bytes" + ("" if unit == "B" else f" ({size:.1f} {unit})")
+
+
+def user_os_error(error: BaseException) -> OSError | None:
+    """The OSError the user can fix behind `error` (itself, or what it was raised from), else None.
+
+    Only explicit causes (`raise ... from error`) are followed: an exception raised while handling
+    an OSError is a different fault and keeps its traceback.
+    """
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError) and error.errno in USER_OS_ERRORS:
+            return error
+        seen.add(id(error))
+        error = error.__cause__
+    return None
+
+
+def describe_os_error(error: OSError) -> str:
+    """`cannot write runs/x/checkpoints/4: No space left on device (errno 28, ENOSPC)`."""
+    verb = ("cannot write" if error.errno in CANNOT_WRITE else
+            "cannot access" if error.errno in CANNOT_ACCESS else "cannot use")
+    if error.filename is not None:
+        path = os.fsdecode(error.filename)
+        if error.filename2 is not None:
+            path += f" -> {os.fsdecode(error.filename2)}"
+        subject = f"{verb} {path}"
+    else:
+        subject = f"{verb} a file (the operating system did not say which)"
+    cause = error.strerror or os.strerror(error.errno)
+    return f"{subject}: {cause} (errno {error.errno}, {errno.errorcode.get(error.errno, '?')})"
+
+
+@contextlib.contextmanager
+def exit_on_os_error(program: str) -> Iterator[None]:
+    """Ends the program with one line on stderr and status 1 when the block raises an OSError the
+    user caused (USER_OS_ERRORS: permissions, a read-only or full disk, a quota, a missing path, a
+    file where a directory should be); every other exception propagates with its traceback.
+
+    Also a decorator: `@cli.exit_on_os_error("train.py")` over `main`.
+    """
+    try:
+        yield
+    except Exception as error:
+        cause = user_os_error(error)
+        if cause is None:
+            raise
+        print(f"{program}: {describe_os_error(cause)}", file=sys.stderr)
+        raise SystemExit(OS_ERROR_EXIT_STATUS) from None
+
+
+def check_writable(directory: str | Path, needed_bytes: int = 0) -> Path:
+    """Creates `directory` if needed, writes and removes a probe file in it, and checks that its file
+    system has `needed_bytes` free; fails early, with an OSError naming the path, instead of hours
+    into a run at the first checkpoint. NotEnoughSpaceError (an OSError, ENOSPC) when space is short.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(directory).free
+    if free < needed_bytes:
+        raise NotEnoughSpaceError(directory, needed_bytes, free)
+    # pid and random: hosts of a multi-host run may probe the same shared directory at once
+    probe = directory / f".rlpa-write-probe-{os.getpid()}-{secrets.token_hex(4)}"
+    descriptor = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(descriptor, b"probe")
+        os.fsync(descriptor)  # a full disk may only refuse the data when it is flushed
+    except OSError as error:
+        if error.filename is None:  # os.write and os.fsync errors do not carry the path
+            error.filename = str(probe)
+        raise
+    finally:
+        os.close(descriptor)
+        probe.unlink()
+    return directory

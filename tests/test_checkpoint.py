@@ -1,5 +1,8 @@
-"""Orbax save/restore (also into shardings) and the export command line."""
+"""Orbax save/restore (also into shardings), resuming past damaged steps, and the export command line."""
 
+import logging
+import os
+import shutil
 import subprocess
 import sys
 
@@ -12,7 +15,7 @@ import transformers
 
 from hf_reference import hf_logits
 from rlpa_jax import parallel
-from rlpa_jax.checkpoint import Checkpointer, abstract_like, model_config_to_meta
+from rlpa_jax.checkpoint import CheckpointError, Checkpointer, abstract_like, model_config_to_meta
 from rlpa_jax.model.qwen2 import Qwen2Config, forward, init_params, param_logical_axes
 
 CONFIG = Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2)
@@ -59,3 +62,120 @@ def test_export_command_line_writes_a_loadable_model(tmp_path):
     missing = subprocess.run([sys.executable, str(REPO / "launch" / "export_hf.py"), "--checkpoint", str(tmp_path / "none"),
                               "--output", str(out)], capture_output=True, text=True, cwd=tmp_path)
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming past damaged steps. Orbax 0.12.8 writes a step as
+#   <step>/_CHECKPOINT_METADATA, commit_success.txt
+#   <step>/meta/metadata                              the JSON document
+#   <step>/state/_METADATA, _sharding, manifest.ocdbt  the pytree's structure and array metadata
+#   <step>/state/ocdbt.process_0/d/<hash>              the array bytes (OCDBT data files)
+# Given the state's shapes (`abstract_state`, as the trainer passes), orbax reads arrays by that tree
+# and does not need state/_METADATA; the OCDBT root manifest, the data files and meta/ it always needs.
+
+
+def saved_steps(directory, steps=(1, 2)):
+    """{step: state} saved at each step: a tiny Qwen2's params (different per step) and an int."""
+    checkpointer = Checkpointer(directory, max_to_keep=5)
+    states = {}
+    for step in steps:
+        states[step] = {"actor": init_params(CONFIG, jax.random.key(10 + step)), "step": jnp.int32(step)}
+        checkpointer.save(step, states[step], {"iteration": step})
+    checkpointer.close()
+    return states
+
+
+def damage(step_dir, how):
+    if how == "truncated array file":
+        data = sorted((step_dir / "state" / "ocdbt.process_0" / "d").iterdir(), key=lambda f: f.stat().st_size)
+        assert data, f"no OCDBT data files in {step_dir}: has orbax's layout changed?"
+        os.truncate(data[-1], data[-1].stat().st_size // 2)
+    elif how == "state metadata deleted":
+        (step_dir / "state" / "_METADATA").unlink()
+    elif how == "array index deleted":
+        (step_dir / "state" / "manifest.ocdbt").unlink()
+    elif how == "meta document deleted":
+        (step_dir / "meta" / "metadata").unlink()
+    else:
+        raise AssertionError(how)
+
+
+def assert_state_equal(restored, expected):
+    assert int(restored["step"]) == int(expected["step"])
+    jax.tree.map(np.testing.assert_array_equal, restored["actor"], expected["actor"])
+
+
+@pytest.mark.parametrize("how, with_shapes", [
+    ("truncated array file", True), ("truncated array file", False), ("array index deleted", True),
+    ("state metadata deleted", False), ("meta document deleted", True),
+])
+def test_resume_falls_back_past_a_damaged_newest_step(tmp_path, caplog, how, with_shapes):
+    directory = tmp_path / "ckpt"
+    states = saved_steps(directory)
+    damage(directory / "2", how)
+    checkpointer = Checkpointer(directory, max_to_keep=5)
+    with caplog.at_level(logging.WARNING, logger="rlpa_jax.checkpoint"):
+        step, state, meta = checkpointer.restore_latest_readable(abstract_like(states[1]) if with_shapes else None)
+    assert step == 1 and meta == {"iteration": 1}
+    assert_state_equal(state, states[1])
+    assert (directory / "2.corrupt").is_dir() and not (directory / "2").exists()
+    assert checkpointer.all_steps() == [1]
+    warning = next(r.getMessage() for r in caplog.records if "step 2 cannot be read" in r.getMessage())
+    assert str(directory) in warning and "Error" in warning and "\n" not in warning, warning
+
+    # The run goes on: step 2 is saved again beside the kept bad copy, and is what resumes next.
+    checkpointer.save(2, states[2], {"iteration": 2})
+    step, state, _ = Checkpointer(directory).restore_latest_readable()
+    assert step == 2
+    assert_state_equal(state, states[2])
+    assert (directory / "2.corrupt").is_dir()
+
+
+def test_state_metadata_is_not_needed_when_the_shapes_are_given(tmp_path):
+    directory = tmp_path / "ckpt"
+    states = saved_steps(directory)
+    damage(directory / "2", "state metadata deleted")
+    step, state, _ = Checkpointer(directory).restore_latest_readable(abstract_like(states[2]))
+    assert step == 2 and (directory / "2").is_dir()
+    assert_state_equal(state, states[2])
+
+
+def test_a_step_damaged_twice_keeps_both_copies(tmp_path):
+    directory = tmp_path / "ckpt"
+    states = saved_steps(directory)
+    checkpointer = Checkpointer(directory, max_to_keep=5)
+    for _ in range(2):
+        damage(directory / "2", "state metadata deleted")
+        assert checkpointer.restore_latest_readable()[0] == 1
+        checkpointer.save(2, states[2], {"iteration": 2})
+    assert (directory / "2.corrupt").is_dir() and (directory / "2.corrupt.1").is_dir()
+
+
+def test_no_readable_step_is_an_error_naming_every_step(tmp_path):
+    directory = tmp_path / "ckpt"
+    saved_steps(directory)
+    damage(directory / "2", "truncated array file")
+    damage(directory / "1", "state metadata deleted")
+    with pytest.raises(CheckpointError) as error:
+        Checkpointer(directory).restore_latest_readable()
+    message = str(error.value)
+    assert message.startswith(f"{directory.absolute()}: no checkpoint step can be read (tried 2")
+    assert "\n  step 2: " in message and "\n  step 1: FileNotFoundError" in message and "_METADATA" in message
+    assert sorted(child.name for child in directory.iterdir()) == ["1", "2"]  # nothing moved when nothing reads
+    with pytest.raises(CheckpointError, match="no checkpoint steps to resume from"):
+        Checkpointer(tmp_path / "empty").restore_latest_readable()
+
+
+def test_a_step_left_in_its_temporary_directory_is_never_listed(tmp_path):
+    """A save cut short leaves orbax's <step>.orbax-checkpoint-tmp...; it is not a step."""
+    directory = tmp_path / "ckpt"
+    states = saved_steps(directory)
+    for leftover in ("3.orbax-checkpoint-tmp", "4.orbax-checkpoint-tmp-1700000000"):
+        shutil.copytree(directory / "2", directory / leftover)
+        damage(directory / leftover, "truncated array file")
+    checkpointer = Checkpointer(directory)
+    assert checkpointer.all_steps() == [1, 2]
+    step, state, _ = checkpointer.restore_latest_readable()
+    assert step == 2
+    assert_state_equal(state, states[2])
+    assert (directory / "3.orbax-checkpoint-tmp").is_dir()  # not renamed: it was never a step
