@@ -24,8 +24,8 @@ import json
 import sys
 from pathlib import Path
 
-from rlpa_jax import cli, jobs
-from rlpa_jax.config import ConfigError, load_config
+from rlpa_jax import build, cli, jobs
+from rlpa_jax.config import ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         settings, overrides = jobs.split_dpo_overrides(args.overrides)
         if args.init is not None:
             overrides.append(f"model.init_checkpoint={args.init}")
-        config = load_config(args.config, overrides)
+        config = build.load_config(args.config, overrides)
     except ConfigError as error:
         print(f"dpo.py: {error}", file=sys.stderr)
         return 2

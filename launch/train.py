@@ -29,11 +29,16 @@ def main(argv: list[str] | None = None) -> int:
     config = cli.load_config_or_exit("train.py", args.config, args.overrides)
     parallel.initialize_distributed()
     cli.use_compilation_cache(config)
-    try:
-        summary = build.build_trainer(config).train(resume=args.resume)
-    except (TrainingDiverged, CheckpointError, FileNotFoundError, ValueError) as error:
-        print(f"train.py: {error}", file=sys.stderr)
-        return 1
+    # A full or read-only disk, or a path the user cannot write, ends in one line naming it; the
+    # last good checkpoint stays (orbax writes each step to a temporary directory, then renames it).
+    with cli.exit_on_os_error("train.py"):
+        try:
+            trainer = build.build_trainer(config)
+            cli.check_writable(config.run_dir, needed_bytes=build.checkpoint_bytes(trainer.model_config))
+            summary = trainer.train(resume=args.resume)
+        except (TrainingDiverged, CheckpointError, FileNotFoundError, ValueError) as error:
+            print(f"train.py: {error}", file=sys.stderr)
+            return 1
     print(json.dumps(summary, indent=2))
     print(f"run directory: {config.run_dir}")
     return 0

@@ -17,6 +17,7 @@ import jax
 
 from rlpa_jax import parallel
 from rlpa_jax.checkpoint import Checkpointer, checkpoint_directory, model_config_from_meta, restore_actor_params
+from rlpa_jax import config as config_file
 from rlpa_jax.config import LLMSection, TrainConfig
 from rlpa_jax.dialogue import judges, personas, users
 from rlpa_jax.dialogue.chat import load_prompt
@@ -31,10 +32,37 @@ from rlpa_jax.parallel import param_shardings
 from rlpa_jax.rl import advantages
 from rlpa_jax.rl.environment import Environment
 from rlpa_jax.rl.trainer import Trainer, TrainingParts
-from rlpa_jax.sampling import Generator, build_generator
+from rlpa_jax.sampling import GENERATORS, Generator, build_generator
 from rlpa_jax.tokenizer import load_tokenizer, stop_token_ids, train_tiny_tokenizer
 
 log = logging.getLogger(__name__)
+
+
+def _error_of(check) -> str | None:
+    try:
+        check()
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def _one_of(key: str, value: str, table) -> str | None:
+    return None if value in table else f"{key}={value!r} is not one of {', '.join(table)}"
+
+
+# Cross-field checks of the names the config gives to implementations, against their tables (which
+# config.py, at the bottom of the import order, cannot see); config.load_config reports them with
+# everything else, each with where its value came from.
+CONFIG_RULES = (
+    (("ppo.advantage", "ppo.credit", "rollout.samples_per_prompt"),
+     lambda c: _error_of(lambda: advantages.lookup(c.ppo.advantage, c.ppo.credit, c.rollout.samples_per_prompt))),
+    (("rollout.generator",), lambda c: _one_of("rollout.generator", c.rollout.generator, GENERATORS)),
+)
+
+
+def load_config(path=None, overrides: list[str] | None = None) -> TrainConfig:
+    """config.load_config with every name checked against the tables of implementations."""
+    return config_file.load_config(path, overrides, CONFIG_RULES)
 
 
 def build_mesh(config: TrainConfig) -> jax.sharding.Mesh:
@@ -135,6 +163,13 @@ def build_judges(config: TrainConfig) -> tuple[judges.ProfileJudge, judges.Respo
         return judges.EmbeddedProfileJudge(), judges.EmbeddedResponseJudge()
     client = llm_client(config.judges.llm)
     return judges.LLMProfileJudge(client), judges.LLMResponseJudge(client)
+
+
+def checkpoint_bytes(model_cfg: Qwen2Config) -> int:
+    """What one PPO checkpoint takes on disk: float32 actor, critic and reference, and AdamW's two
+    moments for actor and critic (the critic shares the actor's trunk: about 7 copies in all)."""
+    shapes = jax.eval_shape(lambda: init_params(model_cfg, jax.random.key(0)))
+    return 7 * sum(leaf.size * 4 for leaf in jax.tree.leaves(shapes))
 
 
 def build_environment(config: TrainConfig, tokenizer) -> Environment:

@@ -19,6 +19,11 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
+import jax
+
+from rlpa_jax import build
+from rlpa_jax.config import ConfigError
+
 # The tokenizers library warns (and disables its threads) when a process forks after using them;
 # the launch scripts never fork, so say so before it is imported.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -34,11 +39,10 @@ def setup_logging() -> None:
 
 
 def load_config_or_exit(program: str, path: Path | None, overrides: list[str]):
-    """The validated config; a bad file or override prints the reason and exits with status 2."""
-    from rlpa_jax.config import ConfigError, load_config
-
+    """The validated config (names of implementations included); a bad file or override prints
+    every problem and exits with status 2."""
     try:
-        return load_config(path, overrides)
+        return build.load_config(path, overrides)
     except ConfigError as error:
         print(f"{program}: {error}", file=sys.stderr)
         sys.exit(2)
@@ -46,8 +50,6 @@ def load_config_or_exit(program: str, path: Path | None, overrides: list[str]):
 
 def use_compilation_cache(config) -> None:
     """Persist compiled programs under the output directory unless the environment names a cache."""
-    import jax
-
     if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         jax.config.update("jax_compilation_cache_dir", str(Path(config.output_dir) / ".jax_cache"))
 

@@ -17,7 +17,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Sequence
 
 import yaml
 
@@ -203,14 +203,15 @@ class PPOConfig:
     kl_horizon: int = option(10000, count)
     gamma: float = option(1.0, unit_interval)
     lam: float = option(0.95, unit_interval)
-    advantage: Literal["gae", "cross_turn", "grpo"] = "gae"
+    # A name in rl/advantages.py's ADVANTAGE_ESTIMATORS: gae (the paper), cross_turn, grpo.
+    advantage: str = "gae"
     whiten_advantages: bool = True
     entropy_coef: float = option(0.0, non_negative)
     reward: Literal["both", "profile", "response"] = "both"  # reward ablations
-    # turn: the whole turn shares its reward (the paper); block: the <profile> block is credited with
-    # the profile reward and the reply with the response reward (rl/experience.add_advantages);
-    # item: block, with each profile line credited with its items' share of the F1 (rl/item_credit.py).
-    credit: Literal["turn", "block", "item"] = "turn"
+    # A name in rl/advantages.py's CREDIT_SCHEMES. turn: the whole turn shares its reward (the
+    # paper); block: the <profile> block is credited with the profile reward and the reply with the
+    # response reward; item: block, with each profile line credited with its items' share of the F1.
+    credit: str = "turn"
 
 
 @dataclass
@@ -273,29 +274,6 @@ def _whole_micro_batches(c: TrainConfig) -> str | None:
     if c.ppo.train_batch_size % c.ppo.micro_batch_size:
         return (f"ppo.train_batch_size={c.ppo.train_batch_size} must be a multiple of "
                 f"ppo.micro_batch_size={c.ppo.micro_batch_size}")
-    return None
-
-
-@_rule("ppo.advantage", "rollout.samples_per_prompt")
-def _groups_of_two(c: TrainConfig) -> str | None:
-    if c.ppo.advantage == "grpo" and c.rollout.samples_per_prompt < 2:
-        return f"ppo.advantage=grpo needs rollout.samples_per_prompt >= 2 (got {c.rollout.samples_per_prompt})"
-    return None
-
-
-@_rule("ppo.credit", "ppo.advantage")
-def _item_credit_with_groups(c: TrainConfig) -> str | None:
-    if c.ppo.credit == "item" and c.ppo.advantage != "grpo":
-        return (f"ppo.credit=item needs ppo.advantage=grpo, got ppo.advantage={c.ppo.advantage} "
-                "(item credits replace group advantages)")
-    return None
-
-
-@_rule("ppo.credit", "judges.kind")
-def _item_credit_with_embedded_judges(c: TrainConfig) -> str | None:
-    if c.ppo.credit == "item" and c.judges.kind != "embedded":
-        return (f"ppo.credit=item needs judges.kind=embedded, got judges.kind={c.judges.kind} "
-                "(the LLM judge returns how many items match, not which)")
     return None
 
 
@@ -542,8 +520,9 @@ def _check_domains(instance, prefix: str, problems: _Problems) -> None:
         problems.add(key, f"expected {describe(option_field, annotation)}, got {value!r}")
 
 
-def _check_rules(config: TrainConfig, problems: _Problems) -> None:
-    for keys, check in CROSS_FIELD_RULES:
+def _check_rules(config: TrainConfig, problems: _Problems,
+                 extra_rules: Sequence[tuple[tuple[str, ...], CrossFieldRule]] = ()) -> None:
+    for keys, check in [*CROSS_FIELD_RULES, *extra_rules]:
         if problems.bad_keys.intersection(keys):
             continue
         text = check(config)
@@ -620,8 +599,12 @@ def apply_override(tree: dict, path: list[str], value: Any, cls=TrainConfig, tex
         raise ConfigError(f"command-line override {text!r}: {problem}")
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """Read YAML (default configs/tiny.yaml), apply dotted overrides, check everything at once."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                rules: Sequence[tuple[tuple[str, ...], CrossFieldRule]] = ()) -> TrainConfig:
+    """Read YAML (default configs/tiny.yaml), apply dotted overrides, check everything at once.
+
+    `rules` are more cross-field checks, (keys they read, check), from the layers that know what a
+    name means (rlpa_jax/build.py checks every kind against the table of implementations)."""
     path = Path(path) if path else DEFAULT_CONFIG
     try:
         tree = yaml.safe_load(path.read_text()) or {}
@@ -648,6 +631,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             sources.set_by_override(".".join(keys), text)
     config = _build(TrainConfig, tree, "", problems)
     _check_domains(config, "", problems)
-    _check_rules(config, problems)
+    _check_rules(config, problems, rules)
     problems.raise_if_any(f"{path}{' with overrides' if overrides else ''}")
     return config

@@ -85,3 +85,43 @@ def test_the_tables_say_what_each_estimator_and_scheme_needs():
         advantages.lookup("td", "turn")
     with pytest.raises(ValueError, match=r"ppo.credit='items' is not one of turn, block, item"):
         advantages.lookup("grpo", "items")
+
+
+# ----------------------------------------------------------------------------- extending the table
+# README "Extending": a new estimator is one function and one table entry. RLOO (each sample's
+# baseline is the mean score of the prompt's other samples) needs no critic.
+
+
+def leave_one_out(experience, credit, settings):
+    n = settings.group_size
+    advantages = 0.0
+    for block in credit.blocks(experience):
+        groups = np.asarray(block.scores, np.float32).reshape(-1, n)
+        baseline = (groups.sum(axis=1, keepdims=True) - groups) / (n - 1)
+        advantages = advantages + (groups - baseline).reshape(-1, 1) * block.mask
+    advantages = advantages - settings.kl_coef * experience.kl * experience.response_mask
+    return advantages, np.zeros_like(advantages)
+
+
+def test_a_new_estimator_is_one_function_and_one_table_entry(monkeypatch, tmp_path):
+    from rlpa_jax import build
+
+    monkeypatch.setitem(advantages.ADVANTAGE_ESTIMATORS, "rloo", advantages.AdvantageEstimator(
+        leave_one_out, needs_critic=False, takes_token_credit=False, min_samples_per_prompt=2))
+    got, _ = advantages.lookup("rloo", "turn")(scored(pack_samples(samples(), 0, 6, (2,))), SETTINGS)
+    totals = np.array([f1 + ok for f1, ok in PARTS])
+    np.testing.assert_allclose(got[:, 0], totals - (totals.sum() - totals) / 3, rtol=1e-6)
+
+    # The config accepts the new name, and a PPO iteration trains with it (and no critic).
+    config = build.load_config(None, [
+        "ppo.advantage=rloo", "ppo.credit=block", f"output_dir={tmp_path}", "sft.enabled=false", "mesh.fsdp=1",
+        "model.tiny.hidden_size=64", "model.tiny.intermediate_size=128", "model.tiny.vocab_size=512",
+        "rollout.conversations=2", "rollout.max_rounds=2", "rollout.samples_per_prompt=2", "rollout.max_new_tokens=16",
+        "rollout.prompt_buckets=[64,128,256]", "rollout.max_prompt_tokens=256", "data.num_personas=16",
+        "ppo.train_batch_size=8", "ppo.micro_batch_size=4", "logging.progress_bar=false", "logging.tensorboard=false"])
+    trainer = build.build_trainer(config)
+    state, metrics, _ = trainer.iteration(trainer.initial_state(), 0, config.ppo.kl_coef)
+    assert np.isfinite(metrics["loss_mean"]) and "critic_loss_mean" not in metrics
+    with pytest.raises(Exception, match=r"ppo.advantage='rloo' is not one of"):
+        monkeypatch.delitem(advantages.ADVANTAGE_ESTIMATORS, "rloo")
+        build.load_config(None, ["ppo.advantage=rloo"])

@@ -16,6 +16,7 @@ from rlpa_jax.dialogue.profile import ProfileItem, profile_f1
 from rlpa_jax.model.qwen2 import Qwen2Config, forward, init_params
 from rlpa_jax.offline import dpo, sft, teacher
 from rlpa_jax.tokenizer import IM_END, load_tokenizer, train_tiny_tokenizer
+from tiny_corpus import synthetic_corpus
 
 CONFIG = Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                      num_kv_heads=2, rope_theta=10000.0, tie_word_embeddings=True)
@@ -27,7 +28,7 @@ random_params = jax.jit(lambda key: init_params(CONFIG, key))
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    return load_tokenizer(train_tiny_tokenizer(tmp_path_factory.mktemp("tok"), vocab_size=CONFIG.vocab_size))
+    return load_tokenizer(train_tiny_tokenizer(tmp_path_factory.mktemp("tok"), synthetic_corpus(), vocab_size=CONFIG.vocab_size))
 
 
 def numpy_log_sigmoid(x):

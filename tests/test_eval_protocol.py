@@ -59,6 +59,7 @@ from rlpa_jax.offline.teacher import teacher_turn
 from rlpa_jax.parallel import param_shardings
 from rlpa_jax.training.updater import Trainable
 from rlpa_jax.tokenizer import load_tokenizer, train_tiny_tokenizer
+from tiny_corpus import synthetic_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2)
@@ -68,7 +69,7 @@ POLICY_OPTIONS = dict(max_new_tokens=12, prompt_buckets=(256,), max_prompt_token
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
-    return train_tiny_tokenizer(tmp_path_factory.mktemp("tok"), vocab_size=512)
+    return train_tiny_tokenizer(tmp_path_factory.mktemp("tok"), synthetic_corpus(), vocab_size=512)
 
 
 @pytest.fixture(scope="module")

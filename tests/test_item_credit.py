@@ -12,6 +12,7 @@ from rlpa_jax.rl import ppo
 from rlpa_jax.rl.item_credit import line_credits, token_item_credit
 from rlpa_jax.rl.rollout import profile_block_length
 from rlpa_jax.tokenizer import load_tokenizer, train_tiny_tokenizer
+from tiny_corpus import synthetic_corpus
 
 TRUE = [ProfileItem("Occupation", "chef"), ProfileItem("Interests", "skiing"), ProfileItem("Age", "30")]
 TURN = ("<profile>\n- Occupation: chef\n- Location: chef\n- Interests: skiing, chess\n- Occupation: chef\n</profile>"
@@ -20,7 +21,7 @@ TURN = ("<profile>\n- Occupation: chef\n- Location: chef\n- Interests: skiing, c
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    return load_tokenizer(train_tiny_tokenizer(tmp_path_factory.mktemp("tok"), vocab_size=512))
+    return load_tokenizer(train_tiny_tokenizer(tmp_path_factory.mktemp("tok"), synthetic_corpus(), vocab_size=512))
 
 
 @pytest.mark.parametrize("matched, num_true", [((True, False, True, False), 3), ((False,), 7), ((True,), 1),

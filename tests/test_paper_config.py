@@ -12,6 +12,7 @@ from openai_server import OpenAIServer, Reply
 from rlpa_jax.config import REPO_ROOT, load_config
 from rlpa_jax.build import build_trainer
 from rlpa_jax.tokenizer import train_tiny_tokenizer
+from tiny_corpus import synthetic_corpus
 
 
 def world_server(request: dict) -> Reply:
@@ -27,7 +28,7 @@ def world_server(request: dict) -> Reply:
 def test_paper_config_starts_on_eight_fake_devices(tmp_path, aloe_dir):
     assert len(jax.devices()) == 8
     model_dir = write_release_shaped(make_hf_model(vocab_size=512, rope_theta=1e6), tmp_path / "Qwen2.5-3B-Instruct")
-    train_tiny_tokenizer(model_dir, vocab_size=512)
+    train_tiny_tokenizer(model_dir, synthetic_corpus(), vocab_size=512)
     with OpenAIServer(world_server) as server:
         endpoint = [f"user.llm.base_url={server.base_url}", f"judges.llm.base_url={server.base_url}",
                     "user.llm.cache_path=null", "judges.llm.cache_path=null"]

@@ -18,11 +18,12 @@ from rlpa_jax.rl.environment import Environment, reward_of, start_conversations
 from rlpa_jax.rl.rollout import Rollout, profile_block_length
 from rlpa_jax.sampling import Sampler, SamplingParams
 from rlpa_jax.tokenizer import load_tokenizer, stop_token_ids, train_tiny_tokenizer
+from tiny_corpus import synthetic_corpus
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    return load_tokenizer(train_tiny_tokenizer(tmp_path_factory.mktemp("tok"), vocab_size=512))
+    return load_tokenizer(train_tiny_tokenizer(tmp_path_factory.mktemp("tok"), synthetic_corpus(), vocab_size=512))
 
 
 def make_environment(tokenizer, profile_judge=None, response_judge=None, mode="both"):

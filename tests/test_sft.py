@@ -24,6 +24,7 @@ from rlpa_jax.dialogue.users import FLATTERY_COMPLAINTS, REPETITION_COMPLAINTS, 
 from rlpa_jax.model.qwen2 import Qwen2Config, forward, init_params
 from rlpa_jax.offline import sft, teacher
 from rlpa_jax.tokenizer import IM_END, load_tokenizer, train_tiny_tokenizer
+from tiny_corpus import synthetic_corpus
 
 CONFIG = Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                      num_kv_heads=2, rope_theta=10000.0, tie_word_embeddings=True)
@@ -32,7 +33,7 @@ SYSTEM = load_prompt("policy_system_tiny")  # the short instruction the tiny dem
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    return load_tokenizer(train_tiny_tokenizer(tmp_path_factory.mktemp("tok"), vocab_size=CONFIG.vocab_size))
+    return load_tokenizer(train_tiny_tokenizer(tmp_path_factory.mktemp("tok"), synthetic_corpus(), vocab_size=CONFIG.vocab_size))
 
 
 def play_teacher(personas, turns, seed=0):

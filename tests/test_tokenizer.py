@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer
 
+from tiny_corpus import synthetic_corpus
+
 from rlpa_jax.tokenizer import (
     ENDOFTEXT,
     IM_END,
@@ -20,7 +22,6 @@ from rlpa_jax.tokenizer import (
     chat_token_ids,
     load_tokenizer,
     stop_token_ids,
-    synthetic_corpus,
     train_tiny_tokenizer,
 )
 
@@ -34,7 +35,7 @@ POLICY_TURN = (
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return train_tiny_tokenizer(tmp_path_factory.mktemp("tiny_tokenizer"), vocab_size=VOCAB_SIZE)
+    return train_tiny_tokenizer(tmp_path_factory.mktemp("tiny_tokenizer"), synthetic_corpus(), vocab_size=VOCAB_SIZE)
 
 
 @pytest.fixture(scope="session")
@@ -85,7 +86,7 @@ def test_training_writes_a_standard_huggingface_directory(tiny_dir: Path) -> Non
 
 
 def test_training_is_deterministic(tiny_dir: Path, tmp_path: Path) -> None:
-    again = train_tiny_tokenizer(tmp_path / "again", vocab_size=VOCAB_SIZE)
+    again = train_tiny_tokenizer(tmp_path / "again", synthetic_corpus(), vocab_size=VOCAB_SIZE)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         assert (again / name).read_bytes() == (tiny_dir / name).read_bytes(), name
 
@@ -93,15 +94,17 @@ def test_training_is_deterministic(tiny_dir: Path, tmp_path: Path) -> None:
 def test_training_is_deterministic_across_processes(tiny_dir: Path, tmp_path: Path) -> None:
     # Rust hash maps are seeded per process, so an in-process repeat alone could hide nondeterminism.
     script = (
-        "import sys; from rlpa_jax.tokenizer import train_tiny_tokenizer; "
-        "train_tiny_tokenizer(sys.argv[1], vocab_size=int(sys.argv[2]))"
+        "import sys; sys.path.insert(0, sys.argv[3]); from tiny_corpus import synthetic_corpus; "
+        "from rlpa_jax.tokenizer import train_tiny_tokenizer; "
+        "train_tiny_tokenizer(sys.argv[1], synthetic_corpus(), vocab_size=int(sys.argv[2]))"
     )
-    subprocess.run([sys.executable, "-c", script, str(tmp_path), str(VOCAB_SIZE)], check=True)
+    tests = str(Path(__file__).resolve().parent)
+    subprocess.run([sys.executable, "-c", script, str(tmp_path), str(VOCAB_SIZE), tests], check=True)
     assert (tmp_path / "tokenizer.json").read_bytes() == (tiny_dir / "tokenizer.json").read_bytes()
 
 
 def test_different_vocab_sizes_give_exactly_that_many_ids(tmp_path: Path) -> None:
-    larger = load_tokenizer(train_tiny_tokenizer(tmp_path, vocab_size=1000))
+    larger = load_tokenizer(train_tiny_tokenizer(tmp_path, synthetic_corpus(), vocab_size=1000))
     assert len(larger) == 1000
     assert larger.convert_tokens_to_ids([ENDOFTEXT, IM_START, IM_END]) == [997, 998, 999]
 
@@ -127,7 +130,7 @@ def test_the_embedded_worlds_tokenizer_keeps_every_persona_value_word_whole(tmp_
 
 def test_too_small_vocab_size_is_rejected(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="vocab_size=100 .* at least 259"):
-        train_tiny_tokenizer(tmp_path, vocab_size=100)
+        train_tiny_tokenizer(tmp_path, synthetic_corpus(), vocab_size=100)
 
 
 def test_synthetic_corpus_is_deterministic_and_varied() -> None:

@@ -1,6 +1,8 @@
 """End-to-end PPO runs on a tiny model: a short run, resume after Ctrl-C, NaN stop, HF export."""
 
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +15,7 @@ import transformers
 
 from rlpa_jax.build import build_trainer
 from rlpa_jax.config import load_config
+from rlpa_jax.model.hf import CheckpointError
 from rlpa_jax.rl.trainer import TrainingDiverged
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,6 +94,39 @@ def test_resume_after_ctrl_c_gives_the_same_metrics(tmp_path, uninterrupted):
         for key in ours:
             if key != "phase":
                 assert ours[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-6), key
+
+
+@pytest.mark.parametrize("damage", ["truncated array file", "meta deleted"])
+def test_resume_past_a_damaged_newest_checkpoint_gives_the_same_metrics(tmp_path, uninterrupted, damage):
+    source, _, reference = uninterrupted
+    config = small_config(tmp_path)
+    shutil.copytree(source.run_dir, config.run_dir)
+    newest = config.run_dir / "checkpoints" / "4"
+    if damage == "truncated array file":
+        data = max((newest / "state" / "ocdbt.process_0" / "d").iterdir(), key=lambda f: f.stat().st_size)
+        os.truncate(data, data.stat().st_size // 2)
+    else:
+        (newest / "meta" / "metadata").unlink()
+    build_trainer(config).train(resume=True)
+    assert (config.run_dir / "checkpoints" / "4.corrupt").is_dir()  # kept aside for inspection
+    records = [json.loads(line) for line in (config.run_dir / "metrics.jsonl").read_text().splitlines()]
+    resumed = [r for r in records if r["phase"] == "ppo"]
+    assert [r["step"] for r in resumed] == [0, 1, 2, 3]
+    for ours, theirs in zip(resumed[2:], reference[2:]):  # iterations 2 and 3 ran again from step 2
+        ours, theirs = reproducible(ours), reproducible(theirs)
+        assert ours.keys() == theirs.keys() and all(
+            ours[k] == pytest.approx(theirs[k], rel=1e-5, abs=1e-6) for k in ours if k != "phase")
+
+
+def test_resume_with_no_readable_checkpoint_stops_instead_of_starting_over(tmp_path, uninterrupted):
+    source, _, _ = uninterrupted
+    config = small_config(tmp_path)
+    shutil.copytree(source.run_dir, config.run_dir)
+    for step in (config.run_dir / "checkpoints").iterdir():
+        if step.name.isdigit():
+            (step / "meta" / "metadata").unlink()
+    with pytest.raises(CheckpointError, match=r"step 4: .*\n.*step 2: "):
+        build_trainer(config).train(resume=True)
 
 
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):

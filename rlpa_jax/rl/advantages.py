@@ -54,6 +54,7 @@ class AdvantageEstimator:
     estimate: Callable[[Experience, CreditScheme, AdvantageSettings], tuple[np.ndarray, np.ndarray]]
     needs_critic: bool
     takes_token_credit: bool  # per-sample advantages that token credits may replace
+    min_samples_per_prompt: int = 1  # a group baseline needs at least two samples of a prompt
 
 
 # ----------------------------------------------------------------------------- credit schemes
@@ -131,7 +132,7 @@ def group_relative(experience: Experience, credit: CreditScheme, settings: Advan
 ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {
     "gae": AdvantageEstimator(gae_within_turn, needs_critic=True, takes_token_credit=False),
     "cross_turn": AdvantageEstimator(gae_across_turns, needs_critic=True, takes_token_credit=False),
-    "grpo": AdvantageEstimator(group_relative, needs_critic=False, takes_token_credit=True),
+    "grpo": AdvantageEstimator(group_relative, needs_critic=False, takes_token_credit=True, min_samples_per_prompt=2),
 }
 
 
@@ -155,7 +156,7 @@ class Advantages:
         return self.estimator.estimate(experience, self.credit, settings)
 
 
-def lookup(advantage: str, credit: str) -> Advantages:
+def lookup(advantage: str, credit: str, samples_per_prompt: int | None = None) -> Advantages:
     """The configured estimator and credit scheme, or an error naming the key and what is accepted."""
     if advantage not in ADVANTAGE_ESTIMATORS:
         raise ValueError(f"ppo.advantage={advantage!r} is not one of {', '.join(ADVANTAGE_ESTIMATORS)}")
@@ -166,4 +167,7 @@ def lookup(advantage: str, credit: str) -> Advantages:
         takers = [name for name, e in ADVANTAGE_ESTIMATORS.items() if e.takes_token_credit]
         raise ValueError(f"ppo.credit={credit} needs ppo.advantage={' or '.join(takers)} (item credits replace "
                          f"per-sample advantages), got {advantage!r}")
+    if samples_per_prompt is not None and samples_per_prompt < estimator.min_samples_per_prompt:
+        raise ValueError(f"ppo.advantage={advantage} needs rollout.samples_per_prompt >= "
+                         f"{estimator.min_samples_per_prompt}, got {samples_per_prompt}")
     return Advantages(estimator, scheme)

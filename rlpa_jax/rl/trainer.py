@@ -77,7 +77,7 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
         self.mesh, self.model_config = parts.mesh, parts.model_config
-        self.advantages = advantages.lookup(config.ppo.advantage, config.ppo.credit)
+        self.advantages = advantages.lookup(config.ppo.advantage, config.ppo.credit, config.rollout.samples_per_prompt)
 
         r, p = config.rollout, config.ppo
         self.row_multiple = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
@@ -135,8 +135,10 @@ class Trainer:
         self.checkpointer.save(iteration, state, meta)
 
     def restore(self) -> tuple[dict, int, float]:
+        """The newest readable checkpoint: a damaged newer one is reported, moved aside
+        (`<step>.corrupt`) and the previous one used; none readable is a CheckpointError."""
         template = jax.eval_shape(self.initial_state_shapes)
-        state, meta = self.checkpointer.restore(None, abstract_state=self._with_shardings(template))
+        _, state, meta = self.checkpointer.restore_latest_readable(self._with_shardings(template))
         log.info("resumed from iteration %d", meta["iteration"])
         return state, int(meta["iteration"]), float(meta["kl_coef"])
 
