@@ -46,11 +46,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dpo.py: {error}", file=sys.stderr)
         return 2
     cli.use_compilation_cache(config)
-    try:
-        summary = jobs.dpo(config, settings)
-    except (FileNotFoundError, ValueError, KeyError) as error:
-        print(f"dpo.py: {error}", file=sys.stderr)
-        return 1
+    with cli.exit_on_os_error("dpo.py"):
+        try:
+            summary = jobs.dpo(config, settings)
+        except (FileNotFoundError, ValueError, KeyError) as error:
+            print(f"dpo.py: {error}", file=sys.stderr)
+            return 1
     print(json.dumps(summary, indent=2))
     print(f"checkpoint: {config.run_dir / 'dpo'}")
     return 0

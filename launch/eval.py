@@ -92,11 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     cli.setup_logging()
     config = cli.load_config_or_exit("eval.py", args.config, args.overrides)
     cli.use_compilation_cache(config)
-    try:
-        return evaluate(args, config)
-    except (CheckpointError, FileNotFoundError, KeyError, ValueError) as error:
-        print(f"eval.py: {error}", file=sys.stderr)
-        return 2
+    with cli.exit_on_os_error("eval.py"):
+        try:
+            return evaluate(args, config)
+        except (CheckpointError, FileNotFoundError, KeyError, ValueError) as error:
+            print(f"eval.py: {error}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from rlpa_jax import config as config_file
 from rlpa_jax.config import LLMSection, TrainConfig
 from rlpa_jax.dialogue import judges, personas, users
 from rlpa_jax.dialogue.chat import load_prompt
-from rlpa_jax.dialogue.llm import LLMClient, LLMConfig, run_sync
+from rlpa_jax.dialogue.llm import LLMCallError, LLMClient, LLMConfig, run_sync
 from rlpa_jax.eval import baselines
 from rlpa_jax.eval.policies import ChatPolicy, JaxPolicy, Policy
 from rlpa_jax.model import hf
@@ -195,6 +195,23 @@ def initial_actor(config: TrainConfig, model_cfg: Qwen2Config, mesh, tokenizer,
     return actor, history
 
 
+def probe_endpoints(environment: Environment) -> None:
+    """One cheap request to every LLM endpoint the simulated user and the judges talk to, so a
+    wrong URL, model or key stops the run at start-up with the role and the (redacted) URL."""
+    roles = {"user": environment.user_sim, "profile judge": environment.profile_judge,
+             "response judge": environment.response_judge}
+    probed: set[int] = set()
+    for role, stage in roles.items():
+        client = getattr(stage, "client", None)
+        if not isinstance(client, LLMClient) or id(client) in probed:
+            continue
+        probed.add(id(client))
+        try:
+            run_sync(client.probe())
+        except LLMCallError as error:
+            raise ValueError(f"the {role}'s LLM endpoint does not answer: {error}") from None
+
+
 def build_trainer(config: TrainConfig) -> Trainer:
     """A Trainer with every part built from `config` (nothing heavy runs until train())."""
     mesh = build_mesh(config)
@@ -202,9 +219,11 @@ def build_trainer(config: TrainConfig) -> Trainer:
     tokenizer = build_tokenizer(config)
     train_personas = build_personas(config, "train")
     eval_personas = build_personas(config, "eval")[:config.rollout.eval_conversations]
+    environment = build_environment(config, tokenizer)
+    probe_endpoints(environment)
     parts = TrainingParts(
         mesh=mesh, model_config=model_cfg, tokenizer_dir=tokenizer_dir(config).absolute(),
-        environment=build_environment(config, tokenizer), generator=build_sampler(config, model_cfg, tokenizer),
+        environment=environment, generator=build_sampler(config, model_cfg, tokenizer),
         train_personas=train_personas, eval_personas=eval_personas,
         initial_actor=lambda: initial_actor(config, model_cfg, mesh, tokenizer, train_personas))
     return Trainer(config, parts)

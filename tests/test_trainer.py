@@ -192,3 +192,21 @@ def test_profile_by_turn_says_what_was_revealed_written_and_right():
     got = profile_by_turn([sample(0, [], 0), sample(1, [told, wrong], 1), sample(1, [told], 1)], [conversation])
     assert got["revealed_turn1"] == 0 and got["written_turn1"] == 0 and got["right_turn1"] == 0
     assert got["revealed_turn2"] == 1 and got["written_turn2"] == 1.5 and got["right_turn2"] == 1
+
+
+def test_an_llm_endpoint_that_does_not_answer_stops_the_run_at_start(tmp_path):
+    # Port 9 (discard) on 127.0.0.1: nothing listens, the connection is refused at once.
+    config = small_config(tmp_path, "judges.kind=llm", "judges.llm.base_url=http://127.0.0.1:9/v1",
+                          "judges.llm.cache_path=null", "judges.llm.max_retries=0")
+    with pytest.raises(ValueError, match=r"profile judge's LLM endpoint does not answer.*127\.0\.0\.1:9"):
+        build_trainer(config)
+    assert not (config.run_dir / "checkpoints").exists()  # nothing trained, nothing saved
+
+
+def test_a_missing_evaluation_split_is_found_before_any_training(tmp_path, aloe_dir):
+    partial = tmp_path / "aloe"
+    shutil.copytree(aloe_dir, partial)
+    (partial / "profile_eval.jsonl").unlink()
+    config = small_config(tmp_path, "data.source=aloe", f"data.aloe_dir={partial}", "sft.enabled=true")
+    with pytest.raises(FileNotFoundError, match="profile_eval.jsonl"):
+        build_trainer(config)  # builds every part (the SFT warm start runs only in train())

@@ -416,6 +416,16 @@ class LLMClient:
         """
         return list(await asyncio.gather(*(self._complete_or_error(messages, **kw) for messages in batch)))
 
+    async def probe(self) -> None:
+        """One one-token request past the cache: raises LLMCallError when the endpoint does not
+        answer (checked at start-up, before hours of work depend on it)."""
+        request = {"model": self.config.model, "messages": [{"role": "user", "content": "Reply with OK."}],
+                   "temperature": 0.0, "max_tokens": 1}
+        try:
+            await self._attempt(request)
+        except Exception as error:
+            raise self._call_error([classify_failure(error, self.config.timeout_s)], 1) from None
+
     async def _complete_or_error(self, messages: list[dict], **kw: Any) -> str | LLMCallError:
         try:
             return await self.complete(messages, **kw)
