@@ -46,12 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dpo.py: {error}", file=sys.stderr)
         return 2
     cli.use_compilation_cache(config)
-    with cli.exit_on_os_error("dpo.py"):
-        try:
-            summary = jobs.dpo(config, settings)
-        except (FileNotFoundError, ValueError, KeyError) as error:
-            print(f"dpo.py: {error}", file=sys.stderr)
-            return 1
+    summary = cli.run_or_exit("dpo.py", lambda: jobs.dpo(config, settings), (FileNotFoundError, ValueError, KeyError))
     print(json.dumps(summary, indent=2))
     print(f"checkpoint: {config.run_dir / 'dpo'}")
     return 0

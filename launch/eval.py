@@ -92,12 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     cli.setup_logging()
     config = cli.load_config_or_exit("eval.py", args.config, args.overrides)
     cli.use_compilation_cache(config)
-    with cli.exit_on_os_error("eval.py"):
-        try:
-            return evaluate(args, config)
-        except (CheckpointError, FileNotFoundError, KeyError, ValueError) as error:
-            print(f"eval.py: {error}", file=sys.stderr)
-            return 2
+    return cli.run_or_exit("eval.py", lambda: evaluate(args, config),
+                           (CheckpointError, FileNotFoundError, KeyError, ValueError), status=2)
 
 
 if __name__ == "__main__":

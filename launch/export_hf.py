@@ -25,12 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", type=Path, default=None, help="tokenizer directory to copy files from")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args(argv)
-    with cli.exit_on_os_error("export_hf.py"):
-        try:
-            out = export_checkpoint(args.checkpoint, args.output, args.step, args.tokenizer, args.dtype)
-        except (FileNotFoundError, KeyError, ValueError) as error:
-            print(f"export_hf: {error}", file=sys.stderr)
-            return 2
+    out = cli.run_or_exit("export_hf.py", lambda: export_checkpoint(args.checkpoint, args.output, args.step,
+                                                                     args.tokenizer, args.dtype),
+                          (FileNotFoundError, KeyError, ValueError), status=2)
     print(f"exported to {out}")
     return 0
 

@@ -28,12 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     cli.setup_logging()
     config = cli.load_config_or_exit("sft.py", args.config, args.overrides)
     cli.use_compilation_cache(config)
-    with cli.exit_on_os_error("sft.py"):
-        try:
-            summary = jobs.sft(config)
-        except (FileNotFoundError, ValueError, KeyError) as error:
-            print(f"sft.py: {error}", file=sys.stderr)
-            return 1
+    summary = cli.run_or_exit("sft.py", lambda: jobs.sft(config), (FileNotFoundError, ValueError, KeyError))
     print(json.dumps(summary, indent=2))
     print(f"checkpoint: {config.run_dir / 'sft'}")
     return 0

@@ -29,16 +29,15 @@ def main(argv: list[str] | None = None) -> int:
     config = cli.load_config_or_exit("train.py", args.config, args.overrides)
     parallel.initialize_distributed()
     cli.use_compilation_cache(config)
-    # A full or read-only disk, or a path the user cannot write, ends in one line naming it; the
+
+    def train() -> dict:
+        trainer = build.build_trainer(config)  # every part built and checked before any training
+        cli.check_writable(config.run_dir, needed_bytes=build.checkpoint_bytes(trainer.model_config))
+        return trainer.train(resume=args.resume)
+
+    # A full or read-only disk or a path the user cannot write ends in one line naming it, and the
     # last good checkpoint stays (orbax writes each step to a temporary directory, then renames it).
-    with cli.exit_on_os_error("train.py"):
-        try:
-            trainer = build.build_trainer(config)
-            cli.check_writable(config.run_dir, needed_bytes=build.checkpoint_bytes(trainer.model_config))
-            summary = trainer.train(resume=args.resume)
-        except (TrainingDiverged, CheckpointError, FileNotFoundError, ValueError) as error:
-            print(f"train.py: {error}", file=sys.stderr)
-            return 1
+    summary = cli.run_or_exit("train.py", train, (TrainingDiverged, CheckpointError, FileNotFoundError, ValueError))
     print(json.dumps(summary, indent=2))
     print(f"run directory: {config.run_dir}")
     return 0

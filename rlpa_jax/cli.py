@@ -17,7 +17,7 @@ import secrets
 import shutil
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import jax
 
@@ -28,12 +28,16 @@ from rlpa_jax.config import ConfigError
 # the launch scripts never fork, so say so before it is imported.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+T = TypeVar("T")
+
 # Libraries that log every file written or request sent at INFO.
 CHATTY_LOGGERS = ("absl", "jax._src.xla_bridge", "matplotlib", "httpx", "openai")
 
 
 def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # force: a library imported before this (absl, orbax) may already have given the root logger a
+    # handler, which would make basicConfig a silent no-op.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     for name in CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
 
@@ -128,6 +132,18 @@ def exit_on_os_error(program: str) -> Iterator[None]:
             raise
         print(f"{program}: {describe_os_error(cause)}", file=sys.stderr)
         raise SystemExit(OS_ERROR_EXIT_STATUS) from None
+
+
+def run_or_exit(program: str, work: Callable[[], T], expected: tuple[type[BaseException], ...], status: int = 1) -> T:
+    """work()'s result. A mistake the user can fix (an `expected` error: a missing file, a bad
+    value, an unusable checkpoint) or a file-system problem ends the program with one line on
+    stderr, without a traceback; programming errors keep theirs."""
+    with exit_on_os_error(program):
+        try:
+            return work()
+        except expected as error:
+            print(f"{program}: {error}", file=sys.stderr)
+            raise SystemExit(status) from None
 
 
 def check_writable(directory: str | Path, needed_bytes: int = 0) -> Path:

@@ -496,9 +496,10 @@ def load_launcher():
 def test_command_line_errors_name_what_is_wrong(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(REPO / ".jax_cache"))  # keep this process's cache
     launcher = load_launcher()
-    assert launcher.main(["--policy", str(tmp_path / "nowhere"), "--no-progress"]) == 2
-    assert str(tmp_path / "nowhere") in capsys.readouterr().err
-    assert launcher.main(["--policy", "openai:some-model", "--no-progress"]) == 2
-    assert "--base-url" in capsys.readouterr().err
-    assert launcher.main(["--policy", "x", "--compare", str(tmp_path / "no.json")]) == 2
-    assert "no.json" in capsys.readouterr().err
+    for argv, named in (([str(tmp_path / "nowhere")], str(tmp_path / "nowhere")),
+                        (["openai:some-model"], "--base-url"),
+                        (["x", "--compare", str(tmp_path / "no.json")], "no.json")):
+        with pytest.raises(SystemExit) as exit_:
+            launcher.main(["--policy", *argv, "--no-progress"])
+        assert exit_.value.code == 2
+        assert named in capsys.readouterr().err
