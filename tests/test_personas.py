@@ -15,19 +15,18 @@ from rlpa_jax.dialogue.llm import LLMClient, LLMConfig
 from rlpa_jax.dialogue.personas import (
     LLMProfileExtractor,
     Persona,
-    ProfileExtractionError,
-    extract_profile_rules,
-    load_aloe,
     load_aloe_pool,
     make_persona,
     pair_for_evaluation,
     pair_for_training,
-    personality_traits,
     personas_from_pairs,
-    slot_template_problems,
-    subject_gender,
     synthetic_personas,
 )
+from rlpa_jax.dialogue.personas.base import load_aloe
+from rlpa_jax.dialogue.personas.english import subject_gender
+from rlpa_jax.dialogue.personas.extraction import ProfileExtractionError, slot_template_problems
+from rlpa_jax.dialogue.personas.profile_rules import extract_profile_rules
+from rlpa_jax.dialogue.personas.trait_rules import personality_traits
 from rlpa_jax.dialogue.profile import ProfileItem, normalize_text
 
 

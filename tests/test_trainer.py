@@ -131,7 +131,7 @@ def test_profile_by_turn_says_what_was_revealed_written_and_right():
     from rlpa_jax.dialogue.judges import TurnScore
     from rlpa_jax.dialogue.personas import synthetic_personas
     from rlpa_jax.dialogue.profile import ProfileItem, profile_f1
-    from rlpa_jax.dialogue.users import ScriptedUser
+    from rlpa_jax.dialogue.users.scripted import ScriptedUser
     from rlpa_jax.rl.rollout import Sample, start_conversations
     from rlpa_jax.rl.trainer import profile_by_turn
 

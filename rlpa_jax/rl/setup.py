@@ -17,7 +17,7 @@ from rlpa_jax import parallel
 from rlpa_jax.checkpoint import Checkpointer, checkpoint_directory, model_config_from_meta, restore_actor_params
 from rlpa_jax.config import LLMSection, TrainConfig
 from rlpa_jax.dialogue import judges, personas, users
-from rlpa_jax.dialogue.llm import LLMClient, LLMConfig, run_sync
+from rlpa_jax.dialogue.llm import LLMClient, client_from_section, run_sync
 from rlpa_jax.model import hf
 from rlpa_jax.model.qwen2 import Params, Qwen2Config, init_params
 from rlpa_jax.rl.step import param_shardings
@@ -109,22 +109,15 @@ def build_personas(config: TrainConfig, split: str = "train") -> list[personas.P
 
 
 def llm_client(section: LLMSection) -> LLMClient:
-    return LLMClient(LLMConfig(base_url=section.base_url, model=section.model, api_key_env=section.api_key_env,
-                               max_concurrency=section.max_concurrency, timeout_s=section.timeout_s,
-                               max_retries=section.max_retries, cache_path=section.cache_path))
+    return client_from_section(section)
 
 
 def build_user(config: TrainConfig) -> users.UserSimulator:
-    if config.user.kind == "scripted":
-        return users.ScriptedUser()
-    return users.LLMUser(llm_client(config.user.llm))
+    return users.build_user(config.user)
 
 
 def build_judges(config: TrainConfig) -> tuple[judges.ProfileJudge, judges.ResponseJudge]:
-    if config.judges.kind == "embedded":
-        return judges.EmbeddedProfileJudge(), judges.EmbeddedResponseJudge()
-    client = llm_client(config.judges.llm)
-    return judges.LLMProfileJudge(client), judges.LLMResponseJudge(client)
+    return judges.build_judges(config.judges)
 
 
 def iteration_personas(pool: list[personas.Persona], count: int, seed: int, iteration: int) -> list[int]:
