@@ -145,14 +145,8 @@ class LLMResponseJudge(LLMJudge):
 
     prompt_name = "response_judge"
 
-    def __init__(
-        self,
-        client: LLMClient,
-        prompt: str | None = None,
-        max_attempts: int = 3,
-        retry_temperature: float = 0.7,
-        max_history_messages: int = 20,
-    ) -> None:
+    def __init__(self, client: LLMClient, prompt: str | None = None, max_attempts: int = 3,
+                 retry_temperature: float = 0.7, max_history_messages: int = 20) -> None:
         super().__init__(client, prompt, max_attempts, retry_temperature)
         self.max_history_messages = max_history_messages
 

@@ -123,7 +123,8 @@ def switch_if_due(state: UserState) -> bool:
 
 class StatefulUser:
     """The part of a UserSimulator that every simulator keeping a UserState shares: start(),
-    the batch check and the cold-start opening (which needs no persona)."""
+    the batch check, the cold-start opening (which needs no persona) and, for simulators that
+    answer each conversation on the host, respond() as one reply() per conversation."""
 
     opening: str = OPENING_MESSAGE
 
@@ -145,3 +146,14 @@ class StatefulUser:
             return None
         state.turn += 1
         return self.opening
+
+    async def respond(
+        self, states: Sequence[UserState], histories: Sequence[Sequence[Message]]
+    ) -> list[str | None]:
+        """One reply() per conversation; a simulator that batches requests (LLMUser) overrides this."""
+        self.check_batch(states, histories)
+        return [self.reply(state, history) for state, history in zip(states, histories)]
+
+    def reply(self, state: UserState, history: Sequence[Message]) -> str:
+        """The next user message for one conversation (advances `state`)."""
+        raise NotImplementedError(f"users.{type(self).__name__}: define reply() or override respond()")

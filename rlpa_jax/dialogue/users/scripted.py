@@ -163,12 +163,6 @@ class ScriptedUser(StatefulUser):
         self.acknowledgement_probability = acknowledgement_probability
         self.opening = opening
 
-    async def respond(
-        self, states: Sequence[UserState], histories: Sequence[Sequence[Message]]
-    ) -> list[str | None]:
-        self.check_batch(states, histories)
-        return [self.reply(state, history) for state, history in zip(states, histories)]
-
     def reply(self, state: UserState, history: Sequence[Message]) -> str:
         """The next user message for one conversation (advances `state`)."""
         opening = self.opening_if_cold_start(state, history)
