@@ -1,7 +1,8 @@
 """Simulated users, chosen by `user.kind` in the config.
 
 USER_SIMULATORS maps each kind to a function of the config's `user` section that returns a
-UserSimulator; a new kind is one new entry. The shared state and interface live in
+UserSimulator; a new kind is one new entry (a new host-side user subclasses
+users.base.StatefulUser and writes reply()). The shared state and interface live in
 users/base.py, the scripted user in users/scripted.py, the LLM user in users/llm.py.
 """
 
