@@ -23,7 +23,6 @@ from rlpa_jax.dialogue.users import OPENING_MESSAGE, USER_SIMULATORS, UserSimula
 from rlpa_jax.dialogue.users.base import StatefulUser
 from rlpa_jax.dialogue.users.llm import LLMUser
 from rlpa_jax.dialogue.users.scripted import ScriptedUser
-from rlpa_jax.rl import setup
 from rlpa_jax.rl.rollout import start_conversations
 
 
@@ -85,7 +84,7 @@ def test_an_unknown_kind_names_the_key_the_value_and_the_valid_kinds():
         build_judges(JudgeConfig(kind="oracle"))
     config = load_config(overrides=["user.kind=telepathic"])  # the config itself accepts any kind name
     with pytest.raises(ConfigError, match=r"user\.kind='telepathic'"):
-        setup.build_user(config)
+        build_user(config.user)
 
 
 class InOrderUser(StatefulUser):
