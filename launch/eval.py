@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from rlpa_jax import build, cli
+from rlpa_jax.dialogue import judges, users
 from rlpa_jax.eval.baselines import BASELINE_KINDS
 from rlpa_jax.eval.plots import plot_al_curves, plot_profile_scores
 from rlpa_jax.eval.protocol import EvalResult, run_protocol
@@ -70,8 +71,8 @@ def evaluate(args: argparse.Namespace, config) -> int:
     policy = build.build_eval_policy(spec, config)
     pool = build.build_personas(config, "eval")
     personas = pool[: args.users] if args.users is not None else pool
-    user_sim = build.build_user(config)
-    profile_judge, response_judge = build.build_judges(config)
+    user_sim = users.build_user(config.user)
+    profile_judge, response_judge = judges.build_judges(config.judges)
     result = run_protocol(policy, personas, user_sim, response_judge, args.turns, args.setting, profile_judge,
                           config.seed if args.seed is None else args.seed, partner_pool=pool,
                           progress=not args.no_progress)

@@ -21,7 +21,7 @@ from rlpa_jax import config as config_file
 from rlpa_jax.config import LLMSection, TrainConfig
 from rlpa_jax.dialogue import judges, personas, users
 from rlpa_jax.dialogue.chat import load_prompt
-from rlpa_jax.dialogue.llm import LLMCallError, LLMClient, LLMConfig, run_sync
+from rlpa_jax.dialogue.llm import LLMCallError, LLMClient, client_from_section, run_sync
 from rlpa_jax.eval import baselines
 from rlpa_jax.eval.policies import ChatPolicy, JaxPolicy, Policy
 from rlpa_jax.model import hf
@@ -57,6 +57,8 @@ CONFIG_RULES = (
     (("ppo.advantage", "ppo.credit", "rollout.samples_per_prompt"),
      lambda c: _error_of(lambda: advantages.lookup(c.ppo.advantage, c.ppo.credit, c.rollout.samples_per_prompt))),
     (("rollout.generator",), lambda c: _one_of("rollout.generator", c.rollout.generator, GENERATORS)),
+    (("user.kind",), lambda c: _one_of("user.kind", c.user.kind, users.USER_SIMULATORS)),
+    (("judges.kind",), lambda c: _one_of("judges.kind", c.judges.kind, judges.JUDGES)),
 )
 
 
@@ -141,28 +143,9 @@ def build_personas(config: TrainConfig, split: str = "train") -> list[personas.P
              if split == "train" else personas.pair_for_evaluation(profiles, personalities))
     if data.extractor == "rules":
         return personas.personas_from_pairs(pairs)
-    extractor = personas.LLMProfileExtractor(llm_client(config.judges.llm), config.run_dir / "persona_slots.jsonl")
+    extractor = personas.LLMProfileExtractor(client_from_section(config.judges.llm), config.run_dir / "persona_slots.jsonl")
     items = run_sync(extractor.extract_many(pairs))
     return personas.personas_from_items(pairs, items)
-
-
-def llm_client(section: LLMSection) -> LLMClient:
-    return LLMClient(LLMConfig(base_url=section.base_url, model=section.model, api_key_env=section.api_key_env,
-                               max_concurrency=section.max_concurrency, timeout_s=section.timeout_s,
-                               max_retries=section.max_retries, cache_path=section.cache_path))
-
-
-def build_user(config: TrainConfig) -> users.UserSimulator:
-    if config.user.kind == "scripted":
-        return users.ScriptedUser()
-    return users.LLMUser(llm_client(config.user.llm))
-
-
-def build_judges(config: TrainConfig) -> tuple[judges.ProfileJudge, judges.ResponseJudge]:
-    if config.judges.kind == "embedded":
-        return judges.EmbeddedProfileJudge(), judges.EmbeddedResponseJudge()
-    client = llm_client(config.judges.llm)
-    return judges.LLMProfileJudge(client), judges.LLMResponseJudge(client)
 
 
 def checkpoint_bytes(model_cfg: Qwen2Config) -> int:
@@ -173,10 +156,11 @@ def checkpoint_bytes(model_cfg: Qwen2Config) -> int:
 
 
 def build_environment(config: TrainConfig, tokenizer) -> Environment:
-    profile_judge, response_judge = build_judges(config)
+    profile_judge, response_judge = judges.build_judges(config.judges)
     item_credit = advantages.lookup(config.ppo.advantage, config.ppo.credit).needs_item_credit
-    return Environment(tokenizer, load_prompt(config.rollout.system_prompt), build_user(config), profile_judge,
-                       response_judge, config.ppo.reward, config.rollout.max_prompt_tokens, item_credit=item_credit)
+    return Environment(tokenizer, load_prompt(config.rollout.system_prompt), users.build_user(config.user),
+                       profile_judge, response_judge, config.ppo.reward, config.rollout.max_prompt_tokens,
+                       item_credit=item_credit)
 
 
 def build_sampler(config: TrainConfig, model_cfg: Qwen2Config, tokenizer) -> Generator:
@@ -254,7 +238,7 @@ def build_eval_policy(spec: PolicySpec, config: TrainConfig) -> Policy:
         model = spec.source.removeprefix("openai:")
         if not model or not spec.base_url:
             raise ValueError("--policy openai:<model> needs a model name and --base-url http://host:port/v1")
-        client = llm_client(LLMSection(base_url=spec.base_url, model=model, api_key_env=spec.api_key_env))
+        client = client_from_section(LLMSection(base_url=spec.base_url, model=model, api_key_env=spec.api_key_env))
         prompt = load_prompt(spec.system_prompt or config.rollout.system_prompt)
         policy = ChatPolicy(client, prompt, spec.name or model, spec.two_part, max_tokens=max_new_tokens)
     else:

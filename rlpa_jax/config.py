@@ -150,13 +150,13 @@ class DataConfig:
 
 @dataclass
 class UserConfig:
-    kind: Literal["scripted", "llm"] = "scripted"
+    kind: str = "scripted"  # a key of dialogue.users.USER_SIMULATORS
     llm: LLMSection = field(default_factory=LLMSection)
 
 
 @dataclass
 class JudgeConfig:
-    kind: Literal["embedded", "llm"] = "embedded"
+    kind: str = "embedded"  # a key of dialogue.judges.JUDGES
     llm: LLMSection = field(default_factory=LLMSection)
 
 

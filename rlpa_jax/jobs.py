@@ -22,6 +22,7 @@ from rlpa_jax import build
 from rlpa_jax.checkpoint import Checkpointer, checkpoint_directory, model_config_to_meta
 from rlpa_jax.config import ConfigError, TrainConfig, from_dict, parse_override
 from rlpa_jax.dialogue.chat import load_prompt, parse_turn
+from rlpa_jax.dialogue import judges
 from rlpa_jax.dialogue.judges import ResponseRequest
 from rlpa_jax.dialogue.llm import run_sync
 from rlpa_jax.offline import dpo as dpo_training
@@ -131,7 +132,7 @@ def judged_greedy_turns(config: TrainConfig, params, model_config, tokenizer, he
                                       system_prompt, config.rollout.generator)
     parsed = [parse_turn(text) for text in texts]
     formed = [index for index, turn in enumerate(parsed) if turn.well_formed]
-    _, response_judge = build.build_judges(config)
+    _, response_judge = judges.build_judges(config.judges)
     requests = [ResponseRequest(personas[i], histories[i], parsed[i].response) for i in formed]
     verdicts = run_sync(response_judge.judge(requests)) if requests else []
     # A malformed turn or an unscored one (None) does not pass.

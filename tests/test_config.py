@@ -52,6 +52,8 @@ def test_dotted_overrides_with_types():
     ("ppo.credit=item ppo.advantage=gae", r"ppo.credit=item needs ppo.advantage=grpo"),
     ("ppo.advantage=grpo rollout.samples_per_prompt=1", r"ppo.advantage=grpo needs rollout.samples_per_prompt >= 2"),
     ("rollout.generator=vllm", r"rollout.generator='vllm' is not one of jax"),
+    ("user.kind=robot", r"user.kind='robot' is not one of scripted, llm"),
+    ("judges.kind=human", r"judges.kind='human' is not one of embedded, llm"),
     ("ppo.output_scale_lr=0", r"ppo.output_scale_lr: expected a number > 0 or null, got 0.0"),
 ])
 def test_bad_overrides_are_explained(override, message):

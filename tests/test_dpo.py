@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from rlpa_jax.dialogue.chat import load_prompt, parse_turn
-from rlpa_jax.dialogue.judges import EmbeddedProfileJudge, EmbeddedResponseJudge, ResponseRequest
+from rlpa_jax.dialogue.judges import ResponseRequest
+from rlpa_jax.dialogue.judges.rules import EmbeddedProfileJudge, EmbeddedResponseJudge
 from rlpa_jax.dialogue.personas import synthetic_personas
 from rlpa_jax.dialogue.profile import ProfileItem, profile_f1
 from rlpa_jax.model.qwen2 import Qwen2Config, forward, init_params

@@ -21,22 +21,14 @@ from openai_server import OpenAIServer, Reply
 from rlpa_jax import parallel
 from rlpa_jax.checkpoint import Checkpointer, model_config_to_meta
 from rlpa_jax.dialogue.chat import Message, format_turn, load_prompt
-from rlpa_jax.dialogue.judges import (
-    EmbeddedProfileJudge,
-    EmbeddedResponseJudge,
-    LLMResponseJudge,
-    canonical_slot,
-    mentioned_item_indices,
-)
+from rlpa_jax.dialogue.judges.llm import LLMResponseJudge
+from rlpa_jax.dialogue.judges.rules import EmbeddedProfileJudge, EmbeddedResponseJudge
 from rlpa_jax.dialogue.llm import LLMClient, LLMConfig
-from rlpa_jax.dialogue.personas import (
-    load_aloe_pool,
-    pair_for_evaluation,
-    personas_from_pairs,
-    synthetic_personas,
-)
+from rlpa_jax.dialogue.matching import canonical_slot, mentioned_item_indices
+from rlpa_jax.dialogue.personas import load_aloe_pool, pair_for_evaluation, personas_from_pairs, synthetic_personas
 from rlpa_jax.dialogue.profile import SLOTS, format_profile, profile_f1
-from rlpa_jax.dialogue.users import LLMUser, ScriptedUser, reveal_sentence
+from rlpa_jax.dialogue.users.llm import LLMUser
+from rlpa_jax.dialogue.users.scripted import ScriptedUser, reveal_sentence
 from rlpa_jax.eval import metrics
 from rlpa_jax.eval.plots import plot_al_curves, plot_profile_scores
 from rlpa_jax.eval.policies import (

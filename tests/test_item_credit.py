@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from rlpa_jax.dialogue.chat import parse_turn
-from rlpa_jax.dialogue.judges import EmbeddedProfileJudge, count_item_matches, matched_item_indices
+from rlpa_jax.dialogue.judges.rules import EmbeddedProfileJudge
+from rlpa_jax.dialogue.matching import count_item_matches, matched_item_indices
 from rlpa_jax.dialogue.profile import ProfileItem, bullet_lines, item_credits, parse_profile, profile_f1
 from rlpa_jax.rl import ppo
 from rlpa_jax.rl.item_credit import line_credits, token_item_credit

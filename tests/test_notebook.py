@@ -15,7 +15,7 @@ import pytest
 
 from rlpa_jax import jobs
 from rlpa_jax.config import load_config
-from rlpa_jax.dialogue.judges import count_item_matches
+from rlpa_jax.dialogue.matching import count_item_matches
 from rlpa_jax.dialogue.personas import synthetic_personas
 from rlpa_jax.dialogue.profile import profile_f1
 from rlpa_jax.eval.protocol import EvalResult

@@ -15,19 +15,18 @@ from rlpa_jax.dialogue.llm import LLMClient, LLMConfig
 from rlpa_jax.dialogue.personas import (
     LLMProfileExtractor,
     Persona,
-    ProfileExtractionError,
-    extract_profile_rules,
-    load_aloe,
     load_aloe_pool,
     make_persona,
     pair_for_evaluation,
     pair_for_training,
-    personality_traits,
     personas_from_pairs,
-    slot_template_problems,
-    subject_gender,
     synthetic_personas,
 )
+from rlpa_jax.dialogue.personas.base import load_aloe
+from rlpa_jax.dialogue.personas.english import subject_gender
+from rlpa_jax.dialogue.personas.extraction import ProfileExtractionError, slot_template_problems
+from rlpa_jax.dialogue.personas.profile_rules import extract_profile_rules
+from rlpa_jax.dialogue.personas.trait_rules import personality_traits
 from rlpa_jax.dialogue.profile import ProfileItem, normalize_text
 
 
@@ -81,6 +80,14 @@ def test_malformed_line_names_file_and_line(tmp_path: Path, bad_line: str, reaso
         load_aloe(path)
     message = str(error.value)
     assert f"{path}:3:" in message and "expected a JSON string per line" in message and reason in message
+
+
+@pytest.mark.parametrize("empty", ['""', '"   "', '"\\n\\t"'])
+def test_an_empty_persona_names_file_and_line(tmp_path: Path, empty: str) -> None:
+    path = tmp_path / "profile.jsonl"
+    path.write_text(f'"one"\n"two"\n{empty}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"{path}:3: an empty persona"):
+        load_aloe(path)
 
 
 def test_load_aloe_pool_errors(tmp_path: Path) -> None:

@@ -8,11 +8,12 @@ import pytest
 
 from openai_server import OpenAIServer, Reply
 from rlpa_jax.dialogue.chat import Message, format_turn, load_prompt, parse_turn
-from rlpa_jax.dialogue.judges import EmbeddedProfileJudge, EmbeddedResponseJudge, LLMProfileJudge, LLMResponseJudge
+from rlpa_jax.dialogue.judges.llm import LLMProfileJudge, LLMResponseJudge
+from rlpa_jax.dialogue.judges.rules import EmbeddedProfileJudge, EmbeddedResponseJudge
 from rlpa_jax.dialogue.llm import LLMClient, LLMConfig
 from rlpa_jax.dialogue.personas import synthetic_personas
 from rlpa_jax.dialogue.profile import ProfileItem
-from rlpa_jax.dialogue.users import ScriptedUser
+from rlpa_jax.dialogue.users.scripted import ScriptedUser
 from rlpa_jax.model.qwen2 import Qwen2Config, init_params
 from rlpa_jax.rl.environment import Environment, reward_of, start_conversations
 from rlpa_jax.rl.rollout import Rollout, profile_block_length

@@ -10,17 +10,13 @@ import pytest
 
 from rlpa_jax.config import SFTConfig
 from rlpa_jax.dialogue.chat import Message, assistant_message, format_turn, load_prompt, parse_turn
-from rlpa_jax.dialogue.judges import (
-    EmbeddedProfileJudge,
-    EmbeddedResponseJudge,
-    ResponseRequest,
-    is_flattery_heavy,
-    near_duplicate,
-    sentences,
-)
+from rlpa_jax.dialogue.judges import ResponseRequest
+from rlpa_jax.dialogue.judges.rules import EmbeddedProfileJudge, EmbeddedResponseJudge
 from rlpa_jax.dialogue.personas import synthetic_personas
 from rlpa_jax.dialogue.profile import profile_f1
-from rlpa_jax.dialogue.users import FLATTERY_COMPLAINTS, REPETITION_COMPLAINTS, ScriptedUser, revealed_items
+from rlpa_jax.dialogue.text import is_flattery_heavy, near_duplicate, sentences
+from rlpa_jax.dialogue.users import revealed_items
+from rlpa_jax.dialogue.users.scripted import FLATTERY_COMPLAINTS, REPETITION_COMPLAINTS, ScriptedUser
 from rlpa_jax.model.qwen2 import Qwen2Config, forward, init_params
 from rlpa_jax.offline import sft, teacher
 from rlpa_jax.tokenizer import IM_END, load_tokenizer, train_tiny_tokenizer

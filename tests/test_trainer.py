@@ -173,7 +173,7 @@ def test_profile_by_turn_says_what_was_revealed_written_and_right():
     from rlpa_jax.dialogue.judges import TurnScore
     from rlpa_jax.dialogue.personas import synthetic_personas
     from rlpa_jax.dialogue.profile import ProfileItem, profile_f1
-    from rlpa_jax.dialogue.users import ScriptedUser
+    from rlpa_jax.dialogue.users.scripted import ScriptedUser
     from rlpa_jax.rl.environment import start_conversations
     from rlpa_jax.rl.rollout import Sample
     from rlpa_jax.rl.trainer import profile_by_turn
@@ -210,3 +210,9 @@ def test_a_missing_evaluation_split_is_found_before_any_training(tmp_path, aloe_
     config = small_config(tmp_path, "data.source=aloe", f"data.aloe_dir={partial}", "sft.enabled=true")
     with pytest.raises(FileNotFoundError, match="profile_eval.jsonl"):
         build_trainer(config)  # builds every part (the SFT warm start runs only in train())
+
+
+def test_item_credit_with_a_judge_that_only_counts_is_refused_at_start(tmp_path):
+    config = small_config(tmp_path, "ppo.advantage=grpo", "ppo.credit=item", "judges.kind=llm")
+    with pytest.raises(ValueError, match=r"ppo.credit=item needs a profile judge that says which items matched"):
+        build_trainer(config)

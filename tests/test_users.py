@@ -11,20 +11,14 @@ import pytest
 from openai_server import OpenAIServer, Reply
 
 from rlpa_jax.dialogue.chat import Message, format_turn
-from rlpa_jax.dialogue.judges import canonical_slot, sentences
 from rlpa_jax.dialogue.llm import LLMClient, LLMConfig
+from rlpa_jax.dialogue.matching import canonical_slot
 from rlpa_jax.dialogue.personas import Persona
 from rlpa_jax.dialogue.profile import ProfileItem, normalize_text
-from rlpa_jax.dialogue.users import (
-    OPENING_MESSAGE,
-    LLMUser,
-    ScriptedUser,
-    UserSimulator,
-    UserState,
-    clean_user_reply,
-    reveal_budget,
-    revealed_items,
-)
+from rlpa_jax.dialogue.text import sentences
+from rlpa_jax.dialogue.users import OPENING_MESSAGE, UserSimulator, UserState, revealed_items
+from rlpa_jax.dialogue.users.llm import LLMUser, clean_user_reply
+from rlpa_jax.dialogue.users.scripted import ScriptedUser, reveal_budget
 
 NURSE = Persona(
     persona_id="nurse",

@@ -39,6 +39,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import openai
 
+from rlpa_jax.config import LLMSection
+
 logger = logging.getLogger(__name__)
 
 PLACEHOLDER_API_KEY = "EMPTY"  # what local vLLM / SGLang servers accept when they check no key
@@ -541,6 +543,14 @@ class LLMClient:
         self._state = _LoopState(loop=loop, semaphore=asyncio.Semaphore(self.config.max_concurrency), sdk=sdk,
                                  closer=closer)
         return self._state
+
+
+def client_from_section(section: LLMSection) -> LLMClient:
+    """The client for one config section (user.llm, judges.llm); fields the config does not
+    expose keep LLMConfig's defaults."""
+    return LLMClient(LLMConfig(base_url=section.base_url, model=section.model, api_key_env=section.api_key_env,
+                               max_concurrency=section.max_concurrency, timeout_s=section.timeout_s,
+                               max_retries=section.max_retries, cache_path=section.cache_path))
 
 
 def forget_task(in_flight: dict[str, asyncio.Task], key: str, task: asyncio.Task) -> None:

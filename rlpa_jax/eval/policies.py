@@ -26,9 +26,9 @@ import numpy as np
 
 from rlpa_jax.checkpoint import checkpoint_directory, model_config_from_meta, restore_actor_params
 from rlpa_jax.dialogue.chat import Message, assistant_message, load_prompt, parse_turn, prompt_token_ids, render_messages
-from rlpa_jax.dialogue.judges import visible_reply_text
 from rlpa_jax.dialogue.llm import LLMCallError, LLMClient
 from rlpa_jax.dialogue.profile import ProfileItem
+from rlpa_jax.dialogue.text import visible_reply_text
 from rlpa_jax.model import hf
 from rlpa_jax.model.qwen2 import Params, Qwen2Config
 from rlpa_jax.sampling import Generator, SamplingParams, build_generator, pad_prompts

@@ -37,9 +37,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from rlpa_jax.dialogue.chat import Message, load_prompt
-from rlpa_jax.dialogue.judges import ProfileJudge, ResponseJudge, ResponseRequest, canonical_slot
+from rlpa_jax.dialogue.judges import ProfileJudge, ResponseJudge, ResponseRequest
 from rlpa_jax.dialogue.llm import run_sync
-from rlpa_jax.dialogue.personas import Persona, make_persona, subject_gender
+from rlpa_jax.dialogue.matching import canonical_slot
+from rlpa_jax.dialogue.personas import Persona, make_persona
+from rlpa_jax.dialogue.personas.english import subject_gender
 from rlpa_jax.dialogue.profile import ProfileItem, parse_profile, profile_f1
 from rlpa_jax.dialogue.users import OPENING_MESSAGE, UserSimulator, UserState, revealed_items
 from rlpa_jax.eval import metrics

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from rlpa_jax import parallel
 from rlpa_jax.dialogue.chat import Message, format_turn, load_prompt
 from rlpa_jax.dialogue.personas import Persona
-from rlpa_jax.dialogue.users import ScriptedUser
+from rlpa_jax.dialogue.users.scripted import ScriptedUser
 from rlpa_jax.model.qwen2 import Params, Qwen2Config
 from rlpa_jax.offline import teacher
 from rlpa_jax.offline.sft import (

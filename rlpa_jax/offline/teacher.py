@@ -18,10 +18,12 @@ import re
 from collections.abc import Iterator, Sequence
 
 from rlpa_jax.dialogue.chat import Message, assistant_message, format_turn
-from rlpa_jax.dialogue.judges import canonical_slot, mentioned_item_indices, near_duplicate, visible_reply_text
+from rlpa_jax.dialogue.matching import canonical_slot, mentioned_item_indices
 from rlpa_jax.dialogue.personas import Persona
 from rlpa_jax.dialogue.profile import LIST_SLOTS, ProfileItem, normalize_text
-from rlpa_jax.dialogue.users import ScriptedUser, clean_value, revealed_items, with_article
+from rlpa_jax.dialogue.text import near_duplicate, visible_reply_text
+from rlpa_jax.dialogue.users import revealed_items
+from rlpa_jax.dialogue.users.scripted import ScriptedUser, clean_value, with_article
 
 # One (history before the turn, target turn text) pair; a dialogue is a list of them in order.
 Example = tuple[list[Message], str]

@@ -12,7 +12,8 @@ import dataclasses
 from typing import Literal, Sequence
 
 from rlpa_jax.dialogue.chat import Message, ParsedTurn, parse_turn, prompt_token_ids
-from rlpa_jax.dialogue.judges import ProfileJudge, ResponseJudge, ResponseRequest, TurnScore, score_turn
+from rlpa_jax.dialogue.judges import (ItemMatchingJudge, ProfileJudge, ResponseJudge, ResponseRequest, TurnScore,
+                                      score_turn)
 from rlpa_jax.dialogue.personas import Persona
 from rlpa_jax.dialogue.users import OPENING_MESSAGE, UserSimulator, UserState
 
@@ -54,9 +55,8 @@ def start_conversations(personas: Sequence[Persona], user_sim: UserSimulator, se
 class Environment:
     """Everything outside the device: prompt rendering, judges, simulated users.
 
-    With `item_credit`, the profile judge also says which inferred items matched (it needs a
-    `match_items` method, as judges.EmbeddedProfileJudge has) and each sample gets per-token
-    item credits."""
+    With `item_credit`, the profile judge also says which inferred items matched (it must be an
+    ItemMatchingJudge, as the embedded judge is) and each sample gets per-token item credits."""
 
     def __init__(self, tokenizer, system_prompt: str, user_sim: UserSimulator, profile_judge: ProfileJudge,
                  response_judge: ResponseJudge, reward_mode: RewardMode = "both", max_prompt_tokens: int = 4096,
@@ -65,6 +65,9 @@ class Environment:
         self.user_sim, self.profile_judge, self.response_judge = user_sim, profile_judge, response_judge
         self.reward_mode, self.max_prompt_tokens = reward_mode, max_prompt_tokens
         self.item_credit = item_credit and reward_mode != "response"
+        if self.item_credit and not isinstance(profile_judge, ItemMatchingJudge):
+            raise ValueError(f"ppo.credit=item needs a profile judge that says which items matched "
+                             f"(judges.kind=embedded does); {type(profile_judge).__name__} only counts them")
 
     def prompt_tokens(self, history: Sequence[Message]) -> list[int]:
         return prompt_token_ids(self.tokenizer, self.system_prompt, history, self.max_prompt_tokens)

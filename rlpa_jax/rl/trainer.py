@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from rlpa_jax import parallel
 from rlpa_jax.checkpoint import Checkpointer, model_config_to_meta
 from rlpa_jax.config import TrainConfig, to_dict
-from rlpa_jax.dialogue.judges import mentioned_item_indices
+from rlpa_jax.dialogue.matching import mentioned_item_indices
 from rlpa_jax.dialogue.personas import Persona
 from rlpa_jax.model import hf
 from rlpa_jax.model.qwen2 import Params, Qwen2Config, critic_params_from_policy, init_params

@@ -1,0 +1,60 @@
+"""Profile and response judges, chosen by `judges.kind` in the config.
+
+JUDGES maps each kind to a function of the config's `judges` section that returns the
+(ProfileJudge, ResponseJudge) pair; a new kind is one new entry. The interfaces live in
+judges/base.py, the embedded rules in judges/rules.py, the LLM judges in judges/llm.py.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from rlpa_jax.config import ConfigError, JudgeConfig
+from rlpa_jax.dialogue.judges.base import (
+    ItemMatchingJudge,
+    ProfileJudge,
+    ResponseJudge,
+    ResponseRequest,
+    TurnScore,
+    score_turn,
+)
+from rlpa_jax.dialogue.judges.llm import LLMProfileJudge, LLMResponseJudge
+from rlpa_jax.dialogue.judges.rules import EmbeddedProfileJudge, EmbeddedResponseJudge
+from rlpa_jax.dialogue.llm import client_from_section
+
+JudgePair = tuple[ProfileJudge, ResponseJudge]
+
+
+def embedded_judges(section: JudgeConfig) -> JudgePair:
+    return EmbeddedProfileJudge(), EmbeddedResponseJudge()
+
+
+def llm_judges(section: JudgeConfig) -> JudgePair:
+    client = client_from_section(section.llm)  # one client: both judges share its cache and concurrency
+    return LLMProfileJudge(client), LLMResponseJudge(client)
+
+
+JUDGES: dict[str, Callable[[JudgeConfig], JudgePair]] = {
+    "embedded": embedded_judges,
+    "llm": llm_judges,
+}
+
+
+def build_judges(section: JudgeConfig) -> JudgePair:
+    """The (profile judge, response judge) that `section.kind` names in JUDGES."""
+    if section.kind not in JUDGES:
+        raise ConfigError(f"judges.kind={section.kind!r} is not a judge kind; expected one of {sorted(JUDGES)}")
+    return JUDGES[section.kind](section)
+
+
+__all__ = [
+    "JUDGES",
+    "ItemMatchingJudge",
+    "JudgePair",
+    "ProfileJudge",
+    "ResponseJudge",
+    "ResponseRequest",
+    "TurnScore",
+    "build_judges",
+    "score_turn",
+]

@@ -1,0 +1,168 @@
+"""The LLM judges: an OpenAI-compatible model counts profile matches or gives the 0/1 verdict.
+
+Both judges share one base: the client, the prompt template (configs/prompts/<name>.txt), and
+re-asking only the requests whose output held no usable \\boxed{} answer. Policy replies,
+inferred profiles and the conversation are untrusted data and reach the model only inside
+fences they cannot close.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Sequence, TypeVar
+
+from rlpa_jax.dialogue.chat import Message, load_prompt
+from rlpa_jax.dialogue.judges.base import ProfilePairs, ResponseRequest
+from rlpa_jax.dialogue.llm import LLMCallError, LLMClient
+from rlpa_jax.dialogue.llm_prompts import fence, fill_template, last_boxed
+from rlpa_jax.dialogue.profile import ProfileItem, format_profile
+from rlpa_jax.dialogue.text import visible_reply_text
+
+T = TypeVar("T")
+
+
+def parse_binary_verdict(text: str) -> int | None:
+    value = last_boxed(text)
+    return int(value) if value in ("0", "1") else None
+
+
+def parse_match_count(text: str, max_matches: int) -> int | None:
+    """An integer count from the last \\boxed{}, clamped to what is possible."""
+    value = last_boxed(text)
+    if value is None or not re.fullmatch(r"\d+", value):
+        return None
+    return min(int(value), max_matches)
+
+
+def render_history(history: Sequence[Message]) -> str:
+    lines = []
+    for message in history:
+        speaker = "User" if message.role == "user" else "Assistant"
+        text = message.content if message.role == "user" else visible_reply_text(message.content)
+        lines.append(f"{speaker}: {text}")
+    return "\n".join(lines) if lines else "(no messages yet)"
+
+
+@dataclass
+class JudgeStats:
+    requests: int = 0
+    unparsable: int = 0  # outputs with no usable \boxed{} (retried)
+    failed: int = 0  # samples left unscored (None)
+
+
+class LLMJudge:
+    """What both LLM judges share: the client, the prompt, re-asking on unparsable output, stats."""
+
+    prompt_name = ""  # configs/prompts/<prompt_name>.txt: the default prompt, named in errors
+
+    def __init__(
+        self,
+        client: LLMClient,
+        prompt: str | None = None,
+        max_attempts: int = 3,
+        retry_temperature: float = 0.7,
+    ) -> None:
+        if max_attempts < 1:
+            raise ValueError(f"judges.{type(self).__name__}: max_attempts must be >= 1, got {max_attempts}")
+        self.client = client
+        self.prompt = prompt if prompt is not None else load_prompt(self.prompt_name)
+        self.max_attempts = max_attempts
+        self.retry_temperature = retry_temperature
+        self.stats = JudgeStats()
+
+    def prompt_messages(self, attempt: int, **fields: str) -> list[dict]:
+        """The prompt filled with `fields` as one user message; the attempt number makes a
+        retried request differ from the one whose answer did not parse."""
+        text = fill_template(self.prompt, self.prompt_name, **fields, attempt=str(attempt))
+        return [{"role": "user", "content": text}]
+
+    async def ask_until_parsed(
+        self,
+        build_messages: Sequence[Callable[[int], list[dict]]],
+        parse: Sequence[Callable[[str], T | None]],
+    ) -> list[T | None]:
+        """Send every request concurrently; re-ask (new nonce, higher temperature) only those whose
+        output did not parse, at most `max_attempts` times in all. Transport failures -> None."""
+        results: list[T | None] = [None] * len(build_messages)
+        pending = list(range(len(build_messages)))
+        for attempt in range(1, self.max_attempts + 1):
+            if not pending:
+                break
+            options = {} if attempt == 1 else {"temperature": self.retry_temperature}
+            batch = [build_messages[index](attempt) for index in pending]
+            self.stats.requests += len(batch)
+            outputs = await self.client.complete_many(batch, **options)
+            still_pending = []
+            for index, output in zip(pending, outputs):
+                if isinstance(output, LLMCallError) or isinstance(output, BaseException):
+                    continue
+                value = parse[index](output)
+                if value is None:
+                    self.stats.unparsable += 1
+                    still_pending.append(index)
+                else:
+                    results[index] = value
+            pending = still_pending
+        self.stats.failed += sum(1 for value in results if value is None)
+        return results
+
+
+class LLMProfileJudge(LLMJudge):
+    """Counts matches with an LLM; the inferred profile is fenced untrusted data."""
+
+    prompt_name = "profile_judge"
+
+    def build_messages(
+        self, inferred: Sequence[ProfileItem], true: Sequence[ProfileItem], attempt: int
+    ) -> list[dict]:
+        return self.prompt_messages(
+            attempt,
+            inferred_profile=fence("INFERRED_PROFILE", format_profile(inferred)),
+            true_profile=fence("TRUE_PROFILE", format_profile(true)),
+            max_matches=str(min(len(inferred), len(true))),
+        )
+
+    async def count_matches(self, pairs: ProfilePairs) -> list[int | None]:
+        # An empty side has 0 matches by definition: no request for it.
+        results: list[int | None] = [0] * len(pairs)
+        asked = [index for index, (inferred, true) in enumerate(pairs) if inferred and true]
+        builders = [
+            (lambda attempt, pair=pairs[index]: self.build_messages(pair[0], pair[1], attempt)) for index in asked
+        ]
+        parsers = [
+            (lambda text, limit=min(len(pairs[index][0]), len(pairs[index][1])): parse_match_count(text, limit))
+            for index in asked
+        ]
+        answers = await self.ask_until_parsed(builders, parsers)
+        for index, answer in zip(asked, answers):
+            results[index] = answer
+        return results
+
+
+class LLMResponseJudge(LLMJudge):
+    """0/1 verdict from an LLM; the reply and the conversation are fenced untrusted data."""
+
+    prompt_name = "response_judge"
+
+    def __init__(self, client: LLMClient, prompt: str | None = None, max_attempts: int = 3,
+                 retry_temperature: float = 0.7, max_history_messages: int = 20) -> None:
+        super().__init__(client, prompt, max_attempts, retry_temperature)
+        self.max_history_messages = max_history_messages
+
+    def build_messages(self, request: ResponseRequest, attempt: int) -> list[dict]:
+        history = list(request.history)[-self.max_history_messages :]
+        profile = request.persona.profile_text
+        if request.persona.personality_text:
+            profile = f"{profile}\n{request.persona.personality_text}"
+        return self.prompt_messages(
+            attempt,
+            user_profile=fence("USER_PROFILE", profile),
+            conversation=fence("CONVERSATION", render_history(history)),
+            reply=fence("REPLY", request.reply),
+        )
+
+    async def judge(self, requests: Sequence[ResponseRequest]) -> list[int | None]:
+        builders = [(lambda attempt, request=request: self.build_messages(request, attempt)) for request in requests]
+        parsers = [parse_binary_verdict] * len(requests)
+        return await self.ask_until_parsed(builders, parsers)

@@ -1,0 +1,50 @@
+"""Simulated users, chosen by `user.kind` in the config.
+
+USER_SIMULATORS maps each kind to a function of the config's `user` section that returns a
+UserSimulator; a new kind is one new entry (a new host-side user subclasses
+users.base.StatefulUser and writes reply()). The shared state and interface live in
+users/base.py, the scripted user in users/scripted.py, the LLM user in users/llm.py.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from rlpa_jax.config import ConfigError, UserConfig
+from rlpa_jax.dialogue.llm import client_from_section
+from rlpa_jax.dialogue.users.base import OPENING_MESSAGE, UserSimulator, UserState, revealed_items
+from rlpa_jax.dialogue.users.llm import LLMUser
+from rlpa_jax.dialogue.users.scripted import ScriptedUser
+
+
+def scripted_user(section: UserConfig) -> UserSimulator:
+    return ScriptedUser()
+
+
+def llm_user(section: UserConfig) -> UserSimulator:
+    return LLMUser(client_from_section(section.llm))
+
+
+USER_SIMULATORS: dict[str, Callable[[UserConfig], UserSimulator]] = {
+    "scripted": scripted_user,
+    "llm": llm_user,
+}
+
+
+def build_user(section: UserConfig) -> UserSimulator:
+    """The simulated user that `section.kind` names in USER_SIMULATORS."""
+    if section.kind not in USER_SIMULATORS:
+        raise ConfigError(
+            f"user.kind={section.kind!r} is not a simulated user kind; expected one of {sorted(USER_SIMULATORS)}"
+        )
+    return USER_SIMULATORS[section.kind](section)
+
+
+__all__ = [
+    "OPENING_MESSAGE",
+    "USER_SIMULATORS",
+    "UserSimulator",
+    "UserState",
+    "build_user",
+    "revealed_items",
+]

@@ -1,0 +1,113 @@
+"""The LLM user: an OpenAI-compatible model role-plays the persona.
+
+The prompt is configs/prompts/user_roleplay.txt (plus its change note once the persona has
+switched); the conversation is sent with roles flipped and only the policy's <response> text
+shown, and what the user revealed is read back from the model's words.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+from rlpa_jax.dialogue.chat import Message, load_prompt
+from rlpa_jax.dialogue.llm import LLMCallError, LLMClient
+from rlpa_jax.dialogue.llm_prompts import fill_template
+from rlpa_jax.dialogue.matching import mentioned_item_indices
+from rlpa_jax.dialogue.text import sentences, visible_reply_text
+from rlpa_jax.dialogue.users.base import MAX_SENTENCES, OPENING_MESSAGE, StatefulUser, UserState, switch_if_due
+
+CHANGE_NOTE_MARKER = "=== change note ==="
+_ROLE_PREFIX_RE = re.compile(r"^\s*(user|me|you|human)\s*:\s*", re.IGNORECASE)
+
+
+def split_roleplay_prompt(text: str) -> tuple[str, str]:
+    """(role-play template, change note); the note follows CHANGE_NOTE_MARKER on its own line."""
+    if CHANGE_NOTE_MARKER not in text:
+        return text.strip(), ""
+    template, note = text.split(CHANGE_NOTE_MARKER, 1)
+    return template.strip(), note.strip()
+
+
+def flipped_messages(system_prompt: str, history: Sequence[Message]) -> list[dict[str, str]]:
+    """The simulator's view: its own messages are 'assistant', the policy's are 'user' and show
+    only the <response> text."""
+    messages = [{"role": "system", "content": system_prompt}]
+    for message in history:
+        if message.role == "user":
+            messages.append({"role": "assistant", "content": message.content})
+        else:
+            messages.append({"role": "user", "content": visible_reply_text(message.content)})
+    return messages
+
+
+def clean_user_reply(text: str) -> str | None:
+    """Strip a speaker label and wrapping quotes, keep at most MAX_SENTENCES; None if empty."""
+    cleaned = _ROLE_PREFIX_RE.sub("", text.strip()).strip()
+    if len(cleaned) >= 2 and cleaned[0] == cleaned[-1] and cleaned[0] in "\"'":
+        cleaned = cleaned[1:-1].strip()
+    kept = sentences(cleaned)[:MAX_SENTENCES]
+    return " ".join(kept) if kept else None
+
+
+class LLMUser(StatefulUser):
+    """An OpenAI-compatible model role-plays the persona; one request per conversation."""
+
+    def __init__(
+        self,
+        client: LLMClient,
+        prompt: str | None = None,
+        temperature: float | None = None,
+        max_tokens: int | None = 160,
+        opening: str = OPENING_MESSAGE,
+    ) -> None:
+        text = prompt if prompt is not None else load_prompt("user_roleplay")
+        self.template, self.change_note = split_roleplay_prompt(text)
+        self.client = client
+        self.temperature = temperature
+        self.max_tokens = max_tokens
+        self.opening = opening
+        self.failures = 0
+
+    def system_prompt(self, state: UserState) -> str:
+        text = fill_template(
+            self.template,
+            "user_roleplay",
+            profile=state.persona.profile_text.strip(),
+            personality=state.persona.personality_text.strip() or "(no particular notes)",
+            change_note=self.change_note if state.switched else "",
+        )
+        return re.sub(r"\n{3,}", "\n\n", text)
+
+    async def respond(
+        self, states: Sequence[UserState], histories: Sequence[Sequence[Message]]
+    ) -> list[str | None]:
+        self.check_batch(states, histories)
+        results: list[str | None] = [None] * len(states)
+        asked: list[int] = []
+        batch: list[list[dict[str, str]]] = []
+        for index, (state, history) in enumerate(zip(states, histories)):
+            opening = self.opening_if_cold_start(state, history)
+            if opening is not None:
+                results[index] = opening
+                continue
+            switch_if_due(state)
+            asked.append(index)
+            batch.append(flipped_messages(self.system_prompt(state), history))
+        if not batch:
+            return results
+        options = {"max_tokens": self.max_tokens}
+        if self.temperature is not None:
+            options["temperature"] = self.temperature
+        outputs = await self.client.complete_many(batch, **options)
+        for index, output in zip(asked, outputs):
+            reply = None if isinstance(output, (LLMCallError, BaseException)) else clean_user_reply(output)
+            if reply is None:
+                self.failures += 1
+                continue
+            state = states[index]
+            state.turn += 1
+            # The model decides what to say, so "revealed" is read back from its words.
+            state.revealed |= mentioned_item_indices(state.persona.items, reply)
+            results[index] = reply
+        return results
