@@ -183,7 +183,7 @@ class PPOConfig:
     actor_lr: float = option(5e-7, positive)
     critic_lr: float = option(9e-6, positive)
     # None: the policy's final norm trains like every other weight. A number: it moves as one
-    # scalar inverse temperature, in log space, at this peak learning rate (rl/output_scale.py).
+    # scalar inverse temperature, in log space, at this peak learning rate (training/output_scale.py).
     output_scale_lr: float | None = option(None, positive)
     adam_b1: float = option(0.9, decay_rate)
     adam_b2: float = option(0.95, decay_rate)
