@@ -30,7 +30,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
-from tqdm.auto import tqdm
 
 from rlpa_jax import parallel
 from rlpa_jax.dialogue.chat import Message, format_turn, load_prompt
@@ -47,6 +46,7 @@ from rlpa_jax.offline.sft import (
     trimmed_batch,
 )
 from rlpa_jax.sampling import bucket
+from rlpa_jax.training.fit import fit
 from rlpa_jax.training.forwards import response_logprobs
 from rlpa_jax.training.losses import LossTerms
 from rlpa_jax.training.optimizer import make_optimizer
@@ -346,18 +346,12 @@ def train_dpo(
     updater = Updater(dpo_loss_fn(model_config, settings.beta, settings.label_smoothing), optimizer,
                       micro_batch_size=settings.batch_size, loss_mask=scored_pairs, mesh=mesh,
                       param_shardings=param_shardings)
-    trainable = updater.init(params)
     schedule = batch_schedule(pair_lengths(examples), settings.batch_size, settings.steps, seed)
-    history: list[dict[str, float]] = []
-    bar = tqdm(schedule, desc="dpo", disable=not progress, dynamic_ncols=True)
-    for step_index, pairs in enumerate(bar, start=1):
-        batch = pair_batch(examples, pairs, window, length_buckets)
-        batch["reference_chosen_logps"] = reference[pairs, 0]
-        batch["reference_rejected_logps"] = reference[pairs, 1]
-        trainable, metrics = updater(trainable, batch)
-        record = {"step": float(step_index), "loss": float(metrics["loss_mean"]),
-                  "reward_accuracy": float(metrics["loss_reward_accuracy"]),
-                  "reward_margin": float(metrics["loss_reward_margin"]), "grad_norm": float(metrics["grad_norm"])}
-        history.append(record)
-        bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['reward_accuracy']:.2f}")
-    return trainable.params, history
+
+    def make_batch(pairs):
+        return pair_batch(examples, pairs, window, length_buckets) | {
+            "reference_chosen_logps": reference[pairs, 0], "reference_rejected_logps": reference[pairs, 1]}
+
+    return fit(updater, params, schedule, make_batch,
+               lambda m: {"loss": m["loss_mean"], "reward_accuracy": m["loss_reward_accuracy"],
+                          "reward_margin": m["loss_reward_margin"], "grad_norm": m["grad_norm"]}, "dpo", progress)

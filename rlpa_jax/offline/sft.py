@@ -22,7 +22,6 @@ import jax.numpy as jnp
 import numpy as np
 import transformers
 from jax.sharding import Mesh
-from tqdm.auto import tqdm
 
 from rlpa_jax.config import SFTConfig, TrainConfig
 from rlpa_jax.dialogue import chat
@@ -33,6 +32,7 @@ from rlpa_jax.offline import teacher
 from rlpa_jax.offline.teacher import Dialogue
 from rlpa_jax.sampling import SamplingParams, bucket, build_generator, pad_prompts
 from rlpa_jax.tokenizer import IM_END, stop_token_ids
+from rlpa_jax.training.fit import fit
 from rlpa_jax.training.losses import LossTerms
 from rlpa_jax.training.optimizer import make_optimizer
 from rlpa_jax.training.updater import Batch, LossFn, Updater
@@ -203,20 +203,11 @@ def train_sft(
     optimizer = make_optimizer(sft_config.learning_rate, sft_config.steps, warmup_ratio=warmup_ratio)
     updater = Updater(sft_loss_fn(model_config), optimizer, micro_batch_size=sft_config.batch_size,
                       loss_mask=target_tokens, mesh=mesh, param_shardings=param_shardings)
-    trainable = updater.init(params)
-    lengths = examples["attention_mask"].sum(axis=1)
-    schedule = batch_schedule(lengths, sft_config.batch_size, sft_config.steps, seed)
-    history: list[dict[str, float]] = []
-    bar = tqdm(schedule, desc="sft", disable=not progress, dynamic_ncols=True)
-    for step_index, rows in enumerate(bar, start=1):
-        # One compiled program per length bucket in use (a handful), each much cheaper than the longest.
-        batch = trimmed_batch(examples, rows, length_buckets)
-        trainable, metrics = updater(trainable, batch)
-        record = {"step": float(step_index), "loss": float(metrics["loss_mean"]),
-                  "grad_norm": float(metrics["grad_norm"]), "tokens": float(metrics["loss_tokens"])}
-        history.append(record)
-        bar.set_postfix(loss=f"{record['loss']:.3f}")
-    return trainable.params, history
+    schedule = batch_schedule(examples["attention_mask"].sum(axis=1), sft_config.batch_size, sft_config.steps, seed)
+    # One compiled program per length bucket in use (a handful), each much cheaper than the longest.
+    return fit(updater, params, schedule, lambda rows: trimmed_batch(examples, rows, length_buckets),
+               lambda m: {"loss": m["loss_mean"], "grad_norm": m["grad_norm"], "tokens": m["loss_tokens"]},
+               "sft", progress)
 
 
 def warm_start(params: Params, model_config: Qwen2Config, tokenizer: Tokenizer, personas: Sequence[Persona],

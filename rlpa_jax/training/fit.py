@@ -1,0 +1,28 @@
+"""The offline training loop (SFT, DPO): one optimizer step per scheduled batch, a record of each."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence, TypeVar
+
+from tqdm.auto import tqdm
+
+from rlpa_jax.model.qwen2 import Params
+from rlpa_jax.training.updater import Batch, Updater
+
+Rows = TypeVar("Rows")
+
+
+def fit(updater: Updater, params: Params, schedule: Sequence[Rows], make_batch: Callable[[Rows], Batch],
+        record: Callable[[dict[str, float]], dict[str, float]], desc: str,
+        progress: bool = True) -> tuple[Params, list[dict[str, float]]]:
+    """Steps `params` once per entry of `schedule` (the batch `make_batch` builds from it); returns the
+    trained parameters and one record per step (its number, then what `record` keeps of the step's
+    metrics). `params` is donated to the jitted step: use the returned parameters afterwards."""
+    trainable = updater.init(params)
+    history: list[dict[str, float]] = []
+    bar = tqdm(schedule, desc=desc, disable=not progress, dynamic_ncols=True)
+    for step, rows in enumerate(bar, start=1):
+        trainable, metrics = updater(trainable, make_batch(rows))
+        history.append({"step": float(step)} | record({k: float(v) for k, v in metrics.items()}))
+        bar.set_postfix(loss=f"{history[-1]['loss']:.3f}")
+    return trainable.params, history
