@@ -206,8 +206,10 @@ def test_permission_denied():
     try:
         locked.chmod(0o755)
         code = child_code(f"cli.check_writable({str(locked / 'run')!r})")
+        # Matplotlib (imported with the trainer) wants a config directory nobody can write: give it /tmp.
         result = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
-                                 "-c", code], capture_output=True, text=True, timeout=60, cwd="/")
+                                 "-c", code], capture_output=True, text=True, timeout=60, cwd="/",
+                                env=os.environ | {"MPLCONFIGDIR": "/tmp"})
     finally:
         shutil.rmtree(locked)
     if "setpriv:" in result.stderr:

@@ -123,18 +123,18 @@ def test_jax_policy_per_conversation_prompts_share_one_program(policy, personas)
     histories = [[Message("user", "Hello")], [Message("user", "Hello"), Message("assistant", "Hi! How are you?"),
                                               Message("user", "I work as a nurse.")], [Message("user", "Hey there")]]
     other = policy.with_system_prompt("Chat briefly and kindly with the user.", name="other-prompt")
-    assert other.sampler is policy.sampler and other.params is policy.params and other.name == "other-prompt"
-    compiled = policy.sampler.compile_count
+    assert other.generator is policy.generator and other.params is policy.params and other.name == "other-prompt"
+    compiled = policy.generator.compile_count
     mixed = asyncio.run(policy.respond_with_system_prompts(
         histories, [policy.system_prompt, other.system_prompt, policy.system_prompt]))
     alone = asyncio.run(policy.respond(histories))
     alone_other = asyncio.run(other.respond(histories))
     assert [mixed[0], mixed[2]] == [alone[0], alone[2]] and mixed[1] == alone_other[1]
-    assert policy.sampler.compile_count == max(compiled, 1)  # one bucket, one batch size: one program
+    assert policy.generator.compile_count == max(compiled, 1)  # one bucket, one batch size: one program
     chunked = JaxPolicy(policy.params, TINY, policy.tokenizer, policy.system_prompt, "chunked", **POLICY_OPTIONS,
                         max_batch_size=2, generator=policy.generator)
     assert asyncio.run(chunked.respond(histories)) == alone
-    assert policy.sampler.compile_count == max(compiled, 1) + 1  # chunks of 2, the last one padded
+    assert policy.generator.compile_count == max(compiled, 1) + 1  # chunks of 2, the last one padded
 
 
 # ---------------------------------------------------------------------------------------------
