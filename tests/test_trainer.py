@@ -216,3 +216,13 @@ def test_item_credit_with_a_judge_that_only_counts_is_refused_at_start(tmp_path)
     config = small_config(tmp_path, "ppo.advantage=grpo", "ppo.credit=item", "judges.kind=llm")
     with pytest.raises(ValueError, match=r"ppo.credit=item needs a profile judge that says which items matched"):
         build_trainer(config)
+
+
+def test_an_output_directory_that_cannot_be_made_ends_in_one_line(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    result = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), *SMALL, f"output_dir={blocker}"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("train.py: cannot") and str(blocker) in line and "ENOTDIR" in line, line
