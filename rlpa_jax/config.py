@@ -175,6 +175,9 @@ class RolloutConfig:
     system_prompt: str = option("policy_system", prompt_name)  # a file under configs/prompts/ (without .txt)
     eval_conversations: int = option(32, count)  # held-out users scored before and after PPO (one sample per turn)
     generator: str = option("jax", non_empty)  # what samples the policy: a name in sampling.GENERATORS
+    # The actor's layout while sampling (sampling.SamplingLayout): replicated (no weight traffic per
+    # decode step), tensor (split over the tensor axis only), training (the trainer's FSDP layout).
+    layout: Literal["replicated", "tensor", "training"] = "replicated"
 
 
 @dataclass

@@ -96,11 +96,13 @@ def activate(mesh: Mesh) -> Iterator[Mesh]:
         yield mesh
 
 
-def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                    unused: frozenset[str] = frozenset()) -> PartitionSpec:
     """PartitionSpec for one array; a dimension its mesh axes do not divide stays replicated.
 
     Qwen2.5-3B has 2 key/value heads, so on tensor=8 those weights fall back to replication
-    instead of failing; a mesh axis is never used twice in one spec.
+    instead of failing; a mesh axis is never used twice in one spec. Mesh axes in `unused` are
+    left out (a layout that replicates over them).
     """
     rules = dict(LOGICAL_RULES)
     used: set[str] = set()
@@ -111,7 +113,7 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh
             spec.append(None)
             continue
         mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
-        mesh_axes = tuple(a for a in mesh_axes if a not in used and mesh.shape[a] > 1)
+        mesh_axes = tuple(a for a in mesh_axes if a not in used and a not in unused and mesh.shape[a] > 1)
         ways = math.prod(mesh.shape[a] for a in mesh_axes)
         if not mesh_axes or size % ways:
             spec.append(None)
@@ -125,20 +127,21 @@ def _is_axes(x) -> bool:
     return isinstance(x, tuple) and all(isinstance(a, str) or a is None for a in x)
 
 
-def shardings_for(logical_axes: Any, shapes: Any, mesh: Mesh) -> Any:
+def shardings_for(logical_axes: Any, shapes: Any, mesh: Mesh, unused: frozenset[str] = frozenset()) -> Any:
     """NamedSharding tree from a logical-axes tree and a matching tree of arrays or shape structs."""
     return jax.tree.map(
-        lambda axes, x: NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh)),
+        lambda axes, x: NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh, unused)),
         logical_axes,
         shapes,
         is_leaf=_is_axes,
     )
 
 
-def param_shardings(config: Qwen2Config, mesh: Mesh, head: str = "lm") -> Params:
-    """The sharding of every parameter of a Qwen2 policy (head="lm") or critic (head="value")."""
+def param_shardings(config: Qwen2Config, mesh: Mesh, head: str = "lm", unused: frozenset[str] = frozenset()) -> Params:
+    """The sharding of every parameter of a Qwen2 policy (head="lm") or critic (head="value"); mesh
+    axes in `unused` are not used (e.g. {"data", "fsdp"}: split over tensor only)."""
     abstract = jax.eval_shape(lambda: init_params(config, jax.random.key(0), head=head))
-    return shardings_for(param_logical_axes(config, head), abstract, mesh)
+    return shardings_for(param_logical_axes(config, head), abstract, mesh, unused)
 
 
 def shard(tree: Any, shardings: Any) -> Any:

@@ -1,6 +1,7 @@
 """The jitted sampler against transformers' greedy generate, a full-forward recomputation, and the mesh."""
 
 import jax
+from jax.sharding import PartitionSpec
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from hf_reference import make_hf_model, save_hf_model
 from rlpa_jax import parallel
 from rlpa_jax.model import hf
 from rlpa_jax.model.qwen2 import forward, param_logical_axes
-from rlpa_jax.sampling import Sampler, SamplingParams, bucket, filter_logits, generate, pad_prompts
+from rlpa_jax.sampling import Sampler, SamplingLayout, SamplingParams, bucket, filter_logits, generate, pad_prompts
 
 PAD, STOP = 0, 1
 NEW = 32
@@ -109,6 +110,28 @@ def test_mesh_gives_the_same_greedy_output(model):
                                                 jax.device_put(mask, batch), jax.random.key(0), sampling)
     np.testing.assert_array_equal(np.asarray(sharded.tokens), np.asarray(single.tokens))
     np.testing.assert_allclose(np.asarray(sharded.logprobs), np.asarray(single.logprobs), atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["replicated", "tensor", "training"])
+def test_every_sampling_layout_gives_the_same_output(model, layout):
+    _, params, config = model
+    tokens, mask = pad_prompts(PROMPTS, PAD, length_buckets=(16,), batch_multiple=4)
+    sampling = SamplingParams(max_new_tokens=12, temperature=0, num_samples=2)
+    single = Sampler(config, (STOP,), PAD)(params, tokens, mask, jax.random.key(0), sampling)
+    mesh = parallel.make_mesh(parallel.MeshConfig(data=1, fsdp=4, tensor=2))
+    trained = parallel.shard(params, parallel.param_shardings(config, mesh))  # the trainer's FSDP layout
+    sampler_params = SamplingLayout(config, mesh, layout)(trained)
+    up = sampler_params["layers"]["mlp"]["up_kernel"].sharding.spec
+    assert up == {"replicated": PartitionSpec(None, None, None), "tensor": PartitionSpec(None, None, "tensor"),
+                  "training": PartitionSpec(None, "fsdp", "tensor")}[layout]
+    with parallel.activate(mesh):
+        batch = parallel.batch_sharding(mesh)
+        sharded = Sampler(config, (STOP,), PAD)(sampler_params, jax.device_put(tokens, batch),
+                                                jax.device_put(mask, batch), jax.random.key(0), sampling)
+    np.testing.assert_array_equal(np.asarray(sharded.tokens), np.asarray(single.tokens))
+    np.testing.assert_allclose(np.asarray(sharded.logprobs), np.asarray(single.logprobs), atol=1e-5)
+    with pytest.raises(ValueError, match=r"rollout.layout='fsdp' is not one of replicated, tensor, training"):
+        SamplingLayout(config, mesh, "fsdp")
 
 
 def test_bucketing_and_padding():

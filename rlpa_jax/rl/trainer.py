@@ -43,7 +43,7 @@ from rlpa_jax.rl.experience import (UPDATE_FIELDS, Experience, ExperienceBuilder
 from rlpa_jax.rl.metrics import MetricsLog, plot_training
 from rlpa_jax.rl.objectives import actor_loss_fn, critic_loss_fn, response_tokens
 from rlpa_jax.rl.rollout import Rollout
-from rlpa_jax.sampling import Generator, SamplingParams
+from rlpa_jax.sampling import Generator, SamplingLayout, SamplingParams
 from rlpa_jax.training.optimizer import make_optimizer
 from rlpa_jax.training.output_scale import output_scale_ratio, with_output_scale_lr
 from rlpa_jax.training.updater import Trainable, Updater
@@ -85,6 +85,7 @@ class Trainer:
             raise ValueError(f"ppo.micro_batch_size={p.micro_batch_size} must be a multiple of mesh data*fsdp="
                              f"{self.row_multiple} (rows are split over those devices)")
         self.generator = parts.generator
+        self.sampling_layout = SamplingLayout(self.model_config, self.mesh, r.layout)
         self.sampling = SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k, r.samples_per_prompt)
         self.rollout = Rollout(parts.environment, self.generator, self.sampling, r.max_rounds, r.prompt_buckets,
                                r.pipeline_groups, self.row_multiple, self._put_batch)
@@ -173,8 +174,12 @@ class Trainer:
     def iteration(self, state: dict, iteration: int, kl_coef: float) -> tuple[dict, dict, float]:
         cfg, p = self.config, self.config.ppo
         key = jax.random.fold_in(jax.random.key(cfg.seed), iteration)
-        result = self.rollout.run(state["actor"].params, self.conversations(iteration), key)
-        metrics = {k: v for k, v in result.stats.items()}
+        t0 = time.perf_counter()
+        sampler_params = jax.block_until_ready(self.sampling_layout(state["actor"].params))
+        weight_sync_s = time.perf_counter() - t0
+        result = self.rollout.run(sampler_params, self.conversations(iteration), key)
+        del sampler_params  # the sampling copy lives for the rollout only
+        metrics = {k: v for k, v in result.stats.items()} | {"weight_sync_s": weight_sync_s}
         valid = [s for s in result.samples if s.score.valid]
         if not valid:
             raise TrainingDiverged(f"iteration {iteration}: every sample was invalid (judge or user failures); "
@@ -235,7 +240,7 @@ class Trainer:
                           self._put_batch)
         seeds = [derived_seed(self.config.seed, -1, k) for k in range(len(personas))]
         conversations = start_conversations(personas, self.parts.environment.user_sim, seeds)
-        result = rollout.run(params, conversations, jax.random.key(self.config.seed + 7))
+        result = rollout.run(self.sampling_layout(params), conversations, jax.random.key(self.config.seed + 7))
         keys = ("reward", "profile_f1", "response_reward", "well_formed", "revealed_items")
         metrics = {k: result.stats[k] for k in keys} | profile_by_turn(result.samples, result.conversations)
         self.metrics.write(f"eval_{label}", 0, metrics)
