@@ -55,8 +55,8 @@ def test_trimmed_batches_give_the_same_logprobs_values_and_losses():
     trimmed = trim_padding(batch, BUCKETS, response_buckets=(12,))
     kept = trimmed.response_mask.shape[1]
 
-    full_lp, _ = response_logprobs(params, CONFIG, batch.tokens, batch.attention_mask, RESPONSE)
-    cut_lp, _ = response_logprobs(params, CONFIG, trimmed.tokens, trimmed.attention_mask, kept)
+    full_lp = response_logprobs(params, CONFIG, batch.tokens, batch.attention_mask, RESPONSE)
+    cut_lp = response_logprobs(params, CONFIG, trimmed.tokens, trimmed.attention_mask, kept)
     mask = trimmed.response_mask
     np.testing.assert_allclose(np.asarray(cut_lp)[mask], np.asarray(full_lp)[:, :kept][mask], atol=1e-5)
 

@@ -277,21 +277,6 @@ def test_value_loss_matches_numpy():
     assert float(terms.sums["clip_fraction"]) == clipped and clipped > 0
 
 
-def test_entropy_sum_matches_numpy():
-    rng = np.random.default_rng(13)
-    logits = rng.normal(0, 2, (len(LENGTHS), WIDTH, 11)).astype(np.float32)
-    mask = padding_mask()
-    got = ppo.entropy_sum(logits, mask)
-    total = 0.0
-    for row, n in enumerate(LENGTHS):
-        for t in range(n):
-            z = logits[row, t].astype(np.float64)
-            p = np.exp(z - z.max())
-            p /= p.sum()
-            total += -np.sum(p * np.log(p))
-    np.testing.assert_allclose(got, total, **TOL)
-
-
 def test_policy_loss_gradient_is_zero_only_in_the_clipped_direction():
     eps = 0.2
     # Log-ratios far outside and inside the clip range, with both advantage signs.
@@ -360,7 +345,6 @@ def mean(terms: losses.LossTerms) -> float:
 def test_jitted_functions_equal_eager():
     batch = random_batch(15)
     mask = batch["mask"].astype(np.float32)  # float masks are accepted as well as bool
-    logits = np.random.default_rng(17).normal(size=(len(LENGTHS), WIDTH, 5)).astype(np.float32)
     calls = {
         "kl_k3": (functools.partial(ppo.kl_penalty, estimator="k3"),
                   (batch["logprobs"], batch["reference_logprobs"])),
@@ -373,7 +357,6 @@ def test_jitted_functions_equal_eager():
                         (batch["logprobs"], batch["old_logprobs"], batch["advantages"], mask)),
         "value_loss": (ppo.value_loss,
                        (batch["values"], batch["values"] * 0.7, batch["returns"], mask)),
-        "entropy": (ppo.entropy_sum, (logits, mask)),
         "masked_mean": (losses.masked_mean, (batch["values"], mask)),
     }
     for name, (fn, args) in calls.items():

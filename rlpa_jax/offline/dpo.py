@@ -211,7 +211,7 @@ def sequence_logps(params: Params, config: Qwen2Config, tokens: jax.Array, atten
     tokens and attention_mask are (rows, L); response_mask (rows, R) covers the last R positions,
     each scored by the prediction made one position earlier (training.forwards.response_logprobs).
     """
-    token_logps, _ = response_logprobs(params, config, tokens, attention_mask, response_mask.shape[-1])
+    token_logps = response_logprobs(params, config, tokens, attention_mask, response_mask.shape[-1])
     return jnp.sum(token_logps * response_mask.astype(jnp.float32), axis=-1)
 
 

@@ -33,6 +33,7 @@ from rlpa_jax.offline.teacher import Dialogue
 from rlpa_jax.sampling import SamplingParams, bucket, build_generator, pad_prompts
 from rlpa_jax.tokenizer import IM_END, stop_token_ids
 from rlpa_jax.training.fit import fit
+from rlpa_jax.training.forwards import output_embedding, token_logprobs_and_entropy
 from rlpa_jax.training.losses import LossTerms
 from rlpa_jax.training.optimizer import make_optimizer
 from rlpa_jax.training.updater import Batch, LossFn, Updater
@@ -127,10 +128,10 @@ def sft_loss_fn(config: Qwen2Config) -> LossFn:
     """
 
     def loss(params: Params, batch: Batch) -> LossTerms:
-        logits, _ = forward(params, config, batch["tokens"], batch["attention_mask"])
-        log_probs = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-        next_tokens = batch["tokens"][:, 1:]
-        token_log_probs = jnp.take_along_axis(log_probs, next_tokens[..., None], axis=-1)[..., 0]
+        hidden, _ = forward(params, config, batch["tokens"], batch["attention_mask"], head="none")
+        # The log-softmax runs in vocabulary chunks: no [rows, length, vocab] array of logits.
+        token_log_probs, _ = token_logprobs_and_entropy(hidden[:, :-1], output_embedding(params, config),
+                                                        batch["tokens"][:, 1:])
         weights = batch["loss_mask"][:, 1:].astype(jnp.float32)
         return LossTerms(total=-jnp.sum(token_log_probs * weights), count=jnp.sum(weights), sums={})
 

@@ -190,7 +190,7 @@ class ForwardPasses:
         self.config, self.chunk_rows = config, chunk_rows
         self.put_batch = put_batch or (lambda x: x)
         self.trim = trim
-        self._logprobs = jax.jit(lambda p, t, m, r: response_logprobs(p, config, t, m, r)[0], static_argnums=3)
+        self._logprobs = jax.jit(lambda p, t, m, r: response_logprobs(p, config, t, m, r), static_argnums=3)
         self._values = jax.jit(lambda p, t, m, r: response_values(p, config, t, m, r), static_argnums=3)
 
     def _chunks(self, fn, params, experience: Experience) -> np.ndarray:

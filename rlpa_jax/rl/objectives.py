@@ -5,19 +5,21 @@ from __future__ import annotations
 from rlpa_jax.model.qwen2 import Params, Qwen2Config
 from rlpa_jax.rl import ppo
 from rlpa_jax.rl.experience import Experience
-from rlpa_jax.training.forwards import response_logprobs, response_values
-from rlpa_jax.training.losses import LossTerms
+from rlpa_jax.training.forwards import response_logprobs, response_logprobs_and_entropy, response_values
+from rlpa_jax.training.losses import LossTerms, masked_sum
 from rlpa_jax.training.updater import LossFn
 
 
 def actor_loss_fn(config: Qwen2Config, clip_eps: float, entropy_coef: float) -> LossFn:
     def loss(params: Params, batch: Experience) -> LossTerms:
         length = batch.response_mask.shape[-1]
-        logprobs, logits = response_logprobs(params, config, batch.tokens, batch.attention_mask, length)
+        if not entropy_coef:
+            logprobs = response_logprobs(params, config, batch.tokens, batch.attention_mask, length)
+            return ppo.policy_loss(logprobs, batch.old_logprobs, batch.advantages, batch.response_mask, clip_eps)
+        logprobs, entropy = response_logprobs_and_entropy(params, config, batch.tokens, batch.attention_mask, length)
         terms = ppo.policy_loss(logprobs, batch.old_logprobs, batch.advantages, batch.response_mask, clip_eps)
-        if entropy_coef:
-            terms = terms._replace(total=terms.total - entropy_coef * ppo.entropy_sum(logits, batch.response_mask))
-        return terms
+        # The entropy is a bonus: subtracting it from the loss pushes it up.
+        return terms._replace(total=terms.total - entropy_coef * masked_sum(entropy, batch.response_mask))
     return loss
 
 

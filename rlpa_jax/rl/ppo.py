@@ -241,11 +241,3 @@ def value_loss(
         count=jnp.sum(mask),
         sums={"clip_fraction": jnp.sum((clipped_error > unclipped_error) * mask)},
     )
-
-
-def entropy_sum(logits: jax.Array, mask: jax.Array) -> jax.Array:
-    """Summed entropy of the token distributions (batch, T, vocab) at valid positions (a bonus:
-    the actor's loss subtracts `coef * entropy_sum`)."""
-    log_probs = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), axis=-1)
-    entropy = -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)
-    return jnp.sum(entropy * as_float(mask))
