@@ -1,7 +1,7 @@
 """notebooks/quickstart.ipynb end to end, without a Jupyter kernel.
 
 Its code cells run in order in one namespace (as a kernel would run them), on a policy from a very
-short SFT run made by launch/sft.py's own run_sft, with every output path inside tmp_path. The
+short SFT run made by jobs.sft (what launch/sft.py runs), with every output path inside tmp_path. The
 notebook must also be clean for version control: no stored outputs or execution counts.
 """
 
