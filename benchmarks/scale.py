@@ -7,15 +7,17 @@ the optimizer step) is compiled for a real Qwen2.5 shape on 8 fake CPU devices, 
 each compiled program: per-device memory, matmul FLOPs and the collectives in the optimized HLO
 (per decode step for the sampler's loop). A roofline turns those into seconds on 8x H100 / H200:
 
-    program time = max(FLOPs / peak, HBM bytes / HBM bandwidth, collective wire bytes / link bandwidth)
+    time = max(FLOPs / peak, HBM bytes / HBM bandwidth, collectives x latency + wire bytes / link bandwidth)
 
-per device, with the HBM bytes of a decode step = the parameters on the device + what the step
-all-gathers + the device's KV cache, and wire bytes = bytes x (n-1)/n for all-gather,
-reduce-scatter and all-to-all, x 2(n-1)/n for all-reduce (ring algorithms, n = 8). Real programs
-reach a fraction of each peak, so the seconds are lower bounds; the ratios between layouts are the
-point.
+per device. A decode step reads the device's parameters, what the step all-gathers and the
+device's KV cache from HBM; prefill, scoring and update micro-batches are taken as compute bound
+(no HBM term). Wire bytes are the collective's bytes x (n-1)/n for all-gather, reduce-scatter and
+all-to-all and x 2(n-1)/n for all-reduce (ring algorithms, n = 8). The rollout is every sampler
+call decoding all max_new_tokens; the iteration adds the three scoring forwards per row and the
+actor's and critic's updates, one after another (no overlap). Real programs reach a fraction of
+each peak, so the seconds are lower bounds; the ratios between layouts are the point.
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=8 .venv/bin/python benchmarks/scale.py --models 3b
+    .venv/bin/python benchmarks/scale.py --models 3b        # 8 fake CPU devices; ~1 min for 3B
 
 `--context trainer` compiles the sampler and scoring forward the way rl/trainer.py calls them
 today (outside parallel.activate, so the model's logical activation constraints do nothing);
@@ -181,15 +183,16 @@ def scoring_program(config: Qwen2Config, mesh, work: Workload, head: str):
 def update_programs(config: Qwen2Config, mesh, train: TrainConfig, work: Workload, head: str):
     """(accumulate one micro-batch's gradient, apply the optimizer) for the actor or the critic."""
     p = train.ppo
+    steps = 1000  # the schedule's length changes numbers in the program, not its shape or cost
     opt = dict(b1=p.adam_b1, b2=p.adam_b2, weight_decay=p.weight_decay, grad_clip=p.grad_clip,
                warmup_ratio=p.warmup_ratio, min_lr_ratio=p.min_lr_ratio)
     if head == "lm":  # as rl/trainer.py builds its two Updaters
         loss = actor_loss_fn(config, p.clip_eps, p.entropy_coef)
-        optimizer = with_output_scale_lr(make_optimizer(p.actor_lr, 1000, **opt), p.actor_lr, p.output_scale_lr)
+        optimizer = with_output_scale_lr(make_optimizer(p.actor_lr, steps, **opt), p.actor_lr, p.output_scale_lr)
         fields = ("old_logprobs", "advantages")
     else:
         loss = critic_loss_fn(config, p.value_clip_eps)
-        optimizer = make_optimizer(p.critic_lr, 1000, **opt)
+        optimizer = make_optimizer(p.critic_lr, steps, **opt)
         fields = ("old_values", "returns")
     updater = Updater(loss, optimizer, work.micro_batch_rows, response_tokens, mesh=mesh,
                       param_shardings=parallel.param_shardings(config, mesh, head))
@@ -323,7 +326,8 @@ def report(model: str, config: Qwen2Config, mesh, train: TrainConfig, work: Work
           f"{work.sampler_calls} sampler calls, {work.scoring_forwards} x {work.micro_batches} scoring forwards, "
           f"{work.micro_batches} actor and {work.micro_batches} critic micro-batch steps, "
           f"{work.optimizer_steps} optimizer steps each. Peak memory is the larger of the rollout "
-          f"(state + the sampler) and the update (state + gradients + {worst_training.name}'s temporaries).\n")
+          f"(state + the sampler) and the training programs (state + gradient sums + the largest one's "
+          f"temporaries and outputs: {worst_training.name}), without XLA:CPU's bf16 upcasts.\n")
     print("| hardware | sampler layout | decode step (ms, bound) | rollout (s) | scoring (s) | updates (s) | "
           "iteration (s) | peak memory / device (GB) |")
     print("|---|---|---|---|---|---|---|---|")
@@ -354,6 +358,8 @@ def report(model: str, config: Qwen2Config, mesh, train: TrainConfig, work: Work
                   f"{'fits' if problem is None else 'DOES NOT FIT'} |")
     for problem in dict.fromkeys(problems):
         print(f"- {problem}")
+    if mesh.shape["tensor"] == 1 and {"replicated", "tensor"} <= set(layouts):
+        print("\n(The mesh's tensor axis has size 1, so the tensor layout is the replicated one.)")
     return costs
 
 
@@ -379,6 +385,10 @@ def main(argv: list[str] | None = None) -> int:
     work = workload_of(train, args.prompt_bucket)
     print(f"jax {jax.__version__}, {jax.device_count()} {jax.devices()[0].platform} devices; "
           f"workload from {Path(args.config).name}")
+    for hw in HARDWARE:
+        print(f"- {hw.name}, per GPU: {hw.peak_flops / 1e12:.0f} TFLOP/s dense bf16, HBM {hw.hbm_bytes_per_s / 1e12:.2f} TB/s, "
+              f"NVLink {hw.link_bytes_per_s / 1e9:.0f} GB/s each way, {hw.collective_latency_s * 1e6:.0f} us per "
+              f"collective, {hw.memory_bytes / 1e9:.0f} GB")
     for model in models:
         config = load_model_config(MODELS[model], compute_dtype=train.model.compute_dtype, remat=train.model.remat)
         report(model, config, mesh, train, work, layouts, args.context)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+
 import jax
 
 COLLECTIVE_KINDS = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
