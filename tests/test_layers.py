@@ -10,7 +10,7 @@ REPO = Path(__file__).resolve().parents[1]
 LAYERS = (
     ("config", "tokenizer"),
     ("model",),
-    ("parallel", "checkpoint"),
+    ("parallel", "checkpoint", "compiled_cost"),
     ("sampling", "training"),
     ("dialogue",),
     ("rl", "offline", "eval"),
