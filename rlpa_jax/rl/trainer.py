@@ -177,7 +177,10 @@ class Trainer:
         t0 = time.perf_counter()
         sampler_params = jax.block_until_ready(self.sampling_layout(state["actor"].params))
         weight_sync_s = time.perf_counter() - t0
-        result = self.rollout.run(sampler_params, self.conversations(iteration), key)
+        # Inside the mesh: the model's logical constraints shard activations and the KV cache
+        # (outside it they are no-ops and XLA picks its own, far costlier, layouts).
+        with parallel.activate(self.mesh):
+            result = self.rollout.run(sampler_params, self.conversations(iteration), key)
         del sampler_params  # the sampling copy lives for the rollout only
         metrics = {k: v for k, v in result.stats.items()} | {"weight_sync_s": weight_sync_s}
         valid = [s for s in result.samples if s.score.valid]
@@ -188,7 +191,8 @@ class Trainer:
         t0 = time.perf_counter()
         settings = ppo.AdvantageSettings(p.gamma, p.lam, cfg.rollout.samples_per_prompt, kl_coef)
         critic = state["critic"].params if self.advantages.needs_critic else None
-        experience = self.build_experience(valid, state["actor"].params, state["reference"], critic, settings)
+        with parallel.activate(self.mesh):
+            experience = self.build_experience(valid, state["actor"].params, state["reference"], critic, settings)
         metrics |= experience_metrics(experience)
         metrics["kl_coef"] = kl_coef
         metrics["scoring_forward_s"] = time.perf_counter() - t0
@@ -240,7 +244,8 @@ class Trainer:
                           self._put_batch)
         seeds = [derived_seed(self.config.seed, -1, k) for k in range(len(personas))]
         conversations = start_conversations(personas, self.parts.environment.user_sim, seeds)
-        result = rollout.run(self.sampling_layout(params), conversations, jax.random.key(self.config.seed + 7))
+        with parallel.activate(self.mesh):
+            result = rollout.run(self.sampling_layout(params), conversations, jax.random.key(self.config.seed + 7))
         keys = ("reward", "profile_f1", "response_reward", "well_formed", "revealed_items")
         metrics = {k: result.stats[k] for k in keys} | profile_by_turn(result.samples, result.conversations)
         self.metrics.write(f"eval_{label}", 0, metrics)
