@@ -194,6 +194,10 @@ class Sampler:
     def compile_count(self) -> int:
         return len(self._signatures)
 
+    def lower(self, params: Params, tokens, mask, key: jax.Array, sampling: SamplingParams) -> jax.stages.Lowered:
+        """The program a call with these (possibly abstract) arguments runs, lowered, not run."""
+        return self._jitted.lower(params, self.config, tokens, mask, key, sampling, self.stop_ids, self.pad_id)
+
     def __call__(self, params: Params, tokens, mask, key: jax.Array, sampling: SamplingParams) -> Generation:
         signature = (tuple(tokens.shape), sampling)
         if signature not in self._signatures:

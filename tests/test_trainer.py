@@ -248,3 +248,14 @@ def test_sampling_and_scoring_run_inside_the_mesh(tmp_path):
     forwards._logprobs = recording(forwards._logprobs, "scoring")
     trainer.iteration(trainer.initial_state(), 0, trainer.config.ppo.kl_coef)
     assert {name for name, _ in seen} == {"sampler", "scoring"} and all(active for _, active in seen), seen
+
+
+def test_a_run_that_would_not_fit_its_devices_stops_before_training(tmp_path):
+    trainer = build_trainer(small_config(tmp_path, "mesh.fsdp=2", "mesh.data=2"))
+    trainer.check_device_memory()  # CPU reports no device memory: skipped
+    trainer.check_device_memory(device_bytes=1e12)  # a roomy device: every program fits
+    with pytest.raises(ValueError, match=r"would not fit its devices: sampler: needs .* GB per device.*"
+                                         r"rollout.conversations"):
+        trainer.check_device_memory(device_bytes=2e6)
+    programs = [p.name for p in trainer.memory_programs()]
+    assert programs == ["sampler", "scoring forward", "actor micro-batch step"]  # grpo: no critic

@@ -206,6 +206,11 @@ class ForwardPasses:
             outs.append(untrim_responses(np.asarray(jax.device_get(out)), width))
         return np.concatenate(outs) * experience.response_mask
 
+    def lower(self, params: Params, tokens, attention_mask, response_length: int, head: str = "lm"):
+        """The program one chunk runs, lowered (not run) for these possibly abstract arguments."""
+        jitted = self._logprobs if head == "lm" else self._values
+        return jitted.lower(params, tokens, attention_mask, response_length)
+
     def logprobs(self, params: Params, experience: Experience) -> np.ndarray:
         return self._chunks(self._logprobs, params, experience)
 

@@ -36,14 +36,14 @@ from rlpa_jax.dialogue.matching import mentioned_item_indices
 from rlpa_jax.dialogue.personas import Persona
 from rlpa_jax.model import hf
 from rlpa_jax.model.qwen2 import Params, Qwen2Config, critic_params_from_policy, init_params
-from rlpa_jax.rl import advantages, ppo
+from rlpa_jax.rl import advantages, memory_check, ppo
 from rlpa_jax.rl.environment import Environment, start_conversations
 from rlpa_jax.rl.experience import (UPDATE_FIELDS, Experience, ExperienceBuilder, ForwardPasses,
                                     length_grouped_minibatches, prompt_lengths, trim_padding)
 from rlpa_jax.rl.metrics import MetricsLog, plot_training
 from rlpa_jax.rl.objectives import actor_loss_fn, critic_loss_fn, response_tokens
 from rlpa_jax.rl.rollout import Rollout
-from rlpa_jax.sampling import Generator, SamplingLayout, SamplingParams
+from rlpa_jax.sampling import Generator, SamplingLayout, SamplingParams, bucket
 from rlpa_jax.training.optimizer import make_optimizer
 from rlpa_jax.training.output_scale import output_scale_ratio, with_output_scale_lr
 from rlpa_jax.training.updater import Trainable, Updater
@@ -138,8 +138,7 @@ class Trainer:
     def restore(self) -> tuple[dict, int, float]:
         """The newest readable checkpoint: a damaged newer one is reported, moved aside
         (`<step>.corrupt`) and the previous one used; none readable is a CheckpointError."""
-        template = jax.eval_shape(self.initial_state_shapes)
-        _, state, meta = self.checkpointer.restore_latest_readable(self._with_shardings(template))
+        _, state, meta = self.checkpointer.restore_latest_readable(self.abstract_state())
         log.info("resumed from iteration %d", meta["iteration"])
         return state, int(meta["iteration"]), float(meta["kl_coef"])
 
@@ -150,7 +149,9 @@ class Trainer:
         return {"actor": Trainable(actor, self.actor_updater.optimizer.init(actor)),
                 "critic": Trainable(critic, self.critic_updater.optimizer.init(critic)), "reference": actor}
 
-    def _with_shardings(self, template: dict) -> dict:
+    def abstract_state(self) -> dict:
+        """The state as shapes, dtypes and shardings (no memory): to restore into, or to compile for."""
+        template = jax.eval_shape(self.initial_state_shapes)
         actor_sh, critic_sh = self.actor_updater.param_shardings, self.critic_updater.param_shardings
         shardings = {
             "actor": Trainable(actor_sh, self.actor_updater.opt_state_shardings(template["actor"].params)),
@@ -158,6 +159,56 @@ class Trainer:
             "reference": actor_sh,
         }
         return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), template, shardings)
+
+    def memory_programs(self) -> list[memory_check.Program]:
+        """The iteration's largest programs, lowered for abstract arguments with this run's shapes
+        and shardings: a sampler call at the longest prompt bucket, a scoring chunk and the actor's
+        (and critic's) micro-batch step at the widest packed row."""
+        r, p, mesh = self.config.rollout, self.config.ppo, self.mesh
+        state = self.abstract_state()
+        if not self.advantages.needs_critic:
+            state = {"actor": state["actor"], "reference": state["reference"]}
+        resident = memory_check.per_device_bytes(state)
+        actor = state["actor"].params
+        prompt = bucket(r.max_prompt_tokens, r.prompt_buckets)
+        calls = math.ceil(r.conversations / r.pipeline_groups)
+        prompts = (-(-calls // self.row_multiple) * self.row_multiple, prompt)
+        sampler_params = (actor if self.sampling_layout.shardings is None else
+                          memory_check.abstract(actor, self.sampling_layout.shardings, self.model_config.dtype))
+        key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=parallel.replicated(mesh))
+        programs = [memory_check.Program(
+            "sampler", self.generator.lower(sampler_params, memory_check.rows(mesh, prompts, np.int32),
+                                            memory_check.rows(mesh, prompts, np.bool_), key, self.sampling),
+            # A resharded copy is the program's argument while the training state stays resident.
+            resident if sampler_params is not actor else resident - memory_check.per_device_bytes(actor),
+            "Lower rollout.conversations / raise rollout.pipeline_groups (rows per sampler call), lower "
+            "rollout.max_prompt_tokens or rollout.max_new_tokens, or set rollout.layout=tensor on a tensor mesh.")]
+        width = (p.micro_batch_size, prompt + r.max_new_tokens)
+        response = (p.micro_batch_size, r.max_new_tokens)
+        tokens, mask = memory_check.rows(mesh, width, np.int32), memory_check.rows(mesh, width, np.bool_)
+        programs.append(memory_check.Program(
+            "scoring forward", self.build_experience.forwards.lower(actor, tokens, mask, r.max_new_tokens),
+            resident - memory_check.per_device_bytes(actor), "Lower ppo.micro_batch_size (rows per scoring chunk)."))
+        updaters = [("actor", self.actor_updater, ("old_logprobs", "advantages"))]
+        if self.advantages.needs_critic:
+            updaters.append(("critic", self.critic_updater, ("old_values", "returns")))
+        for name, updater, fields in updaters:
+            micro = Experience(tokens=tokens, attention_mask=mask, response_mask=memory_check.rows(mesh, response, np.bool_),
+                               **{f: memory_check.rows(mesh, response, np.float32) for f in fields})
+            accumulate, _ = updater.lower(state[name], micro)
+            programs.append(memory_check.Program(
+                f"{name} micro-batch step", accumulate, resident - memory_check.per_device_bytes(state[name].params),
+                "Lower ppo.micro_batch_size, or set model.remat=full (recompute activations in the backward)."))
+        return programs
+
+    def check_device_memory(self, device_bytes: float | None = None) -> None:
+        """Stops a run whose programs would not fit a device (skipped where its memory is unknown)."""
+        device_bytes = device_bytes or memory_check.device_memory_bytes()
+        if device_bytes is None:
+            log.info("memory check skipped: this backend does not report device memory")
+            return
+        with parallel.activate(self.mesh):
+            memory_check.check(self.memory_programs(), device_bytes)
 
     # ------------------------------------------------------------------------------- one iteration
 
@@ -253,6 +304,7 @@ class Trainer:
 
     def train(self, resume: bool = False) -> dict:
         cfg = self.config
+        self.check_device_memory()
         if resume and self.checkpointer.latest_step() is not None:
             state, start, kl_coef = self.restore()
             self.metrics.truncate_after("ppo", start - 1)

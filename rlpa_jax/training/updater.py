@@ -108,6 +108,16 @@ class Updater:
             return micro_batch
         return jax.tree.map(lambda v: jax.device_put(v, parallel.batch_sharding(self.mesh, np.ndim(v))), micro_batch)
 
+    def lower(self, trainable: Trainable, micro_batch: Batch) -> tuple[jax.stages.Lowered, jax.stages.Lowered]:
+        """(the micro-batch gradient step, the optimizer step) lowered, not run, for these possibly
+        abstract arguments (with a mesh, their shardings are the Updater's own)."""
+        with parallel.activate(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+            if self._accumulate is None:
+                self._build(trainable, micro_batch)
+            units = np.float32(1.0)
+            return (self._accumulate.lower(trainable.params, trainable.params, self._zero_terms, micro_batch, units),
+                    self._apply.lower(trainable, trainable.params, self._zero_terms))
+
     def __call__(self, trainable: Trainable, batch: Batch) -> tuple[Trainable, dict[str, float]]:
         micro_batches = split_micro_batches(batch, self.micro_batch_size)
         if self.trim is not None:
