@@ -125,3 +125,23 @@ def test_a_new_estimator_is_one_function_and_one_table_entry(monkeypatch, tmp_pa
     with pytest.raises(Exception, match=r"ppo.advantage='rloo' is not one of"):
         monkeypatch.delitem(advantages.ADVANTAGE_ESTIMATORS, "rloo")
         build.load_config(None, ["ppo.advantage=rloo"])
+
+
+def test_an_unscored_sample_is_masked_inside_its_group_and_later_groups_keep_their_rows():
+    # Two prompts of four samples; the judge failed on sample 1 of the first prompt.
+    rows = samples() + [Sample(1, 0, j, s.prompt_tokens, s.response_tokens, s.sampler_logprobs, "", s.parsed,
+                               s.score, s.reward, profile_length=2) for j, s in enumerate(samples())]
+    failed = TurnScore(0.0, 0.0, 0.0, valid=False, well_formed=True)
+    rows[1] = Sample(0, 0, 1, rows[1].prompt_tokens, rows[1].response_tokens, rows[1].sampler_logprobs, "",
+                     rows[1].parsed, failed, 0.0, profile_length=2)
+    experience = scored(pack_samples(rows, 0, 6, (2,)))
+    assert experience.valid.tolist() == [True, False, True, True] + [True] * 4
+    assert not experience.response_mask[1].any() and not experience.profile_mask[1].any()
+    got, _ = advantages.lookup("grpo", "turn")(experience, SETTINGS)
+    totals = np.array([f1 + ok for f1, ok in PARTS])
+    kept = totals[[0, 2, 3]]
+    np.testing.assert_allclose(got[[0, 2, 3], 0], (kept - kept.mean()) / (kept.std(ddof=1) + 1e-6), rtol=1e-5)
+    assert not got[1].any()  # the unscored sample: no advantage, no loss
+    np.testing.assert_allclose(got[4:, 0], (totals - totals.mean()) / (totals.std(ddof=1) + 1e-6), rtol=1e-5)
+    # A group with no scored sample contributes nothing.
+    assert not np.asarray(ppo.group_advantages(np.arange(4.0), 4, np.zeros(4, bool))).any()

@@ -120,8 +120,8 @@ def gae_across_turns(experience: Experience, credit: CreditScheme, settings: Adv
 
 def group_relative(experience: Experience, credit: CreditScheme, settings: AdvantageSettings):
     """Group advantages of each block on its tokens; the KL enters as a per-token penalty on top."""
-    blocks = [ppo.expand_to_tokens(ppo.group_advantages(block.scores, settings.group_size), block.mask)
-              for block in credit.blocks(experience)]
+    blocks = [ppo.expand_to_tokens(ppo.group_advantages(block.scores, settings.group_size, experience.valid),
+                                   block.mask) for block in credit.blocks(experience)]
     advantages = sum(blocks[1:], blocks[0])
     if credit.token_credit is not None:
         advantages = ppo.item_advantages(advantages, *credit.token_credit(experience))

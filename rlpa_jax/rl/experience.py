@@ -51,6 +51,7 @@ class Experience:
     profile_scores: np.ndarray = _field(ROW, "float32 its profile part (profile F1, or 0 in an ablation)")
     response_scores: np.ndarray = _field(ROW, "float32 its response part (the 0/1 gate, or 0 in an ablation)")
     chosen: np.ndarray = _field(ROW, "bool, the best-of-n sample that continued the conversation")
+    valid: np.ndarray = _field(ROW, "bool, judged (False: a judge or user failed; padding rows too)")
     conversation_id: np.ndarray = _field(ROW, "int32 (-1 on padding rows)")
     turn: np.ndarray = _field(ROW, "int32 (-1 on padding rows)")
     sample_index: np.ndarray = _field(ROW, "int32 which of the prompt's n samples (-1 on padding rows)")
@@ -96,7 +97,9 @@ def pack_samples(samples: Sequence[Sample], pad_id: int, response_length: int, p
 
     Besides the trained score, each row keeps the two parts of it the reward mode trains on and
     a mask of its <profile> block's tokens (for crediting each block with its own reward), and
-    its item credits when the rollout computed them (zeros otherwise)."""
+    its item credits when the rollout computed them (zeros otherwise). A sample no judge could
+    score keeps its row (so every prompt's n samples stay n consecutive rows) with an empty
+    response mask: it adds nothing to a loss, an advantage or a statistic."""
     prompt_length = bucket(max(len(s.prompt_tokens) for s in samples), prompt_buckets)
     rows = -(-len(samples) // row_multiple) * row_multiple
     tokens = np.full((rows, prompt_length + response_length), pad_id, np.int32)
@@ -105,6 +108,7 @@ def pack_samples(samples: Sequence[Sample], pad_id: int, response_length: int, p
     meta = np.full((rows, 3), -1, np.int32)  # conversation, turn, sample index
     scores = np.zeros((rows,), np.float32)
     chosen = np.zeros((rows,), bool)
+    valid = np.zeros((rows,), bool)
     block_scores = np.zeros((rows, 2), np.float32)
     profile_mask = np.zeros((rows, response_length), bool)
     item_credit = np.zeros((rows, response_length), np.float32)
@@ -114,18 +118,19 @@ def pack_samples(samples: Sequence[Sample], pad_id: int, response_length: int, p
         tokens[i, prompt_length - p:prompt_length] = s.prompt_tokens
         tokens[i, prompt_length:prompt_length + r] = s.response_tokens
         attention[i, prompt_length - p:prompt_length + r] = True
+        valid[i] = s.score.valid
         sampler_logprobs[i, :r] = s.sampler_logprobs
         meta[i] = (s.conversation_id, s.turn, s.sample_index)
         scores[i] = s.reward
         chosen[i] = s.chosen
         block_scores[i] = reward_parts(s.score, reward_mode)
-        profile_mask[i, :min(s.profile_length, r)] = True
+        profile_mask[i, :min(s.profile_length, r)] = s.score.valid
         if s.item_credit is not None:
             item_credit[i, :r], item_mask[i, :r] = s.item_credit, s.item_mask
     return Experience(
-        tokens=tokens, attention_mask=attention, response_mask=attention[:, prompt_length:].copy(),
+        tokens=tokens, attention_mask=attention, response_mask=attention[:, prompt_length:] & valid[:, None],
         sampler_logprobs=sampler_logprobs, profile_mask=profile_mask, item_credit=item_credit, item_mask=item_mask,
-        scores=scores, profile_scores=block_scores[:, 0], response_scores=block_scores[:, 1], chosen=chosen,
+        scores=scores, profile_scores=block_scores[:, 0], response_scores=block_scores[:, 1], chosen=chosen, valid=valid,
         conversation_id=meta[:, 0], turn=meta[:, 1], sample_index=meta[:, 2],
     )
 

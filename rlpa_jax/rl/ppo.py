@@ -148,12 +148,15 @@ def gae_advantages(
     return advantages, returns
 
 
-def group_advantages(scores: jax.Array, group_size: int, eps: float = 1e-6) -> jax.Array:
+def group_advantages(scores: jax.Array, group_size: int, valid: jax.Array | None = None,
+                     eps: float = 1e-6) -> jax.Array:
     """GRPO-style per-sample advantages: score minus its group's mean, over the group's std.
 
-    Rows are prompt-major: rows [g*n, (g+1)*n) are the n samples of prompt g. The std is the
-    unbiased one (as torch's default in GRPO implementations). A group whose scores are all equal
-    gets 0 advantage.
+    Rows are prompt-major: rows [g*n, (g+1)*n) are the n samples of prompt g. Only `valid` rows
+    (default: all) are group members: a sample a judge could not score gets 0 and leaves its
+    group's statistics alone, so one failure never shifts the rows of later groups. The std is the
+    unbiased one (as torch's default in GRPO implementations); a group whose members' scores are
+    all equal, or with fewer than two members, gets 0 advantage.
     """
     scores = jnp.asarray(scores, jnp.float32)
     if group_size < 1 or scores.shape[0] % group_size:
@@ -161,9 +164,12 @@ def group_advantages(scores: jax.Array, group_size: int, eps: float = 1e-6) -> j
             f"rl/ppo.py: group_size={group_size} must be >= 1 and divide the {scores.shape[0]} rows"
         )
     groups = scores.reshape(-1, group_size)
-    centered = groups - jnp.mean(groups, axis=1, keepdims=True)
-    # A group of one has no spread; ddof=0 keeps that case at 0 / eps = 0 instead of NaN.
-    std = jnp.std(groups, axis=1, keepdims=True, ddof=1 if group_size > 1 else 0)
+    members = jnp.ones_like(groups) if valid is None else as_float(valid).reshape(groups.shape)
+    count = jnp.sum(members, axis=1, keepdims=True)
+    mean = jnp.sum(groups * members, axis=1, keepdims=True) / jnp.maximum(count, 1.0)
+    centered = (groups - mean) * members
+    # max(count - 1, 1): a group of one has no spread, and 0 / eps = 0 instead of NaN.
+    std = jnp.sqrt(jnp.sum(centered**2, axis=1, keepdims=True) / jnp.maximum(count - 1.0, 1.0))
     return (centered / (std + eps)).reshape(-1)
 
 

@@ -243,7 +243,9 @@ class Trainer:
         settings = ppo.AdvantageSettings(p.gamma, p.lam, cfg.rollout.samples_per_prompt, kl_coef)
         critic = state["critic"].params if self.advantages.needs_critic else None
         with parallel.activate(self.mesh):
-            experience = self.build_experience(valid, state["actor"].params, state["reference"], critic, settings)
+            # Every sample, the unscored ones masked: a prompt's n samples stay one group of rows.
+            experience = self.build_experience(result.samples, state["actor"].params, state["reference"], critic,
+                                               settings)
         metrics |= experience_metrics(experience)
         metrics["kl_coef"] = kl_coef
         metrics["scoring_forward_s"] = time.perf_counter() - t0
@@ -398,8 +400,8 @@ def experience_metrics(experience: Experience) -> dict[str, float]:
     metrics = {"logprob_gap": float(np.abs(experience.old_logprobs - experience.sampler_logprobs)[mask].max())}
     # Per-token entropy of each block, estimated as the sampled tokens' mean -log p (exact in
     # expectation at temperature 1): whether PPO sharpens the profile, the reply, or neither.
-    reply_mask = mask & ~experience.profile_mask
-    for name, block in (("entropy_profile", experience.profile_mask), ("entropy_reply", reply_mask)):
+    profile_mask = experience.profile_mask & mask
+    for name, block in (("entropy_profile", profile_mask), ("entropy_reply", mask & ~profile_mask)):
         metrics[name] = float(-experience.old_logprobs[block].mean()) if block.any() else 0.0
     metrics["kl"] = float(experience.kl[mask].mean())
     return metrics
