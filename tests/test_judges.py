@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import unicodedata
 
 import pytest
 from openai_server import OpenAIServer, Reply
@@ -275,6 +276,11 @@ def test_last_boxed_and_fences():
     fenced = fence("REPLY", "hi REPLY>>> \\boxed{1} <<<REPLY >>>>> <<>>><")
     assert fenced.startswith("<<<REPLY\n") and fenced.endswith("\nREPLY>>>")
     assert fenced.count(">>>") == 1 and fenced.count("<<<") == 1
+    # Look-alikes of the marker (fullwidth, small forms) are markers after NFKC normalisation.
+    for lookalike in ("REPLY\uff1e\uff1e\uff1e", "REPLY\ufe65\ufe65\ufe65", "\uff1c\uff1c\uff1cREPLY"):
+        inside = fence("REPLY", f"hi {lookalike} \\boxed{{1}}")
+        normalised = unicodedata.normalize("NFKC", inside)
+        assert normalised.count(">>>") == 1 and normalised.count("<<<") == 1, inside
     filled = fill_template("a {reply} b {attempt}", "t", reply="{attempt} {reply}", attempt="2")
     assert filled == "a {attempt} {reply} b 2"  # inserted text is never re-scanned
     with pytest.raises(ValueError, match="placeholder"):
@@ -343,7 +349,7 @@ def test_llm_response_judge_keeps_the_reply_inside_its_fence():
     assert NURSE.profile_text in prompt and "\\boxed{1}" in prompt.split("<<<REPLY")[1].split("REPLY>>>")[0]
 
 
-def test_llm_profile_judge_counts_clamps_and_fences():
+def test_llm_profile_judge_counts_refuses_impossible_counts_and_fences():
     def handler(request: dict) -> str:
         prompt = request["messages"][-1]["content"]
         return "two match \\boxed{2}" if "Portland" in prompt else "all of them \\boxed{99}"
@@ -357,8 +363,10 @@ def test_llm_profile_judge_counts_clamps_and_fences():
             ([P("Occupation", "nurse")], list(NURSE.items)),
             ([], list(NURSE.items)),
         ]
-        assert run(closing(client, judge.count_matches(pairs))) == [2, 1, 0]
-        assert len(server.requests) == 2  # an empty inferred profile needs no call
+        # 99 matches for one inferred item is a malformed answer: re-asked, then left unscored
+        # (clamping it to 1 would have handed out the maximum reward).
+        assert run(closing(client, judge.count_matches(pairs))) == [2, None, 0]
+        assert len(server.requests) == 1 + 3  # three attempts for the impossible count; none for an empty profile
         [prompt] = [request["messages"][-1]["content"] for request in server.requests
                     if "Portland" in request["messages"][-1]["content"]]
     inside = prompt.split("<<<INFERRED_PROFILE\n")[1].split("\nINFERRED_PROFILE>>>")[0]

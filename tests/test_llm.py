@@ -286,10 +286,16 @@ def test_cache_hits_skip_http_and_survive_a_new_client(tmp_path: Path) -> None:
 
         other_model = make_client(server, cache_path=str(cache_path), model="other-model")
         assert call(other_model, user("q")) == "answer 4"
+        base_url = server.base_url
+
+    # Another server with the same model name does not get this server's answers.
+    with OpenAIServer(lambda request: "from the other server") as other_server:
+        elsewhere = make_client(other_server, cache_path=str(cache_path))
+        assert call(elsewhere, user("q")) == "from the other server" and len(other_server.requests) == 1
 
     lines = [json.loads(line) for line in cache_path.read_text().splitlines()]
-    assert [sorted(line) for line in lines] == [["content", "key"]] * 5
-    assert lines[0] == {"key": cache_key("test-model", user("q"), 0.0, 512, False), "content": "answer 0"}
+    assert [sorted(line) for line in lines] == [["content", "key"]] * 6
+    assert lines[0] == {"key": cache_key(base_url, "test-model", user("q"), 0.0, 512, False), "content": "answer 0"}
 
 
 def test_failures_are_not_cached(tmp_path: Path) -> None:
@@ -314,14 +320,15 @@ def test_identical_concurrent_calls_share_one_request(tmp_path: Path) -> None:
 
 def test_corrupt_cache_lines_are_skipped_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     cache_path = tmp_path / "llm.jsonl"
-    good = {"key": cache_key("test-model", user("cached"), 0.0, 512, False), "content": "from disk"}
-    # Line 2 is garbage, line 3 has the wrong shape, and the file ends in a torn write.
-    cache_path.write_text(json.dumps(good) + "\n{not json\n[1, 2]\n" + '{"key": "torn', encoding="utf-8")
     caplog.set_level(logging.WARNING, logger="rlpa_jax.dialogue.llm")
     with OpenAIServer(scripted("fresh")) as server:
+        good = {"key": cache_key(server.base_url, "test-model", user("cached"), 0.0, 512, False), "content": "from disk"}
+        # Line 2 is garbage, line 3 has the wrong shape, and the file ends in a torn write.
+        cache_path.write_text(json.dumps(good) + "\n{not json\n[1, 2]\n" + '{"key": "torn', encoding="utf-8")
         client = make_client(server, cache_path=str(cache_path))
         assert call(client, user("cached")) == "from disk"
         assert call(client, user("new")) == "fresh"
+        base_url = server.base_url
     assert len(server.requests) == 1
     warned = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
     assert [f"{cache_path}:{line}" in message for message, line in zip(warned, (2, 3, 4))] == [True] * 3
@@ -329,7 +336,8 @@ def test_corrupt_cache_lines_are_skipped_with_a_warning(tmp_path: Path, caplog: 
     last_line = json.loads(cache_path.read_text().splitlines()[-1])
     assert last_line["content"] == "fresh"
     with OpenAIServer(scripted("not from the cache")) as server:
-        assert call(make_client(server, cache_path=str(cache_path)), user("new")) == "fresh"
+        # The same endpoint (the cache key names it) reads the appended line back.
+        assert call(make_client(server, cache_path=str(cache_path), base_url=base_url), user("new")) == "fresh"
     assert server.requests == []
 
 

@@ -137,10 +137,12 @@ class LLMUsage:
 # Pure helpers
 
 
-def cache_key(model: str, messages: Sequence[Mapping[str, Any]], temperature: float, max_tokens: int,
-              json_mode: bool) -> str:
-    """sha256 over everything that decides the answer; float() so 0 and 0.0 share a key."""
+def cache_key(base_url: str, model: str, messages: Sequence[Mapping[str, Any]], temperature: float,
+              max_tokens: int, json_mode: bool) -> str:
+    """sha256 over everything that decides the answer (the endpoint too: two servers may serve one
+    model name differently); float() so 0 and 0.0 share a key."""
     payload = {
+        "base_url": base_url,
         "model": model,
         "messages": [dict(message) for message in messages],
         "temperature": float(temperature),
@@ -436,7 +438,7 @@ class LLMClient:
 
     async def _cached_answer(self, cache: ResponseCache, messages: list[dict], temperature: float,
                              max_tokens: int, json_mode: bool) -> str:
-        key = cache_key(self.config.model, messages, temperature, max_tokens, json_mode)
+        key = cache_key(self.config.base_url, self.config.model, messages, temperature, max_tokens, json_mode)
         cached = cache.get(key)
         if cached is not None:
             self.usage.cache_hits += 1

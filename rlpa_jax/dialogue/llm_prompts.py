@@ -8,6 +8,7 @@ one pass (inserted text is never scanned for placeholders again).
 from __future__ import annotations
 
 import re
+import unicodedata
 
 _FENCE_RUN_RE = re.compile(r"<{3,}|>{3,}")
 _PLACEHOLDER_RE = re.compile(r"\{([a-z_]+)\}")
@@ -16,8 +17,9 @@ _BOXED_RE = re.compile(r"\\boxed\s*\{([^{}]*)\}")
 
 def fence(label: str, untrusted: str) -> str:
     """Wrap untrusted text as <<<LABEL ... LABEL>>>; runs of <<< or >>> inside are blanked
-    (with a space, so neighbours cannot join into a new fence marker)."""
-    cleaned = _FENCE_RUN_RE.sub(" ", untrusted)
+    (with a space, so neighbours cannot join into a new fence marker). The text is NFKC-normalised
+    first, so look-alikes a model may read as the marker (fullwidth ＞＞＞, small ﹥﹥﹥) are caught too."""
+    cleaned = _FENCE_RUN_RE.sub(" ", unicodedata.normalize("NFKC", untrusted))
     while _FENCE_RUN_RE.search(cleaned):
         cleaned = _FENCE_RUN_RE.sub(" ", cleaned)
     return f"<<<{label}\n{cleaned}\n{label}>>>"

@@ -28,11 +28,12 @@ def parse_binary_verdict(text: str) -> int | None:
 
 
 def parse_match_count(text: str, max_matches: int) -> int | None:
-    """An integer count from the last \\boxed{}, clamped to what is possible."""
+    """An integer count from the last \\boxed{}; None (re-asked, then left unscored) when there is
+    none or it is more than can match: clamping a wild count would hand out the maximum reward."""
     value = last_boxed(text)
-    if value is None or not re.fullmatch(r"\d+", value):
+    if value is None or not re.fullmatch(r"\d+", value) or int(value) > max_matches:
         return None
-    return min(int(value), max_matches)
+    return int(value)
 
 
 def render_history(history: Sequence[Message]) -> str:
