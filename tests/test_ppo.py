@@ -365,3 +365,13 @@ def test_jitted_functions_equal_eager():
         assert len(eager) == len(jitted), name
         for e, j in zip(eager, jitted):
             np.testing.assert_allclose(j, e, rtol=1e-6, atol=1e-6, err_msg=name)
+
+
+def test_group_advantages_with_every_sample_scored_are_bit_for_bit_the_plain_formula():
+    # The masked form must not change a run in which no judge failed (the embedded world). The
+    # trainer computes advantages eagerly, as here; under jit XLA may reorder either form.
+    scores = np.random.default_rng(18).uniform(0, 2, 64).astype(np.float32)
+    groups = jnp.asarray(scores).reshape(-1, 4)
+    plain = (groups - jnp.mean(groups, axis=1, keepdims=True)) / (jnp.std(groups, axis=1, keepdims=True, ddof=1) + 1e-6)
+    for valid in (None, np.ones(64, bool)):
+        np.testing.assert_array_equal(ppo.group_advantages(scores, 4, valid), plain.reshape(-1))
