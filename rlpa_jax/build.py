@@ -9,15 +9,15 @@ rl/, offline/ and eval/ (it wires them together); the launch scripts call it.
 
 from __future__ import annotations
 
-import logging
 import dataclasses
+import logging
 from pathlib import Path
 
 import jax
 
+from rlpa_jax import config as config_file
 from rlpa_jax import parallel
 from rlpa_jax.checkpoint import Checkpointer, checkpoint_directory, model_config_from_meta, restore_actor_params
-from rlpa_jax import config as config_file
 from rlpa_jax.config import LLMSection, TrainConfig
 from rlpa_jax.dialogue import judges, personas, users
 from rlpa_jax.dialogue.chat import load_prompt
