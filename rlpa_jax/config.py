@@ -174,6 +174,10 @@ class RolloutConfig:
     pipeline_groups: int = option(2, count)  # host work for one group overlaps device sampling for another
     system_prompt: str = option("policy_system", prompt_name)  # a file under configs/prompts/ (without .txt)
     eval_conversations: int = option(32, count)  # held-out users scored before and after PPO (one sample per turn)
+    # An iteration with more unscored samples (judge or user failures) than this is not trained
+    # on; this many such iterations in a row stop the run (with a checkpoint and the judges' errors).
+    max_invalid_fraction: float = option(0.2, unit_interval)
+    max_invalid_iterations: int = option(3, count)
     generator: str = option("jax", non_empty)  # what samples the policy: a name in sampling.GENERATORS
     # The actor's layout while sampling (sampling.SamplingLayout): replicated (no weight traffic per
     # decode step), tensor (split over the tensor axis only), training (the trainer's FSDP layout).

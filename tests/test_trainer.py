@@ -259,3 +259,35 @@ def test_a_run_that_would_not_fit_its_devices_stops_before_training(tmp_path):
         trainer.check_device_memory(device_bytes=2e6)
     programs = [p.name for p in trainer.memory_programs()]
     assert programs == ["sampler", "scoring forward", "actor micro-batch step"]  # grpo: no critic
+
+
+def test_judges_that_stop_scoring_stop_the_run_with_a_checkpoint_and_their_error(tmp_path, monkeypatch):
+    from openai_server import OpenAIServer, Reply
+
+    from rlpa_jax.dialogue.chat import format_turn, parse_turn
+    from rlpa_jax.dialogue.profile import ProfileItem
+    from rlpa_jax.rl import environment
+    from rlpa_jax.rl.trainer import UnscoredRollouts
+
+    # An untrained policy rarely writes a well-formed turn, and only those go to the judges.
+    turn = parse_turn(format_turn([ProfileItem("Occupation", "nurse")], "Nice! Which ward do you work on?"))
+    monkeypatch.setattr(environment, "parse_turn", lambda text: turn)
+
+    def handler(request):  # answers the start-up probe, then never gives a verdict
+        prompt = request["messages"][-1]["content"]
+        return Reply(content="OK" if prompt == "Reply with OK." else "I would rather not say.")
+
+    with OpenAIServer(handler) as server:
+        config = small_config(tmp_path, "judges.kind=llm", f"judges.llm.base_url={server.base_url}",
+                              "judges.llm.cache_path=null", "judges.llm.max_retries=0",
+                              "rollout.max_invalid_iterations=2", "ppo.iterations=3")
+        trainer = build_trainer(config)
+        with pytest.raises(UnscoredRollouts, match=r"iteration 1: 2 iterations in a row had more than 20% unscored "
+                                                   r".*judge \(gpt-4o-mini at http://127\.0\.0\.1:\d+/v1\): "
+                                                   r"no usable verdict after 3 attempt"):
+            trainer.train()
+    records = [json.loads(line) for line in (config.run_dir / "metrics.jsonl").read_text().splitlines()]
+    skipped = [r for r in records if r["phase"] == "ppo"]
+    assert [r["step"] for r in skipped] == [0] and skipped[0]["skipped_update"] == 1.0
+    assert skipped[0]["invalid_samples"] == skipped[0]["samples"]
+    assert trainer.checkpointer.latest_step() == 1  # --resume retries iteration 1 with the same state

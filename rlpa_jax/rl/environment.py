@@ -14,6 +14,7 @@ from typing import Literal, Sequence
 from rlpa_jax.dialogue.chat import Message, ParsedTurn, parse_turn, prompt_token_ids
 from rlpa_jax.dialogue.judges import (ItemMatchingJudge, ProfileJudge, ResponseJudge, ResponseRequest, TurnScore,
                                       score_turn)
+from rlpa_jax.dialogue.llm import redact_url
 from rlpa_jax.dialogue.personas import Persona
 from rlpa_jax.dialogue.users import OPENING_MESSAGE, UserSimulator, UserState
 
@@ -68,6 +69,17 @@ class Environment:
         if self.item_credit and not isinstance(profile_judge, ItemMatchingJudge):
             raise ValueError(f"ppo.credit=item needs a profile judge that says which items matched "
                              f"(judges.kind=embedded does); {type(profile_judge).__name__} only counts them")
+
+    def judge_problems(self) -> list[str]:
+        """Why judges left samples unscored, per judge that says (the LLM judges: endpoint and last error)."""
+        problems = []
+        for role, judge in (("profile judge", self.profile_judge), ("response judge", self.response_judge)):
+            problem = getattr(judge, "last_problem", None)
+            if problem:
+                client = getattr(judge, "client", None)
+                where = f" ({client.config.model} at {redact_url(client.config.base_url)})" if client else ""
+                problems.append(f"{role}{where}: {problem}")
+        return problems
 
     def prompt_tokens(self, history: Sequence[Message]) -> list[int]:
         return prompt_token_ids(self.tokenizer, self.system_prompt, history, self.max_prompt_tokens)

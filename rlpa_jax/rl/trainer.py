@@ -55,6 +55,11 @@ class TrainingDiverged(RuntimeError):
     """A loss or gradient became NaN/inf; the last good checkpoint is kept."""
 
 
+class UnscoredRollouts(TrainingDiverged):
+    """Judges or users failed on too many samples, iteration after iteration; the run saved its
+    state (unchanged by those iterations) so that --resume continues once the endpoint works."""
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainingParts:
     """What a training run is made of, built from its config by rlpa_jax/build.py."""
@@ -114,6 +119,7 @@ class Trainer:
         self.metrics = MetricsLog(self.run_dir, config.logging.tensorboard)
         self.on_iteration_end: list[Callable[[int, dict], None]] = []
         self._stop_requested = False
+        self._invalid_iterations = 0  # iterations in a row with too many unscored samples
 
     # ------------------------------------------------------------------------------- state
 
@@ -235,9 +241,19 @@ class Trainer:
         del sampler_params  # the sampling copy lives for the rollout only
         metrics = {k: v for k, v in result.stats.items()} | {"weight_sync_s": weight_sync_s}
         valid = [s for s in result.samples if s.score.valid]
-        if not valid:
-            raise TrainingDiverged(f"iteration {iteration}: every sample was invalid (judge or user failures); "
-                                   "check the judge/user endpoints")
+        invalid_fraction = 1.0 - len(valid) / max(len(result.samples), 1)
+        if invalid_fraction > cfg.rollout.max_invalid_fraction:
+            # Training on the few samples the judges did score would be training on a biased subset.
+            self._invalid_iterations += 1
+            problems = "; ".join(self.parts.environment.judge_problems()) or "no judge error recorded"
+            log.warning("iteration %d: %.0f%% of samples unscored (rollout.max_invalid_fraction=%g): no update. %s",
+                        iteration, 100 * invalid_fraction, cfg.rollout.max_invalid_fraction, problems)
+            if self._invalid_iterations >= cfg.rollout.max_invalid_iterations:
+                raise UnscoredRollouts(
+                    f"iteration {iteration}: {self._invalid_iterations} iterations in a row had more than "
+                    f"{cfg.rollout.max_invalid_fraction:.0%} unscored samples ({invalid_fraction:.0%} now): {problems}")
+            return state, metrics | {"skipped_update": 1.0}, kl_coef
+        self._invalid_iterations = 0
 
         t0 = time.perf_counter()
         settings = ppo.AdvantageSettings(p.gamma, p.lam, cfg.rollout.samples_per_prompt, kl_coef)
@@ -325,10 +341,14 @@ class Trainer:
         last = {}
         try:
             for iteration in bar:
-                state, last, kl_coef = self.iteration(state, iteration, kl_coef)
+                try:
+                    state, last, kl_coef = self.iteration(state, iteration, kl_coef)
+                except UnscoredRollouts:
+                    self.save(state, iteration, kl_coef)  # --resume retries this iteration
+                    raise
                 self.metrics.write("ppo", iteration, last)
-                bar.set_postfix(reward=f"{last['reward']:.3f}", f1=f"{last['profile_f1']:.3f}", kl=f"{last['kl']:.4f}",
-                                tok_s=f"{last.get('sampling_tokens_per_s', 0):.0f}")
+                bar.set_postfix(reward=f"{last['reward']:.3f}", f1=f"{last['profile_f1']:.3f}",
+                                kl=f"{last.get('kl', 0.0):.4f}", tok_s=f"{last.get('sampling_tokens_per_s', 0):.0f}")
                 done = iteration + 1
                 for callback in self.on_iteration_end:
                     callback(iteration, last)

@@ -71,6 +71,7 @@ class LLMJudge:
         self.max_attempts = max_attempts
         self.retry_temperature = retry_temperature
         self.stats = JudgeStats()
+        self.last_problem: str | None = None  # why the latest unscored sample has no score
 
     def prompt_messages(self, attempt: int, **fields: str) -> list[dict]:
         """The prompt filled with `fields` as one user message; the attempt number makes a
@@ -97,10 +98,12 @@ class LLMJudge:
             still_pending = []
             for index, output in zip(pending, outputs):
                 if isinstance(output, LLMCallError) or isinstance(output, BaseException):
+                    self.last_problem = str(output)
                     continue
                 value = parse[index](output)
                 if value is None:
                     self.stats.unparsable += 1
+                    self.last_problem = f"no usable verdict after {attempt} attempt(s); last answer: {output[:200]!r}"
                     still_pending.append(index)
                 else:
                     results[index] = value
