@@ -171,9 +171,7 @@ class Trainer:
         and shardings: a sampler call at the longest prompt bucket, a scoring chunk and the actor's
         (and critic's) micro-batch step at the widest packed row."""
         r, p, mesh = self.config.rollout, self.config.ppo, self.mesh
-        state = self.abstract_state()
-        if not self.advantages.needs_critic:
-            state = {"actor": state["actor"], "reference": state["reference"]}
+        state = self.abstract_state()  # the critic too: the state holds one even when no estimator trains it
         resident = memory_check.per_device_bytes(state)
         actor = state["actor"].params
         prompt = bucket(r.max_prompt_tokens, r.prompt_buckets)
