@@ -160,7 +160,7 @@ def build_environment(config: TrainConfig, tokenizer) -> Environment:
     item_credit = advantages.lookup(config.ppo.advantage, config.ppo.credit).needs_item_credit
     return Environment(tokenizer, load_prompt(config.rollout.system_prompt), users.build_user(config.user),
                        profile_judge, response_judge, config.ppo.reward, config.rollout.max_prompt_tokens,
-                       item_credit=item_credit)
+                       item_credit=item_credit, response_reference=config.judges.response_reference)
 
 
 def build_sampler(config: TrainConfig, model_cfg: Qwen2Config, tokenizer) -> Generator:

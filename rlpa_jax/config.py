@@ -158,6 +158,10 @@ class UserConfig:
 class JudgeConfig:
     kind: str = "embedded"  # a key of dialogue.judges.JUDGES
     llm: LLMSection = field(default_factory=LLMSection)
+    # Whom the response judge role-plays during training: `inferred`, the profile the policy wrote
+    # (the paper: the gold profile enters only through profile F1), or `persona`, the user's true
+    # persona (what the ALOE evaluation's judge sees; training on it leaks the test criterion).
+    response_reference: Literal["inferred", "persona"] = "inferred"
 
 
 @dataclass

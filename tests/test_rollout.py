@@ -128,3 +128,20 @@ def test_pipelined_rollouts_are_reproducible(tokenizer):
     a, b = run_rollout(tokenizer, groups=2), run_rollout(tokenizer, groups=2)
     assert [s.text for s in a.samples] == [s.text for s in b.samples]
     assert [m.content for c in a.conversations for m in c.history] == [m.content for c in b.conversations for m in c.history]
+
+
+@pytest.mark.parametrize("reference", ["inferred", "persona"])
+def test_the_response_judge_role_plays_the_inferred_profile_or_the_true_persona(tokenizer, reference):
+    conversation, persona = one_conversation()
+    guessed = [ProfileItem("Occupation", "astronaut")]  # the policy's (wrong) guess about the user
+    with OpenAIServer(lambda request: Reply(content="\\boxed{1}")) as server:
+        client = LLMClient(LLMConfig(base_url=server.base_url, model="judge", max_retries=0))
+        environment = Environment(tokenizer, load_prompt("policy_system_tiny"), ScriptedUser(), EmbeddedProfileJudge(),
+                                  LLMResponseJudge(client), response_reference=reference)
+        asyncio.run(environment.score([conversation], [[format_turn(guessed, "Space! What do you do up there?")]]))
+    [prompt] = [r["messages"][-1]["content"] for r in server.requests]
+    judged_profile = prompt.split("<<<USER_PROFILE")[1].split("USER_PROFILE>>>")[0]
+    if reference == "inferred":  # the paper: the judge is the person the policy believes it talks to
+        assert "astronaut" in judged_profile and persona.profile_text not in judged_profile
+    else:
+        assert persona.profile_text in judged_profile and "astronaut" not in judged_profile

@@ -15,7 +15,8 @@ from rlpa_jax.dialogue.chat import Message, ParsedTurn, parse_turn, prompt_token
 from rlpa_jax.dialogue.judges import (ItemMatchingJudge, ProfileJudge, ResponseJudge, ResponseRequest, TurnScore,
                                       score_turn)
 from rlpa_jax.dialogue.llm import redact_url
-from rlpa_jax.dialogue.personas import Persona
+from rlpa_jax.dialogue.personas import Persona, make_persona
+from rlpa_jax.dialogue.profile import format_profile
 from rlpa_jax.dialogue.users import OPENING_MESSAGE, UserSimulator, UserState
 
 RewardMode = Literal["both", "profile", "response"]
@@ -61,14 +62,22 @@ class Environment:
 
     def __init__(self, tokenizer, system_prompt: str, user_sim: UserSimulator, profile_judge: ProfileJudge,
                  response_judge: ResponseJudge, reward_mode: RewardMode = "both", max_prompt_tokens: int = 4096,
-                 item_credit: bool = False):
+                 item_credit: bool = False, response_reference: Literal["inferred", "persona"] = "inferred"):
         self.tokenizer, self.system_prompt = tokenizer, system_prompt
+        self.reference_persona = response_reference == "persona"
         self.user_sim, self.profile_judge, self.response_judge = user_sim, profile_judge, response_judge
         self.reward_mode, self.max_prompt_tokens = reward_mode, max_prompt_tokens
         self.item_credit = item_credit and reward_mode != "response"
         if self.item_credit and not isinstance(profile_judge, ItemMatchingJudge):
             raise ValueError(f"ppo.credit=item needs a profile judge that says which items matched "
                              f"(judges.kind=embedded does); {type(profile_judge).__name__} only counts them")
+
+    def response_reference(self, conversation: Conversation, parsed: ParsedTurn) -> Persona:
+        """Whom the response judge role-plays: the profile the policy wrote (the paper), or the
+        user's true persona."""
+        if self.reference_persona:
+            return conversation.user.persona
+        return make_persona("inferred", format_profile(parsed.profile), "", parsed.profile)
 
     def judge_problems(self) -> list[str]:
         """Why judges left samples unscored, per judge that says (the LLM judges: endpoint and last error)."""
@@ -92,8 +101,8 @@ class Environment:
         cells = [(i, j) for i, row in enumerate(parsed) for j, p in enumerate(row) if p.well_formed]
         truth = [conversations[i].user.persona.items for i, _ in cells]
         pairs = [(parsed[i][j].profile, true) for (i, j), true in zip(cells, truth)]
-        requests = [ResponseRequest(conversations[i].user.persona, tuple(conversations[i].history), parsed[i][j].response)
-                    for i, j in cells]
+        requests = [ResponseRequest(self.response_reference(conversations[i], parsed[i][j]),
+                                    tuple(conversations[i].history), parsed[i][j].response) for i, j in cells]
         profile_call = self.profile_judge.match_items(pairs) if self.item_credit else self.profile_judge.count_matches(pairs)
         found, response_ok = await asyncio.gather(profile_call, self.response_judge.judge(requests))
         if self.item_credit:  # the judge returned each turn's matched item indices
