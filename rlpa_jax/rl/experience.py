@@ -230,7 +230,6 @@ class ExperienceBuilder:
     forwards: ForwardPasses
     # (experience, settings) -> per-token (advantages, returns): rl.advantages.lookup(...)
     advantages: Callable[[Experience, AdvantageSettings], tuple[np.ndarray, np.ndarray]]
-    needs_critic: bool
     pad_id: int
     response_length: int
     prompt_buckets: Sequence[int]
@@ -244,8 +243,9 @@ class ExperienceBuilder:
                                   self.forwards.chunk_rows, self.reward_mode)
         old_logprobs = self.forwards.logprobs(actor, experience)
         reference_logprobs = self.forwards.logprobs(reference, experience)
-        # Without a critic its values would be one forward pass spent for nothing.
-        old_values = (self.forwards.values(critic, experience) if self.needs_critic
+        # Without a critic (critic=None: the estimator needs none) its values would be one forward
+        # pass spent for nothing.
+        old_values = (self.forwards.values(critic, experience) if critic is not None
                       else np.zeros_like(old_logprobs))
         mask = experience.response_mask
         kl = np.asarray(ppo.kl_penalty(old_logprobs, reference_logprobs, self.kl_estimator) * mask)

@@ -103,7 +103,7 @@ class Trainer:
         trim = functools.partial(trim_padding, prompt_buckets=r.prompt_buckets)
         forwards = ForwardPasses(self.model_config, chunk_rows=p.micro_batch_size, put_batch=self._put_batch, trim=trim)
         self.build_experience = ExperienceBuilder(
-            forwards, self.advantages, self.advantages.needs_critic, parts.environment.tokenizer.pad_token_id,
+            forwards, self.advantages, parts.environment.tokenizer.pad_token_id,
             r.max_new_tokens, r.prompt_buckets, p.reward, p.kl_estimator, p.whiten_advantages)
         self.actor_updater = Updater(actor_loss_fn(self.model_config, p.clip_eps, p.entropy_coef),
                                      with_output_scale_lr(make_optimizer(p.actor_lr, self.total_steps, **opt),
