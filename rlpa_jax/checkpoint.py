@@ -144,6 +144,14 @@ def model_config_to_meta(config: Qwen2Config) -> dict:
     return dataclasses.asdict(config)
 
 
+def policy_meta(config: Qwen2Config, tokenizer_dir: str | Path, system_prompt: str) -> dict:
+    """What a checkpoint says about its policy, so evaluation, export and `model.init_checkpoint`
+    need no config: the model, the tokenizer directory and the system prompt's name
+    (configs/prompts/<name>.txt) it was trained with."""
+    return {"model_config": model_config_to_meta(config), "tokenizer_dir": str(Path(tokenizer_dir).absolute()),
+            "system_prompt": system_prompt}
+
+
 def model_config_from_meta(meta: dict, source: str) -> Qwen2Config:
     try:
         return Qwen2Config(**meta["model_config"])

@@ -19,7 +19,8 @@ import time
 import numpy as np
 
 from rlpa_jax import build
-from rlpa_jax.checkpoint import Checkpointer, checkpoint_directory, model_config_to_meta
+from rlpa_jax import checkpoint
+from rlpa_jax.checkpoint import Checkpointer, checkpoint_directory
 from rlpa_jax.config import ConfigError, TrainConfig, from_dict, parse_override
 from rlpa_jax.dialogue.chat import load_prompt, parse_turn
 from rlpa_jax.dialogue import judges
@@ -46,9 +47,7 @@ def save_policy(config: TrainConfig, job: str, params, meta: dict, history: list
 
 
 def policy_meta(config: TrainConfig, model_config) -> dict:
-    return {"model_config": model_config_to_meta(model_config),
-            "tokenizer_dir": str(build.tokenizer_dir(config).absolute()),
-            "system_prompt": config.rollout.system_prompt}
+    return checkpoint.policy_meta(model_config, build.tokenizer_dir(config), config.rollout.system_prompt)
 
 
 # --------------------------------------------------------------------------------------------- SFT

@@ -30,7 +30,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from rlpa_jax import parallel
-from rlpa_jax.checkpoint import Checkpointer, model_config_to_meta
+from rlpa_jax.checkpoint import Checkpointer, policy_meta
 from rlpa_jax.config import TrainConfig, to_dict
 from rlpa_jax.dialogue.matching import mentioned_item_indices
 from rlpa_jax.dialogue.personas import Persona
@@ -135,10 +135,8 @@ class Trainer:
         return {"actor": self.actor_updater.init(actor), "critic": self.critic_updater.init(critic), "reference": reference}
 
     def save(self, state: dict, iteration: int, kl_coef: float) -> None:
-        meta = {"iteration": iteration, "kl_coef": kl_coef, "seed": self.config.seed,
-                # The prompt's name (configs/prompts/<name>.txt), as launch/sft.py stores it.
-                "model_config": model_config_to_meta(self.model_config), "system_prompt": self.config.rollout.system_prompt,
-                "tokenizer_dir": str(self.parts.tokenizer_dir.absolute())}
+        meta = {"iteration": iteration, "kl_coef": kl_coef, "seed": self.config.seed} | policy_meta(
+            self.model_config, self.parts.tokenizer_dir, self.config.rollout.system_prompt)
         self.checkpointer.save(iteration, state, meta)
 
     def restore(self) -> tuple[dict, int, float]:
