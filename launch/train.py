@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def train() -> dict:
         trainer = build.build_trainer(config)  # every part built and checked before any training
-        cli.check_writable(config.run_dir, needed_bytes=build.checkpoint_bytes(trainer.model_config))
+        cli.check_writable(config.run_dir, needed_bytes=trainer.checkpoint_bytes())
         return trainer.train(resume=args.resume)
 
     # A full or read-only disk or a path the user cannot write ends in one line naming it, and the

@@ -148,13 +148,6 @@ def build_personas(config: TrainConfig, split: str = "train") -> list[personas.P
     return personas.personas_from_items(pairs, items)
 
 
-def checkpoint_bytes(model_cfg: Qwen2Config) -> int:
-    """What one PPO checkpoint takes on disk: float32 actor, critic and reference, and AdamW's two
-    moments for actor and critic (the critic shares the actor's trunk: about 7 copies in all)."""
-    shapes = jax.eval_shape(lambda: init_params(model_cfg, jax.random.key(0)))
-    return 7 * sum(leaf.size * 4 for leaf in jax.tree.leaves(shapes))
-
-
 def build_environment(config: TrainConfig, tokenizer) -> Environment:
     profile_judge, response_judge = judges.build_judges(config.judges)
     item_credit = advantages.lookup(config.ppo.advantage, config.ppo.credit).needs_item_credit

@@ -164,6 +164,10 @@ class Trainer:
         }
         return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), template, shardings)
 
+    def checkpoint_bytes(self) -> int:
+        """What one checkpoint of this run's state takes on disk (every array, whole)."""
+        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self.abstract_state()))
+
     def memory_programs(self) -> list[memory_check.Program]:
         """The iteration's largest programs, lowered for abstract arguments with this run's shapes
         and shardings: a sampler call at the longest prompt bucket, a scoring chunk and the actor's
