@@ -259,9 +259,15 @@ class SamplingLayout:
             self._reshard = None
             return
         self.shardings = parallel.param_shardings(config, mesh, unused=LAYOUTS[layout])
-        dtype = config.dtype
-        self._reshard = jax.jit(lambda params: jax.tree.map(lambda x: x.astype(dtype), params),
+        self.dtype = config.dtype
+        self._reshard = jax.jit(lambda params: jax.tree.map(lambda x: x.astype(self.dtype), params),
                                 out_shardings=self.shardings)
 
+    def in_layout(self, params: Params) -> bool:
+        """Whether `params` already are what the sampler reads (one device, float32 compute): then
+        the per-rollout copy would copy nothing."""
+        return all(x.dtype == self.dtype and x.sharding.is_equivalent_to(sharding, x.ndim)
+                   for x, sharding in zip(jax.tree.leaves(params), jax.tree.leaves(self.shardings)))
+
     def __call__(self, params: Params) -> Params:
-        return params if self._reshard is None else self._reshard(params)
+        return params if self._reshard is None or self.in_layout(params) else self._reshard(params)
