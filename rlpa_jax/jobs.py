@@ -21,7 +21,8 @@ import numpy as np
 from rlpa_jax import build
 from rlpa_jax import checkpoint
 from rlpa_jax.checkpoint import Checkpointer, checkpoint_directory
-from rlpa_jax.config import ConfigError, TrainConfig, from_dict, parse_override
+from rlpa_jax.config import ConfigError, TrainConfig, parse_override
+from rlpa_jax.options import from_dict
 from rlpa_jax.dialogue.chat import load_prompt, parse_turn
 from rlpa_jax.dialogue import judges
 from rlpa_jax.dialogue.judges import ResponseRequest

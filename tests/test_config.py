@@ -8,8 +8,8 @@ import pytest
 
 from rlpa_jax import build
 
-from rlpa_jax.config import (REPO_ROOT, ConfigError, TrainConfig, count, domain_of, from_dict, load_config, option,
-                             validate)
+from rlpa_jax.config import REPO_ROOT, ConfigError, TrainConfig, load_config, validate
+from rlpa_jax.options import count, domain_of, from_dict, option
 
 
 def test_every_shipped_config_loads():
