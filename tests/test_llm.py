@@ -16,15 +16,9 @@ from pathlib import Path
 import pytest
 from openai_server import OpenAIServer, Reply, scripted
 
-from rlpa_jax.dialogue.llm import (
-    LLMCallError,
-    LLMClient,
-    LLMConfig,
-    backoff_delay_s,
-    cache_key,
-    parse_retry_after_s,
-    run_sync,
-)
+from rlpa_jax.dialogue.llm import LLMCallError, LLMClient, LLMConfig, run_sync
+from rlpa_jax.dialogue.llm_cache import cache_key
+from rlpa_jax.dialogue.llm_retries import backoff_delay_s, parse_retry_after_s
 
 SECRET_KEY = "sk-test-secret-7f3a9c"
 KEY_ENV = "RLPA_TEST_LLM_KEY"

@@ -24,22 +24,18 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import email.utils
-import hashlib
-import json
 import logging
 import os
 import random
-import threading
-import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, AsyncGenerator, Awaitable, Mapping, Sequence, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import openai
 
 from rlpa_jax.config import LLMSection
+from rlpa_jax.dialogue.llm_cache import ResponseCache, cache_key
+from rlpa_jax.dialogue.llm_retries import AttemptFailure, backoff_delay_s, classify_failure, completion_text
 
 logger = logging.getLogger(__name__)
 
@@ -137,59 +133,6 @@ class LLMUsage:
 # Pure helpers
 
 
-def cache_key(base_url: str, model: str, messages: Sequence[Mapping[str, Any]], temperature: float,
-              max_tokens: int, json_mode: bool) -> str:
-    """sha256 over everything that decides the answer (the endpoint too: two servers may serve one
-    model name differently); float() so 0 and 0.0 share a key."""
-    payload = {
-        "base_url": base_url,
-        "model": model,
-        "messages": [dict(message) for message in messages],
-        "temperature": float(temperature),
-        "max_tokens": int(max_tokens),
-        "json_mode": bool(json_mode),
-    }
-    canonical = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
-
-
-def backoff_delay_s(retry_index: int, initial_s: float, max_s: float, retry_after_s: float | None,
-                    rng: random.Random) -> float:
-    """Seconds to wait before retry number `retry_index` (0-based).
-
-    The server's Retry-After wins when given (capped by max_s); otherwise full
-    jitter: uniform in [0, min(max_s, initial_s * 2**retry_index)].
-    """
-    if retry_after_s is not None:
-        return min(max(retry_after_s, 0.0), max_s)
-    ceiling = min(max_s, initial_s * (2.0 ** retry_index))
-    return rng.uniform(0.0, ceiling)
-
-
-def parse_retry_after_s(headers: Mapping[str, str] | None) -> float | None:
-    """Seconds from retry-after-ms, or Retry-After as seconds or an HTTP date; None when absent/unreadable."""
-    if not headers:
-        return None
-    milliseconds = headers.get("retry-after-ms")
-    if milliseconds is not None:
-        try:
-            return float(milliseconds) / 1000.0
-        except ValueError:
-            pass
-    value = headers.get("retry-after")
-    if value is None:
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        pass
-    try:
-        moment = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(moment.timestamp() - time.time(), 0.0)
-
-
 def redact_url(url: str) -> str:
     """The URL without any user:password@ part, safe for logs and errors."""
     parts = urlsplit(url)
@@ -207,125 +150,6 @@ def validate_messages(messages: Sequence[Mapping[str, Any]]) -> None:
             raise ValueError(
                 f"messages[{index}]={message!r} must be a dict with 'role' and 'content' keys"
             )
-
-
-class MalformedResponseError(ValueError):
-    """A 200 answer that is not a usable chat completion."""
-
-
-def completion_text(response: Any) -> str:
-    """The first choice's message text; MalformedResponseError when it is missing."""
-    choices = getattr(response, "choices", None)
-    if not choices:
-        raise MalformedResponseError("response has no choices")
-    message = getattr(choices[0], "message", None)
-    content = getattr(message, "content", None)
-    if not isinstance(content, str):
-        raise MalformedResponseError(f"choices[0].message.content is {type(content).__name__}, not text")
-    return content
-
-
-@dataclass(frozen=True)
-class AttemptFailure:
-    """Why one HTTP attempt failed and whether trying again can help."""
-
-    status: str
-    detail: str
-    retryable: bool
-    retry_after_s: float | None = None
-
-    def describe(self) -> str:
-        text = f"{self.status}: {self.detail}" if self.detail else self.status
-        if self.retry_after_s is not None:
-            text += f" (retry-after {self.retry_after_s:g}s)"
-        return text
-
-
-def classify_failure(error: BaseException, timeout_s: float) -> AttemptFailure:
-    """Map an exception from one attempt to a retry decision (429/5xx/timeouts/garbage retry)."""
-    if isinstance(error, (asyncio.TimeoutError, openai.APITimeoutError)):
-        return AttemptFailure("timeout", f"no answer within {timeout_s:g}s", retryable=True)
-    if isinstance(error, openai.APIConnectionError):
-        return AttemptFailure("connection error", str(error), retryable=True)
-    if isinstance(error, openai.APIStatusError):
-        status = error.status_code
-        retryable = status == 429 or status >= 500
-        retry_after_s = parse_retry_after_s(error.response.headers) if retryable else None
-        return AttemptFailure(f"HTTP {status}", str(error.message), retryable, retry_after_s)
-    if isinstance(error, (json.JSONDecodeError, openai.APIResponseValidationError, MalformedResponseError)):
-        return AttemptFailure("malformed response", str(error), retryable=True)
-    return AttemptFailure("unexpected error", f"{type(error).__name__}: {error}", retryable=False)
-
-
-# ---------------------------------------------------------------------------
-# Cache
-
-
-class ResponseCache:
-    """Append-only JSONL of {"key", "content"} lines, read once at start.
-
-    Writes go through one lock (threads and event loops alike), so concurrent
-    coroutines never interleave lines. A torn or corrupt line is skipped with a
-    warning naming the file and line, and later writes start on a fresh line.
-    """
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-        self._lock = threading.Lock()
-        self._entries: dict[str, str] = {}
-        self._starts_mid_line = False
-        self._load()
-
-    def _load(self) -> None:
-        if not self.path.exists():
-            return
-        text = self.path.read_text(encoding="utf-8", errors="replace")
-        self._starts_mid_line = bool(text) and not text.endswith("\n")
-        for line_number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            entry = parse_cache_line(line)
-            if entry is None:
-                logger.warning(
-                    "skipping corrupt LLM cache line %s:%d (expected a JSON object with string 'key' and 'content')",
-                    self.path, line_number,
-                )
-                continue
-            key, content = entry
-            self._entries[key] = content
-        logger.debug("loaded %d cached LLM answers from %s", len(self._entries), self.path)
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def get(self, key: str) -> str | None:
-        return self._entries.get(key)
-
-    def put(self, key: str, content: str) -> None:
-        line = json.dumps({"key": key, "content": content}, ensure_ascii=False) + "\n"
-        with self._lock:
-            if self._entries.get(key) == content:
-                return
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("a", encoding="utf-8") as cache_file:
-                if self._starts_mid_line:
-                    cache_file.write("\n")
-                    self._starts_mid_line = False
-                cache_file.write(line)
-            self._entries[key] = content
-
-
-def parse_cache_line(line: str) -> tuple[str, str] | None:
-    try:
-        entry = json.loads(line)
-    except json.JSONDecodeError:
-        return None
-    if not isinstance(entry, dict):
-        return None
-    key, content = entry.get("key"), entry.get("content")
-    if not isinstance(key, str) or not isinstance(content, str):
-        return None
-    return key, content
 
 
 # ---------------------------------------------------------------------------
