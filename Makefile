@@ -19,7 +19,8 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile tests
+	# A crashed worker fails the run at once (xdist would otherwise restart it and can hang).
+	$(PY) -m pytest -q -n 2 --dist loadfile --max-worker-restart 0 tests
 
 demo: $(STAMP)
 	$(PY) launch/train.py

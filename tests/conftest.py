@@ -6,7 +6,12 @@ XLA_FLAGS must be set before jax is imported anywhere, which is why it happens h
 import os
 from pathlib import Path
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# 8 fake devices share the CI machine's 2 cores with a second test worker: a collective's threads
+# can wait long for a core, and XLA:CPU aborts the whole process when one waits past its
+# terminate timeout (seen in CI inside the 8-device update test). Slow is fine here; aborting is not.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
+                                   "--xla_cpu_collective_call_terminate_timeout_seconds=1800 "
+                                   "--xla_cpu_collective_call_warn_stuck_timeout_seconds=300")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
