@@ -101,19 +101,41 @@ def generate(
 ) -> Generation:
     """Sample `sampling.num_samples` continuations per left-padded prompt (rows prompt-major)."""
     batch, prompt_len = prompt_tokens.shape
-    n, new = sampling.num_samples, sampling.max_new_tokens
-    slots = prompt_len + new
-    stop = jnp.asarray(stop_ids, jnp.int32)
+    slots = prompt_len + sampling.max_new_tokens
 
-    # Prefill the shared history once, then give each sample its own copy of the cache.
+    # Prefill the shared history once, then decode (each sample from its own copy of the cache).
     key_mask = jnp.zeros((batch, slots), bool).at[:, :prompt_len].set(prompt_mask.astype(bool))
     cache = _constrain_cache(init_cache(config, batch, slots))
     logits, cache = forward(params, config, prompt_tokens, key_mask, positions_from_mask(prompt_mask),
                             cache=cache, cache_index=0, last_only=True)
+    return decode(params, config, cache, key_mask, logits[:, -1], prompt_mask.astype(jnp.int32).sum(-1),
+                  key, sampling, stop_ids, pad_id)
+
+
+def decode(
+    params: Params,
+    config: Qwen2Config,
+    cache,
+    key_mask: jax.Array,
+    last_logits: jax.Array,
+    next_position: jax.Array,
+    key: jax.Array,
+    sampling: SamplingParams,
+    stop_ids: tuple[int, ...],
+    pad_id: int,
+) -> Generation:
+    """Sample from prefilled prompts: `cache` (one row per prompt) holds the prompts in its first
+    slots and has `max_new_tokens` free slots after them; `key_mask` marks the real prompt slots,
+    `last_logits` are each prompt's last-token logits, `next_position` each prompt's real length
+    (the position of the first new token). Every prompt's row is copied n times, then decoded."""
+    batch = last_logits.shape[0]
+    n, new = sampling.num_samples, sampling.max_new_tokens
+    prompt_len = key_mask.shape[1] - new
+    stop = jnp.asarray(stop_ids, jnp.int32)
     cache = _constrain_cache({k: jnp.repeat(v, n, axis=1) for k, v in cache.items()})
     key_mask = jnp.repeat(key_mask, n, axis=0)
-    last_logits = jnp.repeat(logits[:, -1], n, axis=0)
-    next_position = jnp.repeat(prompt_mask.astype(jnp.int32).sum(-1), n, axis=0)
+    last_logits = jnp.repeat(last_logits, n, axis=0)
+    next_position = jnp.repeat(next_position, n, axis=0)
 
     rows = batch * n
     first, first_logprob = choose_tokens(last_logits, jax.random.fold_in(key, 0), sampling)

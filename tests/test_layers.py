@@ -13,7 +13,7 @@ LAYERS = (
     ("model",),
     ("parallel", "checkpoint", "compiled_cost"),
     ("sampling", "training"),
-    ("dialogue",),
+    ("dialogue", "prefix_cache"),
     ("rl", "offline", "eval"),
     ("build",),
     ("jobs", "cli"),

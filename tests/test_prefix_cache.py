@@ -1,0 +1,99 @@
+"""Prefix reuse across turns gives what a full prefill gives: the same cache entries, log-probs and tokens."""
+
+import jax
+import numpy as np
+import pytest
+
+from rlpa_jax.model.qwen2 import Qwen2Config, init_params
+from rlpa_jax.prefix_cache import PrefixSampler, common_prefix_lengths, plan_prefill
+from rlpa_jax.sampling import Sampler, SamplingParams, pad_prompts
+
+PAD, STOP = 0, 1
+BUCKETS = (16, 32, 64, 96)
+
+
+@pytest.fixture(scope="module")
+def model():
+    config = Qwen2Config(vocab_size=200, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                         num_kv_heads=2)
+    params = init_params(config, jax.random.key(0))
+    # Sharper than the 0.02 init: greedy choices with clear margins, not float-rounding ties.
+    params["lm_head"] = params["lm_head"] * 30
+    return config, params
+
+
+def tokens(seed, length):
+    return list(np.random.default_rng(seed).integers(2, 200, length))
+
+
+FIRST = [tokens(1, 40), tokens(2, 11), tokens(3, 25), tokens(4, 30)]
+SECOND = [
+    FIRST[2][:-3] + tokens(5, 12),  # its last 3 tokens re-rendered, then 12 new ones
+    FIRST[0] + tokens(6, 30),  # a longer suffix than row 0's
+    tokens(7, 50),  # nothing in common with any kept prompt: a full prefill of its own
+    FIRST[3] + tokens(8, 2),  # FIRST[1] is not continued (its conversation ended)
+]
+
+
+def full_and_continued(model, sampling, key):
+    """(full prefill, continued) generations of SECOND, and the sampler that continued."""
+    config, params = model
+    sampler = Sampler(config, (STOP,), PAD)
+    continuing = PrefixSampler(config, (STOP,), PAD)
+    _, kept = continuing(params, FIRST, None, key, sampling, BUCKETS)
+    continued, cache = continuing(params, SECOND, kept, key, sampling, BUCKETS)
+    full = sampler(params, *pad_prompts(SECOND, PAD, BUCKETS), key, sampling)
+    return jax.device_get(full), jax.device_get(continued), continuing, cache
+
+
+def test_greedy_continuation_equals_a_full_prefill(model):
+    sampling = SamplingParams(max_new_tokens=12, temperature=0)
+    full, continued, sampler, _ = full_and_continued(model, sampling, jax.random.key(0))
+    np.testing.assert_array_equal(continued.tokens, full.tokens)
+    np.testing.assert_array_equal(continued.lengths, full.lengths)
+    np.testing.assert_allclose(continued.logprobs, full.logprobs, atol=1e-5)
+    assert len(set(map(tuple, np.asarray(full.tokens)))) > 1  # the rows really differ
+    counts = sampler.counts
+    assert counts["rows"] == 8 and counts["reused_rows"] == 3  # the mismatched row kept nothing
+    assert counts["full_tokens"] == sum(map(len, FIRST + SECOND))
+    # Row 1 shares 40 tokens but keeps 32: the 50-token fresh row makes the suffix block 64 of 96.
+    assert counts["kept_tokens"] == 22 + 32 + 30 and counts["prefilled_tokens"] == counts["full_tokens"] - 84
+    assert counts["prefilled_slots"] == 4 * 64 + 4 * 64 and counts["full_slots"] == 4 * 64 + 4 * 96
+
+
+def test_sampled_continuation_equals_a_full_prefill_with_the_same_key(model):
+    sampling = SamplingParams(max_new_tokens=12, temperature=1.0, top_p=0.95, num_samples=3)
+    full, continued, _, _ = full_and_continued(model, sampling, jax.random.key(5))
+    np.testing.assert_array_equal(continued.tokens, full.tokens)
+    np.testing.assert_allclose(continued.logprobs, full.logprobs, atol=1e-5)
+
+
+def test_kept_cache_entries_equal_a_full_prefills(model):
+    config, params = model
+    sampling = SamplingParams(max_new_tokens=4, temperature=0)
+    _, _, _, continued = full_and_continued(model, sampling, jax.random.key(0))
+    _, fresh = PrefixSampler(config, (STOP,), PAD)(params, SECOND, None, jax.random.key(0), sampling, BUCKETS)
+    for row in range(len(SECOND)):
+        for name in ("k", "v"):
+            np.testing.assert_allclose(np.asarray(continued.cache[name][:, row, continued.slots[row]]),
+                                       np.asarray(fresh.cache[name][:, row, fresh.slots[row]]), atol=1e-5)
+
+
+def test_plan_lays_out_kept_prefixes_then_left_padded_suffixes(model):
+    config, params = model
+    _, kept = PrefixSampler(config, (STOP,), PAD)(params, FIRST, None, jax.random.key(0),
+                                                   SamplingParams(max_new_tokens=2, temperature=0), BUCKETS)
+    plan = plan_prefill(SECOND, kept, PAD, BUCKETS, batch_multiple=3)
+    assert plan.full_length == 96 and plan.suffix_tokens.shape == (6, 64)  # longest suffix: the fresh row's 50
+    assert plan.source_rows[[0, 1, 3]].tolist() == [2, 0, 3]
+    assert plan.kept.tolist() == [22, 32, 0, 30, 0, 0]  # row 1's 40 shared tokens shrink to K = 96 - 64
+    for row, prompt in enumerate(SECOND):
+        k = plan.kept[row]
+        np.testing.assert_array_equal(plan.suffix_tokens[row][plan.suffix_mask[row]], prompt[k:])
+        np.testing.assert_array_equal(plan.source_slots[row, 32 - k:], kept.slots[plan.source_rows[row]][:k])
+    assert not plan.suffix_mask[4:].any() and not plan.kept_mask[4:].any()  # batch padding rows
+
+
+def test_common_prefix_lengths():
+    kept = [np.array([1, 2, 3]), np.array([1, 2, 4, 5]), np.array([9])]
+    assert common_prefix_lengths(np.array([1, 2, 4]), kept).tolist() == [2, 3, 0]
