@@ -125,6 +125,9 @@ class RolloutConfig:
     # The actor's layout while sampling (sampling.SamplingLayout): replicated (no weight traffic per
     # decode step), tensor (split over the tensor axis only), training (the trainer's FSDP layout).
     layout: Literal["replicated", "tensor", "training"] = "replicated"
+    # Keep each conversation group's prompt cache from turn to turn and prefill only what the next
+    # prompt adds (prefix_cache.py; same tokens as a full prefill); false re-prefills every prompt.
+    prefix_cache: bool = True
 
 
 @dataclass

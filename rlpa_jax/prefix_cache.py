@@ -17,7 +17,8 @@ The fresh cache of a call with prompts of at most T tokens (T bucketed as for a 
     slots [K, T)       the new suffix block, S = T - K slots, left-padded (holes masked)
     slots [T, T + new) the decode slots, as sampling.generate lays them out
 
-with S bucketed too, so a run compiles a handful of programs. The suffix is written where no
+with S a multiple of the smallest bucket (suffixes are about one exchange long, so a run meets
+few sizes and compiles a handful of programs). The suffix is written where no
 kept entry lives, so padding never clobbers the prefix; positions are explicit (a token's position
 is the number of real tokens before it), so the holes change nothing but float rounding. Rows
 whose prefix does not fit K keep less of it.
@@ -96,8 +97,13 @@ def plan_prefill(prompts: Sequence[Sequence[int]], previous: PromptCache | None,
             shared[i] = min(int(lengths[source[i]]), len(prompt) - 1)
     lengths = np.array([len(p) for p in prompts] + [0] * (rows - len(prompts)))
     full_length = bucket(int(lengths.max()), length_buckets)
-    # The suffix block fits the longest unshared part; prefixes longer than the rest of T shrink.
-    suffix_length = min(bucket(int((lengths - shared).max()), length_buckets), full_length)
+    # The suffix block fits the longest unshared part, rounded up to a multiple of the smallest
+    # bucket (rounding to the buckets themselves would leave much less room for the kept
+    # prefixes); prefixes longer than the rest of T shrink. Nothing shared: a full prefill.
+    granularity = min(length_buckets)
+    suffix_length = full_length
+    if shared.max() > 0:
+        suffix_length = min(-(-int((lengths - shared).max()) // granularity) * granularity, full_length)
     kept_length = full_length - suffix_length
     kept = np.minimum(shared, kept_length).astype(np.int32)
 

@@ -4,9 +4,17 @@ import jax
 import numpy as np
 import pytest
 
+from rlpa_jax.dialogue.chat import load_prompt
+from rlpa_jax.dialogue.judges.rules import EmbeddedProfileJudge, EmbeddedResponseJudge
+from rlpa_jax.dialogue.personas import synthetic_personas
+from rlpa_jax.dialogue.users.scripted import ScriptedUser
 from rlpa_jax.model.qwen2 import Qwen2Config, init_params
 from rlpa_jax.prefix_cache import PrefixSampler, common_prefix_lengths, plan_prefill
+from rlpa_jax.rl.environment import Environment, start_conversations
+from rlpa_jax.rl.rollout import Rollout
 from rlpa_jax.sampling import Sampler, SamplingParams, pad_prompts
+from rlpa_jax.tokenizer import load_tokenizer, stop_token_ids, train_tiny_tokenizer
+from tiny_corpus import synthetic_corpus
 
 PAD, STOP = 0, 1
 BUCKETS = (16, 32, 64, 96)
@@ -97,3 +105,42 @@ def test_plan_lays_out_kept_prefixes_then_left_padded_suffixes(model):
 def test_common_prefix_lengths():
     kept = [np.array([1, 2, 3]), np.array([1, 2, 4, 5]), np.array([9])]
     assert common_prefix_lengths(np.array([1, 2, 4]), kept).tolist() == [2, 3, 0]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return load_tokenizer(train_tiny_tokenizer(tmp_path_factory.mktemp("tok"), synthetic_corpus(), vocab_size=512))
+
+
+def rollout_samples(tokenizer, prefix_cache: bool, temperature: float):
+    config = Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2)
+    params = init_params(config, jax.random.key(0))
+    params["lm_head"] = params["lm_head"] * 30  # clear greedy margins (see `model`)
+    sampler = Sampler(config, stop_token_ids(tokenizer), tokenizer.pad_token_id)
+    # A short prompt limit: later turns drop their oldest exchanges, so prefixes diverge early.
+    environment = Environment(tokenizer, load_prompt("policy_system_tiny"), ScriptedUser(), EmbeddedProfileJudge(),
+                              EmbeddedResponseJudge(), max_prompt_tokens=200)
+    prefix = PrefixSampler.like(sampler) if prefix_cache else None
+    rollout = Rollout(environment, sampler, SamplingParams(max_new_tokens=16, temperature=temperature, num_samples=2),
+                      max_rounds=5, prompt_buckets=(64, 128, 256), groups=2, batch_multiple=2, prefix_sampler=prefix)
+    conversations = start_conversations(synthetic_personas(5, seed=1), ScriptedUser(), [10, 11, 12, 13, 14])
+    result = rollout.run(params, conversations, jax.random.key(3))
+    return result, prefix
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_rollout_with_the_prefix_cache_samples_what_full_prefills_sample(tokenizer, temperature):
+    full, _ = rollout_samples(tokenizer, False, temperature)
+    reused, prefix = rollout_samples(tokenizer, True, temperature)
+    assert [s.text for s in reused.samples] == [s.text for s in full.samples]
+    for a, b in zip(reused.samples, full.samples):
+        np.testing.assert_array_equal(a.prompt_tokens, b.prompt_tokens)
+        np.testing.assert_allclose(a.sampler_logprobs, b.sampler_logprobs, atol=1e-5)
+    assert len({s.text for s in full.samples}) > 5
+    counts = prefix.counts
+    assert counts["full_tokens"] == full.stats["prompt_tokens"] == reused.stats["prompt_tokens"]
+    # Most histories here get truncated (their kept prefix is the system prompt and greeting), yet
+    # about half of the prompt tokens are reused.
+    assert counts["prefilled_tokens"] == reused.stats["prefilled_tokens"] < 0.7 * full.stats["prefilled_tokens"]
+    assert counts["reused_rows"] == counts["rows"] - 5  # every turn after the first continues
+    assert any(len(s.prompt_tokens) > 180 for s in full.samples)  # truncated histories took part

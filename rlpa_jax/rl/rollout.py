@@ -5,6 +5,10 @@ sampler call, parsed and scored by the judges, continued with its best sample, a
 the simulated users in one batch. Groups run as concurrent coroutines: while one group waits for
 the device (in a worker thread), the others talk to judges and users, so host calls for one group
 overlap device work for another. Every sample becomes one PPO experience.
+
+With a PrefixSampler, each group keeps its prompts' KV cache from one turn to the next and
+prefills only what the next prompts add (prefix_cache.py). That cache lives for one `run`: the
+parameters are fixed within a rollout, and an update changes them.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import numpy as np
 from rlpa_jax.dialogue.chat import PROFILE_CLOSE, Message, ParsedTurn, assistant_message
 from rlpa_jax.dialogue.judges import TurnScore
 from rlpa_jax.model.qwen2 import Params
+from rlpa_jax.prefix_cache import PrefixSampler, PromptCache
 from rlpa_jax.rl.environment import Conversation, Environment, reward_of
 from rlpa_jax.rl.item_credit import token_item_credit
 from rlpa_jax.sampling import Generator, SamplingParams, pad_prompts
@@ -74,11 +79,13 @@ class Rollout:
     """Runs conversations for `max_rounds` turns and returns every sampled turn."""
 
     def __init__(self, environment: Environment, generator: Generator, sampling: SamplingParams, max_rounds: int,
-                 prompt_buckets: Sequence[int], groups: int = 2, batch_multiple: int = 1, put_batch=None):
+                 prompt_buckets: Sequence[int], groups: int = 2, batch_multiple: int = 1, put_batch=None,
+                 prefix_sampler: PrefixSampler | None = None):
         self.environment, self.generator, self.sampling = environment, generator, sampling
         self.max_rounds, self.prompt_buckets, self.groups = max_rounds, tuple(prompt_buckets), groups
         self.batch_multiple = batch_multiple
         self.put_batch = put_batch or (lambda x: x)  # places prompt arrays on the mesh when there is one
+        self.prefix_sampler = prefix_sampler  # None: every turn prefills its prompts in full
         self.timings: Counter = Counter()
 
     def run(self, params: Params, conversations: list[Conversation], key: jax.Array) -> RolloutResult:
@@ -99,19 +106,34 @@ class Rollout:
 
     async def _run_group(self, params, group: list[Conversation], key) -> list[Sample]:
         samples: list[Sample] = []
+        kept: PromptCache | None = None  # this group's prompt cache from its last turn
         for turn in range(self.max_rounds):
             active = [c for c in group if c.active]
             if not active:
                 break
-            samples += await self._turn(params, active, turn, jax.random.fold_in(key, turn))
+            turn_samples, kept = await self._turn(params, active, turn, jax.random.fold_in(key, turn), kept)
+            samples += turn_samples
         return samples
 
-    async def _turn(self, params, conversations: list[Conversation], turn: int, key) -> list[Sample]:
+    def _sample_prompts(self, params, prompts: list[list[int]], key, kept: PromptCache | None):
+        """(generation, the prompt cache to keep) for one turn's prompts."""
+        if self.prefix_sampler is not None:
+            before = self.prefix_sampler.counts["prefilled_tokens"]
+            generation, kept = self.prefix_sampler(params, prompts, kept, key, self.sampling, self.prompt_buckets,
+                                                   self.batch_multiple, self.put_batch)
+            self.timings["prefilled_tokens"] += self.prefix_sampler.counts["prefilled_tokens"] - before
+            return generation, kept
+        tokens, mask = pad_prompts(prompts, self.generator.pad_id, self.prompt_buckets, self.batch_multiple)
+        self.timings["prefilled_tokens"] += sum(map(len, prompts))
+        return self.generator(params, self.put_batch(tokens), self.put_batch(mask), key, self.sampling), None
+
+    async def _turn(self, params, conversations: list[Conversation], turn: int, key,
+                    kept: PromptCache | None) -> tuple[list[Sample], PromptCache | None]:
         n = self.sampling.num_samples
         t0 = time.perf_counter()
         prompts = [self.environment.prompt_tokens(c.history) for c in conversations]
-        tokens, mask = pad_prompts(prompts, self.generator.pad_id, self.prompt_buckets, self.batch_multiple)
-        generation = self.generator(params, self.put_batch(tokens), self.put_batch(mask), key, self.sampling)
+        self.timings["prompt_tokens"] += sum(map(len, prompts))
+        generation, kept = self._sample_prompts(params, prompts, key, kept)
         # Wait for the device in a thread, so other groups' host work proceeds meanwhile.
         generation = await asyncio.to_thread(jax.device_get, generation)
         t1 = time.perf_counter()
@@ -140,7 +162,7 @@ class Rollout:
         t3 = time.perf_counter()
         self.timings.update(sampling_s=t1 - t0, scoring_s=t2 - t1, users_s=t3 - t2,
                             generated_tokens=int(generation.lengths.sum()), user_failures=replies.count(None))
-        return samples
+        return samples, kept
 
     def _sample(self, conversation, turn, index, prompt, tokens, logprobs, text, parsed, score, matched) -> Sample:
         tokenizer = self.environment.tokenizer

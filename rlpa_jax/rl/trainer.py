@@ -36,6 +36,7 @@ from rlpa_jax.dialogue.matching import mentioned_item_indices
 from rlpa_jax.dialogue.personas import Persona
 from rlpa_jax.model import hf
 from rlpa_jax.model.qwen2 import Params, Qwen2Config, critic_params_from_policy, init_params
+from rlpa_jax.prefix_cache import PrefixSampler
 from rlpa_jax.rl import advantages, memory_check, ppo
 from rlpa_jax.rl.environment import Environment, start_conversations
 from rlpa_jax.rl.experience import (UPDATE_FIELDS, Experience, ExperienceBuilder, ForwardPasses,
@@ -92,8 +93,11 @@ class Trainer:
         self.generator = parts.generator
         self.sampling_layout = SamplingLayout(self.model_config, self.mesh, r.layout)
         self.sampling = SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k, r.samples_per_prompt)
+        # Shared by the training and evaluation rollouts (one set of compiled programs); each
+        # rollout's caches live for that rollout only.
+        self.prefix_sampler = PrefixSampler.like(self.generator) if r.prefix_cache else None
         self.rollout = Rollout(parts.environment, self.generator, self.sampling, r.max_rounds, r.prompt_buckets,
-                               r.pipeline_groups, self.row_multiple, self._put_batch)
+                               r.pipeline_groups, self.row_multiple, self._put_batch, self.prefix_sampler)
 
         samples_per_iteration = r.conversations * r.max_rounds * r.samples_per_prompt
         self.total_steps = p.iterations * p.epochs * math.ceil(samples_per_iteration / p.train_batch_size)
@@ -272,7 +276,8 @@ class Trainer:
         metrics["update_s"] = time.perf_counter() - t1
         metrics["update_tokens_per_s"] = float(experience.attention_mask.sum()) * p.epochs / metrics["update_s"]
         metrics["output_scale"] = output_scale_ratio(state["actor"].params, state["reference"])
-        metrics["sampler_compiles"] = self.generator.compile_count
+        metrics["sampler_compiles"] = self.generator.compile_count + (
+            self.prefix_sampler.compile_count if self.prefix_sampler else 0)
         if p.adaptive_kl:
             kl_coef = float(ppo.adaptive_kl_coef(kl_coef, metrics["kl"], p.kl_target, p.kl_horizon, len(valid)))
         return state, metrics, kl_coef
@@ -310,7 +315,7 @@ class Trainer:
         sampling = dataclasses.replace(self.sampling, num_samples=1)
         rollout = Rollout(self.parts.environment, self.generator, sampling, self.config.rollout.max_rounds,
                           self.config.rollout.prompt_buckets, self.config.rollout.pipeline_groups, self.row_multiple,
-                          self._put_batch)
+                          self._put_batch, self.prefix_sampler)
         seeds = [derived_seed(self.config.seed, -1, k) for k in range(len(personas))]
         conversations = start_conversations(personas, self.parts.environment.user_sim, seeds)
         with parallel.activate(self.mesh):
