@@ -238,7 +238,8 @@ def build_eval_policy(spec: PolicySpec, config: TrainConfig) -> Policy:
         options = dict(name=spec.name, prompt_name=spec.system_prompt, max_new_tokens=max_new_tokens,
                        temperature=spec.temperature, two_part=spec.two_part, prompt_buckets=config.rollout.prompt_buckets,
                        max_prompt_tokens=config.rollout.max_prompt_tokens, max_batch_size=spec.max_batch_size,
-                       seed=config.seed if spec.seed is None else spec.seed, generator_kind=config.rollout.generator)
+                       seed=config.seed if spec.seed is None else spec.seed, generator_kind=config.rollout.generator,
+                       prefix_cache=config.rollout.prefix_cache)
         if spec.source.startswith("hf:"):
             options["prompt_name"] = spec.system_prompt or config.rollout.system_prompt
             policy = JaxPolicy.from_hf(spec.source.removeprefix("hf:"), **options)

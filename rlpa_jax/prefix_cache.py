@@ -134,12 +134,17 @@ def _constrain_cache(cache: Cache) -> Cache:
     return {k: nn.with_logical_constraint(v, CACHE_AXES) for k, v in cache.items()}
 
 
+def copy_prefixes(previous: Cache, source_rows: jax.Array, source_slots: jax.Array) -> Cache:
+    """cache[layer, source_rows[i], source_slots[i, j]]: each row's kept prefix, right-aligned.
+
+    A program of its own, so the sampling program's shape does not depend on the last call's."""
+    return _constrain_cache({k: v[:, source_rows[:, None], source_slots] for k, v in previous.items()})
+
+
 def generate_continuing(
     params: Params,
     config: Qwen2Config,
-    previous: Cache | None,
-    source_rows: jax.Array,
-    source_slots: jax.Array,
+    kept_cache: Cache | None,
     kept_mask: jax.Array,
     kept: jax.Array,
     suffix_tokens: jax.Array,
@@ -149,18 +154,17 @@ def generate_continuing(
     stop_ids: tuple[int, ...],
     pad_id: int,
 ) -> tuple[Generation, Cache]:
-    """Copy the kept prefixes out of `previous`, prefill the suffixes, decode as sampling.generate
-    does. Returns the generation and the new prompt cache (prompt slots only, one row per prompt)."""
+    """Prefill the suffixes after the kept prefixes (`kept_cache`: (layers, rows, K, ...), None when
+    K = 0), decode as sampling.generate does. Returns the generation and the new prompt cache
+    (prompt slots only, one row per prompt)."""
     batch, suffix_length = suffix_tokens.shape
-    kept_length = source_slots.shape[1]
+    kept_length = kept_mask.shape[1]
     prompt_length = kept_length + suffix_length
     slots = prompt_length + sampling.max_new_tokens
 
     cache = init_cache(config, batch, slots)
     if kept_length:
-        # cache[layer, source_rows[i], source_slots[i, j]] -> (layers, batch, K, kv_heads, head_dim)
-        copied = {k: v[:, source_rows[:, None], source_slots] for k, v in previous.items()}
-        cache = {k: cache[k].at[:, :, :kept_length].set(copied[k].astype(cache[k].dtype)) for k in cache}
+        cache = {k: cache[k].at[:, :, :kept_length].set(kept_cache[k].astype(cache[k].dtype)) for k in cache}
     cache = _constrain_cache(cache)
     key_mask = (jnp.zeros((batch, slots), bool).at[:, :kept_length].set(kept_mask)
                 .at[:, kept_length:prompt_length].set(suffix_mask))
@@ -187,6 +191,7 @@ class PrefixSampler:
         self.stop_ids = tuple(int(i) for i in stop_ids)
         self.pad_id = int(pad_id)
         self._jitted = jax.jit(generate_continuing, static_argnames=("config", "sampling", "stop_ids", "pad_id"))
+        self._copy = jax.jit(copy_prefixes)
         self._signatures: set[tuple] = set()
         self.counts: Counter = Counter()
 
@@ -200,6 +205,7 @@ class PrefixSampler:
 
     @property
     def compile_count(self) -> int:
+        """Sampling programs compiled (the small prefix-copying programs are not counted)."""
         return len(self._signatures)
 
     def __call__(self, params: Params, prompts: Sequence[Sequence[int]], previous: PromptCache | None,
@@ -209,16 +215,17 @@ class PrefixSampler:
         holds of it; returns the generation and the cache to pass next time."""
         plan = plan_prefill(prompts, previous, self.pad_id, length_buckets, batch_multiple)
         self._count(plan, len(prompts))
-        old = previous.cache if plan.source_slots.shape[1] else None
-        signature = (plan.suffix_tokens.shape, plan.source_slots.shape[1],
-                     None if old is None else old["k"].shape, sampling)
+        kept_cache = None
+        if plan.source_slots.shape[1]:
+            kept_cache = self._copy(previous.cache, put_batch(plan.source_rows), put_batch(plan.source_slots))
+        signature = (plan.suffix_tokens.shape, plan.source_slots.shape[1], sampling)
         if signature not in self._signatures:
             self._signatures.add(signature)
             log.info("prefix sampler: compiling for suffixes %s after %d kept slots (program %d)",
                      plan.suffix_tokens.shape, plan.source_slots.shape[1], len(self._signatures))
         generation, cache = self._jitted(
-            params, self.config, old, *(put_batch(a) for a in (plan.source_rows, plan.source_slots, plan.kept_mask,
-                                                                plan.kept, plan.suffix_tokens, plan.suffix_mask)),
+            params, self.config, kept_cache,
+            *(put_batch(a) for a in (plan.kept_mask, plan.kept, plan.suffix_tokens, plan.suffix_mask)),
             key, sampling, self.stop_ids, self.pad_id)
         return generation, PromptCache(cache, [np.asarray(p, np.int32) for p in prompts], prompt_slots(plan, len(prompts)))
 

@@ -8,6 +8,8 @@ from rlpa_jax.dialogue.chat import load_prompt
 from rlpa_jax.dialogue.judges.rules import EmbeddedProfileJudge, EmbeddedResponseJudge
 from rlpa_jax.dialogue.personas import synthetic_personas
 from rlpa_jax.dialogue.users.scripted import ScriptedUser
+from rlpa_jax.eval.policies import JaxPolicy
+from rlpa_jax.eval.protocol import run_protocol
 from rlpa_jax.model.qwen2 import Qwen2Config, init_params
 from rlpa_jax.prefix_cache import PrefixSampler, common_prefix_lengths, plan_prefill
 from rlpa_jax.rl.environment import Environment, start_conversations
@@ -112,10 +114,15 @@ def tokenizer(tmp_path_factory):
     return load_tokenizer(train_tiny_tokenizer(tmp_path_factory.mktemp("tok"), synthetic_corpus(), vocab_size=512))
 
 
-def rollout_samples(tokenizer, prefix_cache: bool, temperature: float):
+def sharp_tiny_model():
     config = Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2)
     params = init_params(config, jax.random.key(0))
     params["lm_head"] = params["lm_head"] * 30  # clear greedy margins (see `model`)
+    return config, params
+
+
+def rollout_samples(tokenizer, prefix_cache: bool, temperature: float):
+    config, params = sharp_tiny_model()
     sampler = Sampler(config, stop_token_ids(tokenizer), tokenizer.pad_token_id)
     # A short prompt limit: later turns drop their oldest exchanges, so prefixes diverge early.
     environment = Environment(tokenizer, load_prompt("policy_system_tiny"), ScriptedUser(), EmbeddedProfileJudge(),
@@ -144,3 +151,22 @@ def test_rollout_with_the_prefix_cache_samples_what_full_prefills_sample(tokeniz
     assert counts["prefilled_tokens"] == reused.stats["prefilled_tokens"] < 0.7 * full.stats["prefilled_tokens"]
     assert counts["reused_rows"] == counts["rows"] - 5  # every turn after the first continues
     assert any(len(s.prompt_tokens) > 180 for s in full.samples)  # truncated histories took part
+
+
+def test_evaluation_dialogues_with_the_prefix_cache_are_the_same(tokenizer):
+    config, params = sharp_tiny_model()
+    personas = synthetic_personas(3, seed=5)
+    results, policies = [], []
+    for prefix_cache in (False, True):
+        policy = JaxPolicy(params, config, tokenizer, load_prompt("policy_system_tiny"), "tiny", max_new_tokens=16,
+                           prompt_buckets=(64, 128, 256), max_prompt_tokens=256, max_batch_size=2,
+                           prefix_cache=prefix_cache)
+        # Profile checks after turns 3 and 6 are calls on copies of the histories, between turns.
+        results.append(run_protocol(policy, personas, ScriptedUser(), EmbeddedResponseJudge(), 7, "long_term",
+                                    EmbeddedProfileJudge(), seed=1, profile_every=3))
+        policies.append(policy)
+    assert results[1].transcripts == results[0].transcripts
+    assert results[1].profile_scores == results[0].profile_scores
+    counts = policies[1].prefix_sampler.counts
+    # Histories past 256 tokens get truncated (then little is shared), yet a third is reused.
+    assert counts["rows"] == 3 * (7 + 2) and counts["prefilled_tokens"] < 0.8 * counts["full_tokens"]

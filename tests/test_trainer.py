@@ -244,6 +244,9 @@ def test_sampling_and_scoring_run_inside_the_mesh(tmp_path):
 
     generator = trainer.rollout.generator
     generator._jitted = recording(generator._jitted, "sampler")
+    prefix = trainer.rollout.prefix_sampler  # rollout.prefix_cache (the default) samples through it
+    if prefix is not None:
+        prefix._jitted, prefix._copy = recording(prefix._jitted, "sampler"), recording(prefix._copy, "sampler")
     forwards = trainer.build_experience.forwards
     forwards._logprobs = recording(forwards._logprobs, "scoring")
     trainer.iteration(trainer.initial_state(), 0, trainer.config.ppo.kl_coef)

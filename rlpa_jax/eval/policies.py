@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from rlpa_jax.dialogue.profile import ProfileItem
 from rlpa_jax.dialogue.text import visible_reply_text
 from rlpa_jax.model import hf
 from rlpa_jax.model.qwen2 import Params, Qwen2Config
+from rlpa_jax.prefix_cache import PrefixSampler, PromptCache
 from rlpa_jax.sampling import Generator, SamplingParams, build_generator, pad_prompts
 from rlpa_jax.tokenizer import load_tokenizer, stop_token_ids
 
@@ -88,7 +90,13 @@ def history_message(turn: PolicyTurn) -> Message:
 
 
 class JaxPolicy:
-    """Our parameters + a Generator (the jitted sampler): all conversations in one sampler call."""
+    """Our parameters + a Generator (the jitted sampler): all conversations in one sampler call.
+
+    With prefix_cache, each call keeps its prompts' KV cache and the next call prefills only what
+    its prompts add to them (prefix_cache.py; the same tokens as a full prefill): a dialogue's turn
+    t+1 continues its turn t. The kept cache is valid for `params` only and stays on the device
+    while the policy lives (one per max_batch_size chunk).
+    """
 
     def __init__(
         self,
@@ -107,6 +115,8 @@ class JaxPolicy:
         seed: int = 0,
         generator: Generator | None = None,
         generator_kind: str = "jax",
+        prefix_cache: bool = False,
+        prefix_sampler: PrefixSampler | None = None,
     ) -> None:
         self.params = params
         self.model_config = model_config
@@ -124,13 +134,17 @@ class JaxPolicy:
         self.generator = generator or build_generator(generator_kind, model_config, stop_token_ids(tokenizer),
                                                       tokenizer.pad_token_id)
         self._calls = itertools.count()
+        self.prefix_sampler = (prefix_sampler or PrefixSampler.like(self.generator)) if prefix_cache else None
+        self._kept: dict[int, PromptCache] = {}  # chunk start -> that chunk's prompt cache from the last call
+        self._kept_lock = threading.Lock()  # calls run in worker threads; the kept caches are one chain
 
     def with_system_prompt(self, system_prompt: str, name: str | None = None) -> "JaxPolicy":
         """The same model (shared parameters and compiled programs) under another system prompt."""
         return JaxPolicy(self.params, self.model_config, self.tokenizer, system_prompt, name or self.name,
                          self.sampling.max_new_tokens, self.sampling.temperature, self.two_part, self.prompt_buckets,
                          max_prompt_tokens=self.max_prompt_tokens, max_batch_size=self.max_batch_size,
-                         seed=self.seed, generator=self.generator)
+                         seed=self.seed, generator=self.generator, prefix_cache=self.prefix_sampler is not None,
+                         prefix_sampler=self.prefix_sampler)
 
     def prompt_tokens(self, history: Sequence[Message], system_prompt: str | None = None) -> list[int]:
         system_prompt = self.system_prompt if system_prompt is None else system_prompt
@@ -145,15 +159,23 @@ class JaxPolicy:
             raise ValueError(f"JaxPolicy: {len(histories)} histories but {len(prompts_text)} system prompts")
         prompts = [self.prompt_tokens(history, prompt) for history, prompt in zip(histories, prompts_text)]
         chunk = self.max_batch_size or max(1, len(prompts))
-        return [text for start in range(0, len(prompts), chunk) for text in self._decode(prompts[start:start + chunk])]
+        return [text for start in range(0, len(prompts), chunk)
+                for text in self._decode(prompts[start:start + chunk], start)]
 
-    def _decode(self, prompts: list[list[int]]) -> list[str]:
-        # A short last chunk is padded to the chunk size, so every call reuses one program.
-        tokens, mask = pad_prompts(prompts, self.generator.pad_id, self.prompt_buckets,
-                                   batch_multiple=self.max_batch_size or 1)
+    def _decode(self, prompts: list[list[int]], chunk_start: int = 0) -> list[str]:
         # Greedy decoding ignores the key; sampled decoding gets a fresh, reproducible one per call.
         key = jax.random.fold_in(jax.random.key(self.seed), next(self._calls))
-        generation = jax.device_get(self.generator(self.params, tokens, mask, key, self.sampling))
+        if self.prefix_sampler is not None:
+            with self._kept_lock:
+                generation, self._kept[chunk_start] = self.prefix_sampler(
+                    self.params, prompts, self._kept.pop(chunk_start, None), key, self.sampling, self.prompt_buckets,
+                    self.max_batch_size or 1)
+                generation = jax.device_get(generation)
+        else:
+            # A short last chunk is padded to the chunk size, so every call reuses one program.
+            tokens, mask = pad_prompts(prompts, self.generator.pad_id, self.prompt_buckets,
+                                       batch_multiple=self.max_batch_size or 1)
+            generation = jax.device_get(self.generator(self.params, tokens, mask, key, self.sampling))
         lengths = np.asarray(generation.lengths)
         return [self.tokenizer.decode(generation.tokens[row, : lengths[row]], skip_special_tokens=True)
                 for row in range(len(prompts))]
