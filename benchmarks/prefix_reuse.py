@@ -97,6 +97,8 @@ def main() -> int:
     parser.add_argument("--sft-steps", type=int, default=None, help="default: the config's")
     parser.add_argument("--users", type=int, default=16, help="long-term evaluation dialogues")
     parser.add_argument("--turns", type=int, default=70)
+    parser.add_argument("--untruncated", type=int, default=0, metavar="TOKENS",
+                        help="also count both workloads with rollout.max_prompt_tokens raised to TOKENS")
     parser.add_argument("--no-check", dest="check", action="store_false",
                         help="skip the reruns with full prefills (same texts expected)")
     args = parser.parse_args()
@@ -112,11 +114,21 @@ def main() -> int:
 
     rollout, rollout_same = rollout_counts(trainer, params, args.iterations, args.check)
     long_term, long_term_same = long_term_counts(trainer, params, args.users, args.turns, args.check)
+    limit = config.rollout.max_prompt_tokens
+    rows = [row(f"rollout: {config.rollout.conversations} conversations x {args.rounds} rounds x {args.iterations}, "
+                f"max_prompt_tokens={limit}", rollout),
+            row(f"long_term evaluation: {args.users} users x {args.turns} turns (greedy), max_prompt_tokens={limit}",
+                long_term)]
+    if args.untruncated:
+        # The same policy with longer prompts allowed: histories are cut (oldest exchange first) later.
+        config.rollout.max_prompt_tokens = trainer.parts.environment.max_prompt_tokens = args.untruncated
+        rollout, _ = rollout_counts(trainer, params, args.iterations, False)
+        long_term, _ = long_term_counts(trainer, params, args.users, args.turns, False)
+        rows += [row(f"rollout, as above, max_prompt_tokens={args.untruncated}", rollout),
+                 row(f"long_term evaluation, as above, max_prompt_tokens={args.untruncated}", long_term)]
     print()
     print(HEADER)
-    print(row(f"rollout, {config.rollout.conversations} conversations x {args.rounds} rounds x {args.iterations}",
-              rollout))
-    print(row(f"long_term evaluation, {args.users} users x {args.turns} turns (greedy)", long_term))
+    print("\n".join(rows))
     print(f"\nprefix sampler programs compiled: {trainer.prefix_sampler.compile_count}")
     if not (rollout_same and long_term_same):
         print(f"MISMATCH: full prefills sampled other texts (rollout same: {rollout_same}, "
