@@ -91,6 +91,9 @@ class DataConfig:
 class UserConfig:
     kind: str = "scripted"  # a key of dialogue.users.USER_SIMULATORS
     llm: LLMSection = field(default_factory=LLMSection)
+    # The LLM user's role-play prompt (configs/prompts/<name>.txt): user_roleplay (ours) or
+    # paper_user (the paper's simulator, rewritten in English).
+    prompt: str = option("user_roleplay", prompt_name)
 
 
 @dataclass
@@ -101,6 +104,10 @@ class JudgeConfig:
     # (the paper: the gold profile enters only through profile F1), or `persona`, the user's true
     # persona (what the ALOE evaluation's judge sees; training on it leaks the test criterion).
     response_reference: Literal["inferred", "persona"] = "inferred"
+    # The LLM judges' prompts (configs/prompts/<name>.txt): ours, or paper_profile_judge and
+    # paper_response_judge (the paper's, rewritten in English).
+    profile_prompt: str = option("profile_judge", prompt_name)
+    response_prompt: str = option("response_judge", prompt_name)
 
 
 @dataclass

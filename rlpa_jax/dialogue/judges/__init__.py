@@ -31,7 +31,8 @@ def embedded_judges(section: JudgeConfig) -> JudgePair:
 
 def llm_judges(section: JudgeConfig) -> JudgePair:
     client = client_from_section(section.llm)  # one client: both judges share its cache and concurrency
-    return LLMProfileJudge(client), LLMResponseJudge(client)
+    return (LLMProfileJudge(client, prompt_name=section.profile_prompt),
+            LLMResponseJudge(client, prompt_name=section.response_prompt))
 
 
 JUDGES: dict[str, Callable[[JudgeConfig], JudgePair]] = {
