@@ -173,6 +173,20 @@ SMALL = [
 ]
 
 
+class RecordingSampler:
+    """The run's own sampler, noting how many prompt rows each call gets."""
+
+    def __init__(self, inner):
+        self.inner, self.rows = inner, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __call__(self, params, tokens, *rest):
+        self.rows.append(tokens.shape[0])
+        return self.inner(params, tokens, *rest)
+
+
 def ppo_records(config) -> list[dict]:
     records = [json.loads(line) for line in (config.run_dir / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in r.items() if k != "sampler_compiles" and not k.endswith(("_s", "per_s"))}
@@ -188,8 +202,15 @@ def final_checkpoint(config):
 
 def test_an_interrupted_and_resumed_turn_run_equals_the_uninterrupted_one(tmp_path):
     whole = load_config(None, SMALL + [f"output_dir={tmp_path / 'whole'}"])
-    build_trainer(whole).train()
+    trainer = build_trainer(whole)
+    trainer.rollout.generator = sampler = RecordingSampler(trainer.rollout.generator)
+    trainer.train()
     reference = ppo_records(whole)
+    # The start-up memory check compiles the sampler for the largest call the pool makes: 3 slots in
+    # 2 pipeline groups are calls of 2 and 1 prompts, every iteration.
+    program = trainer.memory_programs()[0]
+    [mask] = [a for a in jax.tree.leaves(program.lowered.args_info) if a.dtype == np.bool_]  # the prompt mask
+    assert program.name == "sampler" and mask.shape[0] == 2 and set(sampler.rows) == {2, 1}
     # Three slots, three turns each: iterations 0-2 play turns 1-3 of conversations 0-2, iteration 3
     # starts conversations 3-5 in every slot.
     assert [r["pool_turn"] for r in reference] == [1, 2, 3, 1, 2]
