@@ -33,8 +33,8 @@ PERSONAS = synthetic_personas(5, seed=4)
 def assistant_turn(conversation, k: int) -> Message:
     """A host-side stand-in for the policy: it names one of the user's true items, so the scripted
     user's relatedness scores and RNG both come into play."""
-    items = conversation.user.persona.items
-    return Message("assistant", f"Tell me about your {items[k % len(items)].slot.lower()}, {items[k % len(items)].value}?")
+    item = conversation.user.persona.items[k % len(conversation.user.persona.items)]
+    return Message("assistant", f"Tell me about your {item.slot.lower()}, {item.value}?")
 
 
 def play_host_turn(pool: ConversationPool, k: int) -> None:
@@ -120,7 +120,8 @@ def test_a_pool_restored_from_json_plays_on_exactly_as_the_original():
 
 def test_a_pool_of_another_size_is_refused_on_resume():
     document = new_pool(size=3).to_json()
-    with pytest.raises(ValueError, match=r"step 4: the saved conversation pool has 3 slots but rollout.conversations=2"):
+    with pytest.raises(ValueError, match=r"step 4: the saved conversation pool has 3 slots but "
+                                         r"rollout.conversations=2"):
         new_pool(size=2).load_json(document, "step 4")
 
 
@@ -130,7 +131,8 @@ def test_a_pool_of_another_size_is_refused_on_resume():
 def test_cross_turn_advantages_are_refused_with_the_turn_schedule():
     with pytest.raises(ConfigError, match=r"ppo.advantage=cross_turn .* rollout.schedule=turn"):
         load_config(None, ["rollout.schedule=turn", "ppo.advantage=cross_turn"])
-    with pytest.raises(ConfigError, match=r"rollout.schedule: expected one of \['conversation', 'turn'\], got 'weekly'"):
+    with pytest.raises(ConfigError, match=r"rollout.schedule: expected one of "
+                                          r"\['conversation', 'turn'\], got 'weekly'"):
         load_config(None, ["rollout.schedule=weekly"])
     assert load_config(None).rollout.schedule == "conversation"  # the embedded default keeps its behaviour
 
@@ -144,7 +146,8 @@ def tokenizer(tmp_path_factory):
 
 
 def test_play_turn_advances_each_conversation_one_turn_at_its_own_index(tokenizer):
-    config = Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2)
+    config = Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                         num_kv_heads=2)
     environment = Environment(tokenizer, load_prompt("policy_system_tiny"), ScriptedUser(), EmbeddedProfileJudge(),
                               EmbeddedResponseJudge(), max_prompt_tokens=256)
     rollout = Rollout(environment, Sampler(config, stop_token_ids(tokenizer), tokenizer.pad_token_id),
@@ -239,3 +242,30 @@ def test_an_interrupted_and_resumed_turn_run_equals_the_uninterrupted_one(tmp_pa
     assert pool_a == pool_b and pool_a["started"] == 6
     for a, b in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
+def test_judges_that_stop_scoring_save_the_pool_as_it_was_before_the_failed_iteration(tmp_path, monkeypatch):
+    from openai_server import OpenAIServer, Reply
+
+    from rlpa_jax.dialogue.chat import parse_turn
+    from rlpa_jax.dialogue.profile import ProfileItem
+    from rlpa_jax.rl import environment
+    from rlpa_jax.rl.trainer import UnscoredRollouts
+
+    # Only well-formed turns go to the judges; these judges answer the start-up probe, then never decide.
+    turn = parse_turn(format_turn([ProfileItem("Occupation", "nurse")], "Nice! Which ward do you work on?"))
+    monkeypatch.setattr(environment, "parse_turn", lambda text: turn)
+    def handler(request):
+        return Reply(content="OK" if request["messages"][-1]["content"] == "Reply with OK." else "No.")
+
+    with OpenAIServer(handler) as server:
+        config = load_config(None, SMALL + [f"output_dir={tmp_path}", "judges.kind=llm", "judges.llm.cache_path=null",
+                                            f"judges.llm.base_url={server.base_url}", "judges.llm.max_retries=0",
+                                            "rollout.max_invalid_iterations=2"])
+        trainer = build_trainer(config)
+        with pytest.raises(UnscoredRollouts):
+            trainer.train()
+    assert trainer.pool.turns() == [2, 2, 2]  # iterations 0 and 1 both played a turn
+    # --resume retries iteration 1 from the pool iteration 0 left, not the one iteration 1 advanced.
+    step, _, _, documents = trainer.checkpointer.resume(None, (POOL_DOCUMENT,))
+    assert step == 1 and [slot["turn"] for slot in documents[POOL_DOCUMENT]["slots"]] == [1, 1, 1]
