@@ -112,7 +112,11 @@ class JudgeConfig:
 
 @dataclass
 class RolloutConfig:
-    conversations: int = option(8, count)  # conversations in flight per PPO iteration
+    # conversation: each iteration plays `conversations` new dialogues to the end with one policy.
+    # turn (the paper): a pool of `conversations` live dialogues advances one turn per iteration,
+    # so later turns are sampled by a newer policy; finished ones are replaced by new users.
+    schedule: Literal["conversation", "turn"] = "conversation"
+    conversations: int = option(8, count)  # conversations per PPO iteration, or the pool's size (turn)
     max_rounds: int = option(10, count)
     samples_per_prompt: int = option(4, count)  # n; the best-rewarded sample continues the dialogue
     temperature: float = option(1.0, non_negative)  # 0 is greedy
@@ -239,6 +243,15 @@ def _a_conversation_per_group(c: TrainConfig) -> str | None:
     if c.rollout.conversations < c.rollout.pipeline_groups:
         return (f"rollout.conversations={c.rollout.conversations} is below "
                 f"rollout.pipeline_groups={c.rollout.pipeline_groups}; it must be at least that")
+    return None
+
+
+@_rule("ppo.advantage", "rollout.schedule")
+def _next_turn_in_the_batch(c: TrainConfig) -> str | None:
+    if c.ppo.advantage == "cross_turn" and c.rollout.schedule == "turn":
+        return ("ppo.advantage=cross_turn bootstraps each turn from the conversation's next turn in the same "
+                "iteration, but rollout.schedule=turn samples one turn per conversation per iteration; "
+                "use gae or grpo, or rollout.schedule=conversation")
     return None
 
 

@@ -1,12 +1,14 @@
 """The RLPA training run: rollout -> experience -> update -> log -> checkpoint, iteration after iteration.
 
-One PPO iteration: B conversations run `max_rounds` turns with n samples per turn (best-of-n
-continues), every sample becomes a row of one Experience (rl/experience.py: the actor's,
-reference's and, when the estimator needs one, the critic's forwards, KL and advantages), and the
-actor and, when there is one, the critic are updated. Checkpoints hold actor, critic, reference,
-optimizer states and the data position, so `--resume` continues the same run. The first Ctrl-C
-finishes the current iteration, saves and exits; a NaN stops the run with a message and leaves the
-last good checkpoint in place.
+One PPO iteration (`rollout.schedule=conversation`): B new conversations run `max_rounds` turns
+with n samples per turn (best-of-n continues); with `turn` (the paper), a pool of B live
+conversations advances one turn each (rl/schedule.py). Every sample becomes a row of one
+Experience (rl/experience.py: the actor's, reference's and, when the estimator needs one, the
+critic's forwards, KL and advantages), and the actor and, when there is one, the critic are
+updated. Checkpoints hold actor, critic, reference, optimizer states, the data position and the
+conversation pool, so `--resume` continues the same run. The first Ctrl-C finishes the current
+iteration, saves and exits; a NaN stops the run with a message and leaves the last good
+checkpoint in place.
 
 The trainer is handed its parts (`TrainingParts`: the environment, the generator, the personas,
 the initial policy) already built; rlpa_jax/build.py builds them from a config.
@@ -42,13 +44,16 @@ from rlpa_jax.rl.experience import (UPDATE_FIELDS, Experience, ExperienceBuilder
                                     length_grouped_minibatches, prompt_lengths, trim_padding)
 from rlpa_jax.rl.metrics import MetricsLog, plot_training
 from rlpa_jax.rl.objectives import actor_loss_fn, critic_loss_fn, response_tokens
-from rlpa_jax.rl.rollout import Rollout
+from rlpa_jax.rl.rollout import Rollout, RolloutResult
+from rlpa_jax.rl.schedule import ConversationPool, derived_seed, fresh_conversations
 from rlpa_jax.sampling import Generator, SamplingLayout, SamplingParams, bucket
 from rlpa_jax.training.optimizer import make_optimizer
 from rlpa_jax.training.output_scale import output_scale_ratio, with_output_scale_lr
 from rlpa_jax.training.updater import Trainable, Updater
 
 log = logging.getLogger(__name__)
+
+POOL_DOCUMENT = "conversation_pool"  # the checkpoint item holding the `turn` schedule's pool (JSON)
 
 
 class TrainingDiverged(RuntimeError):
@@ -95,7 +100,10 @@ class Trainer:
         self.rollout = Rollout(parts.environment, self.generator, self.sampling, r.max_rounds, r.prompt_buckets,
                                r.pipeline_groups, self.row_multiple, self._put_batch)
 
-        samples_per_iteration = r.conversations * r.max_rounds * r.samples_per_prompt
+        self.pool = (ConversationPool(r.conversations, parts.train_personas, parts.environment.user_sim, config.seed,
+                                      r.max_rounds, config.data.switch_turn) if r.schedule == "turn" else None)
+        turns_per_iteration = 1 if self.pool else r.max_rounds
+        samples_per_iteration = r.conversations * turns_per_iteration * r.samples_per_prompt
         self.total_steps = p.iterations * p.epochs * math.ceil(samples_per_iteration / p.train_batch_size)
         opt = dict(b1=p.adam_b1, b2=p.adam_b2, weight_decay=p.weight_decay, grad_clip=p.grad_clip,
                    warmup_ratio=p.warmup_ratio, min_lr_ratio=p.min_lr_ratio)
@@ -134,15 +142,24 @@ class Trainer:
         reference = jax.tree.map(lambda x: x.copy(), actor)  # frozen: the KL anchor
         return {"actor": self.actor_updater.init(actor), "critic": self.critic_updater.init(critic), "reference": reference}
 
-    def save(self, state: dict, iteration: int, kl_coef: float) -> None:
+    def save(self, state: dict, iteration: int, kl_coef: float, pool: dict | None = None) -> None:
+        """A checkpoint at `iteration`, with the conversation pool as it stands (or as `pool`)."""
         meta = {"iteration": iteration, "kl_coef": kl_coef, "seed": self.config.seed} | policy_meta(
             self.model_config, self.parts.tokenizer_dir, self.config.rollout.system_prompt)
-        self.checkpointer.save(iteration, state, meta)
+        documents = {POOL_DOCUMENT: self.pool.to_json() if pool is None else pool} if self.pool else None
+        self.checkpointer.save(iteration, state, meta, documents=documents)
 
     def restore(self) -> tuple[dict, int, float]:
-        """The newest readable checkpoint: a damaged newer one is reported, moved aside
-        (`<step>.corrupt`) and the previous one used; none readable is a CheckpointError."""
-        _, state, meta = self.checkpointer.restore_latest_readable(self.abstract_state())
+        """The newest readable checkpoint (and its conversation pool): a damaged newer one is
+        reported, moved aside (`<step>.corrupt`) and the previous one used; none readable is a
+        CheckpointError."""
+        documents = (POOL_DOCUMENT,) if self.pool else ()
+        step, state, meta, found = self.checkpointer.resume(self.abstract_state(), documents)
+        if self.pool and found.get(POOL_DOCUMENT) is None:
+            log.warning("checkpoint step %d holds no conversation pool (saved with rollout.schedule=conversation?): "
+                        "the pool starts with new users", step)
+        elif self.pool:
+            self.pool.load_json(found[POOL_DOCUMENT], f"{self.checkpointer.directory}/{step}")
         log.info("resumed from iteration %d", meta["iteration"])
         return state, int(meta["iteration"]), float(meta["kl_coef"])
 
@@ -219,14 +236,22 @@ class Trainer:
     # ------------------------------------------------------------------------------- one iteration
 
     def conversations(self, iteration: int):
-        cfg, pool = self.config, self.parts.train_personas
-        indices = iteration_personas(pool, cfg.rollout.conversations, cfg.seed, iteration)
-        switch_to = None
-        if cfg.data.switch_turn is not None:
-            switch_to = [pool[i] for i in iteration_personas(pool, len(indices), cfg.seed + 1, iteration)]
-        seeds = [derived_seed(cfg.seed, iteration, k) for k in range(len(indices))]
-        return start_conversations([pool[i] for i in indices], self.parts.environment.user_sim, seeds, first_id=0,
-                                   switch_turn=cfg.data.switch_turn, switch_personas=switch_to)
+        """The `conversation` schedule's new users for `iteration`."""
+        cfg = self.config
+        return fresh_conversations(self.parts.train_personas, self.parts.environment.user_sim,
+                                   cfg.rollout.conversations, cfg.seed, iteration, cfg.data.switch_turn)
+
+    def play(self, params: Params, iteration: int, key: jax.Array) -> RolloutResult:
+        """This iteration's rollout: whole new conversations, or one turn of every pool conversation
+        (finished ones replaced first) with the pool's turn and turnover in the stats."""
+        if self.pool is None:
+            return self.rollout.run(params, self.conversations(iteration), key)
+        started = self.pool.refill()
+        turns = self.pool.turns()
+        result = self.rollout.play_turn(params, self.pool.conversations, turns, key)
+        result.stats |= {"pool_turn": float(np.mean(turns)) + 1, "conversations_started": float(started),
+                         "conversations_finished": float(self.pool.finished())}
+        return result
 
     def iteration(self, state: dict, iteration: int, kl_coef: float) -> tuple[dict, dict, float]:
         cfg, p = self.config, self.config.ppo
@@ -237,7 +262,7 @@ class Trainer:
         # Inside the mesh: the model's logical constraints shard activations and the KV cache
         # (outside it they are no-ops and XLA picks its own, far costlier, layouts).
         with parallel.activate(self.mesh):
-            result = self.rollout.run(sampler_params, self.conversations(iteration), key)
+            result = self.play(sampler_params, iteration, key)
         del sampler_params  # the sampling copy lives for the rollout only
         metrics = {k: v for k, v in result.stats.items()} | {"weight_sync_s": weight_sync_s}
         valid = [s for s in result.samples if s.score.valid]
@@ -341,10 +366,11 @@ class Trainer:
         last = {}
         try:
             for iteration in bar:
+                pool_before = self.pool.to_json() if self.pool else None
                 try:
                     state, last, kl_coef = self.iteration(state, iteration, kl_coef)
                 except UnscoredRollouts:
-                    self.save(state, iteration, kl_coef)  # --resume retries this iteration
+                    self.save(state, iteration, kl_coef, pool_before)  # --resume retries this iteration
                     raise
                 self.metrics.write("ppo", iteration, last)
                 bar.set_postfix(reward=f"{last['reward']:.3f}", f1=f"{last['profile_f1']:.3f}",
@@ -399,18 +425,6 @@ def profile_by_turn(samples, conversations) -> dict[str, float]:
         row["right"].append(round(s.score.profile_reward * (written + len(true)) / 2))
     return {f"{name}_turn{turn + 1}": float(np.mean(values)) for turn, row in sorted(by_turn.items())
             for name, values in row.items()}
-
-
-def derived_seed(*parts: int) -> int:
-    """A seed that is a pure function of its parts (Python's hash() of strings is salted per process)."""
-    return int(np.random.default_rng([abs(x) for x in parts] + [int(x < 0) for x in parts]).integers(2**31))
-
-
-def iteration_personas(pool: Sequence[Persona], count: int, seed: int, iteration: int) -> list[int]:
-    """Persona indices for one PPO iteration: a pure function of (seed, iteration), so a resumed
-    run draws exactly the users the uninterrupted run would have drawn."""
-    rng = np.random.default_rng([seed, iteration])
-    return rng.choice(len(pool), size=count, replace=len(pool) < count).tolist()
 
 
 def experience_metrics(experience: Experience) -> dict[str, float]:
