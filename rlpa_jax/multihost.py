@@ -122,6 +122,8 @@ def local_rows(array: jax.Array) -> np.ndarray:
     """This process's rows of a batch-sharded (or replicated) array, as numpy in global row order."""
     if array.is_fully_addressable:
         return np.asarray(jax.device_get(array))
+    if array.ndim == 0 or array.is_fully_replicated:
+        return np.asarray(array.addressable_data(0))
     pieces: dict[int, np.ndarray] = {}
     for shard in array.addressable_shards:
         start = shard.index[0].indices(array.shape[0])[0] if shard.index else 0
