@@ -90,8 +90,10 @@ def evaluate(args: argparse.Namespace, config) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cli.setup_logging()
-    config = cli.load_config_or_exit("eval.py", args.config, args.overrides)
+    cli.start("eval.py")
+    arguments = {k: v for k, v in vars(args).items() if k not in ("config", "overrides")}
+    config = cli.load_config_or_exit("eval.py", args.config, args.overrides, arguments)
+    cli.single_process_only("eval.py", cli.NOT_YET_MULTI_PROCESS)
     cli.use_compilation_cache(config)
     return cli.run_or_exit("eval.py", lambda: evaluate(args, config),
                            (CheckpointError, FileNotFoundError, KeyError, ValueError), status=2)

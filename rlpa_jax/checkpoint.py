@@ -235,7 +235,7 @@ def restore_actor_params(directory: Path, step: int | None = None, shardings: An
 
     The optimizer state, critic and reference are left on disk (for a 3B run they are several
     times the policy's size). Arrays land on `shardings` (a tree like the params) when given,
-    else on the first device.
+    else on this process's first device.
     """
     manager = _checkpoint_manager(directory)
     try:
@@ -251,7 +251,7 @@ def restore_actor_params(directory: Path, step: int | None = None, shardings: An
         for key in path:
             leaves = leaves[key]
         if shardings is None:
-            device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
             shardings = jax.tree.map(lambda _: device, leaves)
         target = jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype,
                                                                           sharding=sharding), leaves, shardings)

@@ -24,6 +24,7 @@ from typing import Any, Protocol, runtime_checkable
 import jax
 import numpy as np
 
+from rlpa_jax import multihost
 from rlpa_jax.checkpoint import checkpoint_directory, model_config_from_meta, restore_actor_params
 from rlpa_jax.dialogue.chat import Message, assistant_message, load_prompt, parse_turn, prompt_token_ids, render_messages
 from rlpa_jax.dialogue.llm import LLMCallError, LLMClient
@@ -153,7 +154,7 @@ class JaxPolicy:
                                    batch_multiple=self.max_batch_size or 1)
         # Greedy decoding ignores the key; sampled decoding gets a fresh, reproducible one per call.
         key = jax.random.fold_in(jax.random.key(self.seed), next(self._calls))
-        generation = jax.device_get(self.generator(self.params, tokens, mask, key, self.sampling))
+        generation = multihost.gather(self.generator(self.params, tokens, mask, key, self.sampling))
         lengths = np.asarray(generation.lengths)
         return [self.tokenizer.decode(generation.tokens[row, : lengths[row]], skip_special_tokens=True)
                 for row in range(len(prompts))]

@@ -31,7 +31,7 @@ import yaml
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from rlpa_jax import parallel
+from rlpa_jax import multihost, parallel
 from rlpa_jax.checkpoint import Checkpointer, policy_meta
 from rlpa_jax.config import TrainConfig, to_dict
 from rlpa_jax.dialogue.matching import mentioned_item_indices
@@ -85,7 +85,8 @@ class Trainer:
         self.config, self.parts = config, parts
         self.run_dir = config.run_dir
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+        if multihost.is_main_process():  # one writer of what a run writes once (checkpoints: every process)
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
         self.mesh, self.model_config = parts.mesh, parts.model_config
         self.advantages = advantages.lookup(config.ppo.advantage, config.ppo.credit, config.rollout.samples_per_prompt)
 
@@ -319,7 +320,7 @@ class Trainer:
                 if self.advantages.needs_critic:
                     critic, critic_metrics = self.critic_updater(critic, minibatch)
                     actor_metrics |= {f"critic_{k}": v for k, v in critic_metrics.items()}
-                for k, v in jax.device_get(actor_metrics).items():
+                for k, v in multihost.fetch(actor_metrics).items():  # replicated scalars
                     sums.setdefault(k, []).append(float(v))
         metrics = {k: float(np.mean(v)) for k, v in sums.items()}
         bad = [k for k, v in metrics.items() if not math.isfinite(v)]
@@ -390,7 +391,8 @@ class Trainer:
 
         after = self.evaluate(state["actor"].params, eval_personas, "end")
         summary = {"start": before, "end": after}
-        plot_training(self.metrics, self.run_dir / "rewards.png", baseline=before, final=after)
+        if multihost.is_main_process():
+            plot_training(self.metrics, self.run_dir / "rewards.png", baseline=before, final=after)
         if cfg.logging.export_hf:
             hf.export_hf(state["actor"].params, self.model_config, self.run_dir / "hf",
                          tokenizer_dir=self.parts.tokenizer_dir)
