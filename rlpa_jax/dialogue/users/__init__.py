@@ -22,7 +22,7 @@ def scripted_user(section: UserConfig) -> UserSimulator:
 
 
 def llm_user(section: UserConfig) -> UserSimulator:
-    return LLMUser(client_from_section(section.llm))
+    return LLMUser(client_from_section(section.llm, "user.llm"))
 
 
 USER_SIMULATORS: dict[str, Callable[[UserConfig], UserSimulator]] = {
