@@ -272,19 +272,18 @@ class LLMClient:
                 # The SDK timeout is per network phase; wait_for bounds the whole exchange.
                 response = await asyncio.wait_for(state.sdk.chat.completions.create(**request),
                                                   timeout=self.config.timeout_s)
-            except openai.RateLimitError:
-                self.limiter.settle(estimated, 0)  # a refused request spent no tokens
+            except BaseException as error:
+                # A refused request spent no tokens; any other may have been served.
+                self.limiter.release(estimated, 0 if isinstance(error, openai.RateLimitError) else estimated)
                 raise
             latency_s = time.perf_counter() - started
+        prompt_tokens, completion_tokens = usage_tokens(response)
+        self.limiter.release(estimated, prompt_tokens + completion_tokens if prompt_tokens or completion_tokens
+                             else estimated)
         text = completion_text(response)
         self.usage.latencies_s.append(latency_s)
-        usage = getattr(response, "usage", None)
-        if usage is not None:
-            prompt_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
-            completion_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
-            self.usage.prompt_tokens += prompt_tokens
-            self.usage.completion_tokens += completion_tokens
-            self.limiter.settle(estimated, prompt_tokens + completion_tokens)
+        self.usage.prompt_tokens += prompt_tokens
+        self.usage.completion_tokens += completion_tokens
         return text
 
     def _note_rate_limit(self, failure: AttemptFailure) -> None:
@@ -350,6 +349,12 @@ def client_from_section(section: LLMSection, key: str = "llm") -> LLMClient:
 # The config section's fields the client takes (the names are the same on both sides).
 LLM_SECTION_FIELDS = ("base_url", "model", "api_key_env", "max_concurrency", "timeout_s", "max_retries", "cache_path",
                       "rpm", "tpm", "price_input_per_mtok", "price_output_per_mtok")
+
+
+def usage_tokens(response: Any) -> tuple[int, int]:
+    """(prompt, completion) tokens the answer reports; (0, 0) when it reports none."""
+    usage = getattr(response, "usage", None)
+    return (int(getattr(usage, "prompt_tokens", 0) or 0), int(getattr(usage, "completion_tokens", 0) or 0))
 
 
 def forget_task(in_flight: dict[str, asyncio.Task], key: str, task: asyncio.Task) -> None:

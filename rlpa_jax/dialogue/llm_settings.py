@@ -28,14 +28,12 @@ class LLMConfig:
     tpm: float | None = None  # tokens (prompt + completion) per minute; None: no limit
     price_input_per_mtok: float | None = None  # USD per million prompt tokens (for cost metrics)
     price_output_per_mtok: float | None = None  # USD per million completion tokens
-    # What "per minute" means to the limiter: tests shrink the window to run in seconds; the
-    # margin (a fraction of it) is slack for when the server counts a request (llm_limiter.py).
+    # What "per minute" means to the limiter (llm_limiter.py): tests shrink it to run in seconds.
     limit_window_s: float = 60.0
-    limit_margin: float = 0.02
 
     @property
     def limits(self) -> RateLimits:
-        return RateLimits(self.rpm, self.tpm, self.limit_window_s, self.limit_margin)
+        return RateLimits(self.rpm, self.tpm, self.limit_window_s)
 
     @property
     def prices(self) -> Prices:
@@ -78,6 +76,6 @@ def config_problems(config: LLMConfig) -> list[str]:
         value = getattr(config, name)
         if value is not None and value < 0:
             problems.append(f"{name}={value} must be >= 0")
-    if config.limit_window_s <= 0 or config.limit_margin < 0:
-        problems.append(f"limit_window_s={config.limit_window_s} must be > 0 and limit_margin={config.limit_margin} >= 0")
+    if config.limit_window_s <= 0:
+        problems.append(f"limit_window_s={config.limit_window_s} must be > 0")
     return problems
