@@ -79,6 +79,7 @@ class RateLimiter:
         self._clock = clock
         self._lock = threading.Lock()
         self._interval = limits.window_s / limits.rpm if limits.rpm else 0.0
+        self._max_requests = math.floor(limits.rpm) if limits.rpm else None  # whole requests per window
         self._next_start = -math.inf  # the paced schedule's next free slot
         self._paused_until = -math.inf
         self._finished: deque[tuple[float, int]] = deque()  # (leaves the window at, tokens), in order
@@ -99,8 +100,8 @@ class RateLimiter:
     def _window_frees_at(self, tokens: int, now: float) -> float | None:
         """None when one more request of `tokens` fits the window now; else when to look again."""
         waits = []
-        if self.limits.rpm is not None:
-            excess = len(self._finished) + self._in_flight + 1 - self.limits.rpm
+        if self._max_requests is not None:
+            excess = len(self._finished) + self._in_flight + 1 - self._max_requests
             if excess > 0:
                 waits.append(self._finished[excess - 1][0] if excess <= len(self._finished) else None)
         if self.limits.tpm is not None:
