@@ -3,6 +3,7 @@ real 127.0.0.1 server, and the per-role metrics a training run logs (metrics.jso
 the run summary)."""
 
 import asyncio
+import importlib.util
 import json
 
 import pytest
@@ -147,3 +148,24 @@ def test_a_run_logs_each_roles_llm_metrics_every_iteration_and_totals_in_its_sum
     # The summary's totals add the held-out evaluations before and after PPO to the iteration.
     assert summary["llm"]["llm/response_judge/calls"] > record["llm/response_judge/calls"]
     assert list((config.run_dir / "tensorboard").iterdir())  # the same scalars, as ppo/llm/<role>/<name>
+
+
+def test_the_evaluation_judges_on_its_own_endpoint_and_reports_its_llm_use(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(REPO_ROOT / ".jax_cache"))  # keep this process's cache
+    spec = importlib.util.spec_from_file_location("eval_launcher", REPO_ROOT / "launch" / "eval.py")
+    launcher = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launcher)
+    policy_turn = format_turn([ProfileItem("Occupation", "nurse")], "Nice! Which ward do you work on?")
+    with OpenAIServer(lambda request: policy_turn) as policy, OpenAIServer(answer_as_anyone) as training_judges, \
+            OpenAIServer(answer_as_anyone) as eval_judge:
+        status = launcher.main([
+            "--policy", "openai:policy-model", "--base-url", policy.base_url, "--setting", "vanilla", "--turns", "2",
+            "--users", "3", "--output", str(tmp_path), "--name", "api", "--no-progress", "judges.kind=llm",
+            f"judges.llm.base_url={training_judges.base_url}", f"eval.judge.llm.base_url={eval_judge.base_url}",
+            "eval.judge.llm.model=gpt-4o", "eval.judge.llm.price_input_per_mtok=2.5"])
+    assert status == 0
+    assert training_judges.requests == []  # the evaluation never asks the training judges
+    assert {r["model"] for r in eval_judge.requests} == {"gpt-4o"} and len(eval_judge.requests) == 3 * 2
+    totals = json.loads((tmp_path / "api_vanilla_llm.json").read_text())
+    assert totals["llm/eval_judge/calls"] == 3 * 2 and totals["llm/eval_profile_judge/calls"] == 0
+    assert totals["llm/eval_judge/cost_usd"] == pytest.approx(300 * 3 * 2 * 2.5 / 1e6)
