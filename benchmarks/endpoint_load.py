@@ -116,7 +116,8 @@ class LoadResult:
             m = {name: self.llm[f"llm/{role}/{name}"] for name in ("calls", "retries", "p50_s", "p90_s", "p99_s",
                                                                     "wait_s")}
             out.append(f"  {role:15s} calls {m['calls']:.0f} retries {m['retries']:.0f} latency p50/p90/p99 "
-                       f"{m['p50_s']:.2f}/{m['p90_s']:.2f}/{m['p99_s']:.2f} s, waited for the limiter {m['wait_s']:.0f} s")
+                       f"{m['p50_s']:.2f}/{m['p90_s']:.2f}/{m['p99_s']:.2f} s, "
+                       f"limiter wait {m['wait_s']:.0f} s summed over calls")
         return out
 
 
@@ -132,10 +133,10 @@ def rollout_scores(environment: Environment, conversations: int, samples: int, r
 
 
 def compare(scores: dict, reference: dict) -> int:
-    if scores.keys() != reference.keys():
-        return len(scores.keys() ^ reference.keys()) + compare({k: scores[k] for k in scores.keys() & reference.keys()},
-                                                               {k: reference[k] for k in scores.keys() & reference.keys()})
-    return sum(1 for key, (valid, reward) in scores.items() if not valid or (valid, reward) != reference[key])
+    """Samples unscored, scored differently from the reference, or missing from either run."""
+    common = scores.keys() & reference.keys()
+    differ = sum(1 for key in common if not scores[key][0] or scores[key] != reference[key])
+    return differ + len(scores.keys() ^ reference.keys())
 
 
 def run_load(make_environment, limit: int, window_s: float, latency_s: tuple[float, float], conversations: int,

@@ -72,7 +72,8 @@ def test_every_client_of_an_endpoint_shares_one_budget():
     window_s, limit = 1.0, 20
     with OpenAIServer(lambda request: request["model"], rate_limit=RateLimit(limit, window_s)) as server:
         settings = dict(rpm=float(limit), limit_window_s=window_s)  # the config gives a float
-        user, judge = make_client(server, max_concurrency=8, **settings), make_client(server, max_concurrency=32, **settings)
+        user = make_client(server, max_concurrency=8, **settings)
+        judge = make_client(server, max_concurrency=32, **settings)
         other_model = make_client(server, model="other", **settings)
         assert user.limiter is judge.limiter and other_model.limiter is not user.limiter
         load = [(user, f"u{i}") for i in range(20)] + [(judge, f"j{i}") for i in range(20)]

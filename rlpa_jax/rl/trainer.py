@@ -352,7 +352,8 @@ class Trainer:
                 self.metrics.write("ppo", iteration, last)
                 llm = {"llm": progress_postfix(last, self.llm_meter.clients)} if self.llm_meter.clients else {}
                 bar.set_postfix(reward=f"{last['reward']:.3f}", f1=f"{last['profile_f1']:.3f}",
-                                kl=f"{last.get('kl', 0.0):.4f}", tok_s=f"{last.get('sampling_tokens_per_s', 0):.0f}", **llm)
+                                kl=f"{last.get('kl', 0.0):.4f}", tok_s=f"{last.get('sampling_tokens_per_s', 0):.0f}",
+                                **llm)
                 done = iteration + 1
                 for callback in self.on_iteration_end:
                     callback(iteration, last)
