@@ -390,7 +390,8 @@ def to_dict(config) -> dict:
 
 
 def validate(config: TrainConfig, where: str = "config") -> None:
-    """Every option against its domain, then the cross-field rules; one ConfigError lists them all."""
+    """Every option against its domain, then (after filling each role's unset LLM fields from its
+    parents, in place) the cross-field rules; one ConfigError lists them all."""
     problems = Problems(lambda key: None)
     check_domains(config, "", problems)
     inherit_llm_sections(config)  # in place: each role's section becomes the endpoint it uses

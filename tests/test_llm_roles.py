@@ -5,9 +5,11 @@ the run summary)."""
 import asyncio
 import importlib.util
 import json
+import struct
 
 import pytest
 from openai_server import OpenAIServer, Reply
+from tensorboardX.proto import event_pb2
 
 from rlpa_jax import build
 from rlpa_jax.config import REPO_ROOT, ConfigError, load_config
@@ -147,7 +149,21 @@ def test_a_run_logs_each_roles_llm_metrics_every_iteration_and_totals_in_its_sum
     assert record["llm/response_judge/cost_usd"] == pytest.approx((300 * 0.15 + 4 * 0.60) * samples / 1e6)
     # The summary's totals add the held-out evaluations before and after PPO to the iteration.
     assert summary["llm"]["llm/response_judge/calls"] > record["llm/response_judge/calls"]
-    assert list((config.run_dir / "tensorboard").iterdir())  # the same scalars, as ppo/llm/<role>/<name>
+    tags = set().union(*map(scalar_tags, (config.run_dir / "tensorboard").iterdir()))
+    assert {f"ppo/llm/{role}/p90_s" for role in ("user", "profile_judge", "response_judge")} <= tags
+    assert "ppo/llm/response_judge/cost_usd" in tags
+
+
+def scalar_tags(path) -> set[str]:
+    """The scalar tags of a TensorBoard event file (TFRecord framing: length, its CRC, the
+    event, its CRC)."""
+    data, at, tags = path.read_bytes(), 0, set()
+    while at < len(data):
+        (length,) = struct.unpack("<Q", data[at:at + 8])
+        event = event_pb2.Event.FromString(data[at + 12:at + 12 + length])
+        tags.update(value.tag for value in event.summary.value)
+        at += 12 + length + 4
+    return tags
 
 
 def test_the_evaluation_judges_on_its_own_endpoint_and_reports_its_llm_use(tmp_path, monkeypatch):
