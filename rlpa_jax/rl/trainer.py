@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from rlpa_jax import multihost, parallel
 from rlpa_jax.checkpoint import Checkpointer, policy_meta
 from rlpa_jax.config import TrainConfig, to_dict
+from rlpa_jax.dialogue.llm_usage import LLMMeter, progress_postfix
 from rlpa_jax.dialogue.matching import mentioned_item_indices
 from rlpa_jax.dialogue.personas import Persona
 from rlpa_jax.model import hf
@@ -126,6 +127,7 @@ class Trainer:
                                       trim=trim)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", config.logging.max_to_keep)
         self.metrics = MetricsLog(self.run_dir, config.logging.tensorboard)
+        self.llm_meter = LLMMeter(parts.environment.llm_clients())  # per-role calls, latency, tokens, cost
         self.on_iteration_end: list[Callable[[int, dict], None]] = []
         self._stop_requested = False
         self._invalid_iterations = 0  # iterations in a row with too many unscored samples
@@ -262,10 +264,11 @@ class Trainer:
         weight_sync_s = time.perf_counter() - t0
         # Inside the mesh: the model's logical constraints shard activations and the KV cache
         # (outside it they are no-ops and XLA picks its own, far costlier, layouts).
+        self.llm_meter.mark()
         with parallel.activate(self.mesh):
             result = self.play(sampler_params, iteration, key)
         del sampler_params  # the sampling copy lives for the rollout only
-        metrics = {k: v for k, v in result.stats.items()} | {"weight_sync_s": weight_sync_s}
+        metrics = {k: v for k, v in result.stats.items()} | {"weight_sync_s": weight_sync_s} | self.llm_meter.interval()
         valid = [s for s in result.samples if s.score.valid]
         invalid_fraction = 1.0 - len(valid) / max(len(result.samples), 1)
         if invalid_fraction > cfg.rollout.max_invalid_fraction:
@@ -374,8 +377,10 @@ class Trainer:
                     self.save(state, iteration, kl_coef, pool_before)  # --resume retries this iteration
                     raise
                 self.metrics.write("ppo", iteration, last)
+                llm = {"llm": progress_postfix(last, self.llm_meter.clients)} if self.llm_meter.clients else {}
                 bar.set_postfix(reward=f"{last['reward']:.3f}", f1=f"{last['profile_f1']:.3f}",
-                                kl=f"{last.get('kl', 0.0):.4f}", tok_s=f"{last.get('sampling_tokens_per_s', 0):.0f}")
+                                kl=f"{last.get('kl', 0.0):.4f}", tok_s=f"{last.get('sampling_tokens_per_s', 0):.0f}",
+                                **llm)
                 done = iteration + 1
                 for callback in self.on_iteration_end:
                     callback(iteration, last)
@@ -391,6 +396,8 @@ class Trainer:
 
         after = self.evaluate(state["actor"].params, eval_personas, "end")
         summary = {"start": before, "end": after}
+        if self.llm_meter.clients:
+            summary["llm"] = self.llm_meter.totals()
         if multihost.is_main_process():
             plot_training(self.metrics, self.run_dir / "rewards.png", baseline=before, final=after)
         if cfg.logging.export_hf:

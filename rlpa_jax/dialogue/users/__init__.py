@@ -23,7 +23,7 @@ def scripted_user(section: UserConfig) -> UserSimulator:
 
 
 def llm_user(section: UserConfig) -> UserSimulator:
-    return LLMUser(client_from_section(section.llm), prompt_name=section.prompt)
+    return LLMUser(client_from_section(section.llm, "user.llm"), prompt_name=section.prompt)
 
 
 USER_SIMULATORS: dict[str, Callable[[UserConfig], UserSimulator]] = {
