@@ -66,7 +66,7 @@ def test_without_the_limiter_the_same_load_is_refused():
                 await client.aclose()
 
         asyncio.run(unpaced())
-    assert server.rejected == 15 - limit and client.usage.rate_limited == server.rejected
+    assert server.rejected >= 15 - 2 * limit and client.usage.rate_limited == server.rejected
 
 
 def test_every_client_of_an_endpoint_shares_one_budget():
