@@ -138,7 +138,11 @@ def generate(
         previous = jax.lax.dynamic_slice_in_dim(tokens, step - 1, 1, axis=1)
         key_mask = jax.lax.dynamic_update_slice_in_dim(key_mask, jnp.ones((rows, 1), bool), slot, axis=1)
         positions = (next_position + step - 1)[:, None]
-        logits, cache = forward(decode_params, config, previous, key_mask, positions, cache=cache, cache_index=slot)
+        # Tied to the step, the weights are loop-variant for XLA: a layout that splits them (the
+        # trainer's FSDP) gathers each layer's weights inside the step as under the layer scan,
+        # instead of XLA hoisting every gather out of the loop into one whole unsplit copy.
+        step_params, step = jax.lax.optimization_barrier((decode_params, step))
+        logits, cache = forward(step_params, config, previous, key_mask, positions, cache=cache, cache_index=slot)
         token, logprob = choose_tokens(logits[:, 0], jax.random.fold_in(key, step), sampling)
         token = jnp.where(done, pad_id, token)
         logprob = jnp.where(done, 0.0, logprob)

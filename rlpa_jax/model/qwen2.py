@@ -365,7 +365,11 @@ def unstack_layers(params: Params, config: Qwen2Config) -> Params:
     the layer weights, made once per `generate` call, outside its decode loop.
     """
     layers = params["layers"]
-    split = {unstacked_layer_name(i): jax.tree.map(lambda x, i=i: x[i], layers) for i in range(config.num_layers)}
+
+    def layer(i):
+        return jax.tree.map(lambda x: x[i], layers)
+
+    split = {unstacked_layer_name(i): layer(i) for i in range(config.num_layers)}
     return {k: v for k, v in params.items() if k != "layers"} | split
 
 
