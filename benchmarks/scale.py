@@ -85,7 +85,7 @@ class Workload:
     samples_per_prompt: int
     prompt_bucket: int  # the representative prompt length the sampler is compiled for
     max_new_tokens: int
-    sampler_calls: int  # max_rounds x pipeline groups
+    sampler_calls: int  # turns per iteration (max_rounds, or 1 with schedule=turn) x pipeline groups
     micro_batch_rows: int
     sequence_length: int  # the longest prompt bucket + max_new_tokens (scoring and updates)
     micro_batches: int  # rows of an iteration / micro_batch_rows (each epoch)
@@ -101,13 +101,14 @@ def workload_of(config: TrainConfig, prompt_bucket: int) -> Workload:
     r, p = config.rollout, config.ppo
     row_multiple = config.mesh.data * config.mesh.fsdp
     per_group = -(-r.conversations // r.pipeline_groups)
-    rows = r.conversations * r.max_rounds * r.samples_per_prompt  # every turn runs: an upper bound
+    turns = 1 if r.schedule == "turn" else r.max_rounds  # turn: the pool advances one turn per iteration
+    rows = r.conversations * turns * r.samples_per_prompt  # every turn runs: an upper bound
     return Workload(
         prompts_per_call=-(-per_group // row_multiple) * row_multiple,
         samples_per_prompt=r.samples_per_prompt,
         prompt_bucket=prompt_bucket,
         max_new_tokens=r.max_new_tokens,
-        sampler_calls=r.max_rounds * r.pipeline_groups,
+        sampler_calls=turns * r.pipeline_groups,
         micro_batch_rows=p.micro_batch_size,
         sequence_length=bucket(r.max_prompt_tokens, r.prompt_buckets) + r.max_new_tokens,
         micro_batches=p.epochs * -(-rows // p.micro_batch_size),

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 from rlpa_jax import build, cli, jobs
-from rlpa_jax.config import ConfigError
+from rlpa_jax.config import ConfigError, to_dict
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,15 +36,16 @@ def main(argv: list[str] | None = None) -> int:
                              "(sets model.init_checkpoint); default: the config's model")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. dpo.beta=0.2 rollout.max_rounds=3")
     args = parser.parse_args(argv)
-    cli.setup_logging()
+    cli.start("dpo.py")
     try:
         settings, overrides = jobs.split_dpo_overrides(args.overrides)
         if args.init is not None:
             overrides.append(f"model.init_checkpoint={args.init}")
-        config = build.load_config(args.config, overrides)
+        config, problem = build.load_config(args.config, overrides), None
     except ConfigError as error:
-        print(f"dpo.py: {error}", file=sys.stderr)
-        return 2
+        config, problem = None, str(error)
+    cli.agree_or_exit("dpo.py", None if config is None else {"config": to_dict(config), "dpo": vars(settings)}, problem)
+    cli.single_process_only("dpo.py", cli.NOT_YET_MULTI_PROCESS)
     cli.use_compilation_cache(config)
     summary = cli.run_or_exit("dpo.py", lambda: jobs.dpo(config, settings), (FileNotFoundError, ValueError, KeyError))
     print(json.dumps(summary, indent=2))

@@ -8,7 +8,9 @@
 --policy is an orbax checkpoint directory (a run's checkpoints/ or sft/, or the run directory),
 hf:<directory> (a local Hugging Face Qwen2 checkpoint) or openai:<model> (any OpenAI-compatible
 server at --base-url). The config (default configs/tiny.yaml) supplies the personas (data), the
-simulated user (user) and the judges (judges); positional key.path=value arguments override it.
+simulated user (user) and the judges (judges.kind, on the evaluation's endpoint eval.judge.llm);
+positional key.path=value arguments override it. Per-role LLM calls, latency, tokens and cost
+go to <output>/<name>_<setting>_llm.json.
 Prints a per-turn table, writes <output>/<name>_<setting>.json and a PNG of the AL curves (with
 every --compare result on the same figure); long_term also writes a profile-score PNG.
 """
@@ -16,11 +18,14 @@ every --compare result on the same figure); long_term also writes a profile-scor
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 from rlpa_jax import build, cli
-from rlpa_jax.dialogue import judges, users
+from rlpa_jax.dialogue import users
+from rlpa_jax.dialogue.llm import LLMClient
+from rlpa_jax.dialogue.llm_usage import LLMMeter, progress_postfix
 from rlpa_jax.eval.baselines import BASELINE_KINDS
 from rlpa_jax.eval.plots import plot_al_curves, plot_profile_scores
 from rlpa_jax.eval.protocol import EvalResult, run_protocol
@@ -72,7 +77,10 @@ def evaluate(args: argparse.Namespace, config) -> int:
     pool = build.build_personas(config, "eval")
     personas = pool[: args.users] if args.users is not None else pool
     user_sim = users.build_user(config.user)
-    profile_judge, response_judge = judges.build_judges(config.judges)
+    profile_judge, response_judge = build.build_eval_judges(config)  # on eval.judge.llm (the paper: GPT-4o)
+    stages = {"user": user_sim, "eval_judge": response_judge, "eval_profile_judge": profile_judge}
+    meter = LLMMeter({role: stage.client for role, stage in stages.items()
+                      if isinstance(getattr(stage, "client", None), LLMClient)})
     result = run_protocol(policy, personas, user_sim, response_judge, args.turns, args.setting, profile_judge,
                           config.seed if args.seed is None else args.seed, partner_pool=pool,
                           progress=not args.no_progress)
@@ -83,15 +91,26 @@ def evaluate(args: argparse.Namespace, config) -> int:
     png_path = plot_al_curves(everything, args.output / f"{stem}.png")
     print(format_table([r.to_json() for r in everything]))
     print(f"result: {json_path}\nfigure: {png_path}")
+    if meter.clients:
+        llm_totals = meter.totals()
+        llm_path = write_json(args.output / f"{stem}_llm.json", llm_totals)
+        print(f"LLM: {progress_postfix(llm_totals, meter.clients)} (per role: {llm_path})")
     if any(r.profile_scores for r in everything):
         print(f"profile figure: {plot_profile_scores(everything, args.output / f'{stem}_profile.png')}")
     return 0
 
 
+def write_json(path: Path, record: dict) -> Path:
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cli.setup_logging()
-    config = cli.load_config_or_exit("eval.py", args.config, args.overrides)
+    cli.start("eval.py")
+    arguments = {k: v for k, v in vars(args).items() if k not in ("config", "overrides")}
+    config = cli.load_config_or_exit("eval.py", args.config, args.overrides, arguments)
+    cli.single_process_only("eval.py", cli.NOT_YET_MULTI_PROCESS)
     cli.use_compilation_cache(config)
     return cli.run_or_exit("eval.py", lambda: evaluate(args, config),
                            (CheckpointError, FileNotFoundError, KeyError, ValueError), status=2)

@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", type=Path, default=None, help="tokenizer directory to copy files from")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args(argv)
+    cli.start("export_hf.py")
+    cli.agree_or_exit("export_hf.py", {"arguments": vars(args)})
+    cli.single_process_only("export_hf.py", "it reads a checkpoint and writes one directory: run it on one host")
     out = cli.run_or_exit("export_hf.py", lambda: export_checkpoint(args.checkpoint, args.output, args.step,
                                                                      args.tokenizer, args.dtype),
                           (FileNotFoundError, KeyError, ValueError), status=2)

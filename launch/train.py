@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from rlpa_jax import build, cli, parallel
+from rlpa_jax import build, cli
 from rlpa_jax.model.hf import CheckpointError
 from rlpa_jax.rl.trainer import TrainingDiverged
 
@@ -25,9 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. ppo.actor_lr=1e-6")
     args = parser.parse_args(argv)
-    cli.setup_logging()
-    config = cli.load_config_or_exit("train.py", args.config, args.overrides)
-    parallel.initialize_distributed()
+    cli.start("train.py")  # joins the other processes when started as one of several
+    config = cli.load_config_or_exit("train.py", args.config, args.overrides, {"resume": args.resume})
+    cli.single_process_only("train.py", cli.NOT_YET_MULTI_PROCESS)
     cli.use_compilation_cache(config)
 
     def train() -> dict:

@@ -18,10 +18,10 @@ import jax
 from rlpa_jax import config as config_file
 from rlpa_jax import parallel
 from rlpa_jax.checkpoint import Checkpointer, checkpoint_directory, model_config_from_meta, restore_actor_params
-from rlpa_jax.config import LLMSection, TrainConfig
+from rlpa_jax.config import ConfigError, LLMRoleSection, LLMSection, TrainConfig, inherited
 from rlpa_jax.dialogue import judges, personas, users
 from rlpa_jax.dialogue.chat import load_prompt
-from rlpa_jax.dialogue.llm import LLMCallError, LLMClient, client_from_section, run_sync
+from rlpa_jax.dialogue.llm import LLMCallError, client_from_section, run_sync
 from rlpa_jax.eval import baselines
 from rlpa_jax.eval.policies import ChatPolicy, JaxPolicy, Policy
 from rlpa_jax.model import hf
@@ -143,7 +143,8 @@ def build_personas(config: TrainConfig, split: str = "train") -> list[personas.P
              if split == "train" else personas.pair_for_evaluation(profiles, personalities))
     if data.extractor == "rules":
         return personas.personas_from_pairs(pairs)
-    extractor = personas.LLMProfileExtractor(client_from_section(config.judges.llm), config.run_dir / "persona_slots.jsonl")
+    extractor = personas.LLMProfileExtractor(client_from_section(config.judges.llm, "judges.llm"),
+                                             config.run_dir / "persona_slots.jsonl")
     items = run_sync(extractor.extract_many(pairs))
     return personas.personas_from_items(pairs, items)
 
@@ -173,20 +174,29 @@ def initial_actor(config: TrainConfig, model_cfg: Qwen2Config, mesh, tokenizer,
 
 
 def probe_endpoints(environment: Environment) -> None:
-    """One cheap request to every LLM endpoint the simulated user and the judges talk to, so a
-    wrong URL, model or key stops the run at start-up with the role and the (redacted) URL."""
-    roles = {"user": environment.user_sim, "profile judge": environment.profile_judge,
-             "response judge": environment.response_judge}
-    probed: set[int] = set()
-    for role, stage in roles.items():
-        client = getattr(stage, "client", None)
-        if not isinstance(client, LLMClient) or id(client) in probed:
+    """One cheap request to every LLM endpoint the simulated user and the judges talk to (once per
+    URL, model and key), so a wrong URL, model or key stops the run at start-up with the role and
+    the (redacted) URL."""
+    probed: set[tuple[str, str, str]] = set()
+    for role, client in environment.llm_clients().items():
+        endpoint = (client.config.base_url, client.config.model, client.config.api_key_env)
+        if endpoint in probed:
             continue
-        probed.add(id(client))
+        probed.add(endpoint)
         try:
             run_sync(client.probe())
         except LLMCallError as error:
-            raise ValueError(f"the {role}'s LLM endpoint does not answer: {error}") from None
+            raise ValueError(f"the {role.replace('_', ' ')}'s LLM endpoint does not answer: {error}") from None
+
+
+def build_eval_judges(config: TrainConfig) -> judges.JudgePair:
+    """The ALOE evaluation's judges: judges.kind's, both on eval.judge.llm (the paper: GPT-4o)."""
+    if config.judges.kind == "llm" and inherited(config.eval.judge.llm, config.judges.llm).base_url is None:
+        raise ConfigError("eval.judge.llm.base_url: the evaluation's judge (judges.kind=llm) needs an LLM endpoint; "
+                          "set eval.judge.llm.base_url or judges.llm.base_url or llm.base_url")
+    section = dataclasses.replace(config.judges, profile=LLMRoleSection(config.eval.judge.llm),
+                                  response=LLMRoleSection(config.eval.judge.llm))
+    return judges.build_judges(section)
 
 
 def build_trainer(config: TrainConfig) -> Trainer:
@@ -231,7 +241,8 @@ def build_eval_policy(spec: PolicySpec, config: TrainConfig) -> Policy:
         model = spec.source.removeprefix("openai:")
         if not model or not spec.base_url:
             raise ValueError("--policy openai:<model> needs a model name and --base-url http://host:port/v1")
-        client = client_from_section(LLMSection(base_url=spec.base_url, model=model, api_key_env=spec.api_key_env))
+        client = client_from_section(LLMSection(base_url=spec.base_url, model=model, api_key_env=spec.api_key_env,
+                                                max_concurrency=32), "--base-url")
         prompt = load_prompt(spec.system_prompt or config.rollout.system_prompt)
         policy = ChatPolicy(client, prompt, spec.name or model, spec.two_part, max_tokens=max_new_tokens)
     else:

@@ -2,7 +2,8 @@
 
 A checkpoint step holds a dict of pytrees ("state": actor/critic params, optimizer states, RNG ...)
 and a JSON document ("meta": model config, data position, anything plain), so a run can resume
-exactly and export its policy without the code that trained it.
+exactly and export its policy without the code that trained it. A run may add JSON documents of
+its own beside them (the `turn` schedule's live conversations), read back by `resume`.
 
 Saves are atomic: orbax writes a step into `<step>.orbax-checkpoint-tmp` and renames it when
 complete, so a save cut short leaves a directory that is never listed as a step. Resuming
@@ -15,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import orbax.checkpoint as ocp
@@ -39,8 +40,13 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
-    def save(self, step: int, state: Any, meta: dict, *, wait: bool = True) -> None:
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+    def save(self, step: int, state: Any, meta: dict, *, wait: bool = True,
+             documents: dict[str, Any] | None = None) -> None:
+        """`documents`: more JSON items by name (not "state" or "meta"), each its own directory in the step."""
+        extra = {name: ocp.args.JsonSave(document) for name, document in (documents or {}).items()}
+        if extra.keys() & {"state", "meta"}:
+            raise ValueError(f"checkpoint documents may not be named 'state' or 'meta' (got {sorted(extra)})")
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta), **extra)
         self._manager.save(step, args=args, force=True)
         if wait:
             self._manager.wait_until_finished()
@@ -58,13 +64,27 @@ class Checkpointer:
     def restore(self, step: int | None = None, abstract_state: Any = None) -> tuple[Any, dict]:
         """Restore (state, meta). `abstract_state` (arrays or ShapeDtypeStructs with shardings)
         places every array straight into its sharding; without it arrays come back as saved."""
-        step = self._require_step(step)
+        state, meta, _ = self._read(self._require_step(step), abstract_state, ())
+        return state, meta
+
+    def _read(self, step: int, abstract_state: Any, documents: Sequence[str]) -> tuple[Any, dict, dict]:
+        """(state, meta, {name: document or None where the step has none})."""
         state_args = ocp.args.StandardRestore(abstract_state) if abstract_state is not None else ocp.args.StandardRestore()
-        restored = self._manager.restore(step, args=ocp.args.Composite(state=state_args, meta=ocp.args.JsonRestore()))
-        return restored["state"], restored["meta"]
+        present = [name for name in documents if (self.directory / str(step) / name).is_dir()]
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            state=state_args, meta=ocp.args.JsonRestore(), **{name: ocp.args.JsonRestore() for name in present}))
+        return restored["state"], restored["meta"], {name: restored[name] if name in present else None
+                                                     for name in documents}
 
     def restore_latest_readable(self, abstract_state: Any = None) -> tuple[int, Any, dict]:
-        """(step, state, meta) from the newest step that can be read, for resuming a run.
+        """(step, state, meta) from the newest step that can be read (see `resume`)."""
+        step, state, meta, _ = self.resume(abstract_state)
+        return step, state, meta
+
+    def resume(self, abstract_state: Any = None, documents: Sequence[str] = ()) -> tuple[int, Any, dict, dict]:
+        """(step, state, meta, {name: document}) from the newest step that can be read, for
+        resuming a run; each of `documents` (JSON items save() wrote) is None where the step has
+        none, and a step whose document is damaged counts as unreadable.
 
         A step that fails to read is logged (step, exception type and message) and the next older
         step is tried. Once one reads, the failed newer steps are moved aside to
@@ -81,7 +101,7 @@ class Checkpointer:
         failures: list[tuple[int, str]] = []
         for step in steps:
             try:
-                state, meta = self.restore(step, abstract_state)
+                state, meta, found = self._read(step, abstract_state, documents)
             except Exception as error:  # orbax and tensorstore raise bare Exception for unreadable arrays
                 reason = describe_failure(error)
                 log.warning("checkpoint %s step %d cannot be read (%s); trying an older step",
@@ -92,7 +112,7 @@ class Checkpointer:
                 self._move_aside([bad for bad, _ in failures])
                 log.warning("resuming from step %d of %s; unreadable steps moved aside: %s", step, self.directory,
                             ", ".join(f"{bad}{CORRUPT_SUFFIX}" for bad, _ in failures))
-            return step, state, meta
+            return step, state, meta, found
         tried = "\n".join(f"  step {step}: {reason}" for step, reason in failures)
         raise CheckpointError(f"{self.directory}: no checkpoint step can be read (tried {len(failures)}; "
                               f"nothing was moved or deleted):\n{tried}")
@@ -215,7 +235,7 @@ def restore_actor_params(directory: Path, step: int | None = None, shardings: An
 
     The optimizer state, critic and reference are left on disk (for a 3B run they are several
     times the policy's size). Arrays land on `shardings` (a tree like the params) when given,
-    else on the first device.
+    else on this process's first device.
     """
     manager = _checkpoint_manager(directory)
     try:
@@ -231,7 +251,7 @@ def restore_actor_params(directory: Path, step: int | None = None, shardings: An
         for key in path:
             leaves = leaves[key]
         if shardings is None:
-            device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
             shardings = jax.tree.map(lambda _: device, leaves)
         target = jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype,
                                                                           sharding=sharding), leaves, shardings)

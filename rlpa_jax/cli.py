@@ -1,6 +1,7 @@
-"""What every launch script does first: readable logs, the config (or a clear exit), the compile cache,
-and one-line exits for file-system problems the user can fix (a full or read-only disk, permissions,
-a path that is missing or runs through a file):
+"""What every launch script does first: join the run's other processes when started as several
+(`jax.distributed`), readable logs, the config (or a clear exit; processes that disagree on it all
+stop with one error), the compile cache, and one-line exits for file-system problems the user can
+fix (a full or read-only disk, permissions, a path that is missing or runs through a file):
 
     with cli.exit_on_os_error("train.py"):
         cli.check_writable(config.run_dir, needed_bytes=...)
@@ -17,12 +18,12 @@ import secrets
 import shutil
 import sys
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 import jax
 
-from rlpa_jax import build
-from rlpa_jax.config import ConfigError
+from rlpa_jax import build, multihost, parallel
+from rlpa_jax.config import ConfigError, to_dict
 
 # The tokenizers library warns (and disables its threads) when a process forks after using them;
 # the launch scripts never fork, so say so before it is imported.
@@ -34,21 +35,76 @@ T = TypeVar("T")
 CHATTY_LOGGERS = ("absl", "jax._src.xla_bridge", "matplotlib", "httpx", "openai")
 
 
-def setup_logging() -> None:
+def setup_logging(process: int = 0, processes: int = 1) -> None:
+    """INFO logs on the console; in a run of several processes only process 0 logs INFO (the others
+    log warnings and errors, each line prefixed with its process)."""
+    prefix = f"[process {process}] " if processes > 1 else ""
     # force: a library imported before this (absl, orbax) may already have given the root logger a
     # handler, which would make basicConfig a silent no-op.
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    logging.basicConfig(level=logging.INFO if process == 0 else logging.WARNING,
+                        format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s", force=True)
     for name in CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def load_config_or_exit(program: str, path: Path | None, overrides: list[str]):
-    """The validated config (names of implementations included); a bad file or override prints
-    every problem and exits with status 2."""
+def start(program: str) -> None:
+    """Logging, and joining the other processes when launched as one of several (JAX_* variables,
+    SLURM or Open MPI: parallel.initialize_distributed); before anything touches a device."""
+    setup_logging()
     try:
-        return build.load_config(path, overrides)
-    except ConfigError as error:
+        joined = parallel.initialize_distributed()
+    except ValueError as error:  # a half-set or malformed JAX_* / RLPA_DISTRIBUTED_* variable
         print(f"{program}: {error}", file=sys.stderr)
+        sys.exit(2)
+    if joined:
+        setup_logging(jax.process_index(), jax.process_count())
+
+
+def several_processes() -> bool:
+    """Whether this process is one of several (asked without touching a device when it is not)."""
+    return jax.distributed.is_initialized() and jax.process_count() > 1
+
+
+def agree_or_exit(program: str, facts: Mapping[str, Any] | None, problem: str | None = None) -> None:
+    """With several processes, all compare `facts` (the resolved config, the launch arguments)
+    and this process's devices, and all exit with status 2 and one message naming the first keys
+    that differ, or every process's `problem` (a config error one of them hit): never some
+    stopping while the others wait for them. With one process only `problem` ends the program."""
+    if several_processes():
+        mine = {"error": problem} if problem is not None else {**facts, "devices": multihost.device_facts()}
+        try:
+            multihost.check_agreement(mine)
+        except multihost.ProcessMismatch as error:
+            problem = str(error)
+    if problem is not None:
+        print(f"{program}: {problem}", file=sys.stderr)
+        sys.exit(2)
+
+
+def load_config_or_exit(program: str, path: Path | None, overrides: list[str], arguments: Mapping[str, Any] | None = None):
+    """The validated config (names of implementations included); a bad file or override prints
+    every problem and exits with status 2. With several processes, they must agree on the config
+    and on `arguments` (the script's other command-line arguments) too."""
+    try:
+        config, problem = build.load_config(path, overrides), None
+    except ConfigError as error:
+        config, problem = None, str(error)
+    agree_or_exit(program, None if config is None else {"config": to_dict(config), "arguments": dict(arguments or {})},
+                  problem)
+    return config
+
+
+# Why train/eval/sft/dpo stop when started as several processes (README "Several hosts").
+NOT_YET_MULTI_PROCESS = ("each process would run every conversation and build every row itself; the "
+                         "per-process rollout (issue 16, item 2) is not implemented yet")
+
+
+def single_process_only(program: str, reason: str) -> None:
+    """Stops every process of a multi-process launch of a program that does not run as several yet
+    (all of them exit together with status 2, so none waits for the others)."""
+    if several_processes():
+        print(f"{program}: runs as one process only for now ({jax.process_count()} were started): {reason}",
+              file=sys.stderr)
         sys.exit(2)
 
 

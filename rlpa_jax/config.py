@@ -66,15 +66,42 @@ class MeshSection:
 
 @dataclass
 class LLMSection:
-    """An OpenAI-compatible endpoint (OpenAI, DeepSeek, vLLM, SGLang); the key comes from an env var."""
+    """One role's OpenAI-compatible endpoint (OpenAI, DeepSeek, vLLM, SGLang); the key comes from the
+    env var `api_key_env`. A field left unset (null) inherits from the section above it
+    (LLM_PARENTS: user.llm and judges.llm from llm; both judges and eval.judge from judges.llm)."""
 
-    base_url: str = option("http://127.0.0.1:8000/v1", http_url)
-    model: str = "gpt-4o-mini"
-    api_key_env: str = "OPENAI_API_KEY"
-    max_concurrency: int = option(32, count)
-    timeout_s: float = option(60.0, positive)
-    max_retries: int = option(4, non_negative)
+    base_url: str | None = option(None, http_url)
+    model: str | None = None
+    api_key_env: str | None = None
+    max_concurrency: int | None = option(None, count)  # in-flight requests of this role
+    timeout_s: float | None = option(None, positive)
+    max_retries: int | None = option(None, non_negative)
     cache_path: str | None = None
+    # The endpoint's (base_url + model's) requests and tokens per minute, shared by every role on
+    # it; null: no limit. Prices (USD per million prompt / completion tokens) give cost metrics.
+    rpm: float | None = option(None, positive)
+    tpm: float | None = option(None, positive)
+    price_input_per_mtok: float | None = option(None, non_negative)
+    price_output_per_mtok: float | None = option(None, non_negative)
+
+
+@dataclass
+class SharedLLMSection(LLMSection):
+    """The top-level `llm` section every role inherits from; no base_url by default, so a role that
+    talks to an LLM must be given one (here, or in its own section)."""
+
+    model: str | None = "gpt-4o-mini"
+    api_key_env: str | None = "OPENAI_API_KEY"
+    max_concurrency: int | None = option(32, count)
+    timeout_s: float | None = option(60.0, positive)
+    max_retries: int | None = option(4, non_negative)
+
+
+@dataclass
+class LLMRoleSection:
+    """A role's own endpoint section (judges.profile, judges.response, eval.judge)."""
+
+    llm: LLMSection = field(default_factory=LLMSection)
 
 
 @dataclass
@@ -91,21 +118,40 @@ class DataConfig:
 class UserConfig:
     kind: str = "scripted"  # a key of dialogue.users.USER_SIMULATORS
     llm: LLMSection = field(default_factory=LLMSection)
+    # The LLM user's role-play prompt (configs/prompts/<name>.txt): user_roleplay (ours) or
+    # paper_user (the paper's simulator, rewritten in English).
+    prompt: str = option("user_roleplay", prompt_name)
 
 
 @dataclass
 class JudgeConfig:
     kind: str = "embedded"  # a key of dialogue.judges.JUDGES
-    llm: LLMSection = field(default_factory=LLMSection)
+    llm: LLMSection = field(default_factory=LLMSection)  # what both judges (and eval.judge) share
+    profile: LLMRoleSection = field(default_factory=LLMRoleSection)
+    response: LLMRoleSection = field(default_factory=LLMRoleSection)
     # Whom the response judge role-plays during training: `inferred`, the profile the policy wrote
     # (the paper: the gold profile enters only through profile F1), or `persona`, the user's true
     # persona (what the ALOE evaluation's judge sees; training on it leaks the test criterion).
     response_reference: Literal["inferred", "persona"] = "inferred"
+    # The LLM judges' prompts (configs/prompts/<name>.txt): ours, or paper_profile_judge and
+    # paper_response_judge (the paper's, rewritten in English).
+    profile_prompt: str = option("profile_judge", prompt_name)
+    response_prompt: str = option("response_judge", prompt_name)
+
+
+@dataclass
+class EvalConfig:
+    # The ALOE evaluation's judge (launch/eval.py, when judges.kind=llm; the paper: GPT-4o).
+    judge: LLMRoleSection = field(default_factory=LLMRoleSection)
 
 
 @dataclass
 class RolloutConfig:
-    conversations: int = option(8, count)  # conversations in flight per PPO iteration
+    # conversation: each iteration plays `conversations` new dialogues to the end with one policy.
+    # turn (the paper): a pool of `conversations` live dialogues advances one turn per iteration,
+    # so later turns are sampled by a newer policy; finished ones are replaced by new users.
+    schedule: Literal["conversation", "turn"] = "conversation"
+    conversations: int = option(8, count)  # conversations per PPO iteration, or the pool's size (turn)
     max_rounds: int = option(10, count)
     samples_per_prompt: int = option(4, count)  # n; the best-rewarded sample continues the dialogue
     temperature: float = option(1.0, non_negative)  # 0 is greedy
@@ -194,8 +240,10 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     mesh: MeshSection = field(default_factory=MeshSection)
     data: DataConfig = field(default_factory=DataConfig)
+    llm: SharedLLMSection = field(default_factory=SharedLLMSection)  # what every LLM role inherits
     user: UserConfig = field(default_factory=UserConfig)
     judges: JudgeConfig = field(default_factory=JudgeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
@@ -204,6 +252,37 @@ class TrainConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
+
+
+# ---------------------------------------------------------------------------------------------
+# LLM sections: each role's endpoint inherits, field by field, from the section above it
+
+# child -> parent, parents listed before their children
+LLM_PARENTS = {"user.llm": "llm", "judges.llm": "llm", "judges.profile.llm": "judges.llm",
+               "judges.response.llm": "judges.llm", "eval.judge.llm": "judges.llm"}
+# The roles that call an LLM, with their sections (metrics are named llm/<role>/...).
+LLM_ROLES = {"user": "user.llm", "profile_judge": "judges.profile.llm", "response_judge": "judges.response.llm",
+             "eval_judge": "eval.judge.llm"}
+
+
+def section_at(config, key: str):
+    for name in key.split("."):
+        config = getattr(config, name)
+    return config
+
+
+def inherited(section: LLMSection, parent: LLMSection) -> LLMSection:
+    """`section` with every unset field taken from `parent`."""
+    return dataclasses.replace(section, **{f.name: getattr(parent, f.name) for f in dataclasses.fields(LLMSection)
+                                           if getattr(section, f.name) is None})
+
+
+def inherit_llm_sections(config: TrainConfig) -> None:
+    """Fill every role's unset LLM fields from its parents (in place), so each section is the
+    endpoint its role really uses (and the run's saved config.yaml says so)."""
+    for child, parent in LLM_PARENTS.items():
+        owner, name = child.rsplit(".", 1)
+        setattr(section_at(config, owner), name, inherited(section_at(config, child), section_at(config, parent)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,6 +314,15 @@ def _a_conversation_per_group(c: TrainConfig) -> str | None:
     if c.rollout.conversations < c.rollout.pipeline_groups:
         return (f"rollout.conversations={c.rollout.conversations} is below "
                 f"rollout.pipeline_groups={c.rollout.pipeline_groups}; it must be at least that")
+    return None
+
+
+@_rule("ppo.advantage", "rollout.schedule")
+def _next_turn_in_the_batch(c: TrainConfig) -> str | None:
+    if c.ppo.advantage == "cross_turn" and c.rollout.schedule == "turn":
+        return ("ppo.advantage=cross_turn bootstraps each turn from the conversation's next turn in the same "
+                "iteration, but rollout.schedule=turn samples one turn per conversation per iteration; "
+                "use gae or grpo, or rollout.schedule=conversation")
     return None
 
 
@@ -273,6 +361,44 @@ def _whole_kv_groups(c: TrainConfig) -> str | None:
     return None
 
 
+def _endpoint_rule(section: str, needed: Callable[[TrainConfig], str | None]) -> None:
+    """A role that talks to an LLM (`needed` says why, or None) must have an endpoint."""
+    parents = [section]
+    while parents[-1] in LLM_PARENTS:
+        parents.append(LLM_PARENTS[parents[-1]])
+
+    @_rule(f"{section}.base_url")  # (a parent's bad URL is inherited, so it is reported once, as itself)
+    def has_endpoint(c: TrainConfig) -> str | None:
+        reason = needed(c)
+        if reason is None or section_at(c, section).base_url is not None:
+            return None
+        return (f"{section}.base_url: {reason} needs an LLM endpoint; set "
+                f"{' or '.join(f'{key}.base_url' for key in parents)} (a role inherits unset fields)")
+
+
+_endpoint_rule("user.llm", lambda c: "user.kind=llm" if c.user.kind == "llm" else None)
+_endpoint_rule("judges.profile.llm", lambda c: "judges.kind=llm" if c.judges.kind == "llm" else None)
+_endpoint_rule("judges.response.llm", lambda c: "judges.kind=llm" if c.judges.kind == "llm" else None)
+_endpoint_rule("judges.llm", lambda c: "data.extractor=llm" if c.data.extractor == "llm" else None)
+
+
+@_rule(*(f"{key}.rpm" for key in LLM_ROLES.values()))
+def _one_limit_per_endpoint(c: TrainConfig) -> str | None:
+    """Roles on one endpoint share its rate limiter, so they must agree on its limits."""
+    limits: dict[tuple, dict[tuple, list[str]]] = {}
+    for key in LLM_ROLES.values():
+        section = section_at(c, key)
+        if section.base_url is not None:
+            endpoint = (section.base_url.rstrip("/"), section.model)
+            limits.setdefault(endpoint, {}).setdefault((section.rpm, section.tpm), []).append(key)
+    for (url, model), found in limits.items():
+        if len(found) > 1:
+            listing = "; ".join(f"{', '.join(keys)}: rpm={rpm}, tpm={tpm}" for (rpm, tpm), keys in found.items())
+            return (f"roles on one endpoint ({model} at {url}) share its rate limit, but give different "
+                    f"rpm/tpm ({listing}); set them once (e.g. in llm or judges.llm)")
+    return None
+
+
 def _check_rules(config: TrainConfig, problems: Problems,
                  extra_rules: Sequence[tuple[tuple[str, ...], CrossFieldRule]] = ()) -> None:
     for keys, check in [*CROSS_FIELD_RULES, *extra_rules]:
@@ -287,9 +413,11 @@ def to_dict(config) -> dict:
 
 
 def validate(config: TrainConfig, where: str = "config") -> None:
-    """Every option against its domain, then the cross-field rules; one ConfigError lists them all."""
+    """Every option against its domain, then (after filling each role's unset LLM fields from its
+    parents, in place) the cross-field rules; one ConfigError lists them all."""
     problems = Problems(lambda key: None)
     check_domains(config, "", problems)
+    inherit_llm_sections(config)  # in place: each role's section becomes the endpoint it uses
     _check_rules(config, problems)
     problems.raise_if_any(where)
 
@@ -370,7 +498,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         else:
             sources.set_by_override(".".join(keys), text)
     config = build_section(TrainConfig, tree, "", problems)
-    check_domains(config, "", problems)
+    check_domains(config, "", problems)  # before inheriting: a bad value is reported where it was set
+    inherit_llm_sections(config)
     _check_rules(config, problems, rules)
     problems.raise_if_any(f"{path}{' with overrides' if overrides else ''}")
     return config

@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from rlpa_jax import build
+from rlpa_jax import build, multihost
 from rlpa_jax import checkpoint
 from rlpa_jax.checkpoint import Checkpointer, checkpoint_directory
 from rlpa_jax.config import ConfigError, TrainConfig, parse_override
@@ -43,6 +43,8 @@ def save_policy(config: TrainConfig, job: str, params, meta: dict, history: list
     checkpointer = Checkpointer(config.run_dir / job, max_to_keep=1)
     checkpointer.save(len(history), {"actor": params}, meta)
     checkpointer.close()
+    if not multihost.is_main_process():  # the checkpoint is saved by every process, the history once
+        return
     with (config.run_dir / f"{job}_history.jsonl").open("w", encoding="utf-8") as handle:
         handle.writelines(json.dumps(record) + "\n" for record in history)
 

@@ -69,7 +69,7 @@ increasing_sizes = Domain(lambda v: len(v) > 0 and v[0] > 0 and all(a < b for a,
                           "a non-empty list of increasing positive integers")
 prompt_name = Domain(
     lambda v: bool(v) and "/" not in v and "\\" not in v and (PROMPTS_DIR / f"{v}.txt").is_file(),
-    "the name of a prompt file in configs/prompts/ without .txt "
+    f"the name of a prompt file in {PROMPTS_DIR}/ without .txt "
     f"({', '.join(sorted(p.stem for p in PROMPTS_DIR.glob('*.txt'))) or 'none there'})")
 
 DOMAIN_KEY = "domain"

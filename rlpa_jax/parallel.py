@@ -158,19 +158,83 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def initialize_distributed() -> bool:
-    """Call jax.distributed.initialize() when launched as one process of several hosts.
+# Bounds on waiting for other processes (seconds), overridable from the environment of every process:
+# a process that never arrives fails the others' start after INIT; one that dies (killed, a lost
+# host) is declared dead after HEARTBEAT and every other process then stops with JAX's "another
+# task died" error (it aborts, exit status 134) instead of waiting forever in a collective.
+ENV_INIT_TIMEOUT = "RLPA_DISTRIBUTED_INIT_TIMEOUT_S"
+ENV_HEARTBEAT_TIMEOUT = "RLPA_DISTRIBUTED_HEARTBEAT_TIMEOUT_S"
+DEFAULT_INIT_TIMEOUT_S = 300
+DEFAULT_HEARTBEAT_TIMEOUT_S = 100
 
-    Detects the usual launchers (explicit JAX_COORDINATOR_ADDRESS, SLURM, Open MPI); a single
-    process does nothing, so the same launch script runs on a laptop and on a cluster.
+
+@dataclasses.dataclass(frozen=True)
+class DistributedLaunch:
+    """How this process joins a multi-process run; None fields are left to JAX's cluster detection."""
+
+    launcher: str  # "env" (JAX_* variables), "slurm" or "openmpi"
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    init_timeout_s: int = DEFAULT_INIT_TIMEOUT_S
+    heartbeat_timeout_s: int = DEFAULT_HEARTBEAT_TIMEOUT_S
+
+
+def _env_int(environ, name: str, default: int | None = None, minimum: int = 0) -> int | None:
+    raw = environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r}: expected an integer") from None
+    if value < minimum:
+        raise ValueError(f"environment variable {name}={raw!r}: expected an integer >= {minimum}")
+    return value
+
+
+def distributed_launch(environ=os.environ) -> DistributedLaunch | None:
+    """The multi-process launch this environment describes, or None for a single process.
+
+    JAX_COORDINATOR_ADDRESS with JAX_NUM_PROCESSES and JAX_PROCESS_ID (by hand, ssh, any launcher)
+    are read here and passed on; under SLURM (SLURM_NTASKS > 1) or Open MPI (OMPI_COMM_WORLD_SIZE
+    > 1) JAX's own cluster detection finds them. A half-set JAX_* triple is an error naming what is
+    missing, not a process that waits for peers that were never started."""
+    timeouts = dict(init_timeout_s=_env_int(environ, ENV_INIT_TIMEOUT, DEFAULT_INIT_TIMEOUT_S, 1),
+                    heartbeat_timeout_s=_env_int(environ, ENV_HEARTBEAT_TIMEOUT, DEFAULT_HEARTBEAT_TIMEOUT_S, 1))
+    cluster = ("slurm" if _env_int(environ, "SLURM_NTASKS", 1) > 1 else
+               "openmpi" if _env_int(environ, "OMPI_COMM_WORLD_SIZE", 1) > 1 else None)
+    explicit = {name: environ.get(name) for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")}
+    if any(explicit.values()):
+        missing = [name for name, value in explicit.items() if not value]
+        if missing and cluster is None:  # under SLURM / Open MPI, JAX detects what is not set
+            raise ValueError(f"multi-process launch: {', '.join(missing)} not set (a run started by hand needs "
+                             "JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and JAX_PROCESS_ID on every process)")
+        count = _env_int(environ, "JAX_NUM_PROCESSES", minimum=1)
+        index = _env_int(environ, "JAX_PROCESS_ID")
+        if count is not None and index is not None and index >= count:
+            raise ValueError(f"JAX_PROCESS_ID={index} must be below JAX_NUM_PROCESSES={count}")
+        return DistributedLaunch(cluster or "env", explicit["JAX_COORDINATOR_ADDRESS"] or None, count, index, **timeouts)
+    if cluster is not None:
+        return DistributedLaunch(cluster, **timeouts)
+    return None
+
+
+def initialize_distributed(environ=os.environ) -> bool:
+    """Join the run's other processes (jax.distributed.initialize) when launched as one of several;
+    a single process does nothing, so the same launch script runs on a laptop and on a cluster.
+
+    Must run before anything touches a JAX device. CPU collectives go through gloo (the CPU
+    backend has no other cross-process implementation); GPUs use NCCL regardless of that setting.
     """
-    multi_host = (
-        "JAX_COORDINATOR_ADDRESS" in os.environ
-        or int(os.environ.get("SLURM_NTASKS", "1")) > 1
-        or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
-    )
-    if not multi_host:
+    launch = distributed_launch(environ)
+    if launch is None:
         return False
-    jax.distributed.initialize()
-    log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+    if not environ.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=launch.coordinator_address, num_processes=launch.num_processes,
+                               process_id=launch.process_id, initialization_timeout=launch.init_timeout_s,
+                               heartbeat_timeout_seconds=launch.heartbeat_timeout_s)
+    log.info("jax.distributed (%s): process %d of %d, %d local of %d devices", launch.launcher, jax.process_index(),
+             jax.process_count(), jax.local_device_count(), jax.device_count())
     return True

@@ -24,7 +24,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from rlpa_jax import parallel
-from rlpa_jax.model.qwen2 import CACHE_AXES, Params, Qwen2Config, forward, init_cache, positions_from_mask
+from rlpa_jax.model.qwen2 import CACHE_AXES, Params, Qwen2Config, forward, init_cache, positions_from_mask, unstack_cache, unstack_layers
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +144,12 @@ def decode(
     done = jnp.isin(first, stop)
     lengths = jnp.ones((rows,), jnp.int32)
 
+    # The decode loop runs the layers one after another on per-layer copies of the weights and
+    # cache, made once here: under the layer scan XLA would copy every layer's weights out of the
+    # stack on every step (see qwen2.unstack_layers).
+    decode_params = unstack_layers(params, config)
+    cache = {k: [nn.with_logical_constraint(x, CACHE_AXES[1:]) for x in v] for k, v in unstack_cache(cache).items()}
+
     def keep_going(state):
         step, _, _, done, *_ = state
         return (step < new) & ~jnp.all(done)
@@ -154,7 +160,11 @@ def decode(
         previous = jax.lax.dynamic_slice_in_dim(tokens, step - 1, 1, axis=1)
         key_mask = jax.lax.dynamic_update_slice_in_dim(key_mask, jnp.ones((rows, 1), bool), slot, axis=1)
         positions = (next_position + step - 1)[:, None]
-        logits, cache = forward(params, config, previous, key_mask, positions, cache=cache, cache_index=slot)
+        # Tied to the step, the weights are loop-variant for XLA: a layout that splits them (the
+        # trainer's FSDP) gathers each layer's weights inside the step as under the layer scan,
+        # instead of XLA hoisting every gather out of the loop into one whole unsplit copy.
+        step_params, step = jax.lax.optimization_barrier((decode_params, step))
+        logits, cache = forward(step_params, config, previous, key_mask, positions, cache=cache, cache_index=slot)
         token, logprob = choose_tokens(logits[:, 0], jax.random.fold_in(key, step), sampling)
         token = jnp.where(done, pad_id, token)
         logprob = jnp.where(done, 0.0, logprob)

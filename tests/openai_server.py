@@ -11,17 +11,31 @@ codes, Retry-After headers, hanging requests, malformed bodies and usage.
         server.max_in_flight   # most requests handled at the same moment
 
 A handler may also return a plain str, short for Reply(content=that_str).
+
+Like a provider, the server can enforce a rate limit and answer slowly:
+
+    OpenAIServer(handler, rate_limit=RateLimit(600, window_s=60), latency_s=(0.5, 2.0))
+
+refuses a request with 429 + Retry-After when `limit` requests were already accepted in the last
+`window_s` seconds, and answers each accepted one after a uniform random delay. `arrivals` holds
+the arrival time (time.monotonic) of every request, `accepted` those it answered, and
+`peak_in_window(times, window_s)` the most in any window: what the server saw.
 """
 
 from __future__ import annotations
 
+import bisect
+import email.utils
 import itertools
 import json
+import math
+import random
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
+from typing import Callable, Sequence
 
 CHAT_COMPLETIONS_PATH = "/v1/chat/completions"
 
@@ -32,7 +46,8 @@ class Reply:
 
     status: HTTP status; 200 gives a chat.completion, anything else an error body.
     content: the assistant message text for a 200 (None sends a null content).
-    retry_after_s: sent as a Retry-After header when not None.
+    retry_after_s: sent as a Retry-After header when not None (with retry_after_date, as the
+        HTTP date that many whole seconds ahead).
     hang_s: seconds to wait before answering (cut short when the server closes).
     malformed: answer 200 with a body that is not JSON.
     error_message: the error body's message for a non-200 status.
@@ -42,6 +57,7 @@ class Reply:
     status: int = 200
     content: str | None = "ok"
     retry_after_s: float | None = None
+    retry_after_date: bool = False
     hang_s: float = 0.0
     malformed: bool = False
     error_message: str = "scripted error"
@@ -50,6 +66,27 @@ class Reply:
 
 
 Handler = Callable[[dict], "Reply | str"]
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """At most `limit` accepted requests in any `window_s`; the rest get 429 with Retry-After (the
+    seconds until a slot frees, or with `http_date` the moment as an HTTP date, whole seconds)."""
+
+    limit: int
+    window_s: float = 60.0
+    http_date: bool = False
+
+
+def http_date_in(seconds: float) -> str:
+    """The HTTP date `seconds` from now, rounded up to the whole second the format can say."""
+    return email.utils.formatdate(math.ceil(time.time() + seconds), usegmt=True)
+
+
+def peak_in_window(times: Sequence[float], window_s: float) -> int:
+    """The most of `times` that fall in any half-open window [t, t + window_s)."""
+    ordered = sorted(times)
+    return max((bisect.bisect_left(ordered, t + window_s) - i for i, t in enumerate(ordered)), default=0)
 
 
 def scripted(*replies: Reply | str) -> Handler:
@@ -110,8 +147,16 @@ def error_body(status: int, message: str) -> dict:
 class OpenAIServer:
     """ThreadingHTTPServer on 127.0.0.1:<free port> serving /v1/chat/completions."""
 
-    def __init__(self, handler: Handler) -> None:
+    def __init__(self, handler: Handler, rate_limit: RateLimit | None = None,
+                 latency_s: tuple[float, float] | None = None, seed: int = 0) -> None:
         self.handler = handler
+        self.rate_limit = rate_limit
+        self.latency_s = latency_s
+        self._latency_rng = random.Random(seed)
+        self._recent: deque[float] = deque()  # accepted arrival times inside the current window
+        self.arrivals: list[float] = []  # every chat-completion request, accepted or not
+        self.accepted: list[float] = []
+        self.rejected = 0
         self.requests: list[dict] = []
         self.request_headers: list[dict[str, str]] = []
         self.handler_errors: list[str] = []
@@ -163,6 +208,33 @@ class OpenAIServer:
         with self._lock:
             self.requests.append(body)
             self.request_headers.append(headers)
+
+    def _admit(self) -> float | None:
+        """None when the request may be served now; else the seconds until the window frees a slot."""
+        with self._lock:
+            now = time.monotonic()
+            self.arrivals.append(now)
+            limit = self.rate_limit
+            if limit is not None:
+                while self._recent and self._recent[0] <= now - limit.window_s:
+                    self._recent.popleft()
+                if len(self._recent) >= limit.limit:
+                    self.rejected += 1
+                    return self._recent[0] + limit.window_s - now
+                self._recent.append(now)
+            self.accepted.append(now)
+            return None
+
+    def _latency(self) -> float:
+        if self.latency_s is None:
+            return 0.0
+        with self._lock:
+            return self._latency_rng.uniform(*self.latency_s)
+
+    def retry_after_header(self, wait_s: float) -> str:
+        if self.rate_limit is not None and self.rate_limit.http_date:
+            return http_date_in(wait_s)
+        return f"{wait_s:.3f}"
 
     def _enter_flight(self) -> None:
         with self._lock:
@@ -224,11 +296,17 @@ class OpenAIServer:
                     self._send_json(400, error_body(400, f"request body is not JSON: {error}"))
                     return
                 server._record(body, {k.lower(): v for k, v in self.headers.items()})
+                wait_s = server._admit()
+                if wait_s is not None:
+                    self._send_json(429, error_body(429, "rate limit reached"),
+                                    {"Retry-After": server.retry_after_header(wait_s)})
+                    return
                 server._enter_flight()
                 try:
                     reply = server._reply_for(body)
-                    if reply.hang_s > 0:
-                        server._closing.wait(reply.hang_s)
+                    delay_s = reply.hang_s + server._latency()
+                    if delay_s > 0:
+                        server._closing.wait(delay_s)
                     self._answer(body, reply)
                 finally:
                     server._leave_flight()
@@ -236,7 +314,8 @@ class OpenAIServer:
             def _answer(self, body: dict, reply: Reply) -> None:
                 headers = {}
                 if reply.retry_after_s is not None:
-                    headers["Retry-After"] = f"{reply.retry_after_s:g}"
+                    headers["Retry-After"] = (http_date_in(reply.retry_after_s) if reply.retry_after_date
+                                              else f"{reply.retry_after_s:g}")
                 if reply.malformed:
                     self._send(200, b"{this is not json", headers)
                 elif reply.status == 200:

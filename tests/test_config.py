@@ -27,7 +27,8 @@ def test_paper_recipe_in_the_3b_config():
     assert (c.mesh.data, c.mesh.fsdp, c.mesh.tensor) == (1, 8, 1)
     assert (c.ppo.actor_lr, c.ppo.critic_lr, c.ppo.kl_coef, c.ppo.lam, c.ppo.gamma) == (5e-7, 9e-6, 0.01, 0.95, 1.0)
     assert (c.ppo.clip_eps, c.ppo.value_clip_eps, c.ppo.train_batch_size, c.rollout.samples_per_prompt) == (0.2, 0.2, 128, 4)
-    assert c.rollout.conversations * c.rollout.max_rounds // 10 * 4 == 256  # 256 prompts per rollout
+    # The paper's schedule: a pool of 256 live conversations, one turn (256 prompts) per PPO step.
+    assert (c.rollout.schedule, c.rollout.conversations, c.rollout.max_rounds) == ("turn", 256, 10)
     assert c.model.compute_dtype == "bfloat16" and (c.ppo.adam_b1, c.ppo.adam_b2) == (0.9, 0.95)
 
 

@@ -10,7 +10,7 @@ from typing import Sequence
 import pytest
 from openai_server import OpenAIServer
 
-from rlpa_jax.config import ConfigError, JudgeConfig, LLMSection, UserConfig, load_config
+from rlpa_jax.config import ConfigError, JudgeConfig, LLMRoleSection, LLMSection, UserConfig, load_config
 from rlpa_jax.dialogue import judges, users
 from rlpa_jax.dialogue.chat import Message
 from rlpa_jax.dialogue.judges import JUDGES, ItemMatchingJudge, build_judges
@@ -44,10 +44,27 @@ def test_every_judge_kind_builds_from_its_section():
     assert sorted(JUDGES) == ["embedded", "llm"]
     profile_judge, response_judge = build_judges(JudgeConfig(kind="embedded"))
     assert type(profile_judge) is EmbeddedProfileJudge and type(response_judge) is EmbeddedResponseJudge
-    profile_judge, response_judge = build_judges(JudgeConfig(kind="llm", llm=LLMSection(model="judge", max_retries=1)))
+    shared = LLMSection(base_url="http://127.0.0.1:9/v1", model="judge", max_retries=1, rpm=600)
+    profile_judge, response_judge = build_judges(JudgeConfig(kind="llm", llm=shared))
     assert type(profile_judge) is LLMProfileJudge and type(response_judge) is LLMResponseJudge
-    assert profile_judge.client is response_judge.client  # one cache and one concurrency limit
+    # A client per role (its own metrics); one endpoint, so one rate limiter between them.
+    assert profile_judge.client is not response_judge.client
+    assert profile_judge.client.limiter is response_judge.client.limiter
     assert (profile_judge.client.config.model, profile_judge.client.config.max_retries) == ("judge", 1)
+
+
+def test_each_judge_may_have_its_own_endpoint_and_inherits_the_rest():
+    section = JudgeConfig(kind="llm", llm=LLMSection(base_url="http://127.0.0.1:9/v1", model="judge", timeout_s=9.0),
+                          profile=LLMRoleSection(LLMSection(base_url="http://127.0.0.1:10/v1", rpm=60)),
+                          response=LLMRoleSection(LLMSection(model="strict-judge")))
+    profile_judge, response_judge = build_judges(section)
+    profile, response = profile_judge.client.config, response_judge.client.config
+    assert (profile.base_url, profile.model, profile.timeout_s, profile.rpm) == ("http://127.0.0.1:10/v1", "judge", 9.0, 60)
+    assert (response.base_url, response.model, response.timeout_s, response.rpm) == (
+        "http://127.0.0.1:9/v1", "strict-judge", 9.0, None)
+    assert profile_judge.client.limiter is not response_judge.client.limiter  # two endpoints, two budgets
+    with pytest.raises(ConfigError, match=r"judges\.profile\.llm: no base_url"):
+        build_judges(JudgeConfig(kind="llm", llm=LLMSection(model="judge")))
 
 
 def test_llm_kinds_talk_to_the_configured_endpoint():

@@ -354,18 +354,21 @@ def test_api_key_never_leaks(tmp_path: Path, caplog: pytest.LogCaptureFixture) -
     assert all(SECRET_KEY not in text for text in texts)
 
 
-def test_usage_counts_tokens_from_responses(tmp_path: Path) -> None:
-    script = scripted(Reply(content="x", prompt_tokens=11, completion_tokens=5))
+def test_usage_counts_tokens_latency_and_cost_from_responses(tmp_path: Path) -> None:
+    script = scripted(Reply(content="x", prompt_tokens=11, completion_tokens=5, hang_s=0.05))
     with OpenAIServer(script) as server:
-        client = make_client(server, cache_path=str(tmp_path / "llm.jsonl"))
+        client = make_client(server, cache_path=str(tmp_path / "llm.jsonl"),
+                             price_input_per_mtok=2.0, price_output_per_mtok=10.0)
         call(client, user("one"))
         call(client, user("two"))
         call(client, user("one"))
     assert client.usage.summary() == {
         "calls": 3, "cache_hits": 1, "prompt_tokens": 22, "completion_tokens": 10,
-        "retries": 0, "failures": 0, "requests": 2,
+        "retries": 0, "failures": 0, "requests": 2, "rate_limited": 0, "wait_s": 0.0,
     }
     assert client.usage.summary(prefix="judge/")["judge/calls"] == 3
+    assert len(client.usage.latencies_s) == 2 and min(client.usage.latencies_s) >= 0.05  # the server's delay
+    assert client.prices.cost(client.usage) == pytest.approx((22 * 2.0 + 10 * 10.0) / 1e6)
 
 
 # --- sync use ---------------------------------------------------------------------

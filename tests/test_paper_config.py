@@ -44,7 +44,8 @@ def test_paper_config_starts_on_eight_fake_devices(tmp_path, aloe_dir):
         q = state["actor"].params["layers"]["attn"]["q_kernel"]
         assert q.sharding.spec[1] == "fsdp" and len(q.sharding.device_set) == 8
         state, metrics, _ = run.iteration(state, 0, config.ppo.kl_coef)
-    assert metrics["samples"] == 8 * 2 * 4 and metrics["invalid_samples"] == 0
+    # schedule: turn — one turn of each of the pool's 8 conversations, 4 samples each
+    assert metrics["samples"] == 8 * 4 and metrics["invalid_samples"] == 0 and metrics["pool_turn"] == 1
     kinds = {"json" if r.get("response_format") else "judge" if "boxed" in str(r["messages"]) else "user" for r in server.requests}
     assert {"json", "user"} <= kinds  # persona conversion and the simulated user went over HTTP
     assert all(map(lambda v: v == v, (metrics["loss_mean"], metrics["critic_loss_mean"])))  # finite, not NaN

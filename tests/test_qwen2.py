@@ -7,7 +7,8 @@ import pytest
 
 from hf_reference import hf_logits, make_hf_model, save_hf_model
 from rlpa_jax.model import hf
-from rlpa_jax.model.qwen2 import critic_params_from_policy, forward, init_cache, init_params, positions_from_mask
+from rlpa_jax.model.qwen2 import (critic_params_from_policy, forward, init_cache, init_params, positions_from_mask,
+                                  unstack_cache, unstack_layers)
 
 CASES = {
     "tied": dict(tie_word_embeddings=True),
@@ -49,7 +50,10 @@ def test_left_padding_matches_transformers_and_unpadded(pair):
         np.testing.assert_allclose(ours[i, 12 - len(row):], alone, atol=1e-4, rtol=0)
 
 
-def test_kv_cache_decoding_equals_full_forward(pair):
+@pytest.mark.parametrize("layers", ["scan", "unstacked"])
+def test_kv_cache_decoding_equals_full_forward(pair, layers):
+    """Prefill then one token at a time: under the layer scan with the stacked cache, and as the
+    sampler's decode loop runs it, on per-layer weights and caches (single-query attention)."""
     _, params, config = pair
     rng = np.random.default_rng(2)
     prompt_len, new, slots = 6, 5, 16
@@ -62,6 +66,8 @@ def test_kv_cache_decoding_equals_full_forward(pair):
     key_mask[:, :prompt_len] = tokens_mask[:, :prompt_len]
     positions = positions_from_mask(jnp.asarray(tokens_mask))
     cache = init_cache(config, 2, slots)
+    if layers == "unstacked":
+        params, cache = unstack_layers(params, config), unstack_cache(cache)
     step = jax.jit(lambda p, t, m, pos, c, i: forward(p, config, t, m, pos, cache=c, cache_index=i))
     logits, cache = step(params, tokens[:, :prompt_len], key_mask, positions[:, :prompt_len], cache, 0)
     np.testing.assert_allclose(np.asarray(logits)[:, -1], full[:, prompt_len - 1], atol=1e-4, rtol=0)

@@ -116,15 +116,40 @@ def available_prompts() -> list[str]:
     return sorted(path.stem for path in PROMPTS_DIR.glob("*.txt"))
 
 
+def _line_of(text: str, index: int) -> int:
+    return text.count("\n", 0, index) + 1
+
+
+def strip_prompt_comments(text: str, source: str) -> str:
+    """`text` without its {# ... #} comments (they may span lines; prompt files open with one that
+    says where the prompt comes from), surrounding whitespace stripped. A comment also takes the
+    line break right after it. An unclosed {# or a stray #} fails naming `source` and the line, so
+    a typo cannot leak a comment to a model or cut a prompt short."""
+    kept, position = [], 0
+    while True:
+        start = text.find("{#", position)
+        stray = text.find("#}", position, start if start >= 0 else len(text))
+        if stray >= 0:
+            raise ValueError(f"{source}: line {_line_of(text, stray)} has a #}} without an opening {{#")
+        if start < 0:
+            kept.append(text[position:])
+            return "".join(kept).strip()
+        end = text.find("#}", start + 2)
+        if end < 0:
+            raise ValueError(f"{source}: line {_line_of(text, start)} opens a {{# comment that is never closed with #}}")
+        kept.append(text[position:start])
+        position = end + 2 + (text.startswith("\n", end + 2))
+
+
 def load_prompt(name: str) -> str:
-    """The text of configs/prompts/<name>.txt (surrounding whitespace stripped)."""
+    """The text of configs/prompts/<name>.txt without its {# ... #} comments, stripped."""
     path = PROMPTS_DIR / f"{name}.txt"
     if "/" in name or "\\" in name or not path.is_file():
         raise FileNotFoundError(
             f"prompt {name!r} not found: expected the file {path}; "
             f"prompts in {PROMPTS_DIR}: {', '.join(available_prompts()) or '(none)'}"
         )
-    return path.read_text(encoding="utf-8").strip()
+    return strip_prompt_comments(path.read_text(encoding="utf-8"), str(path))
 
 
 def drop_oldest_exchange(history: Sequence[Message]) -> list[Message]:

@@ -5,13 +5,16 @@ OpenAI-compatible /v1/chat/completions endpoint (OpenAI, vLLM, SGLang, ...)
 through `LLMClient`, which adds what training needs on top of `openai.AsyncOpenAI`:
 
 - bounded concurrency (one asyncio.Semaphore of `max_concurrency` in-flight requests);
+- requests and tokens per minute (`rpm`, `tpm`) paced by one limiter per endpoint, shared by
+  every client of that endpoint in the process (llm_limiter.py); a 429's Retry-After pauses it;
 - a hard per-request timeout (`timeout_s`), so a hanging server cannot stall a rollout;
 - our own retries (the SDK's are switched off) with exponential backoff and full
   jitter on 429, 5xx, timeouts, connection errors and malformed responses,
   honouring Retry-After (capped by `backoff_max_s`); other 4xx fail at once;
 - an append-only JSONL cache keyed by the request, so reruns and duplicate
   requests cost nothing (identical requests in flight share one HTTP call);
-- usage counters for metrics logs.
+- usage counters for metrics logs: calls, retries, failures, 429s, cache hits, latencies,
+  tokens and, with prices per million tokens, cost (llm_usage.py).
 
 The API key is read from the environment variable named by `api_key_env` and
 only handed to the SDK: it never appears in logs, reprs, errors or the cache.
@@ -27,69 +30,25 @@ import concurrent.futures
 import logging
 import os
 import random
-from dataclasses import asdict, dataclass, field
+import time
+from dataclasses import dataclass, field
 from typing import Any, AsyncGenerator, Awaitable, Mapping, Sequence, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import openai
 
-from rlpa_jax.config import LLMSection
+from rlpa_jax.config import ConfigError, LLMSection
 from rlpa_jax.dialogue.llm_cache import ResponseCache, cache_key
+from rlpa_jax.dialogue.llm_limiter import estimate_tokens, shared_limiter
 from rlpa_jax.dialogue.llm_retries import AttemptFailure, backoff_delay_s, classify_failure, completion_text
+from rlpa_jax.dialogue.llm_settings import LLMConfig
+from rlpa_jax.dialogue.llm_usage import LLMUsage
 
 logger = logging.getLogger(__name__)
 
 PLACEHOLDER_API_KEY = "EMPTY"  # what local vLLM / SGLang servers accept when they check no key
 REDACTED = "***"
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class LLMConfig:
-    """Where and how to call one OpenAI-compatible model."""
-
-    base_url: str
-    model: str
-    api_key_env: str = "OPENAI_API_KEY"
-    max_concurrency: int = 16
-    timeout_s: float = 60.0
-    max_retries: int = 4
-    backoff_initial_s: float = 0.5
-    backoff_max_s: float = 20.0
-    cache_path: str | None = None
-    temperature: float = 0.0
-    max_tokens: int = 512
-
-    def __post_init__(self) -> None:
-        problems = config_problems(self)
-        if problems:
-            raise ValueError("invalid LLMConfig: " + "; ".join(problems))
-
-
-def config_problems(config: LLMConfig) -> list[str]:
-    """Every field of `config` that is out of range, with what would be accepted."""
-    problems = []
-    if not config.base_url.startswith(("http://", "https://")):
-        problems.append(f"base_url={config.base_url!r} must start with http:// or https://")
-    if not config.model:
-        problems.append("model must be a non-empty model name")
-    if not config.api_key_env:
-        problems.append("api_key_env must name an environment variable")
-    if config.max_concurrency < 1:
-        problems.append(f"max_concurrency={config.max_concurrency} must be >= 1")
-    if config.timeout_s <= 0:
-        problems.append(f"timeout_s={config.timeout_s} must be > 0")
-    if config.max_retries < 0:
-        problems.append(f"max_retries={config.max_retries} must be >= 0")
-    if config.backoff_initial_s < 0 or config.backoff_max_s < 0:
-        problems.append(
-            f"backoff_initial_s={config.backoff_initial_s} and backoff_max_s={config.backoff_max_s} must be >= 0"
-        )
-    if config.max_tokens < 1:
-        problems.append(f"max_tokens={config.max_tokens} must be >= 1")
-    if config.temperature < 0:
-        problems.append(f"temperature={config.temperature} must be >= 0")
-    return problems
 
 
 class LLMCallError(RuntimeError):
@@ -105,28 +64,6 @@ class LLMCallError(RuntimeError):
         self.base_url = base_url
         self.status = status
         self.attempts = tuple(attempts)
-
-
-@dataclass
-class LLMUsage:
-    """Running counters over a client's life.
-
-    calls: complete() calls; cache_hits: calls answered without their own HTTP request
-    (cache or an identical request in flight); requests: HTTP attempts made;
-    retries: attempts after the first; failures: calls that raised LLMCallError.
-    """
-
-    calls: int = 0
-    cache_hits: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    retries: int = 0
-    failures: int = 0
-    requests: int = 0
-
-    def summary(self, prefix: str = "") -> dict[str, int]:
-        """Counters as a flat dict for metrics logs, keys optionally prefixed (e.g. "judge_llm/")."""
-        return {prefix + name: value for name, value in asdict(self).items()}
 
 
 # ---------------------------------------------------------------------------
@@ -192,6 +129,9 @@ class LLMClient:
     def __init__(self, config: LLMConfig) -> None:
         self.config = config
         self.usage = LLMUsage()
+        self.prices = config.prices
+        # One limiter per endpoint in the process: every role on it draws from one budget.
+        self.limiter = shared_limiter(config.base_url, config.model, config.limits)
         self._api_key = read_api_key(config.api_key_env)
         self._cache = ResponseCache(config.cache_path) if config.cache_path else None
         self._rng = random.Random()
@@ -312,6 +252,7 @@ class LLMClient:
             except Exception as error:
                 failure = classify_failure(error, self.config.timeout_s)
                 failures.append(failure)
+                self._note_rate_limit(failure)
                 if not failure.retryable:
                     # Chain only our own surprises: server errors carry raw bodies that may echo the key.
                     cause = error if failure.status == "unexpected error" else None
@@ -320,17 +261,39 @@ class LLMClient:
 
     async def _attempt(self, request: dict[str, Any]) -> str:
         state = await self._loop_state()
+        estimated = estimate_tokens(request["messages"], request["max_tokens"])
         async with state.semaphore:
+            # The slot is taken while holding the semaphore: a request that waited for its slot
+            # sends at once, so concurrency limits never bunch paced starts into a burst.
+            self.usage.wait_s += await self.limiter.acquire(estimated)
             self.usage.requests += 1
-            # The SDK timeout is per network phase; wait_for bounds the whole exchange.
-            response = await asyncio.wait_for(state.sdk.chat.completions.create(**request),
-                                              timeout=self.config.timeout_s)
+            started = time.perf_counter()
+            try:
+                # The SDK timeout is per network phase; wait_for bounds the whole exchange.
+                response = await asyncio.wait_for(state.sdk.chat.completions.create(**request),
+                                                  timeout=self.config.timeout_s)
+            except BaseException as error:
+                # A refused request spent no tokens; any other may have been served.
+                self.limiter.release(estimated, 0 if isinstance(error, openai.RateLimitError) else estimated)
+                raise
+            latency_s = time.perf_counter() - started
+        prompt_tokens, completion_tokens = usage_tokens(response)
+        self.limiter.release(estimated, prompt_tokens + completion_tokens if prompt_tokens or completion_tokens
+                             else estimated)
         text = completion_text(response)
-        usage = getattr(response, "usage", None)
-        if usage is not None:
-            self.usage.prompt_tokens += int(getattr(usage, "prompt_tokens", 0) or 0)
-            self.usage.completion_tokens += int(getattr(usage, "completion_tokens", 0) or 0)
+        self.usage.latencies_s.append(latency_s)
+        self.usage.prompt_tokens += prompt_tokens
+        self.usage.completion_tokens += completion_tokens
         return text
+
+    def _note_rate_limit(self, failure: AttemptFailure) -> None:
+        """A 429 counts, and its Retry-After (capped like retries' waits) pauses the endpoint for
+        every client of it, not just this request."""
+        if failure.status != "HTTP 429":
+            return
+        self.usage.rate_limited += 1
+        if failure.retry_after_s is not None:
+            self.limiter.pause(min(failure.retry_after_s, self.config.backoff_max_s))
 
     def _call_error(self, failures: Sequence[AttemptFailure], max_attempts: int) -> LLMCallError:
         last = failures[-1]
@@ -371,12 +334,27 @@ class LLMClient:
         return self._state
 
 
-def client_from_section(section: LLMSection) -> LLMClient:
-    """The client for one config section (user.llm, judges.llm); fields the config does not
-    expose keep LLMConfig's defaults."""
-    return LLMClient(LLMConfig(base_url=section.base_url, model=section.model, api_key_env=section.api_key_env,
-                               max_concurrency=section.max_concurrency, timeout_s=section.timeout_s,
-                               max_retries=section.max_retries, cache_path=section.cache_path))
+def client_from_section(section: LLMSection, key: str = "llm") -> LLMClient:
+    """The client for one role's config section (`key`, e.g. "judges.response.llm", names it in
+    errors). Fields left null (unset here and in every section it inherits from) keep
+    LLMConfig's defaults; an endpoint without base_url or model is a ConfigError."""
+    missing = [name for name in ("base_url", "model") if getattr(section, name) is None]
+    if missing:
+        raise ConfigError(f"{key}: no {' or '.join(missing)}; set {', '.join(f'{key}.{m}' for m in missing)} "
+                          f"or the shared llm section it inherits from")
+    values = {name: getattr(section, name) for name in LLM_SECTION_FIELDS if getattr(section, name) is not None}
+    return LLMClient(LLMConfig(**values))
+
+
+# The config section's fields the client takes (the names are the same on both sides).
+LLM_SECTION_FIELDS = ("base_url", "model", "api_key_env", "max_concurrency", "timeout_s", "max_retries", "cache_path",
+                      "rpm", "tpm", "price_input_per_mtok", "price_output_per_mtok")
+
+
+def usage_tokens(response: Any) -> tuple[int, int]:
+    """(prompt, completion) tokens the answer reports; (0, 0) when it reports none."""
+    usage = getattr(response, "usage", None)
+    return (int(getattr(usage, "prompt_tokens", 0) or 0), int(getattr(usage, "completion_tokens", 0) or 0))
 
 
 def forget_task(in_flight: dict[str, asyncio.Task], key: str, task: asyncio.Task) -> None:

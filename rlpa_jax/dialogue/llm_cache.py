@@ -1,5 +1,12 @@
 """The LLM client's on-disk answer cache: one JSON line per answer, keyed by everything that decides
-the answer (endpoint, model, messages, sampling settings), so a rerun never pays for an answer twice."""
+the answer (endpoint, model, messages, sampling settings), so a rerun never pays for an answer twice.
+
+Several processes (a multi-host run) never share a file they write: process k of several appends to
+`<stem>.process<k><suffix>` next to the configured `cache_path` (one writer per file, so no lock
+across hosts or network file systems is needed), and every process reads the configured file and
+all its `.process*` siblings at start, so answers cached by any earlier run, of one process or of
+several, are reused. A sibling's last line may be torn while its writer runs; it is skipped quietly.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +17,8 @@ import os
 import threading
 from pathlib import Path
 from typing import Any, Mapping, Sequence
+
+from rlpa_jax import multihost
 
 logger = logging.getLogger("rlpa_jax.dialogue.llm")  # one logger for the client and its parts
 
@@ -38,31 +47,41 @@ class ResponseCache:
     warning naming the file and line, and later writes start on a fresh line.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
+    def __init__(self, path: str | os.PathLike[str], process: int | None = None, processes: int | None = None) -> None:
+        self.configured_path = Path(path)
+        process = multihost.process_index() if process is None else process
+        processes = multihost.process_count() if processes is None else processes
+        self.path = process_cache_path(self.configured_path, process, processes)  # the one file this process writes
         self._lock = threading.Lock()
         self._entries: dict[str, str] = {}
         self._starts_mid_line = False
-        self._load()
+        for other in cache_files(self.configured_path):
+            if other != self.path:
+                self._load(other, own=False)
+        self._load(self.path, own=True)
 
-    def _load(self) -> None:
-        if not self.path.exists():
+    def _load(self, path: Path, own: bool) -> None:
+        if not path.exists():
             return
-        text = self.path.read_text(encoding="utf-8", errors="replace")
-        self._starts_mid_line = bool(text) and not text.endswith("\n")
-        for line_number, line in enumerate(text.splitlines(), start=1):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if own:
+            self._starts_mid_line = bool(text) and not text.endswith("\n")
+        lines = text.splitlines()
+        for line_number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             entry = parse_cache_line(line)
             if entry is None:
-                logger.warning(
+                # Another process may be writing its last line right now.
+                torn = not own and line_number == len(lines) and not text.endswith("\n")
+                (logger.debug if torn else logger.warning)(
                     "skipping corrupt LLM cache line %s:%d (expected a JSON object with string 'key' and 'content')",
-                    self.path, line_number,
+                    path, line_number,
                 )
                 continue
             key, content = entry
             self._entries[key] = content
-        logger.debug("loaded %d cached LLM answers from %s", len(self._entries), self.path)
+        logger.debug("loaded %d cached LLM answers from %s", len(self._entries), path)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -82,6 +101,17 @@ class ResponseCache:
                     self._starts_mid_line = False
                 cache_file.write(line)
             self._entries[key] = content
+
+
+def process_cache_path(path: Path, process: int, processes: int) -> Path:
+    """The file process `process` of `processes` appends to: `path` itself for a single process."""
+    return path if processes == 1 else path.with_name(f"{path.stem}.process{process}{path.suffix}")
+
+
+def cache_files(path: Path) -> list[Path]:
+    """The configured cache file and every per-process file written next to it, in a fixed order."""
+    siblings = sorted(path.parent.glob(f"{path.stem}.process*{path.suffix}")) if path.parent.is_dir() else []
+    return [path, *[s for s in siblings if s.name[len(path.stem) + len(".process"):-len(path.suffix) or None].isdigit()]]
 
 
 def parse_cache_line(line: str) -> tuple[str, str] | None:

@@ -38,6 +38,26 @@ def fill_template(template: str, name: str, **fields: str) -> str:
     return _PLACEHOLDER_RE.sub(lambda found: fields.get(found.group(1), found.group(0)), template)
 
 
+def placeholders(template: str) -> set[str]:
+    """The {field} names a template uses."""
+    return set(_PLACEHOLDER_RE.findall(template))
+
+
+def check_placeholders(template: str, name: str, allowed: set[str], required: set[str]) -> set[str]:
+    """The template's placeholders, after checking it has every required one and no unknown one
+    (a misspelt {field} would otherwise reach the model as literal text)."""
+    used = placeholders(template)
+    problems = []
+    if missing := sorted(required - used):
+        problems.append(f"lacks the placeholder(s) {', '.join('{' + m + '}' for m in missing)}")
+    if unknown := sorted(used - allowed):
+        problems.append(f"has unknown placeholder(s) {', '.join('{' + u + '}' for u in unknown)} "
+                        f"(known: {', '.join('{' + a + '}' for a in sorted(allowed))})")
+    if problems:
+        raise ValueError(f"configs/prompts/{name}.txt {'; '.join(problems)}")
+    return used
+
+
 def last_boxed(text: str) -> str | None:
     """The content of the last \\boxed{...} in `text`, stripped; None if there is none."""
     found = _BOXED_RE.findall(text)

@@ -25,6 +25,7 @@ from typing import Any, Protocol, runtime_checkable
 import jax
 import numpy as np
 
+from rlpa_jax import multihost
 from rlpa_jax.checkpoint import checkpoint_directory, model_config_from_meta, restore_actor_params
 from rlpa_jax.dialogue.chat import Message, assistant_message, load_prompt, parse_turn, prompt_token_ids, render_messages
 from rlpa_jax.dialogue.llm import LLMCallError, LLMClient
@@ -170,12 +171,12 @@ class JaxPolicy:
                 generation, self._kept[chunk_start] = self.prefix_sampler(
                     self.params, prompts, self._kept.pop(chunk_start, None), key, self.sampling, self.prompt_buckets,
                     self.max_batch_size or 1)
-                generation = jax.device_get(generation)
+                generation = multihost.gather(generation)
         else:
             # A short last chunk is padded to the chunk size, so every call reuses one program.
             tokens, mask = pad_prompts(prompts, self.generator.pad_id, self.prompt_buckets,
                                        batch_multiple=self.max_batch_size or 1)
-            generation = jax.device_get(self.generator(self.params, tokens, mask, key, self.sampling))
+            generation = multihost.gather(self.generator(self.params, tokens, mask, key, self.sampling))
         lengths = np.asarray(generation.lengths)
         return [self.tokenizer.decode(generation.tokens[row, : lengths[row]], skip_special_tokens=True)
                 for row in range(len(prompts))]

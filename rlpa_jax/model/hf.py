@@ -22,6 +22,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from rlpa_jax import multihost
 from rlpa_jax.model.qwen2 import Head, Params, Qwen2Config, init_params, param_logical_axes
 
 log = logging.getLogger(__name__)
@@ -329,10 +330,11 @@ def _check_structure(params: Params, axes: Params) -> None:
 
 
 def hf_tensors(params: Params, config: Qwen2Config, dtype: str = "float32") -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (HF name, numpy tensor) one at a time, gathering each parameter to the host."""
+    """Yield (HF name, numpy tensor) one at a time, gathering each parameter to the host (from
+    every process when it spans several: a collective, every process iterates)."""
     np_dtype = _NP_DTYPES[dtype]
     for entry in tensor_maps(config, "lm"):
-        ours = np.asarray(jax.device_get(_get_path(params, entry.path)), dtype=np.float32)
+        ours = np.asarray(multihost.gather(_get_path(params, entry.path)), dtype=np.float32)
         if entry.per_layer:
             for i in range(config.num_layers):
                 yield entry.hf_name.format(i=i), np.ascontiguousarray(entry.to_hf(ours[i], config).astype(np_dtype))
@@ -350,10 +352,16 @@ def export_hf(
     max_shard_bytes: int = 2 * 1024**3,
     generation_config: dict | None = None,
 ) -> Path:
-    """Write a directory that `transformers.AutoModelForCausalLM.from_pretrained` loads."""
+    """Write a directory that `transformers.AutoModelForCausalLM.from_pretrained` loads. With
+    several processes every one calls it (the parameters are gathered from all of them) and
+    process 0 alone writes."""
     if dtype not in _NP_DTYPES:
         raise ValueError(f"export dtype {dtype!r}; expected one of {sorted(_NP_DTYPES)}")
     output = Path(output_dir)
+    if not multihost.is_main_process():
+        for _ in hf_tensors(params, config, dtype):  # take part in every gather, write nothing
+            pass
+        return output
     output.mkdir(parents=True, exist_ok=True)
 
     shards: list[dict[str, np.ndarray]] = [{}]

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from rlpa_jax import parallel
+from rlpa_jax import multihost, parallel
 from rlpa_jax.dialogue.chat import Message, format_turn, load_prompt
 from rlpa_jax.dialogue.personas import Persona
 from rlpa_jax.dialogue.users.scripted import ScriptedUser
@@ -303,7 +303,7 @@ def preference_logps(
             batch = {k: jax.device_put(v, parallel.batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
             with parallel.activate(mesh):
                 logps = forward(params, batch)
-        result[pairs] = np.asarray(jax.device_get(logps))[: len(pairs)]
+        result[pairs] = np.asarray(multihost.gather(logps))[: len(pairs)]
     return result
 
 

@@ -14,7 +14,7 @@ from typing import Literal, Sequence
 from rlpa_jax.dialogue.chat import Message, ParsedTurn, parse_turn, prompt_token_ids
 from rlpa_jax.dialogue.judges import (ItemMatchingJudge, ProfileJudge, ResponseJudge, ResponseRequest, TurnScore,
                                       score_turn)
-from rlpa_jax.dialogue.llm import redact_url
+from rlpa_jax.dialogue.llm import LLMClient, redact_url
 from rlpa_jax.dialogue.personas import Persona, make_persona
 from rlpa_jax.dialogue.profile import format_profile
 from rlpa_jax.dialogue.users import OPENING_MESSAGE, UserSimulator, UserState
@@ -89,6 +89,12 @@ class Environment:
                 where = f" ({client.config.model} at {redact_url(client.config.base_url)})" if client else ""
                 problems.append(f"{role}{where}: {problem}")
         return problems
+
+    def llm_clients(self) -> dict[str, LLMClient]:
+        """The LLM client of each role that talks to one (user, profile_judge, response_judge)."""
+        stages = {"user": self.user_sim, "profile_judge": self.profile_judge, "response_judge": self.response_judge}
+        return {role: stage.client for role, stage in stages.items()
+                if isinstance(getattr(stage, "client", None), LLMClient)}
 
     def prompt_tokens(self, history: Sequence[Message]) -> list[int]:
         return prompt_token_ids(self.tokenizer, self.system_prompt, history, self.max_prompt_tokens)

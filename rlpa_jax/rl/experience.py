@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
+from rlpa_jax import multihost
 from rlpa_jax.model.qwen2 import Params, Qwen2Config
 from rlpa_jax.rl import ppo
 from rlpa_jax.rl.ppo import AdvantageSettings
@@ -208,7 +209,7 @@ class ForwardPasses:
                 chunk = self.trim(chunk)
             length = chunk.response_mask.shape[1]
             out = fn(params, self.put_batch(chunk.tokens), self.put_batch(chunk.attention_mask), length)
-            outs.append(untrim_responses(np.asarray(jax.device_get(out)), width))
+            outs.append(untrim_responses(np.asarray(multihost.gather(out)), width))
         return np.concatenate(outs) * experience.response_mask
 
     def lower(self, params: Params, tokens, attention_mask, response_length: int, head: str = "lm"):

@@ -1,4 +1,8 @@
-"""Run metrics: one JSON line per step, TensorBoard scalars, and reward curves as a PNG."""
+"""Run metrics: one JSON line per step, TensorBoard scalars, and reward curves as a PNG.
+
+With several processes, process 0 alone writes (the metrics it is given are already reduced over
+processes) and reads: what it reads back is handed to every process, so all take the same
+decisions (a resume's held-out start, for one) even without a file system they all see."""
 
 from __future__ import annotations
 
@@ -8,6 +12,8 @@ from pathlib import Path
 from typing import Mapping
 
 import matplotlib
+
+from rlpa_jax import multihost
 
 matplotlib.use("Agg")  # files only: runs happen on headless hosts
 import matplotlib.pyplot as plt  # noqa: E402
@@ -20,13 +26,16 @@ class MetricsLog:
     def __init__(self, run_dir: Path, tensorboard: bool = True):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._writes = multihost.is_main_process()
         self._writer = None
-        if tensorboard:
+        if tensorboard and self._writes:
             from tensorboardX import SummaryWriter
 
             self._writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
 
     def write(self, phase: str, step: int, metrics: Mapping[str, float]) -> None:
+        if not self._writes:
+            return
         record = {"phase": phase, "step": step} | {k: _plain(v) for k, v in metrics.items()}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
@@ -38,16 +47,18 @@ class MetricsLog:
 
     def truncate_after(self, phase: str, step: int) -> None:
         """Drop records of `phase` past `step` (a resumed run rewrites what came after its checkpoint)."""
-        if not self.path.exists():
+        if not self._writes or not self.path.exists():
             return
         kept = [line for line in self.path.read_text().splitlines()
                 if line and not (json.loads(line)["phase"] == phase and json.loads(line)["step"] > step)]
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def records(self, phase: str) -> list[dict]:
-        if not self.path.exists():
-            return []
-        return [r for r in map(json.loads, self.path.read_text().splitlines()) if r["phase"] == phase]
+        """Every record of `phase` (process 0's file; with several processes a collective)."""
+        records = []
+        if self._writes and self.path.exists():
+            records = [r for r in map(json.loads, self.path.read_text().splitlines()) if r["phase"] == phase]
+        return multihost.allgather_json(records)[0] if multihost.process_count() > 1 else records
 
     def close(self) -> None:
         if self._writer is not None:

@@ -76,7 +76,8 @@ class RolloutResult:
 
 
 class Rollout:
-    """Runs conversations for `max_rounds` turns and returns every sampled turn."""
+    """Runs conversations for `max_rounds` turns (run) or one turn (play_turn) and returns every
+    sampled turn."""
 
     def __init__(self, environment: Environment, generator: Generator, sampling: SamplingParams, max_rounds: int,
                  prompt_buckets: Sequence[int], groups: int = 2, batch_multiple: int = 1, put_batch=None,
@@ -94,6 +95,28 @@ class Rollout:
         groups = [conversations[g::self.groups] for g in range(self.groups)]
         groups = [g for g in groups if g]
         samples = asyncio.run(self._run_groups(params, groups, key))
+        return self._result(samples, conversations, start)
+
+    def play_turn(self, params: Params, conversations: list[Conversation], turns: Sequence[int],
+                  key: jax.Array) -> RolloutResult:
+        """One turn of each conversation (the `turn` schedule's pool, each at its own `turns[i]`):
+        sampled, scored, continued with its best sample and answered by its user. The pool is split
+        into the same pipeline groups as run()'s, so a sampler call has as many rows as there. No
+        prompt cache is kept: the parameters change between one turn and the next."""
+        self.timings = Counter()
+        start = time.perf_counter()
+        slots = [list(range(g, len(conversations), self.groups)) for g in range(self.groups)]
+        slots = [g for g in slots if g]
+
+        async def play() -> list[Sample]:
+            results = await asyncio.gather(*(
+                self._turn(params, [conversations[i] for i in g], [turns[i] for i in g], jax.random.fold_in(key, n))
+                for n, g in enumerate(slots)))
+            return [s for group_samples, _ in results for s in group_samples]
+
+        return self._result(asyncio.run(play()), conversations, start)
+
+    def _result(self, samples: list[Sample], conversations: list[Conversation], start: float) -> RolloutResult:
         self.timings["rollout_s"] = time.perf_counter() - start
         stats = self._stats(samples)
         # What the replies drew out of the users: profile F1 can only count what was revealed.
@@ -127,9 +150,10 @@ class Rollout:
         self.timings["prefilled_tokens"] += sum(map(len, prompts))
         return self.generator(params, self.put_batch(tokens), self.put_batch(mask), key, self.sampling), None
 
-    async def _turn(self, params, conversations: list[Conversation], turn: int, key,
-                    kept: PromptCache | None) -> tuple[list[Sample], PromptCache | None]:
+    async def _turn(self, params, conversations: list[Conversation], turn: int | Sequence[int], key,
+                    kept: PromptCache | None = None) -> tuple[list[Sample], PromptCache | None]:
         n = self.sampling.num_samples
+        turns = [turn] * len(conversations) if isinstance(turn, int) else list(turn)  # one per conversation
         t0 = time.perf_counter()
         prompts = [self.environment.prompt_tokens(c.history) for c in conversations]
         self.timings["prompt_tokens"] += sum(map(len, prompts))
@@ -145,8 +169,8 @@ class Rollout:
         t2 = time.perf_counter()
 
         samples, best = [], []
-        for c, prompt, row, row_texts, row_scores in zip(conversations, prompts, rows, texts, scored):
-            turn_samples = [self._sample(c, turn, j, prompt, toks, lps, text, parsed, score, matched)
+        for c, c_turn, prompt, row, row_texts, row_scores in zip(conversations, turns, prompts, rows, texts, scored):
+            turn_samples = [self._sample(c, c_turn, j, prompt, toks, lps, text, parsed, score, matched)
                             for j, ((toks, lps), text, (parsed, score, matched)) in enumerate(zip(row, row_texts, row_scores))]
             chosen = max(turn_samples, key=lambda s: (s.score.valid, s.reward, -s.sample_index))
             chosen.chosen = True

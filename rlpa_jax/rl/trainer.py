@@ -1,12 +1,14 @@
 """The RLPA training run: rollout -> experience -> update -> log -> checkpoint, iteration after iteration.
 
-One PPO iteration: B conversations run `max_rounds` turns with n samples per turn (best-of-n
-continues), every sample becomes a row of one Experience (rl/experience.py: the actor's,
-reference's and, when the estimator needs one, the critic's forwards, KL and advantages), and the
-actor and, when there is one, the critic are updated. Checkpoints hold actor, critic, reference,
-optimizer states and the data position, so `--resume` continues the same run. The first Ctrl-C
-finishes the current iteration, saves and exits; a NaN stops the run with a message and leaves the
-last good checkpoint in place.
+One PPO iteration (`rollout.schedule=conversation`): B new conversations run `max_rounds` turns
+with n samples per turn (best-of-n continues); with `turn` (the paper), a pool of B live
+conversations advances one turn each (rl/schedule.py). Every sample becomes a row of one
+Experience (rl/experience.py: the actor's, reference's and, when the estimator needs one, the
+critic's forwards, KL and advantages), and the actor and, when there is one, the critic are
+updated. Checkpoints hold actor, critic, reference, optimizer states, the data position and the
+conversation pool, so `--resume` continues the same run. The first Ctrl-C finishes the current
+iteration, saves and exits; a NaN stops the run with a message and leaves the last good
+checkpoint in place.
 
 The trainer is handed its parts (`TrainingParts`: the environment, the generator, the personas,
 the initial policy) already built; rlpa_jax/build.py builds them from a config.
@@ -29,9 +31,10 @@ import yaml
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from rlpa_jax import parallel
+from rlpa_jax import multihost, parallel
 from rlpa_jax.checkpoint import Checkpointer, policy_meta
 from rlpa_jax.config import TrainConfig, to_dict
+from rlpa_jax.dialogue.llm_usage import LLMMeter, progress_postfix
 from rlpa_jax.dialogue.matching import mentioned_item_indices
 from rlpa_jax.dialogue.personas import Persona
 from rlpa_jax.model import hf
@@ -43,13 +46,16 @@ from rlpa_jax.rl.experience import (UPDATE_FIELDS, Experience, ExperienceBuilder
                                     length_grouped_minibatches, prompt_lengths, trim_padding)
 from rlpa_jax.rl.metrics import MetricsLog, plot_training
 from rlpa_jax.rl.objectives import actor_loss_fn, critic_loss_fn, response_tokens
-from rlpa_jax.rl.rollout import Rollout
+from rlpa_jax.rl.rollout import Rollout, RolloutResult
+from rlpa_jax.rl.schedule import ConversationPool, derived_seed, fresh_conversations
 from rlpa_jax.sampling import Generator, SamplingLayout, SamplingParams, bucket
 from rlpa_jax.training.optimizer import make_optimizer
 from rlpa_jax.training.output_scale import output_scale_ratio, with_output_scale_lr
 from rlpa_jax.training.updater import Trainable, Updater
 
 log = logging.getLogger(__name__)
+
+POOL_DOCUMENT = "conversation_pool"  # the checkpoint item holding the `turn` schedule's pool (JSON)
 
 
 class TrainingDiverged(RuntimeError):
@@ -81,7 +87,8 @@ class Trainer:
         self.config, self.parts = config, parts
         self.run_dir = config.run_dir
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+        if multihost.is_main_process():  # one writer of what a run writes once (checkpoints: every process)
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
         self.mesh, self.model_config = parts.mesh, parts.model_config
         self.advantages = advantages.lookup(config.ppo.advantage, config.ppo.credit, config.rollout.samples_per_prompt)
 
@@ -99,7 +106,10 @@ class Trainer:
         self.rollout = Rollout(parts.environment, self.generator, self.sampling, r.max_rounds, r.prompt_buckets,
                                r.pipeline_groups, self.row_multiple, self._put_batch, self.prefix_sampler)
 
-        samples_per_iteration = r.conversations * r.max_rounds * r.samples_per_prompt
+        self.pool = (ConversationPool(r.conversations, parts.train_personas, parts.environment.user_sim, config.seed,
+                                      r.max_rounds, config.data.switch_turn) if r.schedule == "turn" else None)
+        turns_per_iteration = 1 if self.pool else r.max_rounds
+        samples_per_iteration = r.conversations * turns_per_iteration * r.samples_per_prompt
         self.total_steps = p.iterations * p.epochs * math.ceil(samples_per_iteration / p.train_batch_size)
         opt = dict(b1=p.adam_b1, b2=p.adam_b2, weight_decay=p.weight_decay, grad_clip=p.grad_clip,
                    warmup_ratio=p.warmup_ratio, min_lr_ratio=p.min_lr_ratio)
@@ -121,6 +131,7 @@ class Trainer:
                                       trim=trim)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", config.logging.max_to_keep)
         self.metrics = MetricsLog(self.run_dir, config.logging.tensorboard)
+        self.llm_meter = LLMMeter(parts.environment.llm_clients())  # per-role calls, latency, tokens, cost
         self.on_iteration_end: list[Callable[[int, dict], None]] = []
         self._stop_requested = False
         self._invalid_iterations = 0  # iterations in a row with too many unscored samples
@@ -138,15 +149,24 @@ class Trainer:
         reference = jax.tree.map(lambda x: x.copy(), actor)  # frozen: the KL anchor
         return {"actor": self.actor_updater.init(actor), "critic": self.critic_updater.init(critic), "reference": reference}
 
-    def save(self, state: dict, iteration: int, kl_coef: float) -> None:
+    def save(self, state: dict, iteration: int, kl_coef: float, pool: dict | None = None) -> None:
+        """A checkpoint at `iteration`, with the conversation pool as it stands (or as `pool`)."""
         meta = {"iteration": iteration, "kl_coef": kl_coef, "seed": self.config.seed} | policy_meta(
             self.model_config, self.parts.tokenizer_dir, self.config.rollout.system_prompt)
-        self.checkpointer.save(iteration, state, meta)
+        documents = {POOL_DOCUMENT: self.pool.to_json() if pool is None else pool} if self.pool else None
+        self.checkpointer.save(iteration, state, meta, documents=documents)
 
     def restore(self) -> tuple[dict, int, float]:
-        """The newest readable checkpoint: a damaged newer one is reported, moved aside
-        (`<step>.corrupt`) and the previous one used; none readable is a CheckpointError."""
-        _, state, meta = self.checkpointer.restore_latest_readable(self.abstract_state())
+        """The newest readable checkpoint (and its conversation pool): a damaged newer one is
+        reported, moved aside (`<step>.corrupt`) and the previous one used; none readable is a
+        CheckpointError."""
+        documents = (POOL_DOCUMENT,) if self.pool else ()
+        step, state, meta, found = self.checkpointer.resume(self.abstract_state(), documents)
+        if self.pool and found.get(POOL_DOCUMENT) is None:
+            log.warning("checkpoint step %d holds no conversation pool (saved with rollout.schedule=conversation?): "
+                        "the pool starts with new users", step)
+        elif self.pool:
+            self.pool.load_json(found[POOL_DOCUMENT], f"{self.checkpointer.directory}/{step}")
         log.info("resumed from iteration %d", meta["iteration"])
         return state, int(meta["iteration"]), float(meta["kl_coef"])
 
@@ -223,14 +243,22 @@ class Trainer:
     # ------------------------------------------------------------------------------- one iteration
 
     def conversations(self, iteration: int):
-        cfg, pool = self.config, self.parts.train_personas
-        indices = iteration_personas(pool, cfg.rollout.conversations, cfg.seed, iteration)
-        switch_to = None
-        if cfg.data.switch_turn is not None:
-            switch_to = [pool[i] for i in iteration_personas(pool, len(indices), cfg.seed + 1, iteration)]
-        seeds = [derived_seed(cfg.seed, iteration, k) for k in range(len(indices))]
-        return start_conversations([pool[i] for i in indices], self.parts.environment.user_sim, seeds, first_id=0,
-                                   switch_turn=cfg.data.switch_turn, switch_personas=switch_to)
+        """The `conversation` schedule's new users for `iteration`."""
+        cfg = self.config
+        return fresh_conversations(self.parts.train_personas, self.parts.environment.user_sim,
+                                   cfg.rollout.conversations, cfg.seed, iteration, cfg.data.switch_turn)
+
+    def play(self, params: Params, iteration: int, key: jax.Array) -> RolloutResult:
+        """This iteration's rollout: whole new conversations, or one turn of every pool conversation
+        (finished ones replaced first) with the pool's turn and turnover in the stats."""
+        if self.pool is None:
+            return self.rollout.run(params, self.conversations(iteration), key)
+        started = self.pool.refill()
+        turns = self.pool.turns()
+        result = self.rollout.play_turn(params, self.pool.conversations, turns, key)
+        result.stats |= {"pool_turn": float(np.mean(turns)) + 1, "conversations_started": float(started),
+                         "conversations_finished": float(self.pool.finished())}
+        return result
 
     def iteration(self, state: dict, iteration: int, kl_coef: float) -> tuple[dict, dict, float]:
         cfg, p = self.config, self.config.ppo
@@ -240,10 +268,11 @@ class Trainer:
         weight_sync_s = time.perf_counter() - t0
         # Inside the mesh: the model's logical constraints shard activations and the KV cache
         # (outside it they are no-ops and XLA picks its own, far costlier, layouts).
+        self.llm_meter.mark()
         with parallel.activate(self.mesh):
-            result = self.rollout.run(sampler_params, self.conversations(iteration), key)
+            result = self.play(sampler_params, iteration, key)
         del sampler_params  # the sampling copy lives for the rollout only
-        metrics = {k: v for k, v in result.stats.items()} | {"weight_sync_s": weight_sync_s}
+        metrics = {k: v for k, v in result.stats.items()} | {"weight_sync_s": weight_sync_s} | self.llm_meter.interval()
         valid = [s for s in result.samples if s.score.valid]
         invalid_fraction = 1.0 - len(valid) / max(len(result.samples), 1)
         if invalid_fraction > cfg.rollout.max_invalid_fraction:
@@ -299,7 +328,7 @@ class Trainer:
                 if self.advantages.needs_critic:
                     critic, critic_metrics = self.critic_updater(critic, minibatch)
                     actor_metrics |= {f"critic_{k}": v for k, v in critic_metrics.items()}
-                for k, v in jax.device_get(actor_metrics).items():
+                for k, v in multihost.fetch(actor_metrics).items():  # replicated scalars
                     sums.setdefault(k, []).append(float(v))
         metrics = {k: float(np.mean(v)) for k, v in sums.items()}
         bad = [k for k, v in metrics.items() if not math.isfinite(v)]
@@ -346,14 +375,17 @@ class Trainer:
         last = {}
         try:
             for iteration in bar:
+                pool_before = self.pool.to_json() if self.pool else None
                 try:
                     state, last, kl_coef = self.iteration(state, iteration, kl_coef)
                 except UnscoredRollouts:
-                    self.save(state, iteration, kl_coef)  # --resume retries this iteration
+                    self.save(state, iteration, kl_coef, pool_before)  # --resume retries this iteration
                     raise
                 self.metrics.write("ppo", iteration, last)
+                llm = {"llm": progress_postfix(last, self.llm_meter.clients)} if self.llm_meter.clients else {}
                 bar.set_postfix(reward=f"{last['reward']:.3f}", f1=f"{last['profile_f1']:.3f}",
-                                kl=f"{last.get('kl', 0.0):.4f}", tok_s=f"{last.get('sampling_tokens_per_s', 0):.0f}")
+                                kl=f"{last.get('kl', 0.0):.4f}", tok_s=f"{last.get('sampling_tokens_per_s', 0):.0f}",
+                                **llm)
                 done = iteration + 1
                 for callback in self.on_iteration_end:
                     callback(iteration, last)
@@ -369,7 +401,10 @@ class Trainer:
 
         after = self.evaluate(state["actor"].params, eval_personas, "end")
         summary = {"start": before, "end": after}
-        plot_training(self.metrics, self.run_dir / "rewards.png", baseline=before, final=after)
+        if self.llm_meter.clients:
+            summary["llm"] = self.llm_meter.totals()
+        if multihost.is_main_process():
+            plot_training(self.metrics, self.run_dir / "rewards.png", baseline=before, final=after)
         if cfg.logging.export_hf:
             hf.export_hf(state["actor"].params, self.model_config, self.run_dir / "hf",
                          tokenizer_dir=self.parts.tokenizer_dir)
@@ -404,18 +439,6 @@ def profile_by_turn(samples, conversations) -> dict[str, float]:
         row["right"].append(round(s.score.profile_reward * (written + len(true)) / 2))
     return {f"{name}_turn{turn + 1}": float(np.mean(values)) for turn, row in sorted(by_turn.items())
             for name, values in row.items()}
-
-
-def derived_seed(*parts: int) -> int:
-    """A seed that is a pure function of its parts (Python's hash() of strings is salted per process)."""
-    return int(np.random.default_rng([abs(x) for x in parts] + [int(x < 0) for x in parts]).integers(2**31))
-
-
-def iteration_personas(pool: Sequence[Persona], count: int, seed: int, iteration: int) -> list[int]:
-    """Persona indices for one PPO iteration: a pure function of (seed, iteration), so a resumed
-    run draws exactly the users the uninterrupted run would have drawn."""
-    rng = np.random.default_rng([seed, iteration])
-    return rng.choice(len(pool), size=count, replace=len(pool) < count).tolist()
 
 
 def experience_metrics(experience: Experience) -> dict[str, float]:

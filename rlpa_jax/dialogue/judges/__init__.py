@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from rlpa_jax.config import ConfigError, JudgeConfig
+from rlpa_jax.config import ConfigError, JudgeConfig, inherited
 from rlpa_jax.dialogue.judges.base import (
     ItemMatchingJudge,
     ProfileJudge,
@@ -30,8 +30,13 @@ def embedded_judges(section: JudgeConfig) -> JudgePair:
 
 
 def llm_judges(section: JudgeConfig) -> JudgePair:
-    client = client_from_section(section.llm)  # one client: both judges share its cache and concurrency
-    return LLMProfileJudge(client), LLMResponseJudge(client)
+    """Each judge on its own endpoint section (judges.profile.llm, judges.response.llm; unset fields
+    come from judges.llm) and its own client, so each has its own metrics; judges on one endpoint
+    still share its rate limiter."""
+    profile = client_from_section(inherited(section.profile.llm, section.llm), "judges.profile.llm")
+    response = client_from_section(inherited(section.response.llm, section.llm), "judges.response.llm")
+    return (LLMProfileJudge(profile, prompt_name=section.profile_prompt),
+            LLMResponseJudge(response, prompt_name=section.response_prompt))
 
 
 JUDGES: dict[str, Callable[[JudgeConfig], JudgePair]] = {

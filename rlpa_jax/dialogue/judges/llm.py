@@ -15,7 +15,7 @@ from typing import Callable, Sequence, TypeVar
 from rlpa_jax.dialogue.chat import Message, load_prompt
 from rlpa_jax.dialogue.judges.base import ProfilePairs, ResponseRequest
 from rlpa_jax.dialogue.llm import LLMCallError, LLMClient
-from rlpa_jax.dialogue.llm_prompts import fence, fill_template, last_boxed
+from rlpa_jax.dialogue.llm_prompts import check_placeholders, fence, fill_template, last_boxed
 from rlpa_jax.dialogue.profile import ProfileItem, format_profile
 from rlpa_jax.dialogue.text import visible_reply_text
 
@@ -36,10 +36,12 @@ def parse_match_count(text: str, max_matches: int) -> int | None:
     return int(value)
 
 
-def render_history(history: Sequence[Message]) -> str:
+def render_history(history: Sequence[Message], speakers: tuple[str, str] = ("User", "Assistant")) -> str:
+    """One "Speaker: text" line per message (the assistant's only as its visible reply); `speakers`
+    names the user and the assistant."""
     lines = []
     for message in history:
-        speaker = "User" if message.role == "user" else "Assistant"
+        speaker = speakers[0] if message.role == "user" else speakers[1]
         text = message.content if message.role == "user" else visible_reply_text(message.content)
         lines.append(f"{speaker}: {text}")
     return "\n".join(lines) if lines else "(no messages yet)"
@@ -56,6 +58,8 @@ class LLMJudge:
     """What both LLM judges share: the client, the prompt, re-asking on unparsable output, stats."""
 
     prompt_name = ""  # configs/prompts/<prompt_name>.txt: the default prompt, named in errors
+    required_fields: set[str] = set()  # placeholders every prompt for this judge must have
+    optional_fields: set[str] = set()  # placeholders a prompt may use
 
     def __init__(
         self,
@@ -63,11 +67,15 @@ class LLMJudge:
         prompt: str | None = None,
         max_attempts: int = 3,
         retry_temperature: float = 0.7,
+        prompt_name: str | None = None,
     ) -> None:
         if max_attempts < 1:
             raise ValueError(f"judges.{type(self).__name__}: max_attempts must be >= 1, got {max_attempts}")
         self.client = client
+        self.prompt_name = prompt_name or self.prompt_name
         self.prompt = prompt if prompt is not None else load_prompt(self.prompt_name)
+        self.fields = check_placeholders(self.prompt, self.prompt_name, self.required_fields | self.optional_fields,
+                                         self.required_fields)
         self.max_attempts = max_attempts
         self.retry_temperature = retry_temperature
         self.stats = JudgeStats()
@@ -116,6 +124,7 @@ class LLMProfileJudge(LLMJudge):
     """Counts matches with an LLM; the inferred profile is fenced untrusted data."""
 
     prompt_name = "profile_judge"
+    required_fields = {"inferred_profile", "true_profile", "max_matches", "attempt"}
 
     def build_messages(
         self, inferred: Sequence[ProfileItem], true: Sequence[ProfileItem], attempt: int
@@ -148,10 +157,15 @@ class LLMResponseJudge(LLMJudge):
     """0/1 verdict from an LLM; the reply and the conversation are fenced untrusted data."""
 
     prompt_name = "response_judge"
+    required_fields = {"user_profile", "conversation", "reply", "attempt"}
+    # With {last_message} the prompt is the paper's role-play: the judge is the user, so the
+    # user's newest message stands apart and the conversation is written from the user's side.
+    optional_fields = {"last_message"}
 
     def __init__(self, client: LLMClient, prompt: str | None = None, max_attempts: int = 3,
-                 retry_temperature: float = 0.7, max_history_messages: int = 20) -> None:
-        super().__init__(client, prompt, max_attempts, retry_temperature)
+                 retry_temperature: float = 0.7, max_history_messages: int = 20,
+                 prompt_name: str | None = None) -> None:
+        super().__init__(client, prompt, max_attempts, retry_temperature, prompt_name)
         self.max_history_messages = max_history_messages
 
     def build_messages(self, request: ResponseRequest, attempt: int) -> list[dict]:
@@ -159,12 +173,14 @@ class LLMResponseJudge(LLMJudge):
         profile = request.persona.profile_text
         if request.persona.personality_text:
             profile = f"{profile}\n{request.persona.personality_text}"
-        return self.prompt_messages(
-            attempt,
-            user_profile=fence("USER_PROFILE", profile),
-            conversation=fence("CONVERSATION", render_history(history)),
-            reply=fence("REPLY", request.reply),
-        )
+        fields = dict(user_profile=fence("USER_PROFILE", profile), reply=fence("REPLY", request.reply))
+        if "last_message" in self.fields:
+            last = history.pop().content if history and history[-1].role == "user" else ""
+            fields["last_message"] = fence("LAST_MESSAGE", last)
+            fields["conversation"] = fence("CONVERSATION", render_history(history, speakers=("You", "Them")))
+        else:
+            fields["conversation"] = fence("CONVERSATION", render_history(history))
+        return self.prompt_messages(attempt, **fields)
 
     async def judge(self, requests: Sequence[ResponseRequest]) -> list[int | None]:
         builders = [(lambda attempt, request=request: self.build_messages(request, attempt)) for request in requests]

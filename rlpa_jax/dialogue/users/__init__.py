@@ -12,7 +12,8 @@ from typing import Callable
 
 from rlpa_jax.config import ConfigError, UserConfig
 from rlpa_jax.dialogue.llm import client_from_section
-from rlpa_jax.dialogue.users.base import OPENING_MESSAGE, UserSimulator, UserState, revealed_items
+from rlpa_jax.dialogue.users.base import (OPENING_MESSAGE, UserSimulator, UserState, revealed_items,
+                                          user_state_from_json, user_state_to_json)
 from rlpa_jax.dialogue.users.llm import LLMUser
 from rlpa_jax.dialogue.users.scripted import ScriptedUser
 
@@ -22,7 +23,7 @@ def scripted_user(section: UserConfig) -> UserSimulator:
 
 
 def llm_user(section: UserConfig) -> UserSimulator:
-    return LLMUser(client_from_section(section.llm))
+    return LLMUser(client_from_section(section.llm, "user.llm"), prompt_name=section.prompt)
 
 
 USER_SIMULATORS: dict[str, Callable[[UserConfig], UserSimulator]] = {
@@ -47,4 +48,6 @@ __all__ = [
     "UserState",
     "build_user",
     "revealed_items",
+    "user_state_from_json",
+    "user_state_to_json",
 ]

@@ -79,6 +79,27 @@ def new_user_state(
     )
 
 
+def user_state_to_json(state: UserState) -> dict:
+    """Everything of `state` but its personas, as plain JSON (the caller stores which personas they
+    were): with user_state_from_json, a conversation resumed from a checkpoint gets the very replies
+    the uninterrupted one would have had, the RNG included."""
+    version, internal, gauss_next = state.rng.getstate()
+    return {"seed": state.seed, "rng": [version, list(internal), gauss_next], "turn": state.turn,
+            "revealed": sorted(state.revealed), "switch_turn": state.switch_turn, "switched": state.switched}
+
+
+def user_state_from_json(data: dict, persona: Persona, switch_persona: Persona | None = None) -> UserState:
+    """The state user_state_to_json wrote, for the conversation's original `persona` (and the
+    persona it switches to, if it does)."""
+    state = new_user_state(persona, int(data["seed"]), data["switch_turn"], switch_persona)
+    version, internal, gauss_next = data["rng"]
+    state.rng.setstate((version, tuple(internal), gauss_next))
+    state.turn, state.revealed, state.switched = int(data["turn"]), set(data["revealed"]), bool(data["switched"])
+    if state.switched:
+        state.persona = switch_persona
+    return state
+
+
 def revealed_items(state: UserState) -> list[ProfileItem]:
     """Items of the current persona revealed so far (the ceiling for long-term profile scores)."""
     return [state.persona.items[index] for index in sorted(state.revealed)]

@@ -1,0 +1,151 @@
+"""One process of a multi-process test run (tests/test_multihost.py starts several of these).
+
+    python tests/multihost_worker.py SCENARIO OUT_DIR
+
+The process joins the others through rlpa_jax's own start-up (parallel.initialize_distributed,
+from the JAX_* variables the test sets), runs SCENARIO and writes what it saw to
+OUT_DIR/process<k>.json for the test to compare with a one-process run.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlpa_jax import multihost, parallel
+from rlpa_jax.checkpoint import Checkpointer, abstract_like
+from rlpa_jax.model import hf
+from rlpa_jax.model.qwen2 import Qwen2Config, init_params
+from rlpa_jax.rl.metrics import MetricsLog
+
+ROWS, WIDTH = 16, 6
+MESH = parallel.MeshConfig(data=2, fsdp=2, tensor=2)  # rows over data*fsdp=4, copies over tensor
+MODEL = Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2)
+
+
+def global_batch() -> np.ndarray:
+    return np.random.default_rng(0).normal(size=(ROWS, WIDTH)).astype(np.float32)
+
+
+def weights() -> np.ndarray:
+    return np.random.default_rng(1).normal(size=(WIDTH, WIDTH)).astype(np.float32)
+
+
+@jax.jit
+def program(batch, w):
+    """A global program: rows stay sharded, the total is a cross-device (and cross-process) sum."""
+    hidden = jnp.tanh(batch @ w)
+    return hidden, jnp.sum(hidden ** 2)
+
+
+def run_program(mesh) -> dict:
+    """The rows this process holds, built into the global batch, through `program`."""
+    sharding = parallel.batch_sharding(mesh)
+    rows = multihost.local_row_indices(sharding, (ROWS, WIDTH))
+    batch = multihost.global_from_local_rows(global_batch()[rows], sharding, ROWS)
+    w = jax.device_put(weights(), parallel.replicated(mesh))
+    with parallel.activate(mesh):
+        hidden, total = program(batch, w)
+    out = {"rows": rows.tolist(), "local_hidden": multihost.local_rows(hidden).tolist(),
+           "hidden": multihost.gather(hidden).tolist(), "total": float(multihost.fetch(total))}
+    try:
+        multihost.fetch(hidden)
+        out["fetch_error"] = None
+    except multihost.NotAddressable as error:
+        out["fetch_error"] = str(error)
+    return out
+
+
+def scenario_arrays(out_dir: Path) -> dict:
+    mesh = parallel.make_mesh(MESH)
+    result = run_program(mesh)
+    k = multihost.process_index()
+    result["max"] = multihost.agree_on_max((3 + k, 10 - k))
+    # Process k scored k + 1 samples of reward k each and saw k invalid ones.
+    result["metrics"] = multihost.reduce_metrics({"reward": k * (k + 1), "invalid_samples": k}, {"reward": k + 1})
+    metrics = MetricsLog(out_dir / "run", tensorboard=False)
+    metrics.write("ppo", 0, {"reward": result["metrics"]["reward"]})
+    result["records"] = metrics.records("ppo")
+    facts = {"config": {"ppo": {"actor_lr": 3e-5}}, "devices": multihost.device_facts()}
+    multihost.check_agreement(facts)  # the same everywhere: passes
+    try:  # process 1 could not load its config: every process stops with its message
+        multihost.check_agreement({"error": "ppo.clip_eps: expected a number > 0"} if k == 1 else facts)
+        result["agreement_error"] = None
+    except multihost.ProcessMismatch as error:
+        result["agreement_error"] = str(error)
+    return result
+
+
+def params_on(mesh):
+    """The tiny model's parameters with fixed random values, in the trainer's shardings over the
+    global mesh; each process places only its own shards (built on the host: no compile)."""
+    shapes = jax.eval_shape(lambda: init_params(MODEL, jax.random.key(3)))
+    leaves, tree = jax.tree.flatten(shapes)
+    shardings = jax.tree.leaves(parallel.param_shardings(MODEL, mesh))
+    arrays = []
+    for number, (shape, sharding) in enumerate(zip(leaves, shardings)):
+        host = np.random.default_rng(number).normal(size=shape.shape).astype(shape.dtype)
+        arrays.append(jax.make_array_from_callback(host.shape, sharding, lambda index, host=host: host[index]))
+    return jax.tree.unflatten(tree, arrays)
+
+
+def scenario_save(out_dir: Path) -> dict:
+    mesh = parallel.make_mesh(MESH)
+    params = params_on(mesh)
+    state = {"actor": params, "step_scale": jax.device_put(jnp.float32(0.5), parallel.replicated(mesh))}
+    checkpointer = Checkpointer(out_dir / "checkpoints")
+    checkpointer.save(1, state, {"iteration": 1, "processes": multihost.process_count()})
+    checkpointer.close()
+    return {"saved": True}
+
+
+def same_local_shards(a: jax.Array, b: jax.Array) -> bool:
+    """Every shard this process holds of `a` equals `b`'s on the same device."""
+    mine = {shard.device: np.asarray(shard.data) for shard in b.addressable_shards}
+    return all(np.array_equal(np.asarray(shard.data), mine[shard.device]) for shard in a.addressable_shards)
+
+
+def scenario_restore(out_dir: Path) -> dict:
+    mesh = parallel.make_mesh(MESH)
+    expected = {"actor": params_on(mesh), "step_scale": jax.device_put(jnp.float32(0.5), parallel.replicated(mesh))}
+    checkpointer = Checkpointer(out_dir / "checkpoints")
+    step, state, meta = checkpointer.restore_latest_readable(abstract_like(expected))
+    checkpointer.close()
+    equal = jax.tree.map(same_local_shards, state, expected)
+    same_sharding = jax.tree.map(lambda a, b: a.sharding == b.sharding, state, expected)
+    hf.export_hf(state["actor"], MODEL, out_dir / "hf")  # gathered from both, written by process 0
+    return {"step": step, "meta": dict(meta), "equal": all(jax.tree.leaves(equal)),
+            "same_sharding": all(jax.tree.leaves(same_sharding))}
+
+
+def scenario_wait(out_dir: Path) -> dict:
+    """Both processes meet in collectives forever; the test kills one and times the other's exit."""
+    mesh = parallel.make_mesh(MESH)
+    (out_dir / f"ready{multihost.process_index()}").write_text("ready")
+    for _ in range(100_000):
+        run_program(mesh)
+        time.sleep(0.05)
+    return {"finished": True}
+
+
+SCENARIOS = {"arrays": scenario_arrays, "save": scenario_save, "restore": scenario_restore, "wait": scenario_wait}
+
+
+def main() -> None:
+    scenario, out_dir = sys.argv[1], Path(sys.argv[2])
+    started = time.perf_counter()
+    parallel.initialize_distributed()
+    print(f"joined after {time.perf_counter() - started:.1f} s", flush=True)
+    result = SCENARIOS[scenario](out_dir) | {"process": multihost.process_index(), "processes": multihost.process_count()}
+    (out_dir / f"process{multihost.process_index()}.json").write_text(json.dumps(result))
+    print(f"{scenario} done after {time.perf_counter() - started:.1f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

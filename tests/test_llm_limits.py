@@ -1,0 +1,170 @@
+"""Requests and tokens per minute against a real 127.0.0.1 server that counts what it receives.
+
+"Per minute" is shrunk to a window of a second or two (`limit_window_s`) so each test runs in
+seconds; the server (tests/openai_server.py) enforces the same window with 429s and reports the
+most requests (and tokens) it saw in any window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from openai_server import OpenAIServer, RateLimit, Reply, peak_in_window, scripted
+
+from rlpa_jax.dialogue.llm import LLMClient, LLMConfig, run_sync
+from rlpa_jax.dialogue.llm_limiter import RateLimiter, RateLimits, estimate_tokens
+from rlpa_jax.dialogue.llm_usage import LLMMeter, progress_postfix
+
+FAST = dict(backoff_initial_s=0.01, backoff_max_s=5.0, timeout_s=10.0)
+
+
+def make_client(server: OpenAIServer, model: str = "m", **overrides: object) -> LLMClient:
+    return LLMClient(LLMConfig(base_url=server.base_url, model=model, api_key_env="RLPA_TEST_UNSET_KEY",
+                               **(FAST | overrides)))
+
+
+def ask(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+async def many(clients_and_texts: list[tuple[LLMClient, str]], **kw: object) -> list[str]:
+    try:
+        return list(await asyncio.gather(*(client.complete(ask(text), **kw) for client, text in clients_and_texts)))
+    finally:
+        for client in {id(c): c for c, _ in clients_and_texts}.values():
+            await client.aclose()
+
+
+def test_rpm_paces_requests_within_the_servers_window_at_full_speed():
+    window_s, limit, calls = 1.0, 20, 50
+    with OpenAIServer(lambda request: "ok", rate_limit=RateLimit(limit, window_s)) as server:
+        client = make_client(server, rpm=limit, limit_window_s=window_s, max_concurrency=64)
+        started = time.monotonic()
+        assert asyncio.run(many([(client, f"q{i}") for i in range(calls)])) == ["ok"] * calls
+        elapsed = time.monotonic() - started
+    assert server.rejected == 0 and client.usage.rate_limited == 0
+    assert peak_in_window(server.arrivals, window_s) <= limit
+    # Paced, not throttled into retries: the calls took what the budget allows and little more.
+    budget_s = (calls - 1) * window_s / limit
+    assert budget_s * 0.95 <= elapsed <= budget_s * 1.25 + 0.5, elapsed
+    assert client.usage.wait_s > 0
+
+
+def test_without_the_limiter_the_same_load_is_refused():
+    """The server really enforces the limit: unpaced, the same calls meet 429s (then retry). A
+    long window, so a loaded machine that sends the 15 requests slowly still overruns it."""
+    window_s, limit = 30.0, 5
+    with OpenAIServer(lambda request: "ok", rate_limit=RateLimit(limit, window_s)) as server:
+        client = make_client(server, max_concurrency=64, max_retries=0)
+
+        async def unpaced():
+            try:
+                return await client.complete_many([ask(f"q{i}") for i in range(15)])
+            finally:
+                await client.aclose()
+
+        asyncio.run(unpaced())
+    assert server.rejected >= 15 - 2 * limit and client.usage.rate_limited == server.rejected
+
+
+def test_every_client_of_an_endpoint_shares_one_budget():
+    window_s, limit = 1.0, 20
+    with OpenAIServer(lambda request: request["model"], rate_limit=RateLimit(limit, window_s)) as server:
+        settings = dict(rpm=float(limit), limit_window_s=window_s)  # the config gives a float
+        user = make_client(server, max_concurrency=8, **settings)
+        judge = make_client(server, max_concurrency=32, **settings)
+        other_model = make_client(server, model="other", **settings)
+        assert user.limiter is judge.limiter and other_model.limiter is not user.limiter
+        load = [(user, f"u{i}") for i in range(20)] + [(judge, f"j{i}") for i in range(20)]
+        asyncio.run(many(load))
+    assert server.rejected == 0 and peak_in_window(server.arrivals, window_s) <= limit
+
+
+def test_tpm_paces_by_tokens_and_settles_the_estimate_from_usage():
+    """Each request is estimated at ~400 tokens (max_tokens) but uses 50: settled from the answer's
+    usage, 20 requests take about 20 x 50 tokens of a 1000-token window, not 20 x 400."""
+    window_s, tpm = 1.0, 1000
+    answer = Reply(content="ok", prompt_tokens=10, completion_tokens=40)
+    with OpenAIServer(scripted(answer)) as server:
+        client = make_client(server, tpm=tpm, limit_window_s=window_s, max_concurrency=1, max_tokens=400)
+        assert estimate_tokens(ask("q0"), 400) >= 400
+        started = time.monotonic()
+        asyncio.run(many([(client, f"q{i}") for i in range(20)]))
+        elapsed = time.monotonic() - started
+    tokens_at = [t for t in server.arrivals for _ in range(50)]  # 50 tokens per request, at its arrival
+    assert peak_in_window(tokens_at, window_s) <= tpm
+    assert 19 * 50 / tpm * window_s * 0.95 <= elapsed < 3.0, elapsed  # unsettled it would take ~8 s
+
+
+@pytest.mark.parametrize("http_date", [False, True], ids=["seconds", "http-date"])
+def test_retry_after_pauses_the_endpoint_for_every_client(http_date):
+    """A 429 to one role pauses the endpoint: the other role's request, made during the pause,
+    waits for its end too, and nothing is lost."""
+    refusal = Reply(status=429, retry_after_s=1.0, retry_after_date=http_date)
+    with OpenAIServer(scripted(refusal, "ok")) as server:
+        user, judge = make_client(server, rpm=600), make_client(server, rpm=600)
+
+        async def scenario():
+            first = asyncio.ensure_future(user.complete(ask("a")))
+            await asyncio.sleep(0.3)  # the 429 has come back and paused the endpoint
+            second = await judge.complete(ask("b"))
+            return [await first, second]
+
+        assert run_sync(scenario()) == ["ok"] * 2
+    refused_at = server.arrivals[0]
+    later = [t - refused_at for t in server.arrivals[1:]]
+    assert len(later) == 2 and user.usage.rate_limited == 1 and user.limiter.pauses == 1
+    # Retry-After said 1 s (an HTTP date: up to the next whole second): nothing came before.
+    assert min(later) >= 0.95, later
+    assert judge.usage.wait_s >= 0.5  # the judge, which never saw a 429, waited out the pause
+
+
+def test_the_limiter_keeps_its_window_across_event_loops():
+    """run_sync starts a new event loop per call; the limiter (no loop-bound state) keeps counting:
+    three bursts of 6 in three loops meet one window of 8."""
+    window_s, limit = 1.0, 8
+    with OpenAIServer(lambda request: "ok", rate_limit=RateLimit(limit, window_s)) as server:
+        client = make_client(server, rpm=limit, limit_window_s=window_s)
+        started = time.monotonic()
+        for round_ in range(3):
+            async def burst(round_=round_):
+                return await asyncio.gather(*(client.complete(ask(f"{round_}-{i}")) for i in range(6)))
+            assert run_sync(burst()) == ["ok"] * 6
+        elapsed = time.monotonic() - started
+    assert server.rejected == 0 and peak_in_window(server.arrivals, window_s) <= limit
+    assert elapsed >= (18 - limit) * window_s / limit  # paced across the loops, not reset by each
+
+
+def test_a_waiter_cancelled_in_the_queue_never_sends():
+    async def scenario():
+        limiter = RateLimiter(RateLimits(rpm=2, window_s=1.0))
+        await limiter.acquire(1)
+        waiter = asyncio.ensure_future(limiter.acquire(1))
+        await asyncio.sleep(0.05)
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+
+    asyncio.run(scenario())
+
+
+def test_meter_reports_each_roles_interval_and_totals():
+    with OpenAIServer(scripted(Reply(content="ok", prompt_tokens=100, completion_tokens=10, hang_s=0.02))) as server:
+        user = make_client(server, price_input_per_mtok=1.0, price_output_per_mtok=4.0)
+        judge = make_client(server, model="judge")
+        meter = LLMMeter({"user": user, "response_judge": judge})
+        asyncio.run(many([(user, "a"), (user, "b"), (judge, "c")]))
+        first = meter.interval()
+        asyncio.run(many([(judge, "d")]))
+        second = meter.interval()
+        totals = meter.totals()
+    assert first["llm/user/calls"] == 2 and first["llm/response_judge/calls"] == 1
+    assert first["llm/user/cost_usd"] == pytest.approx((200 * 1.0 + 20 * 4.0) / 1e6)
+    assert first["llm/response_judge/cost_usd"] == 0.0  # no prices configured
+    assert 0.02 <= first["llm/user/p50_s"] <= first["llm/user/p90_s"] <= first["llm/user/p99_s"] < 1.0
+    assert second["llm/user/calls"] == 0 and second["llm/response_judge/calls"] == 1
+    assert totals["llm/response_judge/calls"] == 2 and totals["llm/user/prompt_tokens"] == 200
+    line = progress_postfix(first, ["user", "response_judge"])
+    assert line.startswith("3 calls p90 ") and "0 fail 0 429 $0.000" in line
