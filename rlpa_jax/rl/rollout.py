@@ -101,8 +101,8 @@ class Rollout:
                   key: jax.Array) -> RolloutResult:
         """One turn of each conversation (the `turn` schedule's pool, each at its own `turns[i]`):
         sampled, scored, continued with its best sample and answered by its user. The pool is split
-        into the same pipeline groups as run()'s, so a sampler call has as many rows as there. No
-        prompt cache is kept: the parameters change between one turn and the next."""
+        into the same pipeline groups as run()'s, so a sampler call has as many rows as there. Full
+        prefills, no prompt cache: the parameters change between one turn and the next."""
         self.timings = Counter()
         start = time.perf_counter()
         slots = [list(range(g, len(conversations), self.groups)) for g in range(self.groups)]
@@ -134,13 +134,14 @@ class Rollout:
             active = [c for c in group if c.active]
             if not active:
                 break
-            turn_samples, kept = await self._turn(params, active, turn, jax.random.fold_in(key, turn), kept)
+            turn_samples, kept = await self._turn(params, active, turn, jax.random.fold_in(key, turn), kept,
+                                                  keep=self.prefix_sampler is not None)
             samples += turn_samples
         return samples
 
-    def _sample_prompts(self, params, prompts: list[list[int]], key, kept: PromptCache | None):
-        """(generation, the prompt cache to keep) for one turn's prompts."""
-        if self.prefix_sampler is not None:
+    def _sample_prompts(self, params, prompts: list[list[int]], key, kept: PromptCache | None, keep: bool):
+        """(generation, the prompt cache to keep, or None unless `keep`) for one turn's prompts."""
+        if keep:
             before = self.prefix_sampler.counts["prefilled_tokens"]
             generation, kept = self.prefix_sampler(params, prompts, kept, key, self.sampling, self.prompt_buckets,
                                                    self.batch_multiple, self.put_batch)
@@ -151,13 +152,13 @@ class Rollout:
         return self.generator(params, self.put_batch(tokens), self.put_batch(mask), key, self.sampling), None
 
     async def _turn(self, params, conversations: list[Conversation], turn: int | Sequence[int], key,
-                    kept: PromptCache | None = None) -> tuple[list[Sample], PromptCache | None]:
+                    kept: PromptCache | None = None, keep: bool = False) -> tuple[list[Sample], PromptCache | None]:
         n = self.sampling.num_samples
         turns = [turn] * len(conversations) if isinstance(turn, int) else list(turn)  # one per conversation
         t0 = time.perf_counter()
         prompts = [self.environment.prompt_tokens(c.history) for c in conversations]
         self.timings["prompt_tokens"] += sum(map(len, prompts))
-        generation, kept = self._sample_prompts(params, prompts, key, kept)
+        generation, kept = self._sample_prompts(params, prompts, key, kept, keep)
         # Wait for the device in a thread, so other groups' host work proceeds meanwhile.
         generation = await asyncio.to_thread(jax.device_get, generation)
         t1 = time.perf_counter()
