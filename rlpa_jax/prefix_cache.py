@@ -18,13 +18,14 @@ The fresh cache of a call with prompts of at most T tokens (T bucketed as for a 
     slots [T, T + new) the decode slots, as sampling.generate lays them out
 
 with S a multiple of the smallest bucket (suffixes are about one exchange long, so a run meets
-few sizes and compiles a handful of programs). The suffix is written where no
-kept entry lives, so padding never clobbers the prefix; positions are explicit (a token's position
-is the number of real tokens before it), so the holes change nothing but float rounding. Rows
-whose prefix does not fit K keep less of it.
+few sizes and compiles a handful of programs). The suffix is written where no kept entry lives,
+so padding never clobbers the prefix; positions are explicit (a token's position is the number of
+real tokens before it), so the holes change nothing but float rounding. Rows whose prefix does
+not fit K keep less of it.
 
 The cache is valid for one set of parameters: it lives for one rollout (PPO updates between
-rollouts change the parameters; a schedule that updated between turns could not reuse it).
+rollouts change the parameters; rollout.schedule=turn, which updates between turns, samples
+with full prefills).
 """
 
 from __future__ import annotations
