@@ -213,7 +213,8 @@ def test_a_missing_evaluation_split_is_found_before_any_training(tmp_path, aloe_
 
 
 def test_item_credit_with_a_judge_that_only_counts_is_refused_at_start(tmp_path):
-    config = small_config(tmp_path, "ppo.advantage=grpo", "ppo.credit=item", "judges.kind=llm")
+    config = small_config(tmp_path, "ppo.advantage=grpo", "ppo.credit=item", "judges.kind=llm",
+                          "judges.llm.base_url=http://127.0.0.1:9/v1")  # never called: refused first
     with pytest.raises(ValueError, match=r"ppo.credit=item needs a profile judge that says which items matched"):
         build_trainer(config)
 
