@@ -29,8 +29,11 @@ reproduce-tiny: $(STAMP)
 	bash launch/reproduce_tiny.sh runs/reproduce-tiny $(PY)
 
 bench: $(STAMP)
+	# TRL for grpo_trl.py only (a benchmark-only extra: make test never installs it).
+	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) benchmarks/forward.py
 	$(PY) benchmarks/sampling.py
+	$(PY) benchmarks/grpo_trl.py
 	$(PY) benchmarks/ppo_update.py
 
 clean:
