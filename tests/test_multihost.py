@@ -29,6 +29,7 @@ from rlpa_jax.model import hf
 
 REPO = Path(__file__).resolve().parents[1]
 DEADLINE_S = 150  # per multi-process run; they take seconds, minutes only on a starved machine
+PPO_DEADLINE_S = 600  # a PPO run compiles its sampler, forwards and updates (minutes on 2 busy cores)
 CHILD_XLA_FLAGS = ("--xla_force_host_platform_device_count=4 --xla_cpu_collective_call_terminate_timeout_seconds=1800 "
                    "--xla_cpu_collective_call_warn_stuck_timeout_seconds=300")
 
@@ -100,10 +101,11 @@ def tail(directory: Path, index: int, lines: int = 30) -> str:
     return "\n".join([line for line in text.splitlines() if "[Gloo]" not in line][-lines:])
 
 
-def run_worker(scenario: str, directory: Path, processes: int = 2, args: tuple[str, ...] = ()) -> list[dict]:
+def run_worker(scenario: str, directory: Path, processes: int = 2, args: tuple[str, ...] = (),
+               deadline_s: float = DEADLINE_S) -> list[dict]:
     directory.mkdir(parents=True, exist_ok=True)
     results = finish(start_processes(lambda _: [str(REPO / "tests" / "multihost_worker.py"), scenario, str(directory),
-                                                *args], directory, processes), directory)
+                                                *args], directory, processes), directory, deadline_s)
     for index, result in enumerate(results):
         assert result.returncode == 0, f"process {index} of {scenario}:\n{tail(directory, index)}"
     return [json.loads((directory / f"process{i}.json").read_text()) for i in range(processes)]
@@ -245,8 +247,10 @@ COMPARED = ("reward", "profile_f1", "response_reward", "well_formed", "best_of_n
 def test_ppo_over_two_processes_equals_one_process_and_resumes(tmp_path):
     tokenizer = f"model.tokenizer_path={tmp_path / 'tokenizer'}"
     alone_dir, pair_dir = tmp_path / "alone", tmp_path / "pair"
-    (alone,) = run_worker("ppo", alone_dir, processes=1, args=(f"output_dir={alone_dir / 'runs'}", tokenizer))
-    first, second = run_worker("ppo", pair_dir, args=(f"output_dir={pair_dir / 'runs'}", tokenizer))
+    (alone,) = run_worker("ppo", alone_dir, processes=1, args=(f"output_dir={alone_dir / 'runs'}", tokenizer),
+                          deadline_s=PPO_DEADLINE_S)
+    first, second = run_worker("ppo", pair_dir, args=(f"output_dir={pair_dir / 'runs'}", tokenizer),
+                               deadline_s=PPO_DEADLINE_S)
 
     expected, got = ppo_records(alone_dir), ppo_records(pair_dir)
     assert [r["step"] for r in got] == [r["step"] for r in expected] == [0, 1]
@@ -276,6 +280,6 @@ def test_ppo_over_two_processes_equals_one_process_and_resumes(tmp_path):
 
     # A checkpoint the two wrote resumes in two processes (one more iteration on top).
     resumed, _ = run_worker("ppo", pair_dir, args=(f"output_dir={pair_dir / 'runs'}", tokenizer, "ppo.iterations=3",
-                                                    "--resume"))
+                                                    "--resume"), deadline_s=PPO_DEADLINE_S)
     assert [r["step"] for r in ppo_records(pair_dir)] == [0, 1, 2]
     assert resumed["shares"] == [8.0]
