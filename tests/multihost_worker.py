@@ -146,7 +146,10 @@ PPO_OVERRIDES = [
     "data.num_personas=64", "rollout.conversations=16", "rollout.pipeline_groups=2", "rollout.max_rounds=2",
     "rollout.samples_per_prompt=2", "rollout.max_new_tokens=24", "rollout.eval_conversations=8",
     "rollout.prefix_cache=false", "ppo.iterations=2", "ppo.epochs=1", "ppo.train_batch_size=32",
-    "ppo.micro_batch_size=16", "sft.enabled=false", "logging.checkpoint_every=1", "logging.tensorboard=false",
+    "ppo.micro_batch_size=16", "sft.enabled=false",
+    # An untrained policy earns reward 0 everywhere, where no advantage moves anything: an entropy
+    # bonus gives the actor a gradient, and the KL it then builds gives GAE's critic one.
+    "ppo.advantage=gae", "ppo.entropy_coef=0.01", "logging.checkpoint_every=1", "logging.tensorboard=false",
     "logging.progress_bar=false", "logging.export_hf=false"]
 
 
