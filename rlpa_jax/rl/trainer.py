@@ -10,6 +10,11 @@ conversation pool, so `--resume` continues the same run. The first Ctrl-C finish
 iteration, saves and exits; a NaN stops the run with a message and leaves the last good
 checkpoint in place.
 
+With several processes (README "Several hosts") each plays its share of the conversations
+(rl/rollout.py) and then holds the iteration's whole experience: the forwards and updates are
+global programs over the mesh, every decision (skipped update, adaptive KL, Ctrl-C) is the same on
+every process, and the run equals one process holding every device.
+
 The trainer is handed its parts (`TrainingParts`: the environment, the generator, the personas,
 the initial policy) already built; rlpa_jax/build.py builds them from a config.
 """
