@@ -16,7 +16,7 @@ from pathlib import Path
 import jax
 
 from rlpa_jax import config as config_file
-from rlpa_jax import parallel
+from rlpa_jax import multihost, parallel
 from rlpa_jax.checkpoint import Checkpointer, checkpoint_directory, model_config_from_meta, restore_actor_params
 from rlpa_jax.config import ConfigError, LLMRoleSection, LLMSection, TrainConfig, inherited
 from rlpa_jax.dialogue import judges, personas, users
@@ -88,8 +88,11 @@ def tokenizer_dir(config: TrainConfig) -> Path:
 
 def build_tokenizer(config: TrainConfig):
     directory = tokenizer_dir(config)
-    if config.model.path is None and not (directory / "tokenizer.json").exists():
-        train_tiny_tokenizer(directory, vocab_size=config.model.tiny.vocab_size, texts=world_corpus(config))
+    if config.model.path is None:
+        # Process 0 alone trains and writes it (run directories are shared); the others wait.
+        if multihost.is_main_process() and not (directory / "tokenizer.json").exists():
+            train_tiny_tokenizer(directory, vocab_size=config.model.tiny.vocab_size, texts=world_corpus(config))
+        multihost.barrier("tiny tokenizer written")
     return load_tokenizer(directory)
 
 

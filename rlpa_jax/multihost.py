@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import pickle
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -66,6 +67,26 @@ def allgather_json(value: Any) -> list[Any]:
     padded[:payload.size] = payload
     gathered = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(lengths), -1)
     return [json.loads(bytes(row[:length]).decode("utf-8")) for row, length in zip(gathered, lengths)]
+
+
+def allgather_objects(value: Any) -> list[Any]:
+    """Every process's `value` (any picklable object: e.g. its sampled turns), in process order;
+    a collective. The peers run the same code, so pickle's round trip is exact."""
+    if jax.process_count() == 1:
+        return [value]
+    return [pickle.loads(bytes.fromhex(text)) for text in allgather_json(pickle.dumps(value).hex())]
+
+
+def agree_on_any(flag: bool) -> bool:
+    """Whether any process raised `flag` (e.g. a Ctrl-C on one host): every process takes the same
+    decision at the same point of the loop."""
+    return bool(agree_on_max(int(bool(flag))))
+
+
+def barrier(name: str) -> None:
+    """Every process waits here for the others (e.g. after process 0 wrote a shared file)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
 
 
 def agree_on_max(values: int | Sequence[int]) -> int | tuple[int, ...]:
@@ -139,6 +160,16 @@ def global_from_local_rows(local: np.ndarray, sharding: jax.sharding.Sharding, g
     if jax.process_count() == 1:
         return jax.device_put(local, sharding)
     return jax.make_array_from_process_local_data(sharding, local, (global_rows, *local.shape[1:]))
+
+
+def put_identical(host: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+    """The global array of `host`, which every process holds whole and identical (e.g. a minibatch
+    built from the gathered experience): each process places only its own devices' slices, with no
+    collective (jax.device_put would compare the data across processes first)."""
+    host = np.asarray(host)
+    if jax.process_count() == 1:
+        return jax.device_put(host, sharding)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
 def _is_local(x: Any) -> bool:

@@ -1,6 +1,6 @@
 """One process of a multi-process test run (tests/test_multihost.py starts several of these).
 
-    python tests/multihost_worker.py SCENARIO OUT_DIR
+    python tests/multihost_worker.py SCENARIO OUT_DIR [dotted config overrides, for `ppo`]
 
 The process joins the others through rlpa_jax's own start-up (parallel.initialize_distributed,
 from the JAX_* variables the test sets), runs SCENARIO and writes what it saw to
@@ -9,7 +9,9 @@ OUT_DIR/process<k>.json for the test to compare with a one-process run.
 
 from __future__ import annotations
 
+import faulthandler
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -18,7 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlpa_jax import multihost, parallel
+from rlpa_jax import build, multihost, parallel
+from rlpa_jax.config import load_config
 from rlpa_jax.checkpoint import Checkpointer, abstract_like
 from rlpa_jax.model import hf
 from rlpa_jax.model.qwen2 import Qwen2Config, init_params
@@ -134,15 +137,64 @@ def scenario_wait(out_dir: Path) -> dict:
     return {"finished": True}
 
 
-SCENARIOS = {"arrays": scenario_arrays, "save": scenario_save, "restore": scenario_restore, "wait": scenario_wait}
+REPO = Path(__file__).resolve().parents[1]
+# Two PPO iterations of the embedded world, small: 16 conversations in 2 pipeline groups of 8 (one
+# row per device of the 8-device mesh, so each of 2 processes plays 4 of every group), 2 turns.
+PPO_OVERRIDES = [
+    "model.tiny.hidden_size=64", "model.tiny.intermediate_size=128", "model.tiny.vocab_size=600",
+    "model.tiny.num_layers=1", "rollout.prompt_buckets=[256]", "rollout.max_prompt_tokens=256",
+    "data.num_personas=64", "rollout.conversations=16", "rollout.pipeline_groups=2", "rollout.max_rounds=2",
+    "rollout.samples_per_prompt=2", "rollout.max_new_tokens=24", "rollout.eval_conversations=8",
+    "rollout.prefix_cache=false", "ppo.iterations=2", "ppo.epochs=1", "ppo.train_batch_size=32",
+    "ppo.micro_batch_size=16", "sft.enabled=false",
+    # An untrained policy earns reward 0 everywhere, where no advantage moves anything: an entropy
+    # bonus gives the actor a gradient, and the KL it then builds gives GAE's critic one.
+    "ppo.advantage=gae", "ppo.entropy_coef=0.01", "logging.checkpoint_every=1", "logging.tensorboard=false",
+    "logging.progress_bar=false", "logging.export_hf=false"]
+
+
+def counting(method, seen: list, ids):
+    """`method` that also records which conversations each call named (this process's calls)."""
+    async def counted(*args, **kwargs):
+        seen.append(sorted(ids(*args)))
+        return await method(*args, **kwargs)
+    return counted
+
+
+def scenario_ppo(out_dir: Path, overrides: list[str]) -> dict:
+    """A PPO run of the tiny config (the same on every process); the final actor and which
+    conversations this process scored and answered."""
+    resume = "--resume" in overrides
+    config = load_config(REPO / "configs" / "tiny.yaml", PPO_OVERRIDES + [o for o in overrides if o != "--resume"])
+    trainer = build.build_trainer(config)
+    environment = trainer.parts.environment
+    scored, answered = [], []
+    environment.score = counting(environment.score, scored, lambda conversations, texts: [
+        c.conversation_id for c in conversations])
+    environment.user_sim.respond = counting(environment.user_sim.respond, answered, lambda users, histories: [
+        id(u) for u in users])
+    shares = []
+    trainer.on_iteration_end.append(lambda iteration, metrics: shares.append(metrics.get("conversations_here")))
+    summary = trainer.train(resume=resume)
+    state = trainer.checkpointer.restore_latest_readable(trainer.abstract_state())[1]
+    actor = multihost.gather(state["actor"].params)
+    if multihost.is_main_process():
+        np.savez(out_dir / "actor.npz", *[np.asarray(x) for x in jax.tree.leaves(actor)])
+    return {"summary": summary, "scored": scored, "answered": [len(a) for a in answered], "shares": shares}
+
+
+SCENARIOS = {"arrays": scenario_arrays, "save": scenario_save, "restore": scenario_restore, "wait": scenario_wait,
+             "ppo": scenario_ppo}
 
 
 def main() -> None:
     scenario, out_dir = sys.argv[1], Path(sys.argv[2])
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>`: where a stuck child is
     started = time.perf_counter()
     parallel.initialize_distributed()
     print(f"joined after {time.perf_counter() - started:.1f} s", flush=True)
-    result = SCENARIOS[scenario](out_dir) | {"process": multihost.process_index(), "processes": multihost.process_count()}
+    extra = [sys.argv[3:]] if scenario == "ppo" else []
+    result = SCENARIOS[scenario](out_dir, *extra) | {"process": multihost.process_index(), "processes": multihost.process_count()}
     (out_dir / f"process{multihost.process_index()}.json").write_text(json.dumps(result))
     print(f"{scenario} done after {time.perf_counter() - started:.1f} s", flush=True)
 

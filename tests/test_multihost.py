@@ -29,6 +29,7 @@ from rlpa_jax.model import hf
 
 REPO = Path(__file__).resolve().parents[1]
 DEADLINE_S = 150  # per multi-process run; they take seconds, minutes only on a starved machine
+PPO_DEADLINE_S = 600  # a PPO run compiles its sampler, forwards and updates (minutes on 2 busy cores)
 CHILD_XLA_FLAGS = ("--xla_force_host_platform_device_count=4 --xla_cpu_collective_call_terminate_timeout_seconds=1800 "
                    "--xla_cpu_collective_call_warn_stuck_timeout_seconds=300")
 
@@ -48,14 +49,19 @@ def free_port() -> int:
 
 
 def child_environment(process: int, processes: int, port: int, extra: dict | None = None) -> dict:
-    """The test process's environment (conftest set 8 devices for it) with each child's own."""
+    """The test process's environment (conftest set 8 devices for it) with each child's own; one
+    process alone (the reference run) gets all 8 devices and no coordinator."""
     env = dict(os.environ)
-    for name in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "JAX_CPU_COLLECTIVES_IMPLEMENTATION"):
+    for name in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "JAX_CPU_COLLECTIVES_IMPLEMENTATION",
+                 "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
         env.pop(name, None)
-    env.update(XLA_FLAGS=CHILD_XLA_FLAGS, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]),
-               JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(processes),
-               JAX_PROCESS_ID=str(process), RLPA_DISTRIBUTED_INIT_TIMEOUT_S="60",
+    flags = CHILD_XLA_FLAGS if processes > 1 else CHILD_XLA_FLAGS.replace("device_count=4", "device_count=8")
+    env.update(XLA_FLAGS=flags, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]),
+               RLPA_DISTRIBUTED_INIT_TIMEOUT_S="60",
                JAX_COMPILATION_CACHE_DIR=str(REPO / ".jax_cache"), TOKENIZERS_PARALLELISM="false")
+    if processes > 1:
+        env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(processes),
+                   JAX_PROCESS_ID=str(process))
     env.update(extra or {})
     return env
 
@@ -95,9 +101,11 @@ def tail(directory: Path, index: int, lines: int = 30) -> str:
     return "\n".join([line for line in text.splitlines() if "[Gloo]" not in line][-lines:])
 
 
-def run_worker(scenario: str, directory: Path, processes: int = 2) -> list[dict]:
-    results = finish(start_processes(lambda _: [str(REPO / "tests" / "multihost_worker.py"), scenario, str(directory)],
-                                     directory, processes), directory)
+def run_worker(scenario: str, directory: Path, processes: int = 2, args: tuple[str, ...] = (),
+               deadline_s: float = DEADLINE_S) -> list[dict]:
+    directory.mkdir(parents=True, exist_ok=True)
+    results = finish(start_processes(lambda _: [str(REPO / "tests" / "multihost_worker.py"), scenario, str(directory),
+                                                *args], directory, processes), directory, deadline_s)
     for index, result in enumerate(results):
         assert result.returncode == 0, f"process {index} of {scenario}:\n{tail(directory, index)}"
     return [json.loads((directory / f"process{i}.json").read_text()) for i in range(processes)]
@@ -219,3 +227,60 @@ def test_a_killed_process_stops_the_other_within_the_heartbeat_timeout(tmp_path)
     assert survivor.returncode != 0
     assert waited < 60  # ~heartbeat_s on an idle machine
     assert "another task died" in survivor.stderr or "heartbeat" in survivor.stderr, tail(tmp_path, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# PPO over two processes
+
+
+def ppo_records(directory: Path) -> list[dict]:
+    records = [json.loads(line) for line in (directory / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if r.get("phase") == "ppo"]
+
+
+# What the run learned and scored (timings, rates and per-process counts differ by nature).
+COMPARED = ("reward", "profile_f1", "response_reward", "well_formed", "best_of_n_reward", "response_tokens",
+            "samples", "invalid_samples", "revealed_items", "kl", "logprob_gap", "entropy_profile", "entropy_reply",
+            "kl_coef", "output_scale")
+
+
+def test_ppo_over_two_processes_equals_one_process_and_resumes(tmp_path):
+    tokenizer = f"model.tokenizer_path={tmp_path / 'tokenizer'}"
+    alone_dir, pair_dir = tmp_path / "alone", tmp_path / "pair"
+    (alone,) = run_worker("ppo", alone_dir, processes=1, args=(f"output_dir={alone_dir / 'runs'}", tokenizer),
+                          deadline_s=PPO_DEADLINE_S)
+    first, second = run_worker("ppo", pair_dir, args=(f"output_dir={pair_dir / 'runs'}", tokenizer),
+                               deadline_s=PPO_DEADLINE_S)
+
+    expected, got = ppo_records(alone_dir), ppo_records(pair_dir)
+    assert [r["step"] for r in got] == [r["step"] for r in expected] == [0, 1]
+    assert all(r["grad_norm"] > 0 for r in expected) and expected[1]["kl"] > 0  # the runs learned something
+    for want, have in zip(expected, got):
+        loss_keys = [k for k in want if k.startswith(("loss", "grad", "critic"))]
+        for key in COMPARED + tuple(loss_keys):
+            if key in want:
+                assert have[key] == pytest.approx(want[key], abs=1e-5, rel=1e-5), key
+    for stage in ("start", "end"):
+        for key, value in alone["summary"][stage].items():
+            assert first["summary"][stage][key] == pytest.approx(value, abs=1e-5), (stage, key)
+    reference = np.load(alone_dir / "actor.npz")
+    pair = np.load(pair_dir / "actor.npz")
+    assert sorted(reference.files) == sorted(pair.files)
+    for name in reference.files:
+        np.testing.assert_allclose(pair[name], reference[name], atol=1e-5)
+
+    # Each process played its own 4 conversations of each group of 8: judged and answered only
+    # those, and between them every conversation once per turn (2 groups x 2 turns a rollout).
+    for result in (first, second):
+        assert result["shares"] == [8.0, 8.0]
+    ppo_calls = slice(2 * 2, 2 * 2 + 2 * 2 * 2)  # after the starting evaluation's calls
+    for turn_calls in zip(first["scored"][ppo_calls], second["scored"][ppo_calls]):
+        mine, theirs = map(set, turn_calls)
+        assert len(mine) == len(theirs) == 4 and not mine & theirs
+    assert alone["shares"] == [None, None]
+
+    # A checkpoint the two wrote resumes in two processes (one more iteration on top).
+    resumed, _ = run_worker("ppo", pair_dir, args=(f"output_dir={pair_dir / 'runs'}", tokenizer, "ppo.iterations=3",
+                                                    "--resume"), deadline_s=PPO_DEADLINE_S)
+    assert [r["step"] for r in ppo_records(pair_dir)] == [0, 1, 2]
+    assert resumed["shares"] == [8.0]

@@ -77,7 +77,9 @@ def plot_training(log: MetricsLog, output: Path, baseline: Mapping[str, float] |
     """Reward curves of the training rollouts per PPO iteration, with the held-out evaluations
     before (`baseline`) and after (`final`) PPO as dashed lines. Each iteration draws its own few
     users, so the training curve is noisy; the held-out lines (the same users twice) compare."""
-    records = log.records("ppo")
+    records = log.records("ppo")  # a collective with several processes: every process calls this
+    if not multihost.is_main_process():  # process 0 alone draws the file
+        return output
     fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.2))
     for ax, (key, title) in zip(axes, CURVES):
         steps = [r["step"] for r in records if key in r]

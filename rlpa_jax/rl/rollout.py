@@ -9,6 +9,16 @@ overlap device work for another. Every sample becomes one PPO experience.
 With a PrefixSampler, each group keeps its prompts' KV cache from one turn to the next and
 prefills only what the next prompts add (prefix_cache.py). That cache lives for one `run`: the
 parameters are fixed within a rollout, and an update changes them.
+
+With several processes (multihost.py), every process knows every conversation of the iteration but
+plays only those whose sampler rows land on its own devices (`row_indices`): it renders their
+prompts, places them as its rows of the global batch (`place_rows`), reads back its own rows of
+the samples, and makes their judge and user calls. A conversation keeps its row for the whole
+rollout (a stopped one becomes a padding row), so rows and the sampler's random draws are those of
+the one-process run as long as no simulated user fails. Every sampler call is a collective: groups
+then run one after the other, in the same order on every process (not as concurrent coroutines,
+whose device calls would come in an order set by judge latency). The sampled turns are exchanged
+at the end, so every process returns all of them, in the one-process order.
 """
 
 from __future__ import annotations
@@ -22,13 +32,18 @@ from typing import Sequence
 import jax
 import numpy as np
 
+from rlpa_jax import multihost
 from rlpa_jax.dialogue.chat import PROFILE_CLOSE, Message, ParsedTurn, assistant_message
 from rlpa_jax.dialogue.judges import TurnScore
 from rlpa_jax.model.qwen2 import Params
 from rlpa_jax.prefix_cache import PrefixSampler, PromptCache
 from rlpa_jax.rl.environment import Conversation, Environment, reward_of
 from rlpa_jax.rl.item_credit import token_item_credit
-from rlpa_jax.sampling import Generator, SamplingParams, pad_prompts
+from rlpa_jax.sampling import Generator, SamplingParams, bucket, pad_prompts
+
+
+# Rollout counters that are totals over every process's conversations.
+COUNTED = ("prompt_tokens", "prefilled_tokens", "generated_tokens", "user_failures")
 
 
 @dataclasses.dataclass
@@ -73,6 +88,8 @@ class RolloutResult:
     samples: list[Sample]
     conversations: list[Conversation]
     stats: dict[str, float]
+    # The conversations this process played (None: all of them; several processes: its share).
+    local_ids: frozenset[int] | None = None
 
 
 class Rollout:
@@ -81,19 +98,30 @@ class Rollout:
 
     def __init__(self, environment: Environment, generator: Generator, sampling: SamplingParams, max_rounds: int,
                  prompt_buckets: Sequence[int], groups: int = 2, batch_multiple: int = 1, put_batch=None,
-                 prefix_sampler: PrefixSampler | None = None):
+                 prefix_sampler: PrefixSampler | None = None, place_rows=None, row_indices=None):
         self.environment, self.generator, self.sampling = environment, generator, sampling
         self.max_rounds, self.prompt_buckets, self.groups = max_rounds, tuple(prompt_buckets), groups
         self.batch_multiple = batch_multiple
         self.put_batch = put_batch or (lambda x: x)  # places prompt arrays on the mesh when there is one
         self.prefix_sampler = prefix_sampler  # None: every turn prefills its prompts in full
         self.timings: Counter = Counter()
+        # Several processes: (this process's rows, global row count) -> the global batch, and
+        # global row count -> which rows land on this process's devices (trainer.py).
+        self.place_rows, self.row_indices = place_rows, row_indices
 
     def run(self, params: Params, conversations: list[Conversation], key: jax.Array) -> RolloutResult:
         self.timings = Counter()
         start = time.perf_counter()
         groups = [conversations[g::self.groups] for g in range(self.groups)]
         groups = [g for g in groups if g]
+        if multihost.process_count() > 1:
+            if self.prefix_sampler is not None or self.row_indices is None:
+                raise ValueError("a rollout over several processes needs row placement and runs without "
+                                 "rollout.prefix_cache")
+            mine, played = asyncio.run(self._run_groups_in_order(params, groups, key))
+            every = [part for parts in multihost.allgather_objects(mine) for part in parts]
+            samples = [sample for _, sample in sorted(every, key=lambda part: part[0])]
+            return self._result(samples, conversations, start, played)
         samples = asyncio.run(self._run_groups(params, groups, key))
         return self._result(samples, conversations, start)
 
@@ -116,12 +144,22 @@ class Rollout:
 
         return self._result(asyncio.run(play()), conversations, start)
 
-    def _result(self, samples: list[Sample], conversations: list[Conversation], start: float) -> RolloutResult:
+    def _result(self, samples: list[Sample], conversations: list[Conversation], start: float,
+                played: list[Conversation] | None = None) -> RolloutResult:
         self.timings["rollout_s"] = time.perf_counter() - start
         stats = self._stats(samples)
         # What the replies drew out of the users: profile F1 can only count what was revealed.
-        stats["revealed_items"] = float(np.mean([len(c.user.revealed) for c in conversations])) if conversations else 0.0
-        return RolloutResult(samples, conversations, stats)
+        if played is None:
+            stats["revealed_items"] = float(np.mean([len(c.user.revealed) for c in conversations])) if conversations else 0.0
+            return RolloutResult(samples, conversations, stats)
+        stats |= multihost.reduce_metrics({"revealed_items": sum(len(c.user.revealed) for c in played)},
+                                          {"revealed_items": len(played)})
+        # Token and failure counts over every process (the times stay this process's own).
+        stats |= multihost.reduce_metrics({k: float(self.timings.get(k, 0)) for k in COUNTED})
+        if self.timings.get("sampling_s"):
+            stats["sampling_tokens_per_s"] = stats["generated_tokens"] / self.timings["sampling_s"]
+        stats["conversations_here"] = float(len(played))  # this process's share (per-process, not reduced)
+        return RolloutResult(samples, conversations, stats, frozenset(c.conversation_id for c in played))
 
     async def _run_groups(self, params, groups, key) -> list[Sample]:
         results = await asyncio.gather(*(self._run_group(params, g, jax.random.fold_in(key, i)) for i, g in enumerate(groups)))
@@ -138,6 +176,61 @@ class Rollout:
                                                   keep=self.prefix_sampler is not None)
             samples += turn_samples
         return samples
+
+    async def _run_groups_in_order(self, params, groups, key):
+        """Several processes: this process's share of every group, the groups one after the other.
+        Returns ((order key, sample) for its sampled turns, the conversations it played)."""
+        mine, played = [], []
+        for g, group in enumerate(groups):
+            rows = -(-len(group) // self.batch_multiple) * self.batch_multiple
+            slots = [int(i) for i in self.row_indices(rows)]  # this process's rows, fixed for the rollout
+            positions = [i for i in slots if i < len(group)]
+            played += [group[i] for i in positions]
+            group_key = jax.random.fold_in(key, g)
+            for turn in range(self.max_rounds):
+                active = [i for i in positions if group[i].active]
+                prompts = {i: self.environment.prompt_tokens(group[i].history) for i in active}
+                # One collective: whether any process still plays, and the prompt bucket of the call.
+                count, longest = multihost.agree_on_max((len(active), max(map(len, prompts.values()), default=0)))
+                if count == 0:
+                    break
+                samples = await self._turn_of_share(params, group, slots, rows, prompts, turn, bucket(
+                    longest, self.prompt_buckets), jax.random.fold_in(group_key, turn))
+                mine += [((g, s.turn, position, s.sample_index), s) for position, s in samples]
+        return mine, played
+
+    async def _turn_of_share(self, params, group, slots, rows, prompts, turn, length, key):
+        """One sampler call over every process's rows; this process's conversations (`prompts`,
+        by position) scored and answered. Returns (position, sample) pairs."""
+        n = self.sampling.num_samples
+        t0 = time.perf_counter()
+        tokens = np.full((len(slots), length), self.generator.pad_id, np.int32)
+        mask = np.zeros((len(slots), length), bool)
+        for slot, position in enumerate(slots):
+            if position in prompts:
+                prompt = prompts[position]
+                tokens[slot, length - len(prompt):] = prompt
+                mask[slot, length - len(prompt):] = True
+        self.timings["prompt_tokens"] += sum(map(len, prompts.values()))
+        self.timings["prefilled_tokens"] += sum(map(len, prompts.values()))
+        generation = self.generator(params, self.place_rows(tokens, rows), self.place_rows(mask, rows), key,
+                                    self.sampling)
+        by_row = await asyncio.to_thread(_rows_by_index, generation)
+        t1 = time.perf_counter()
+        positions = sorted(prompts)
+        conversations = [group[i] for i in positions]
+        sampled, generated = [], 0
+        for i in positions:
+            row = []
+            for j in range(n):
+                toks, lps, size = (by_row[name][i * n + j] for name in ("tokens", "logprobs", "lengths"))
+                row.append((toks[:size], lps[:size]))
+                generated += int(size)
+            sampled.append(row)
+        samples = await self._continue(conversations, [turn] * len(positions), [prompts[i] for i in positions],
+                                       sampled, t0, t1, generated)
+        position_of = {c.conversation_id: i for c, i in zip(conversations, positions)}
+        return [(position_of[s.conversation_id], s) for s in samples]
 
     def _sample_prompts(self, params, prompts: list[list[int]], key, kept: PromptCache | None, keep: bool):
         """(generation, the prompt cache to keep, or None unless `keep`) for one turn's prompts."""
@@ -165,6 +258,13 @@ class Rollout:
         rows = [[(generation.tokens[i * n + j, :generation.lengths[i * n + j]],
                   generation.logprobs[i * n + j, :generation.lengths[i * n + j]]) for j in range(n)]
                 for i in range(len(conversations))]
+        samples = await self._continue(conversations, turns, prompts, rows, t0, t1, int(generation.lengths.sum()))
+        return samples, kept
+
+    async def _continue(self, conversations, turns, prompts, rows, t0: float, t1: float,
+                        generated_tokens: int) -> list[Sample]:
+        """A turn's samples (`rows`: per conversation, n (tokens, log-probs)) decoded, scored,
+        continued with the best one and answered by the users."""
         texts = [[self.environment.tokenizer.decode(toks, skip_special_tokens=True) for toks, _ in row] for row in rows]
         scored = await self.environment.score(conversations, texts)
         t2 = time.perf_counter()
@@ -186,8 +286,8 @@ class Rollout:
                 c.history.append(Message("user", reply))
         t3 = time.perf_counter()
         self.timings.update(sampling_s=t1 - t0, scoring_s=t2 - t1, users_s=t3 - t2,
-                            generated_tokens=int(generation.lengths.sum()), user_failures=replies.count(None))
-        return samples, kept
+                            generated_tokens=generated_tokens, user_failures=replies.count(None))
+        return samples
 
     def _sample(self, conversation, turn, index, prompt, tokens, logprobs, text, parsed, score, matched) -> Sample:
         tokenizer = self.environment.tokenizer
@@ -220,6 +320,17 @@ class Rollout:
         if self.timings.get("sampling_s"):
             stats["sampling_tokens_per_s"] = self.timings["generated_tokens"] / self.timings["sampling_s"]
         return stats
+
+
+def _rows_by_index(generation) -> dict[str, dict[int, np.ndarray]]:
+    """This process's rows of a sampler call's outputs, by global row index (a collective-free
+    read of the local shards; each output may be laid out differently)."""
+    out = {}
+    for name in ("tokens", "logprobs", "lengths"):
+        array = getattr(generation, name)
+        indices = multihost.local_row_indices(array.sharding, array.shape)
+        out[name] = dict(zip(indices.tolist(), multihost.local_rows(array)))
+    return out
 
 
 def _history_entry(sample: Sample) -> Message:

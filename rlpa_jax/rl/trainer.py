@@ -10,6 +10,11 @@ conversation pool, so `--resume` continues the same run. The first Ctrl-C finish
 iteration, saves and exits; a NaN stops the run with a message and leaves the last good
 checkpoint in place.
 
+With several processes (README "Several hosts") each plays its share of the conversations
+(rl/rollout.py) and then holds the iteration's whole experience: the forwards and updates are
+global programs over the mesh, every decision (skipped update, adaptive KL, Ctrl-C) is the same on
+every process, and the run equals one process holding every device.
+
 The trainer is handed its parts (`TrainingParts`: the environment, the generator, the personas,
 the initial policy) already built; rlpa_jax/build.py builds them from a config.
 """
@@ -102,9 +107,15 @@ class Trainer:
         self.sampling = SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k, r.samples_per_prompt)
         # Shared by the training and evaluation rollouts (one set of compiled programs); each
         # rollout's caches live for that rollout only.
-        self.prefix_sampler = PrefixSampler.like(self.generator) if r.prefix_cache else None
-        self.rollout = Rollout(parts.environment, self.generator, self.sampling, r.max_rounds, r.prompt_buckets,
-                               r.pipeline_groups, self.row_multiple, self._put_batch, self.prefix_sampler)
+        several = multihost.process_count() > 1
+        if several and r.schedule == "turn":
+            raise ValueError("rollout.schedule=turn runs as one process only for now (its conversation pool is not "
+                             "split over processes); use rollout.schedule=conversation with several processes")
+        if several and r.prefix_cache:
+            # Same tokens either way; the cache's per-group bookkeeping is not split over processes.
+            log.warning("rollout.prefix_cache is off with several processes: every turn prefills its prompts in full")
+        self.prefix_sampler = PrefixSampler.like(self.generator) if r.prefix_cache and not several else None
+        self.rollout = self._rollout(self.sampling)
 
         self.pool = (ConversationPool(r.conversations, parts.train_personas, parts.environment.user_sim, config.seed,
                                       r.max_rounds, config.data.switch_turn) if r.schedule == "turn" else None)
@@ -138,8 +149,24 @@ class Trainer:
 
     # ------------------------------------------------------------------------------- state
 
+    def _rollout(self, sampling: SamplingParams) -> Rollout:
+        r = self.config.rollout
+        return Rollout(self.parts.environment, self.generator, sampling, r.max_rounds, r.prompt_buckets,
+                       r.pipeline_groups, self.row_multiple, self._put_batch, self.prefix_sampler,
+                       place_rows=self._place_rows, row_indices=self._row_indices)
+
     def _put_batch(self, array):
-        return jax.device_put(array, parallel.batch_sharding(self.mesh, np.ndim(array)))
+        """Rows every process holds whole (the gathered experience) onto the mesh."""
+        return multihost.put_identical(array, parallel.batch_sharding(self.mesh, np.ndim(array)))
+
+    def _place_rows(self, local_rows, global_rows: int):
+        """The global batch of a sampler call from this process's own rows (rollout.py)."""
+        sharding = parallel.batch_sharding(self.mesh, np.ndim(local_rows))
+        return multihost.global_from_local_rows(local_rows, sharding, global_rows)
+
+    def _row_indices(self, global_rows: int):
+        """Which rows of a sampler call of `global_rows` rows land on this process's devices."""
+        return multihost.local_row_indices(parallel.batch_sharding(self.mesh, 2), (global_rows, 1))
 
     def initial_state(self) -> dict:
         actor, warm_start_history = self.parts.initial_actor()
@@ -342,15 +369,14 @@ class Trainer:
     def evaluate(self, params, personas, label: str) -> dict:
         """Mean rewards of one sample per turn on held-out personas (same judges and user)."""
         sampling = dataclasses.replace(self.sampling, num_samples=1)
-        rollout = Rollout(self.parts.environment, self.generator, sampling, self.config.rollout.max_rounds,
-                          self.config.rollout.prompt_buckets, self.config.rollout.pipeline_groups, self.row_multiple,
-                          self._put_batch, self.prefix_sampler)
+        rollout = self._rollout(sampling)
         seeds = [derived_seed(self.config.seed, -1, k) for k in range(len(personas))]
         conversations = start_conversations(personas, self.parts.environment.user_sim, seeds)
         with parallel.activate(self.mesh):
             result = rollout.run(self.sampling_layout(params), conversations, jax.random.key(self.config.seed + 7))
         keys = ("reward", "profile_f1", "response_reward", "well_formed", "revealed_items")
-        metrics = {k: result.stats[k] for k in keys} | profile_by_turn(result.samples, result.conversations)
+        metrics = {k: result.stats[k] for k in keys} | profile_by_turn(result.samples, result.conversations,
+                                                                        result.local_ids)
         self.metrics.write(f"eval_{label}", 0, metrics)
         return metrics
 
@@ -371,7 +397,7 @@ class Trainer:
 
         previous = signal.signal(signal.SIGINT, self._request_stop)
         bar = tqdm(range(start, cfg.ppo.iterations), initial=start, total=cfg.ppo.iterations, desc="PPO",
-                   disable=not cfg.logging.progress_bar, dynamic_ncols=True)
+                   disable=not cfg.logging.progress_bar or not multihost.is_main_process(), dynamic_ncols=True)
         last = {}
         try:
             for iteration in bar:
@@ -389,6 +415,8 @@ class Trainer:
                 done = iteration + 1
                 for callback in self.on_iteration_end:
                     callback(iteration, last)
+                # A Ctrl-C on any host stops every process after the same iteration.
+                self._stop_requested = multihost.agree_on_any(self._stop_requested)
                 if done % cfg.logging.checkpoint_every == 0 or done == cfg.ppo.iterations or self._stop_requested:
                     self.save(state, done, kl_coef)
                 if self._stop_requested:
@@ -403,8 +431,7 @@ class Trainer:
         summary = {"start": before, "end": after}
         if self.llm_meter.clients:
             summary["llm"] = self.llm_meter.totals()
-        if multihost.is_main_process():
-            plot_training(self.metrics, self.run_dir / "rewards.png", baseline=before, final=after)
+        plot_training(self.metrics, self.run_dir / "rewards.png", baseline=before, final=after)  # every process
         if cfg.logging.export_hf:
             hf.export_hf(state["actor"].params, self.model_config, self.run_dir / "hf",
                          tokenizer_dir=self.parts.tokenizer_dir)
@@ -418,15 +445,18 @@ class Trainer:
         print("\nCtrl-C: finishing this iteration, then saving (press again to quit without saving)")
 
 
-def profile_by_turn(samples, conversations) -> dict[str, float]:
+def profile_by_turn(samples, conversations, local_ids: frozenset[int] | None = None) -> dict[str, float]:
     """Where in the dialogue profile F1 is lost, per turn K (mean over the scored samples):
     `profile_f1_turnK`; `revealed_turnK`, the true items the user's messages so far mention (what
     a perfect reader could list); `written_turnK`, the items the turn lists (0 when malformed);
-    `right_turnK`, how many of those match (m, read back from F1 = 2m / (written + true))."""
+    `right_turnK`, how many of those match (m, read back from F1 = 2m / (written + true)).
+
+    With several processes (`local_ids`: the conversations this one played, whose histories it
+    holds) each counts its own samples and the sums are reduced over processes."""
     by_id = {c.conversation_id: c for c in conversations}
     by_turn: dict[int, dict[str, list[float]]] = {}
     for s in samples:
-        if not s.score.valid:
+        if not s.score.valid or (local_ids is not None and s.conversation_id not in local_ids):
             continue
         conversation = by_id[s.conversation_id]
         true = conversation.user.persona.items
@@ -437,8 +467,16 @@ def profile_by_turn(samples, conversations) -> dict[str, float]:
         row["revealed"].append(len(set().union(*(mentioned_item_indices(true, text) for text in said))))
         row["written"].append(written)
         row["right"].append(round(s.score.profile_reward * (written + len(true)) / 2))
-    return {f"{name}_turn{turn + 1}": float(np.mean(values)) for turn, row in sorted(by_turn.items())
-            for name, values in row.items()}
+    if local_ids is None:
+        return {f"{name}_turn{turn + 1}": float(np.mean(values)) for turn, row in sorted(by_turn.items())
+                for name, values in row.items()}
+    # Every process must name the same keys: the turns any process saw.
+    turns = sorted(set().union(*multihost.allgather_json(sorted(by_turn))))
+    sums = {f"{name}_turn{turn + 1}": float(np.sum(by_turn.get(turn, {}).get(name, [])))
+            for turn in turns for name in ("profile_f1", "revealed", "written", "right")}
+    counts = {key: len(by_turn.get(int(key.rsplit("_turn", 1)[1]) - 1, {}).get(key.rsplit("_turn", 1)[0], []))
+              for key in sums}
+    return multihost.reduce_metrics(sums, counts)
 
 
 def experience_metrics(experience: Experience) -> dict[str, float]:

@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from rlpa_jax import parallel
+from rlpa_jax import multihost, parallel
 from rlpa_jax.model.qwen2 import Params
 from rlpa_jax.training.losses import LossTerms, add_terms, summary
 
@@ -106,7 +106,9 @@ class Updater:
     def _put(self, micro_batch: Batch) -> Batch:
         if self.mesh is None:
             return micro_batch
-        return jax.tree.map(lambda v: jax.device_put(v, parallel.batch_sharding(self.mesh, np.ndim(v))), micro_batch)
+        # Every process holds the whole micro-batch (the gathered experience): each places its rows.
+        return jax.tree.map(lambda v: multihost.put_identical(v, parallel.batch_sharding(self.mesh, np.ndim(v))),
+                            micro_batch)
 
     def lower(self, trainable: Trainable, micro_batch: Batch) -> tuple[jax.stages.Lowered, jax.stages.Lowered]:
         """(the micro-batch gradient step, the optimizer step) lowered, not run, for these possibly
