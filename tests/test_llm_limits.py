@@ -48,7 +48,7 @@ def test_rpm_paces_requests_within_the_servers_window_at_full_speed():
     assert peak_in_window(server.arrivals, window_s) <= limit
     # Paced, not throttled into retries: the calls took what the budget allows and little more.
     budget_s = (calls - 1) * window_s / limit
-    assert budget_s * 0.95 <= elapsed <= budget_s * 1.25 + 0.5, elapsed
+    assert budget_s * 0.95 <= elapsed <= budget_s * 1.5 + 1.0, elapsed  # slack for a loaded CI machine
     assert client.usage.wait_s > 0
 
 
