@@ -18,7 +18,8 @@ import jax
 from rlpa_jax import config as config_file
 from rlpa_jax import multihost, parallel
 from rlpa_jax.checkpoint import Checkpointer, checkpoint_directory, model_config_from_meta, restore_actor_params
-from rlpa_jax.config import ConfigError, LLMRoleSection, LLMSection, TrainConfig, inherited
+from rlpa_jax.config import ConfigError, TrainConfig
+from rlpa_jax.llm_config import LLMRoleSection, LLMSection, inherited
 from rlpa_jax.dialogue import judges, personas, users
 from rlpa_jax.dialogue.chat import load_prompt
 from rlpa_jax.dialogue.llm import LLMCallError, client_from_section, run_sync

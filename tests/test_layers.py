@@ -9,6 +9,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Lower layers first; packages on one layer may not import each other.
 LAYERS = (
     ("options",),
+    ("llm_config",),
     ("config", "tokenizer", "multihost"),
     ("model",),
     ("parallel", "checkpoint", "compiled_cost"),

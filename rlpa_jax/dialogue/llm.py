@@ -37,7 +37,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import openai
 
-from rlpa_jax.config import ConfigError, LLMSection
+from rlpa_jax.config import ConfigError
+from rlpa_jax.llm_config import LLMSection
 from rlpa_jax.dialogue.llm_cache import ResponseCache, cache_key
 from rlpa_jax.dialogue.llm_limiter import estimate_tokens, shared_limiter
 from rlpa_jax.dialogue.llm_retries import AttemptFailure, backoff_delay_s, classify_failure, completion_text

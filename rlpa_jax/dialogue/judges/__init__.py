@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from rlpa_jax.config import ConfigError, JudgeConfig, inherited
+from rlpa_jax.config import ConfigError, JudgeConfig
+from rlpa_jax.llm_config import inherited
 from rlpa_jax.dialogue.judges.base import (
     ItemMatchingJudge,
     ProfileJudge,

@@ -1,0 +1,79 @@
+"""The LLM endpoint sections of the config: one role's OpenAI-compatible endpoint, the shared
+top-level default, and the rule by which a role inherits every field it leaves unset."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from rlpa_jax.options import count, http_url, non_negative, option, positive
+
+
+@dataclass
+class LLMSection:
+    """One role's OpenAI-compatible endpoint (OpenAI, DeepSeek, vLLM, SGLang); the key comes from the
+    env var `api_key_env`. A field left unset (null) inherits from the section above it
+    (LLM_PARENTS: user.llm and judges.llm from llm; both judges and eval.judge from judges.llm)."""
+
+    base_url: str | None = option(None, http_url)
+    model: str | None = None
+    api_key_env: str | None = None
+    max_concurrency: int | None = option(None, count)  # in-flight requests of this role
+    timeout_s: float | None = option(None, positive)
+    max_retries: int | None = option(None, non_negative)
+    cache_path: str | None = None
+    # The endpoint's (base_url + model's) requests and tokens per minute, shared by every role on
+    # it; null: no limit. Prices (USD per million prompt / completion tokens) give cost metrics.
+    rpm: float | None = option(None, positive)
+    tpm: float | None = option(None, positive)
+    price_input_per_mtok: float | None = option(None, non_negative)
+    price_output_per_mtok: float | None = option(None, non_negative)
+
+
+@dataclass
+class SharedLLMSection(LLMSection):
+    """The top-level `llm` section every role inherits from; no base_url by default, so a role that
+    talks to an LLM must be given one (here, or in its own section)."""
+
+    model: str | None = "gpt-4o-mini"
+    api_key_env: str | None = "OPENAI_API_KEY"
+    max_concurrency: int | None = option(32, count)
+    timeout_s: float | None = option(60.0, positive)
+    max_retries: int | None = option(4, non_negative)
+
+
+@dataclass
+class LLMRoleSection:
+    """A role's own endpoint section (judges.profile, judges.response, eval.judge)."""
+
+    llm: LLMSection = field(default_factory=LLMSection)
+
+
+def inherited(section: LLMSection, parent: LLMSection) -> LLMSection:
+    """`section` with every unset field taken from `parent`."""
+    return dataclasses.replace(section, **{f.name: getattr(parent, f.name) for f in dataclasses.fields(LLMSection)
+                                           if getattr(section, f.name) is None})
+
+
+# LLM sections: each role's endpoint inherits, field by field, from the section above it
+
+# child -> parent, parents listed before their children
+LLM_PARENTS = {"user.llm": "llm", "judges.llm": "llm", "judges.profile.llm": "judges.llm",
+               "judges.response.llm": "judges.llm", "eval.judge.llm": "judges.llm"}
+# The roles that call an LLM, with their sections (metrics are named llm/<role>/...).
+LLM_ROLES = {"user": "user.llm", "profile_judge": "judges.profile.llm", "response_judge": "judges.response.llm",
+             "eval_judge": "eval.judge.llm"}
+
+
+def section_at(config, key: str):
+    for name in key.split("."):
+        config = getattr(config, name)
+    return config
+
+
+def inherit_llm_sections(config) -> None:
+    """Fill every role's unset LLM fields from its parents (in place), so each section is the
+    endpoint its role really uses (and the run's saved config.yaml says so)."""
+    for child, parent in LLM_PARENTS.items():
+        owner, name = child.rsplit(".", 1)
+        setattr(section_at(config, owner), name, inherited(section_at(config, child), section_at(config, parent)))
