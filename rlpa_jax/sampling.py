@@ -204,11 +204,17 @@ def pad_prompts(
         raise ValueError("pad_prompts needs at least one prompt and no empty prompt")
     length = bucket(max(len(p) for p in prompts), length_buckets)
     rows = -(-len(prompts) // batch_multiple) * batch_multiple
-    tokens = np.full((rows, length), pad_id, np.int32)
-    mask = np.zeros((rows, length), bool)
+    return left_pad(list(prompts) + [None] * (rows - len(prompts)), length, pad_id)
+
+
+def left_pad(prompts: Sequence[Sequence[int] | None], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, mask) of shape (len(prompts), length): each prompt right-aligned, None an all-padding row."""
+    tokens = np.full((len(prompts), length), pad_id, np.int32)
+    mask = np.zeros((len(prompts), length), bool)
     for i, prompt in enumerate(prompts):
-        tokens[i, length - len(prompt):] = prompt
-        mask[i, length - len(prompt):] = True
+        if prompt is not None:
+            tokens[i, length - len(prompt):] = prompt
+            mask[i, length - len(prompt):] = True
     return tokens, mask
 
 

@@ -39,7 +39,7 @@ from rlpa_jax.model.qwen2 import Params
 from rlpa_jax.prefix_cache import PrefixSampler, PromptCache
 from rlpa_jax.rl.environment import Conversation, Environment, reward_of
 from rlpa_jax.rl.item_credit import token_item_credit
-from rlpa_jax.sampling import Generator, SamplingParams, bucket, pad_prompts
+from rlpa_jax.sampling import Generator, SamplingParams, bucket, left_pad, pad_prompts
 
 
 # Rollout counters that are totals over every process's conversations.
@@ -204,13 +204,7 @@ class Rollout:
         by position) scored and answered. Returns (position, sample) pairs."""
         n = self.sampling.num_samples
         t0 = time.perf_counter()
-        tokens = np.full((len(slots), length), self.generator.pad_id, np.int32)
-        mask = np.zeros((len(slots), length), bool)
-        for slot, position in enumerate(slots):
-            if position in prompts:
-                prompt = prompts[position]
-                tokens[slot, length - len(prompt):] = prompt
-                mask[slot, length - len(prompt):] = True
+        tokens, mask = left_pad([prompts.get(position) for position in slots], length, self.generator.pad_id)
         self.timings["prompt_tokens"] += sum(map(len, prompts.values()))
         self.timings["prefilled_tokens"] += sum(map(len, prompts.values()))
         generation = self.generator(params, self.place_rows(tokens, rows), self.place_rows(mask, rows), key,
