@@ -145,6 +145,34 @@ def single_query_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.A
     return out.reshape(batch, 1, heads, head_dim).astype(dtype)
 
 
+def heads_major_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Full attention (prefill, scoring, training) laid out for XLA:CPU.
+
+    q: (batch, queries, heads, head_dim); k, v: (batch, keys, kv_heads, head_dim); mask: (batch,
+    queries, keys). Each key/value head's query group is one (group x queries, head_dim) matrix,
+    so both products are plain batched matmuls and the softmax runs over the contiguous last
+    axis. `jax.nn.dot_product_attention` keeps the (batch, heads, queries, keys) score layout and
+    XLA:CPU split its masked softmax into passes that each transposed the whole score array:
+    this form runs a 2-layer model's whole scoring forward in ~30 % less CPU time
+    (docs/PERF.md). Same numbers as the fused call: scores and softmax in float32, scaled by
+    1/sqrt(head_dim), masked scores at -0.7 x the float32 maximum (fully masked padding rows
+    come out finite).
+    """
+    batch, queries, heads, head_dim = q.shape
+    keys, kv_heads = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    grouped = q.reshape(batch, queries, kv_heads, group, head_dim).transpose(0, 2, 3, 1, 4)
+    grouped = grouped.reshape(batch, kv_heads, group * queries, head_dim)
+    keys_major, values_major = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    scores = jnp.einsum("bkqd,bksd->bkqs", grouped, keys_major, preferred_element_type=jnp.float32)
+    scores = scores.reshape(batch, kv_heads, group, queries, keys) * (1.0 / math.sqrt(head_dim))
+    scores = jnp.where(mask[:, None, None], scores, -0.7 * jnp.finfo(jnp.float32).max)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(batch, kv_heads, group * queries, keys)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs, values_major)
+    out = out.reshape(batch, kv_heads, group, queries, head_dim).transpose(0, 3, 1, 2, 4)
+    return out.reshape(batch, queries, heads, head_dim).astype(q.dtype)
+
+
 class Attention(nn.Module):
     config: Qwen2Config
 
@@ -191,10 +219,12 @@ class Attention(nn.Module):
 
         if single_query:
             out = single_query_attention(q, k, v, mask)
+        elif jax.default_backend() == "cpu":
+            out = heads_major_attention(q, k, v, mask)
         else:
-            # One fused attention call: cuDNN's flash attention on GPUs where the mask and dtype
-            # allow, XLA's einsum-softmax-einsum elsewhere (on CPU the same numbers as writing it
-            # out). Grouped key/value heads are native; fully masked padding rows come out finite.
+            # XLA's einsum-softmax-einsum: `implementation=None` selects XLA on every backend (as of
+            # JAX 0.10 it never picks cuDNN; its "cudnn" path takes no left-padded boolean mask
+            # without a bias, untested here). Fully masked padding rows come out finite.
             out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :])
         out = _constrain(out, ("activation_batch", "activation_length", "activation_heads", None))
 
