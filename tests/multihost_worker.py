@@ -173,14 +173,17 @@ def scenario_ppo(out_dir: Path, overrides: list[str]) -> dict:
         c.conversation_id for c in conversations])
     environment.user_sim.respond = counting(environment.user_sim.respond, answered, lambda users, histories: [
         id(u) for u in users])
-    shares = []
+    shares, pools = [], []
     trainer.on_iteration_end.append(lambda iteration, metrics: shares.append(metrics.get("conversations_here")))
+    if trainer.pool is not None:  # the `turn` schedule: the whole pool after each iteration
+        trainer.on_iteration_end.append(lambda iteration, metrics: pools.append(trainer.pool.to_json()))
     summary = trainer.train(resume=resume)
     state = trainer.checkpointer.restore_latest_readable(trainer.abstract_state())[1]
     actor = multihost.gather(state["actor"].params)
     if multihost.is_main_process():
         np.savez(out_dir / "actor.npz", *[np.asarray(x) for x in jax.tree.leaves(actor)])
-    return {"summary": summary, "scored": scored, "answered": [len(a) for a in answered], "shares": shares}
+    return {"summary": summary, "scored": scored, "answered": [len(a) for a in answered], "shares": shares,
+            "pools": pools}
 
 
 SCENARIOS = {"arrays": scenario_arrays, "save": scenario_save, "restore": scenario_restore, "wait": scenario_wait,

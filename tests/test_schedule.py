@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+from rlpa_jax import multihost
 from rlpa_jax.build import build_trainer
 from rlpa_jax.checkpoint import Checkpointer
 from rlpa_jax.config import ConfigError, load_config
@@ -116,6 +117,16 @@ def test_a_pool_restored_from_json_plays_on_exactly_as_the_original():
         play_host_turn(original, k)
         play_host_turn(restored, k)
     assert restored.to_json() == original.to_json() and original.started > 3
+
+
+def test_a_pool_whose_slots_no_process_played_is_refused_after_a_turn():
+    pool = new_pool(size=3)
+    play_host_turn(pool, 0)
+    before = pool.to_json()
+    pool.take_peer_turns(frozenset({0, 1, 2}))  # one process played every slot: nothing to take
+    assert pool.to_json() == before
+    with pytest.raises(multihost.ProcessMismatch, match=r"played by \[1, 0, 1\] processes"):
+        pool.take_peer_turns(frozenset({0, 2}))
 
 
 def test_a_pool_of_another_size_is_refused_on_resume():

@@ -18,7 +18,9 @@ rollout (a stopped one becomes a padding row), so rows and the sampler's random 
 the one-process run as long as no simulated user fails. Every sampler call is a collective: groups
 then run one after the other, in the same order on every process (not as concurrent coroutines,
 whose device calls would come in an order set by judge latency). The sampled turns are exchanged
-at the end, so every process returns all of them, in the one-process order.
+at the end, so every process returns all of them, in the one-process order. play_turn (the `turn`
+schedule) places its groups' rows the same way; it returns every sampled turn but updates only the
+conversations this process played (the trainer's pool exchanges the rest, rl/schedule.py).
 """
 
 from __future__ import annotations
@@ -115,13 +117,11 @@ class Rollout:
         groups = [conversations[g::self.groups] for g in range(self.groups)]
         groups = [g for g in groups if g]
         if multihost.process_count() > 1:
-            if self.prefix_sampler is not None or self.row_indices is None:
-                raise ValueError("a rollout over several processes needs row placement and runs without "
-                                 "rollout.prefix_cache")
+            if self.prefix_sampler is not None:
+                raise ValueError("a rollout over several processes runs without rollout.prefix_cache")
+            self._require_row_placement()
             mine, played = asyncio.run(self._run_groups_in_order(params, groups, key))
-            every = [part for parts in multihost.allgather_objects(mine) for part in parts]
-            samples = [sample for _, sample in sorted(every, key=lambda part: part[0])]
-            return self._result(samples, conversations, start, played)
+            return self._result(_in_order(mine), conversations, start, played)
         samples = asyncio.run(self._run_groups(params, groups, key))
         return self._result(samples, conversations, start)
 
@@ -130,11 +130,19 @@ class Rollout:
         """One turn of each conversation (the `turn` schedule's pool, each at its own `turns[i]`):
         sampled, scored, continued with its best sample and answered by its user. The pool is split
         into the same pipeline groups as run()'s, so a sampler call has as many rows as there. Full
-        prefills, no prompt cache: the parameters change between one turn and the next."""
+        prefills, no prompt cache: the parameters change between one turn and the next.
+
+        With several processes, each plays only its share of every group (its rows, as in run())
+        and returns every sampled turn; the conversations it did not play are left as they were
+        (`local_ids` names those it played: the caller brings the others up to date)."""
         self.timings = Counter()
         start = time.perf_counter()
         slots = [list(range(g, len(conversations), self.groups)) for g in range(self.groups)]
         slots = [g for g in slots if g]
+        if multihost.process_count() > 1:
+            self._require_row_placement()
+            mine, played = asyncio.run(self._play_turn_in_order(params, conversations, turns, slots, key))
+            return self._result(_in_order(mine), conversations, start, played)
 
         async def play() -> list[Sample]:
             results = await asyncio.gather(*(
@@ -199,9 +207,32 @@ class Rollout:
                 mine += [((g, s.turn, position, s.sample_index), s) for position, s in samples]
         return mine, played
 
+    async def _play_turn_in_order(self, params, conversations, turns, slots, key):
+        """Several processes: play_turn's groups (`slots`: indices into `conversations`) one after
+        the other, this process playing its rows of each. Returns ((order key, sample) for its
+        sampled turns, the conversations it played)."""
+        mine, played = [], []
+        for g, members in enumerate(slots):
+            group = [conversations[i] for i in members]
+            rows = -(-len(group) // self.batch_multiple) * self.batch_multiple
+            share = [int(i) for i in self.row_indices(rows)]
+            positions = [i for i in share if i < len(group)]
+            played += [group[i] for i in positions]
+            prompts = {i: self.environment.prompt_tokens(group[i].history) for i in positions}
+            (longest,) = multihost.agree_on_max((max(map(len, prompts.values()), default=0),))
+            samples = await self._turn_of_share(params, group, share, rows, prompts, [turns[i] for i in members],
+                                                bucket(longest, self.prompt_buckets), jax.random.fold_in(key, g))
+            mine += [((g, position, s.sample_index), s) for position, s in samples]
+        return mine, played
+
+    def _require_row_placement(self) -> None:
+        if self.row_indices is None or self.place_rows is None:
+            raise ValueError("a rollout over several processes needs row placement (place_rows, row_indices)")
+
     async def _turn_of_share(self, params, group, slots, rows, prompts, turn, length, key):
         """One sampler call over every process's rows; this process's conversations (`prompts`,
-        by position) scored and answered. Returns (position, sample) pairs."""
+        by position) scored and answered, at `turn` (or at `turn[position]` each). Returns
+        (position, sample) pairs."""
         n = self.sampling.num_samples
         t0 = time.perf_counter()
         tokens, mask = left_pad([prompts.get(position) for position in slots], length, self.generator.pad_id)
@@ -221,8 +252,9 @@ class Rollout:
                 row.append((toks[:size], lps[:size]))
                 generated += int(size)
             sampled.append(row)
-        samples = await self._continue(conversations, [turn] * len(positions), [prompts[i] for i in positions],
-                                       sampled, t0, t1, generated)
+        turns = [turn if isinstance(turn, int) else turn[i] for i in positions]
+        samples = await self._continue(conversations, turns, [prompts[i] for i in positions], sampled, t0, t1,
+                                       generated)
         position_of = {c.conversation_id: i for c, i in zip(conversations, positions)}
         return [(position_of[s.conversation_id], s) for s in samples]
 
@@ -314,6 +346,13 @@ class Rollout:
         if self.timings.get("sampling_s"):
             stats["sampling_tokens_per_s"] = self.timings["generated_tokens"] / self.timings["sampling_s"]
         return stats
+
+
+def _in_order(mine: list[tuple[tuple, Sample]]) -> list[Sample]:
+    """Every process's sampled turns (each (order key, sample) pairs; a collective), in the order
+    the one-process rollout returns them."""
+    every = [part for parts in multihost.allgather_objects(mine) for part in parts]
+    return [sample for _, sample in sorted(every, key=lambda part: part[0])]
 
 
 def _rows_by_index(generation) -> dict[str, dict[int, np.ndarray]]:

@@ -13,6 +13,14 @@ data set the same way) and the pool is a pure function of the seed and what happ
 whole pool (histories, user states with their RNGs, personas as indices into the training
 personas, the deal position) is plain JSON (`to_json` / `load_json`), saved with each checkpoint,
 so `--resume` continues the very same conversations.
+
+With several processes every process holds the whole pool: each deals the same users (a pure
+function of the seed), plays only the conversations whose sampler rows are its own (rl/rollout.py)
+and, after the turn, takes everyone else's from them (`take_peer_turns`, in this same JSON). So
+every process's pool is the one-process run's, the checkpoint item is identical on every process
+(whichever writes it, --resume reads the same pool) and the refill, turn and turnover statistics
+need no further exchange. Only the played conversations travel, once per iteration: a few
+messages and a user state each, small next to the sampled turns the rollout exchanges anyway.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from typing import Sequence
 
 import numpy as np
 
+from rlpa_jax import multihost
 from rlpa_jax.dialogue.chat import Message
 from rlpa_jax.dialogue.personas import Persona
 from rlpa_jax.dialogue.users import UserSimulator, user_state_from_json, user_state_to_json
@@ -123,6 +132,24 @@ class ConversationPool:
             [self.personas[persona]], self.user_sim, [conversation_seed(self.seed, k)], first_id=k,
             switch_turn=self.switch_turn, switch_personas=None if switch is None else [self.personas[switch]])
         return Slot(conversation, persona, switch)
+
+    def take_peer_turns(self, local_ids: frozenset[int]) -> None:
+        """Several processes, after a turn: every process sends the slots it played (`local_ids`:
+        their conversation ids) and loads the others' from their JSON, so all hold the same pool;
+        a collective. A process's own slots stay the objects it played."""
+        mine = [[i, slot_to_json(slot)] for i, slot in enumerate(self.slots)
+                if slot is not None and slot.conversation.conversation_id in local_ids]
+        own = {i for i, _ in mine}
+        every = multihost.allgather_json(mine)
+        counts = np.bincount([i for played in every for i, _ in played], minlength=self.size)
+        live = [i for i, slot in enumerate(self.slots) if slot is not None]
+        if any(counts[i] != 1 for i in live):
+            raise multihost.ProcessMismatch(f"the pool's slots were played by {counts.tolist()} processes each "
+                                            "(every live slot must be played by exactly one)")
+        for process, played in enumerate(every):
+            for i, data in played:
+                if i not in own:
+                    self.slots[i] = self._slot_from_json(data, f"process {process}'s turn")
 
     # ------------------------------------------------------------------------------- JSON
 

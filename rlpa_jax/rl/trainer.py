@@ -13,7 +13,10 @@ checkpoint in place.
 With several processes (README "Several hosts") each plays its share of the conversations
 (rl/rollout.py) and then holds the iteration's whole experience: the forwards and updates are
 global programs over the mesh, every decision (skipped update, adaptive KL, Ctrl-C) is the same on
-every process, and the run equals one process holding every device.
+every process, and the run equals one process holding every device. With `turn`, every process
+also holds the whole conversation pool: after each turn the processes exchange the conversations
+they played (rl/schedule.py), so the pool, its statistics and its checkpoint item are the same
+everywhere.
 
 The trainer is handed its parts (`TrainingParts`: the environment, the generator, the personas,
 the initial policy) already built; rlpa_jax/build.py builds them from a config.
@@ -108,9 +111,6 @@ class Trainer:
         # Shared by the training and evaluation rollouts (one set of compiled programs); each
         # rollout's caches live for that rollout only.
         several = multihost.process_count() > 1
-        if several and r.schedule == "turn":
-            raise ValueError("rollout.schedule=turn runs as one process only for now (its conversation pool is not "
-                             "split over processes); use rollout.schedule=conversation with several processes")
         if several and r.prefix_cache:
             # Same tokens either way; the cache's per-group bookkeeping is not split over processes.
             log.warning("rollout.prefix_cache is off with several processes: every turn prefills its prompts in full")
@@ -283,6 +283,9 @@ class Trainer:
         started = self.pool.refill()
         turns = self.pool.turns()
         result = self.rollout.play_turn(params, self.pool.conversations, turns, key)
+        if result.local_ids is not None:  # several processes: each played its share of the pool
+            self.pool.take_peer_turns(result.local_ids)
+            result.conversations = self.pool.conversations
         result.stats |= {"pool_turn": float(np.mean(turns)) + 1, "conversations_started": float(started),
                          "conversations_finished": float(self.pool.finished())}
         return result
