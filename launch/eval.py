@@ -13,6 +13,17 @@ positional key.path=value arguments override it. Per-role LLM calls, latency, to
 go to <output>/<name>_<setting>_llm.json.
 Prints a per-turn table, writes <output>/<name>_<setting>.json and a PNG of the AL curves (with
 every --compare result on the same figure); long_term also writes a profile-score PNG.
+
+Our model samples on the config's mesh (mesh.*, in rollout.layout, as launch/train.py does). Started
+as several processes (jax.distributed, README "Several hosts"; the same command on every host),
+each process plays only its share of the users: for our model those whose sampler rows land on its
+devices (every sampler call is a global program that every process makes, in the same order, each
+filling and reading back only its own rows), for openai:<model> a contiguous block. Each makes the
+simulated-user and judge calls of its own users only; the transcripts are exchanged at the end, so
+the result equals a one-process run's (exactly while every dialogue lasts; a sampled, temperature
+> 0 evaluation whose user fails mid-run draws differently afterwards). rollout.prefix_cache is
+off then (the same tokens). Process 0 alone prints and writes the JSON, the figures and the LLM
+usage (each process's own, and their sums).
 """
 
 from __future__ import annotations
@@ -22,7 +33,7 @@ import json
 import sys
 from pathlib import Path
 
-from rlpa_jax import build, cli
+from rlpa_jax import build, cli, multihost
 from rlpa_jax.dialogue import users
 from rlpa_jax.dialogue.llm import LLMClient
 from rlpa_jax.dialogue.llm_usage import LLMMeter, progress_postfix
@@ -85,6 +96,10 @@ def evaluate(args: argparse.Namespace, config) -> int:
                           config.seed if args.seed is None else args.seed, partner_pool=pool,
                           progress=not args.no_progress)
 
+    # Every process's LLM usage (a collective, before process 0 alone goes on to write).
+    every_llm = multihost.allgather_json(meter.totals()) if meter.clients else []
+    if not multihost.is_main_process():
+        return 0
     stem = f"{file_slug(result.name)}_{args.setting}"
     json_path = result.save(args.output / f"{stem}.json")
     everything = [result, *compared]
@@ -92,12 +107,26 @@ def evaluate(args: argparse.Namespace, config) -> int:
     print(format_table([r.to_json() for r in everything]))
     print(f"result: {json_path}\nfigure: {png_path}")
     if meter.clients:
-        llm_totals = meter.totals()
+        llm_totals = every_llm[0] if len(every_llm) == 1 else summed_usage(every_llm)
         llm_path = write_json(args.output / f"{stem}_llm.json", llm_totals)
         print(f"LLM: {progress_postfix(llm_totals, meter.clients)} (per role: {llm_path})")
     if any(r.profile_scores for r in everything):
         print(f"profile figure: {plot_profile_scores(everything, args.output / f'{stem}_profile.png')}")
     return 0
+
+
+def summed_usage(every: list[dict]) -> dict:
+    """Several processes' `llm/<role>/<name>` totals as one record: counts, tokens, cost and waits
+    summed, the cache hit rate recomputed, latency percentiles the largest of any process (an upper
+    bound), and each process's own record under "per_process"."""
+    summed = {}
+    for key in every[0]:
+        values = [record.get(key, 0.0) for record in every]
+        summed[key] = max(values) if key.rsplit("/", 1)[-1].startswith("p") and key.endswith("_s") else sum(values)
+    for key in [k for k in summed if k.endswith("/cache_hit_rate")]:
+        calls = summed[key.replace("cache_hit_rate", "calls")]
+        summed[key] = summed[key.replace("cache_hit_rate", "cache_hits")] / calls if calls else 0.0
+    return summed | {"per_process": every}
 
 
 def write_json(path: Path, record: dict) -> Path:
@@ -110,7 +139,6 @@ def main(argv: list[str] | None = None) -> int:
     cli.start("eval.py")
     arguments = {k: v for k, v in vars(args).items() if k not in ("config", "overrides")}
     config = cli.load_config_or_exit("eval.py", args.config, args.overrides, arguments)
-    cli.single_process_only("eval.py", cli.NOT_YET_MULTI_PROCESS)
     cli.use_compilation_cache(config)
     return cli.run_or_exit("eval.py", lambda: evaluate(args, config),
                            (CheckpointError, FileNotFoundError, KeyError, ValueError), status=2)

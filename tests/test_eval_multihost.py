@@ -1,0 +1,109 @@
+"""launch/eval.py as 2 processes x 4 CPU devices (jax.distributed over 127.0.0.1) against the same
+evaluation as 1 process x 8 (our model from an hf: directory, sampled at temperature 1, an LLM user
+and an LLM judge on a 127.0.0.1 server): every user played by one process, its user and judge
+called by that process alone, no jax.device_get of an array another process holds part of
+(tests/eval_launch_worker.py), and the result JSON the one-process run's (1e-5). The processes
+are started and watched with tests/test_multihost.py's helpers."""
+
+from __future__ import annotations
+
+import json
+import math
+import zlib
+from pathlib import Path
+
+import jax
+import pytest
+
+from openai_server import OpenAIServer, Reply
+from rlpa_jax.model import hf
+from rlpa_jax.model.qwen2 import Qwen2Config, init_params
+from rlpa_jax.tokenizer import train_tiny_tokenizer
+from test_multihost import finish, start_processes, tail
+from tiny_corpus import synthetic_corpus
+
+REPO = Path(__file__).resolve().parents[1]
+WORKER = REPO / "tests" / "eval_launch_worker.py"
+TINY = Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2)
+USERS, TURNS = 8, 2  # one sampler row per device of the 8-device mesh: 4 users per process
+DEADLINE_S = 240
+ROLE_PLAY = "role-playing one specific person"
+
+
+def answer(request: dict) -> Reply:
+    """The LLM user (a role-play system prompt) says who it is, one sentence of its persona; the
+    evaluation's judge gives a verdict fixed by the request (each reply judged as in the one-process
+    run gets that run's verdict); the start-up probe gets its OK."""
+    messages = request["messages"]
+    if messages[-1]["content"] == "Reply with OK.":
+        return Reply(content="OK")
+    if ROLE_PLAY in messages[0]["content"]:
+        return Reply(content=messages[0]["content"].split("Who you are:\n", 1)[1].split(".")[0] + ".")
+    return Reply(content=f"Judged. \\boxed{{{zlib.crc32(json.dumps(messages).encode()) % 2}}}")
+
+
+def assert_same(got, want, where="result"):
+    """Equal JSON trees, numbers within 1e-5 (NaN equal to NaN)."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and sorted(got) == sorted(want), where
+        for key in want:
+            assert_same(got[key], want[key], f"{where}.{key}")
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), where
+        for index, (a, b) in enumerate(zip(got, want)):
+            assert_same(a, b, f"{where}[{index}]")
+    elif isinstance(want, float) and not isinstance(want, bool):
+        assert (math.isnan(got) and math.isnan(want)) or got == pytest.approx(want, abs=1e-5), where
+    else:
+        assert got == want, where
+
+
+def test_eval_over_two_processes_equals_one_process(tmp_path):
+    tokenizer = train_tiny_tokenizer(tmp_path / "tokenizer", synthetic_corpus(), vocab_size=512)
+    # Weights 16x the init scale: a random model whose samples follow its prompt (at the init
+    # scale its logits are nearly flat and each row's random draws alone set its tokens), so a
+    # conversation answered with another's prompt or row shows in the transcripts.
+    params = jax.tree.map(lambda x: x * 16 if x.ndim >= 2 else x, init_params(TINY, jax.random.key(0)))
+    hf.export_hf(params, TINY, tmp_path / "hf", tokenizer_dir=tokenizer)
+    with OpenAIServer(answer) as server:
+        def argv(output: Path):
+            return lambda _: [str(WORKER), "--policy", f"hf:{tmp_path / 'hf'}", "--setting", "vanilla",
+                              "--turns", str(TURNS), "--users", str(USERS), "--output", str(output), "--name", "tiny",
+                              "--system-prompt", "policy_system_tiny", "--temperature", "1.0", "--no-progress",
+                              "rollout.max_new_tokens=12", "rollout.prompt_buckets=[256]",
+                              "rollout.max_prompt_tokens=256", "user.kind=llm", "judges.kind=llm",
+                              f"llm.base_url={server.base_url}"]
+
+        runs = {}
+        for name, processes in (("alone", 1), ("pair", 2)):  # all three processes at once
+            (tmp_path / name).mkdir()
+            runs[name] = start_processes(argv(tmp_path / name / "out"), tmp_path / name, processes)
+        finished = {name: finish(children, tmp_path / name, DEADLINE_S) for name, children in runs.items()}
+        user_requests = [r for r in server.requests if ROLE_PLAY in r["messages"][0]["content"]]
+    for name, results in finished.items():
+        for index, result in enumerate(results):
+            assert result.returncode == 0, f"{name} process {index}:\n{tail(tmp_path / name, index)}"
+
+    alone, pair = (json.loads((tmp_path / name / "out" / "tiny_vanilla.json").read_text()) for name in ("alone", "pair"))
+    assert len(pair["transcripts"]) == USERS and [t["user_index"] for t in pair["transcripts"]] == list(range(USERS))
+    # Sampled (each row its own random draws) and judged both ways: a user given another's row,
+    # turn or verdict would show.
+    replies = [[m["text"] for m in t["messages"] if m["role"] == "assistant"] for t in alone["transcripts"]]
+    assert len({json.dumps(r) for r in replies}) == USERS
+    assert {0, 1} <= {j for row in alone["judgments"] for j in row}
+    assert_same(pair, alone)
+    # Process 0 alone printed the table and wrote the files; process 1 only played its users.
+    first, second = finished["pair"]
+    assert "AL(1)" in first.stdout and "AL(1)" not in second.stdout
+    assert sorted(p.name for p in (tmp_path / "pair" / "out").iterdir()) == sorted(
+        p.name for p in (tmp_path / "alone" / "out").iterdir())
+
+    # Each process called the LLM user (once per turn but the last) and the judge (every turn) for
+    # its own 4 users only, and the two runs asked the user the same questions.
+    usage = json.loads((tmp_path / "pair" / "out" / "tiny_vanilla_llm.json").read_text())
+    assert [p["llm/user/calls"] for p in usage["per_process"]] == [USERS // 2 * (TURNS - 1)] * 2
+    assert [p["llm/eval_judge/calls"] for p in usage["per_process"]] == [USERS // 2 * TURNS] * 2
+    assert usage["llm/user/calls"] == USERS * (TURNS - 1)
+    assert len(user_requests) == 2 * USERS * (TURNS - 1)
+    asked = sorted(json.dumps(r["messages"]) for r in user_requests)
+    assert asked[0::2] == asked[1::2]  # every question twice: once per run
