@@ -1,9 +1,9 @@
 """launch/eval.py as 2 processes x 4 CPU devices (jax.distributed over 127.0.0.1) against the same
-evaluation as 1 process x 8 (our model from an hf: directory, sampled at temperature 1, an LLM user
-and an LLM judge on a 127.0.0.1 server): every user played by one process, its user and judge
-called by that process alone, no jax.device_get of an array another process holds part of
-(tests/eval_launch_worker.py), and the result JSON the one-process run's (1e-5). The processes
-are started and watched with tests/test_multihost.py's helpers."""
+evaluation as 1 process x 8 (our model from an hf: directory, sampled at temperature 1, and an
+openai:<model> policy; an LLM user and an LLM judge on a 127.0.0.1 server): every user played by
+one process, its user and judge called by that process alone, no jax.device_get of an array
+another process holds part of (tests/eval_launch_worker.py), and the result JSON the one-process
+run's (1e-5). The processes are started and watched with tests/test_multihost.py's helpers."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ TINY = Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_la
 USERS, TURNS = 8, 2  # one sampler row per device of the 8-device mesh: 4 users per process
 DEADLINE_S = 240
 ROLE_PLAY = "role-playing one specific person"
+API_POLICY = "policy-model"
 
 
 def answer(request: dict) -> Reply:
@@ -37,6 +38,8 @@ def answer(request: dict) -> Reply:
     messages = request["messages"]
     if messages[-1]["content"] == "Reply with OK.":
         return Reply(content="OK")
+    if request["model"] == API_POLICY:  # openai:<model> under evaluation: a reply fixed by the request
+        return Reply(content=f"Noted, reply {zlib.crc32(json.dumps(messages).encode()) % 1000}. And you?")
     if ROLE_PLAY in messages[0]["content"]:
         return Reply(content=messages[0]["content"].split("Who you are:\n", 1)[1].split(".")[0] + ".")
     return Reply(content=f"Judged. \\boxed{{{zlib.crc32(json.dumps(messages).encode()) % 2}}}")
@@ -58,33 +61,58 @@ def assert_same(got, want, where="result"):
         assert got == want, where
 
 
+def start_alone_and_as_pair(directory: Path, arguments: list[str]) -> dict[str, list]:
+    """launch/eval.py with `arguments` as 1 process x 8 devices and as 2 x 4, all at once."""
+    runs = {}
+    for name, processes in (("alone", 1), ("pair", 2)):
+        (directory / name).mkdir(parents=True)
+        command = [str(WORKER), *arguments, "--output", str(directory / name / "out"), "--no-progress"]
+        runs[name] = start_processes(lambda _: command, directory / name, processes)
+    return runs
+
+
+def finish_alone_and_pair(directory: Path, runs: dict[str, list]) -> dict[str, list]:
+    """Each run's Finished records, every process checked to have succeeded."""
+    finished = {name: finish(children, directory / name, DEADLINE_S) for name, children in runs.items()}
+    for name, results in finished.items():
+        for index, result in enumerate(results):
+            assert result.returncode == 0, f"{name} process {index}:\n{tail(directory / name, index)}"
+    return finished
+
+
+def results_of(directory: Path, stem: str) -> tuple[dict, dict, dict]:
+    """(the one-process result, the two-process result, the two processes' LLM usage)."""
+    alone, pair = (json.loads((directory / name / "out" / f"{stem}.json").read_text()) for name in ("alone", "pair"))
+    return alone, pair, json.loads((directory / "pair" / "out" / f"{stem}_llm.json").read_text())
+
+
 def test_eval_over_two_processes_equals_one_process(tmp_path):
+    """Our model (hf:) over 8 users, and alongside (sharing the machine's wait for the processes to
+    start) an openai:<model> policy over 3 users in the conflict setting."""
+    model, api = tmp_path / "model", tmp_path / "api"
     tokenizer = train_tiny_tokenizer(tmp_path / "tokenizer", synthetic_corpus(), vocab_size=512)
     # Weights 16x the init scale: a random model whose samples follow its prompt (at the init
     # scale its logits are nearly flat and each row's random draws alone set its tokens), so a
     # conversation answered with another's prompt or row shows in the transcripts.
     params = jax.tree.map(lambda x: x * 16 if x.ndim >= 2 else x, init_params(TINY, jax.random.key(0)))
     hf.export_hf(params, TINY, tmp_path / "hf", tokenizer_dir=tokenizer)
-    with OpenAIServer(answer) as server:
-        def argv(output: Path):
-            return lambda _: [str(WORKER), "--policy", f"hf:{tmp_path / 'hf'}", "--setting", "vanilla",
-                              "--turns", str(TURNS), "--users", str(USERS), "--output", str(output), "--name", "tiny",
-                              "--system-prompt", "policy_system_tiny", "--temperature", "1.0", "--no-progress",
-                              "rollout.max_new_tokens=12", "rollout.prompt_buckets=[256]",
-                              "rollout.max_prompt_tokens=256", "user.kind=llm", "judges.kind=llm",
-                              f"llm.base_url={server.base_url}"]
-
-        runs = {}
-        for name, processes in (("alone", 1), ("pair", 2)):  # all three processes at once
-            (tmp_path / name).mkdir()
-            runs[name] = start_processes(argv(tmp_path / name / "out"), tmp_path / name, processes)
-        finished = {name: finish(children, tmp_path / name, DEADLINE_S) for name, children in runs.items()}
+    api_users, api_turns = 3, 6
+    with OpenAIServer(answer) as server, OpenAIServer(answer) as api_server:
+        model_runs = start_alone_and_as_pair(model, [
+            "--policy", f"hf:{tmp_path / 'hf'}", "--setting", "vanilla", "--turns", str(TURNS), "--users", str(USERS),
+            "--name", "tiny", "--system-prompt", "policy_system_tiny", "--temperature", "1.0",
+            "rollout.max_new_tokens=12", "rollout.prompt_buckets=[256]", "rollout.max_prompt_tokens=256",
+            "user.kind=llm", "judges.kind=llm", f"llm.base_url={server.base_url}"])
+        api_runs = start_alone_and_as_pair(api, [
+            "--policy", f"openai:{API_POLICY}", "--base-url", api_server.base_url, "--format", "plain",
+            "--setting", "conflict", "--turns", str(api_turns), "--users", str(api_users), "--name", "api",
+            "data.num_personas=8", "user.kind=llm", "judges.kind=llm", f"llm.base_url={api_server.base_url}"])
+        finished = finish_alone_and_pair(model, model_runs)
+        api_finished = finish_alone_and_pair(api, api_runs)
         user_requests = [r for r in server.requests if ROLE_PLAY in r["messages"][0]["content"]]
-    for name, results in finished.items():
-        for index, result in enumerate(results):
-            assert result.returncode == 0, f"{name} process {index}:\n{tail(tmp_path / name, index)}"
+        policy_requests = [r for r in api_server.requests if r["model"] == API_POLICY]
 
-    alone, pair = (json.loads((tmp_path / name / "out" / "tiny_vanilla.json").read_text()) for name in ("alone", "pair"))
+    alone, pair, usage = results_of(model, "tiny_vanilla")
     assert len(pair["transcripts"]) == USERS and [t["user_index"] for t in pair["transcripts"]] == list(range(USERS))
     # Sampled (each row its own random draws) and judged both ways: a user given another's row,
     # turn or verdict would show.
@@ -95,15 +123,23 @@ def test_eval_over_two_processes_equals_one_process(tmp_path):
     # Process 0 alone printed the table and wrote the files; process 1 only played its users.
     first, second = finished["pair"]
     assert "AL(1)" in first.stdout and "AL(1)" not in second.stdout
-    assert sorted(p.name for p in (tmp_path / "pair" / "out").iterdir()) == sorted(
-        p.name for p in (tmp_path / "alone" / "out").iterdir())
-
+    assert sorted(p.name for p in (model / "pair" / "out").iterdir()) == sorted(
+        p.name for p in (model / "alone" / "out").iterdir())
     # Each process called the LLM user (once per turn but the last) and the judge (every turn) for
     # its own 4 users only, and the two runs asked the user the same questions.
-    usage = json.loads((tmp_path / "pair" / "out" / "tiny_vanilla_llm.json").read_text())
     assert [p["llm/user/calls"] for p in usage["per_process"]] == [USERS // 2 * (TURNS - 1)] * 2
     assert [p["llm/eval_judge/calls"] for p in usage["per_process"]] == [USERS // 2 * TURNS] * 2
     assert usage["llm/user/calls"] == USERS * (TURNS - 1)
     assert len(user_requests) == 2 * USERS * (TURNS - 1)
     asked = sorted(json.dumps(r["messages"]) for r in user_requests)
     assert asked[0::2] == asked[1::2]  # every question twice: once per run
+
+    # openai:<model>: no device work; each process plays a contiguous block of users (2 and 1),
+    # each switching to a partner drawn from the whole pool.
+    alone, pair, usage = results_of(api, "api_conflict")
+    assert len(policy_requests) == 2 * api_users * api_turns  # each run asked once per user and turn
+    assert len({json.dumps(t["messages"]) for t in alone["transcripts"]}) == api_users
+    assert_same(pair, alone)
+    assert "AL(1)" in api_finished["pair"][0].stdout and "AL(1)" not in api_finished["pair"][1].stdout
+    assert [p["llm/eval_judge/calls"] for p in usage["per_process"]] == [2 * api_turns, 1 * api_turns]
+    assert [p["llm/user/calls"] for p in usage["per_process"]] == [2 * (api_turns - 1), 1 * (api_turns - 1)]
