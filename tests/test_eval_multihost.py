@@ -16,6 +16,8 @@ import jax
 import pytest
 
 from openai_server import OpenAIServer, Reply
+from rlpa_jax.build import build_personas
+from rlpa_jax.config import load_config
 from rlpa_jax.model import hf
 from rlpa_jax.model.qwen2 import Qwen2Config, init_params
 from rlpa_jax.tokenizer import train_tiny_tokenizer
@@ -25,24 +27,32 @@ from tiny_corpus import synthetic_corpus
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "eval_launch_worker.py"
 TINY = Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2)
-USERS, TURNS = 8, 2  # one sampler row per device of the 8-device mesh: 4 users per process
+# One 8-row sampler call over the 8-device mesh: users 0-3 on process 0, user 4 on process 1, whose
+# LLM user fails after turn 1, so process 1 plays no one in turn 2 yet joins its sampler call.
+USERS, TURNS, FAILING_USER = 5, 2, 4
 DEADLINE_S = 240
 ROLE_PLAY = "role-playing one specific person"
 API_POLICY = "policy-model"
 
 
-def answer(request: dict) -> Reply:
-    """The LLM user (a role-play system prompt) says who it is, one sentence of its persona; the
-    evaluation's judge gives a verdict fixed by the request (each reply judged as in the one-process
-    run gets that run's verdict); the start-up probe gets its OK."""
-    messages = request["messages"]
-    if messages[-1]["content"] == "Reply with OK.":
-        return Reply(content="OK")
-    if request["model"] == API_POLICY:  # openai:<model> under evaluation: a reply fixed by the request
-        return Reply(content=f"Noted, reply {zlib.crc32(json.dumps(messages).encode()) % 1000}. And you?")
-    if ROLE_PLAY in messages[0]["content"]:
-        return Reply(content=messages[0]["content"].split("Who you are:\n", 1)[1].split(".")[0] + ".")
-    return Reply(content=f"Judged. \\boxed{{{zlib.crc32(json.dumps(messages).encode()) % 2}}}")
+def answerer(failing_profile: str | None = None):
+    """The server's answers. The LLM user (a role-play system prompt) says who it is, one sentence
+    of its persona, or fails (HTTP 400, not retried) when it plays `failing_profile`; the
+    evaluation's judge gives a verdict fixed by the request (each reply judged as in the
+    one-process run gets that run's verdict); the policy under evaluation (openai:<model>) a
+    reply fixed by the request; the start-up probe its OK."""
+    def answer(request: dict) -> Reply:
+        messages = request["messages"]
+        if messages[-1]["content"] == "Reply with OK.":
+            return Reply(content="OK")
+        if request["model"] == API_POLICY:
+            return Reply(content=f"Noted, reply {zlib.crc32(json.dumps(messages).encode()) % 1000}. And you?")
+        if ROLE_PLAY in messages[0]["content"]:
+            if failing_profile is not None and failing_profile in messages[0]["content"]:
+                return Reply(status=400, error_message="this user cannot go on")
+            return Reply(content=messages[0]["content"].split("Who you are:\n", 1)[1].split(".")[0] + ".")
+        return Reply(content=f"Judged. \\boxed{{{zlib.crc32(json.dumps(messages).encode()) % 2}}}")
+    return answer
 
 
 def assert_same(got, want, where="result"):
@@ -97,7 +107,8 @@ def test_eval_over_two_processes_equals_one_process(tmp_path):
     params = jax.tree.map(lambda x: x * 16 if x.ndim >= 2 else x, init_params(TINY, jax.random.key(0)))
     hf.export_hf(params, TINY, tmp_path / "hf", tokenizer_dir=tokenizer)
     api_users, api_turns = 3, 6
-    with OpenAIServer(answer) as server, OpenAIServer(answer) as api_server:
+    failing = build_personas(load_config(REPO / "configs" / "tiny.yaml"), "eval")[FAILING_USER].profile_text
+    with OpenAIServer(answerer(failing)) as server, OpenAIServer(answerer()) as api_server:
         model_runs = start_alone_and_as_pair(model, [
             "--policy", f"hf:{tmp_path / 'hf'}", "--setting", "vanilla", "--turns", str(TURNS), "--users", str(USERS),
             "--name", "tiny", "--system-prompt", "policy_system_tiny", "--temperature", "1.0",
@@ -119,16 +130,19 @@ def test_eval_over_two_processes_equals_one_process(tmp_path):
     replies = [[m["text"] for m in t["messages"] if m["role"] == "assistant"] for t in alone["transcripts"]]
     assert len({json.dumps(r) for r in replies}) == USERS
     assert {0, 1} <= {j for row in alone["judgments"] for j in row}
+    assert alone["transcripts"][FAILING_USER]["stop_reason"] == "simulated user failed after turn 1"
+    assert alone["judgments"][FAILING_USER][1] is None and alone["al"]["unscored"] == [0, 1]
     assert_same(pair, alone)
     # Process 0 alone printed the table and wrote the files; process 1 only played its users.
     first, second = finished["pair"]
     assert "AL(1)" in first.stdout and "AL(1)" not in second.stdout
     assert sorted(p.name for p in (model / "pair" / "out").iterdir()) == sorted(
         p.name for p in (model / "alone" / "out").iterdir())
-    # Each process called the LLM user (once per turn but the last) and the judge (every turn) for
-    # its own 4 users only, and the two runs asked the user the same questions.
-    assert [p["llm/user/calls"] for p in usage["per_process"]] == [USERS // 2 * (TURNS - 1)] * 2
-    assert [p["llm/eval_judge/calls"] for p in usage["per_process"]] == [USERS // 2 * TURNS] * 2
+    # Each process called the LLM user (once per turn but the last) and the judge (every turn it
+    # talked) for its own users only, and the two runs asked the user the same questions.
+    assert [p["llm/user/calls"] for p in usage["per_process"]] == [4 * (TURNS - 1), 1 * (TURNS - 1)]
+    assert [p["llm/user/failures"] for p in usage["per_process"]] == [0, 1]
+    assert [p["llm/eval_judge/calls"] for p in usage["per_process"]] == [4 * TURNS, 1]
     assert usage["llm/user/calls"] == USERS * (TURNS - 1)
     assert len(user_requests) == 2 * USERS * (TURNS - 1)
     asked = sorted(json.dumps(r["messages"]) for r in user_requests)
