@@ -1,9 +1,9 @@
 """launch/eval.py as 2 processes x 4 CPU devices (jax.distributed over 127.0.0.1) against the same
-evaluation as 1 process x 8 (our model from an hf: directory, sampled at temperature 1, and an
-openai:<model> policy; an LLM user and an LLM judge on a 127.0.0.1 server): every user played by
-one process, its user and judge called by that process alone, no jax.device_get of an array
-another process holds part of (tests/eval_launch_worker.py), and the result JSON the one-process
-run's (1e-5). The processes are started and watched with tests/test_multihost.py's helpers."""
+evaluation as 1 process x 8 (our model sampled at temperature 1, and an openai:<model> policy; an
+LLM user and an LLM judge on a 127.0.0.1 server): every user played by one process, its user and
+judge called by that process alone, no jax.device_get of an array another process holds part of
+(tests/eval_launch_worker.py), and the result JSON the one-process run's (1e-5). The processes
+are started and watched with tests/test_multihost.py's helpers."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import pytest
 
 from openai_server import OpenAIServer, Reply
 from rlpa_jax.build import build_personas
+from rlpa_jax.checkpoint import Checkpointer, model_config_to_meta
 from rlpa_jax.config import load_config
 from rlpa_jax.model import hf
 from rlpa_jax.model.qwen2 import Qwen2Config, init_params
@@ -71,12 +72,14 @@ def assert_same(got, want, where="result"):
         assert got == want, where
 
 
-def start_alone_and_as_pair(directory: Path, arguments: list[str]) -> dict[str, list]:
-    """launch/eval.py with `arguments` as 1 process x 8 devices and as 2 x 4, all at once."""
+def start_alone_and_as_pair(directory: Path, arguments: list[str], policies: tuple[str, str]) -> dict[str, list]:
+    """launch/eval.py with `arguments` as 1 process x 8 devices and as 2 x 4 (--policy: the
+    first of `policies` alone, the second as a pair), all at once."""
     runs = {}
-    for name, processes in (("alone", 1), ("pair", 2)):
+    for (name, processes), policy in zip((("alone", 1), ("pair", 2)), policies):
         (directory / name).mkdir(parents=True)
-        command = [str(WORKER), *arguments, "--output", str(directory / name / "out"), "--no-progress"]
+        command = [str(WORKER), "--policy", policy, *arguments, "--output", str(directory / name / "out"),
+                   "--no-progress"]
         runs[name] = start_processes(lambda _: command, directory / name, processes)
     return runs
 
@@ -97,8 +100,9 @@ def results_of(directory: Path, stem: str) -> tuple[dict, dict, dict]:
 
 
 def test_eval_over_two_processes_equals_one_process(tmp_path):
-    """Our model (hf:) over 8 users, and alongside (sharing the machine's wait for the processes to
-    start) an openai:<model> policy over 3 users in the conflict setting."""
+    """Our model over 5 users (from an hf: directory in one process; the same parameters from an
+    orbax checkpoint in two, each process restoring its own shards), and alongside (sharing the
+    wait for the processes to start) an openai:<model> policy over 3 users in the conflict setting."""
     model, api = tmp_path / "model", tmp_path / "api"
     tokenizer = train_tiny_tokenizer(tmp_path / "tokenizer", synthetic_corpus(), vocab_size=512)
     # Weights 16x the init scale: a random model whose samples follow its prompt (at the init
@@ -106,18 +110,24 @@ def test_eval_over_two_processes_equals_one_process(tmp_path):
     # conversation answered with another's prompt or row shows in the transcripts.
     params = jax.tree.map(lambda x: x * 16 if x.ndim >= 2 else x, init_params(TINY, jax.random.key(0)))
     hf.export_hf(params, TINY, tmp_path / "hf", tokenizer_dir=tokenizer)
+    checkpointer = Checkpointer(tmp_path / "sft")
+    checkpointer.save(3, {"actor": params}, {"model_config": model_config_to_meta(TINY),
+                                             "tokenizer_dir": str(tokenizer), "system_prompt": "policy_system_tiny"})
+    checkpointer.close()
     api_users, api_turns = 3, 6
     failing = build_personas(load_config(REPO / "configs" / "tiny.yaml"), "eval")[FAILING_USER].profile_text
     with OpenAIServer(answerer(failing)) as server, OpenAIServer(answerer()) as api_server:
         model_runs = start_alone_and_as_pair(model, [
-            "--policy", f"hf:{tmp_path / 'hf'}", "--setting", "vanilla", "--turns", str(TURNS), "--users", str(USERS),
+            "--setting", "vanilla", "--turns", str(TURNS), "--users", str(USERS),
             "--name", "tiny", "--system-prompt", "policy_system_tiny", "--temperature", "1.0",
             "rollout.max_new_tokens=12", "rollout.prompt_buckets=[256]", "rollout.max_prompt_tokens=256",
-            "user.kind=llm", "judges.kind=llm", f"llm.base_url={server.base_url}"])
+            "user.kind=llm", "judges.kind=llm", f"llm.base_url={server.base_url}"],
+            (f"hf:{tmp_path / 'hf'}", str(tmp_path / "sft")))
         api_runs = start_alone_and_as_pair(api, [
-            "--policy", f"openai:{API_POLICY}", "--base-url", api_server.base_url, "--format", "plain",
+            "--base-url", api_server.base_url, "--format", "plain",
             "--setting", "conflict", "--turns", str(api_turns), "--users", str(api_users), "--name", "api",
-            "data.num_personas=8", "user.kind=llm", "judges.kind=llm", f"llm.base_url={api_server.base_url}"])
+            "data.num_personas=8", "user.kind=llm", "judges.kind=llm", f"llm.base_url={api_server.base_url}"],
+            (f"openai:{API_POLICY}",) * 2)
         finished = finish_alone_and_pair(model, model_runs)
         api_finished = finish_alone_and_pair(api, api_runs)
         user_requests = [r for r in server.requests if ROLE_PLAY in r["messages"][0]["content"]]

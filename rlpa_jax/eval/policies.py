@@ -36,8 +36,8 @@ from rlpa_jax.dialogue.profile import ProfileItem
 from rlpa_jax.dialogue.text import visible_reply_text
 from rlpa_jax.model import hf
 from rlpa_jax.model.qwen2 import Params, Qwen2Config
-from rlpa_jax.prefix_cache import PrefixSampler, PromptCache
 from rlpa_jax.eval.shares import RowShare
+from rlpa_jax.prefix_cache import PrefixSampler, PromptCache
 from rlpa_jax.sampling import Generator, SamplingLayout, SamplingParams, bucket, build_generator, left_pad, pad_prompts
 from rlpa_jax.tokenizer import load_tokenizer, stop_token_ids
 
