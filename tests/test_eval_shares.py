@@ -1,12 +1,17 @@
 """Which process plays which evaluation users, and which rows of a sampler call it fills
-(rlpa_jax/eval/shares.py), for processes simulated by their row maps."""
+(rlpa_jax/eval/shares.py), for processes simulated by their row maps; the share through a
+baseline wrapper, and a wrapper's calls with no conversation."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from rlpa_jax.dialogue.llm import run_sync
 from rlpa_jax.eval import shares
+from rlpa_jax.eval.baselines import BASELINE_KINDS, make_baseline
+from rlpa_jax.eval.policies import PolicyTurn
+from rlpa_jax.eval.protocol import conversation_share
 from rlpa_jax.eval.shares import RowShare, contiguous_share
 
 
@@ -53,3 +58,45 @@ def test_a_process_with_fewer_prompts_still_makes_every_call(monkeypatch):
     assert RowShare(rows_of(1), 8, None).calls(1) == (8, [[4]])
     with pytest.raises(ValueError, match="holds no row"):
         RowShare(rows_of(1), 8, 2).calls(1)
+
+
+class SharedBase:
+    """A promptable base policy with its own share (as JaxPolicy's rows give it), recording the
+    batches it is asked for."""
+
+    def __init__(self, batches=None, system_prompt="Be kind."):
+        self.name, self.system_prompt = "base", system_prompt
+        self.batches = [] if batches is None else batches
+
+    def share(self, count):
+        return [i for i in range(count) if i % 2]
+
+    def with_system_prompt(self, system_prompt, name=None):
+        return SharedBase(self.batches, system_prompt)
+
+    async def respond(self, histories):
+        return await self.respond_with_system_prompts(histories, [self.system_prompt] * len(histories))
+
+    async def respond_with_system_prompts(self, histories, system_prompts):
+        self.batches.append(len(histories))
+        return [PolicyTurn(text="Revised reply: hi", response="Revised reply: hi", profile=None) for _ in histories]
+
+
+@pytest.mark.parametrize("kind", BASELINE_KINDS)
+def test_a_baseline_plays_its_bases_share_and_calls_it_with_an_empty_batch(kind):
+    base = SharedBase()
+    policy = make_baseline(kind, base)
+    assert conversation_share(policy, 5) == [1, 3]  # found through the wrapper's `base`
+    assert run_sync(policy.respond([])) == []
+    # Our model's sampler calls are collectives: a process with no conversation still makes each
+    # of them (self_critic: the draft and the revision).
+    assert base.batches == ([0, 0] if kind == "self_critic" else [0])
+
+
+def test_a_policy_without_a_share_plays_a_contiguous_block(monkeypatch):
+    class Api:
+        name = "api"
+    assert conversation_share(Api(), 5) == [0, 1, 2, 3, 4]  # one process: everyone
+    monkeypatch.setattr(shares.multihost, "process_count", lambda: 2)
+    monkeypatch.setattr(shares.multihost, "process_index", lambda: 1)
+    assert conversation_share(Api(), 5) == [3, 4]
