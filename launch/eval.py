@@ -36,7 +36,7 @@ from pathlib import Path
 from rlpa_jax import build, cli, multihost
 from rlpa_jax.dialogue import users
 from rlpa_jax.dialogue.llm import LLMClient
-from rlpa_jax.dialogue.llm_usage import LLMMeter, progress_postfix
+from rlpa_jax.dialogue.llm_usage import LLMMeter, processes_metrics, progress_postfix
 from rlpa_jax.eval.baselines import BASELINE_KINDS
 from rlpa_jax.eval.plots import plot_al_curves, plot_profile_scores
 from rlpa_jax.eval.protocol import EvalResult, run_protocol
@@ -107,26 +107,12 @@ def evaluate(args: argparse.Namespace, config) -> int:
     print(format_table([r.to_json() for r in everything]))
     print(f"result: {json_path}\nfigure: {png_path}")
     if meter.clients:
-        llm_totals = every_llm[0] if len(every_llm) == 1 else summed_usage(every_llm)
+        llm_totals = every_llm[0] if len(every_llm) == 1 else processes_metrics(every_llm)
         llm_path = write_json(args.output / f"{stem}_llm.json", llm_totals)
         print(f"LLM: {progress_postfix(llm_totals, meter.clients)} (per role: {llm_path})")
     if any(r.profile_scores for r in everything):
         print(f"profile figure: {plot_profile_scores(everything, args.output / f'{stem}_profile.png')}")
     return 0
-
-
-def summed_usage(every: list[dict]) -> dict:
-    """Several processes' `llm/<role>/<name>` totals as one record: counts, tokens, cost and waits
-    summed, the cache hit rate recomputed, latency percentiles the largest of any process (an upper
-    bound), and each process's own record under "per_process"."""
-    summed = {}
-    for key in every[0]:
-        values = [record.get(key, 0.0) for record in every]
-        summed[key] = max(values) if key.rsplit("/", 1)[-1].startswith("p") and key.endswith("_s") else sum(values)
-    for key in [k for k in summed if k.endswith("/cache_hit_rate")]:
-        calls = summed[key.replace("cache_hit_rate", "calls")]
-        summed[key] = summed[key.replace("cache_hit_rate", "cache_hits")] / calls if calls else 0.0
-    return summed | {"per_process": every}
 
 
 def write_json(path: Path, record: dict) -> Path:
