@@ -13,6 +13,17 @@ positional key.path=value arguments override it. Per-role LLM calls, latency, to
 go to <output>/<name>_<setting>_llm.json.
 Prints a per-turn table, writes <output>/<name>_<setting>.json and a PNG of the AL curves (with
 every --compare result on the same figure); long_term also writes a profile-score PNG.
+
+Our model samples on the config's mesh (mesh.*, in rollout.layout, as launch/train.py does). Started
+as several processes (jax.distributed, README "Several hosts"; the same command on every host),
+each process plays only its share of the users: for our model those whose sampler rows land on its
+devices (every sampler call is a global program that every process makes, in the same order, each
+filling and reading back only its own rows), for openai:<model> a contiguous block. Each makes the
+simulated-user and judge calls of its own users only; the transcripts are exchanged at the end, so
+the result equals a one-process run's (exactly while every dialogue lasts; a sampled, temperature
+> 0 evaluation whose user fails mid-run draws differently afterwards). rollout.prefix_cache is
+off then (the same tokens). Process 0 alone prints and writes the JSON, the figures and the LLM
+usage (each process's own, and their sums).
 """
 
 from __future__ import annotations
@@ -22,10 +33,10 @@ import json
 import sys
 from pathlib import Path
 
-from rlpa_jax import build, cli
+from rlpa_jax import build, cli, multihost
 from rlpa_jax.dialogue import users
 from rlpa_jax.dialogue.llm import LLMClient
-from rlpa_jax.dialogue.llm_usage import LLMMeter, progress_postfix
+from rlpa_jax.dialogue.llm_usage import LLMMeter, processes_metrics, progress_postfix
 from rlpa_jax.eval.baselines import BASELINE_KINDS
 from rlpa_jax.eval.plots import plot_al_curves, plot_profile_scores
 from rlpa_jax.eval.protocol import EvalResult, run_protocol
@@ -85,6 +96,10 @@ def evaluate(args: argparse.Namespace, config) -> int:
                           config.seed if args.seed is None else args.seed, partner_pool=pool,
                           progress=not args.no_progress)
 
+    # Every process's LLM usage (a collective, before process 0 alone goes on to write).
+    every_llm = multihost.allgather_json(meter.totals()) if meter.clients else []
+    if not multihost.is_main_process():
+        return 0
     stem = f"{file_slug(result.name)}_{args.setting}"
     json_path = result.save(args.output / f"{stem}.json")
     everything = [result, *compared]
@@ -92,7 +107,7 @@ def evaluate(args: argparse.Namespace, config) -> int:
     print(format_table([r.to_json() for r in everything]))
     print(f"result: {json_path}\nfigure: {png_path}")
     if meter.clients:
-        llm_totals = meter.totals()
+        llm_totals = every_llm[0] if len(every_llm) == 1 else processes_metrics(every_llm)
         llm_path = write_json(args.output / f"{stem}_llm.json", llm_totals)
         print(f"LLM: {progress_postfix(llm_totals, meter.clients)} (per role: {llm_path})")
     if any(r.profile_scores for r in everything):
@@ -110,7 +125,6 @@ def main(argv: list[str] | None = None) -> int:
     cli.start("eval.py")
     arguments = {k: v for k, v in vars(args).items() if k not in ("config", "overrides")}
     config = cli.load_config_or_exit("eval.py", args.config, args.overrides, arguments)
-    cli.single_process_only("eval.py", cli.NOT_YET_MULTI_PROCESS)
     cli.use_compilation_cache(config)
     return cli.run_or_exit("eval.py", lambda: evaluate(args, config),
                            (CheckpointError, FileNotFoundError, KeyError, ValueError), status=2)

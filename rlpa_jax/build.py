@@ -254,7 +254,10 @@ def build_eval_policy(spec: PolicySpec, config: TrainConfig) -> Policy:
                        temperature=spec.temperature, two_part=spec.two_part, prompt_buckets=config.rollout.prompt_buckets,
                        max_prompt_tokens=config.rollout.max_prompt_tokens, max_batch_size=spec.max_batch_size,
                        seed=config.seed if spec.seed is None else spec.seed, generator_kind=config.rollout.generator,
-                       prefix_cache=config.rollout.prefix_cache)
+                       prefix_cache=config.rollout.prefix_cache,
+                       # On the config's mesh, in the rollout's sampling layout, as launch/train.py
+                       # samples: a call's rows split over every device (of every process).
+                       mesh=build_mesh(config), layout=config.rollout.layout)
         if spec.source.startswith("hf:"):
             options["prompt_name"] = spec.system_prompt or config.rollout.system_prompt
             policy = JaxPolicy.from_hf(spec.source.removeprefix("hf:"), **options)

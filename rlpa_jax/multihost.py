@@ -4,8 +4,9 @@ Every process runs the same program over one global mesh, but each holds only it
 shards of a batch-sharded array, and host-side state (conversations, files, logs) is its own. The
 helpers here are the only places that cross that line:
 
-- `local_rows` / `global_from_local_rows`: this process's rows of a batch-sharded array as numpy,
-  and a global array built from every process's rows;
+- `local_rows` / `rows_by_index` / `global_from_local_rows`: this process's rows of a batch-sharded
+  array as numpy (in order, or by global row index), and a global array built from every process's
+  rows;
 - `fetch` (a replicated or fully addressable value, e.g. a loss) and `gather` (every row on every
   process, a collective): what replaces `jax.device_get`, which fails on an array that spans hosts;
 - `allgather_json`, `agree_on_max`, `reduce_metrics`: small host values exchanged between processes
@@ -151,6 +152,12 @@ def local_rows(array: jax.Array) -> np.ndarray:
         if start not in pieces:  # a copy of rows already taken (another device of the same slice)
             pieces[start] = np.asarray(shard.data)
     return np.concatenate([pieces[start] for start in sorted(pieces)])
+
+
+def rows_by_index(array: jax.Array) -> dict[int, np.ndarray]:
+    """This process's rows of a batch-sharded (or replicated) array by global row index: a
+    collective-free read of its own shards (all rows with one process)."""
+    return dict(zip(local_row_indices(array.sharding, array.shape).tolist(), local_rows(array)))
 
 
 def global_from_local_rows(local: np.ndarray, sharding: jax.sharding.Sharding, global_rows: int) -> jax.Array:

@@ -141,6 +141,28 @@ def test_jax_policy_per_conversation_prompts_share_one_program(policy, personas)
 # The four settings on a tiny random model
 
 
+def test_policy_on_a_mesh_answers_as_on_one_device(policy, params, personas):
+    """launch/eval.py's policy samples on the config's mesh (rows over every device, the
+    rollout's replicated layout); one call, calls of max_batch_size and the prefix cache over two
+    turns all give the one-device policy's greedy tokens."""
+    mesh = parallel.make_mesh(parallel.MeshConfig(data=1, fsdp=len(jax.devices()), tensor=1))
+    placed = parallel.shard(params, param_shardings(TINY, mesh))
+    first = [[Message("user", f"Hello, I am {persona.persona_id}.")] for persona in personas]
+    expected_first = policy.generate_texts(first)
+    second = [history + [Message("assistant", text), Message("user", "Tell me more.")]
+              for history, text in zip(first, expected_first)]
+    expected_second = policy.generate_texts(second)
+    # The prefix cache keeps what fits below the new suffix's block of the smallest bucket.
+    for options in ({}, {"max_batch_size": 2}, {"prefix_cache": True, "prompt_buckets": (64, 128, 256)}):
+        on_mesh = JaxPolicy(placed, TINY, policy.tokenizer, policy.system_prompt, "on-mesh", mesh=mesh,
+                            **(POLICY_OPTIONS | options))
+        assert on_mesh.share(USERS) == list(range(USERS))  # one process plays every user
+        assert on_mesh.generate_texts(first) == expected_first, options
+        assert on_mesh.generate_texts(second) == expected_second, options
+        assert on_mesh.generate_texts([]) == []
+    assert on_mesh.prefix_sampler.counts["reused_rows"] == USERS  # the second turn continued the first
+
+
 def test_vanilla_runs_and_is_reproducible(policy, personas):
     result = run_embedded(policy, personas, "vanilla", 3)
     assert result.judgments.shape == (USERS, 3)

@@ -15,7 +15,7 @@ from openai_server import OpenAIServer, RateLimit, Reply, peak_in_window, script
 
 from rlpa_jax.dialogue.llm import LLMClient, LLMConfig, run_sync
 from rlpa_jax.dialogue.llm_limiter import RateLimiter, RateLimits, estimate_tokens
-from rlpa_jax.dialogue.llm_usage import LLMMeter, progress_postfix
+from rlpa_jax.dialogue.llm_usage import LLMMeter, LLMUsage, Prices, processes_metrics, progress_postfix, role_metrics
 
 FAST = dict(backoff_initial_s=0.01, backoff_max_s=5.0, timeout_s=10.0)
 
@@ -148,6 +148,19 @@ def test_a_waiter_cancelled_in_the_queue_never_sends():
             await waiter
 
     asyncio.run(scenario())
+
+
+def test_processes_usage_sums_counts_and_keeps_the_slowest_percentile():
+    """launch/eval.py over several processes writes their role metrics as one record."""
+    first = role_metrics("user", LLMUsage(calls=3, requests=3, cache_hits=1, prompt_tokens=30,
+                                          latencies_s=[0.1, 0.2, 0.3]), Prices())
+    second = role_metrics("user", LLMUsage(calls=1, requests=1, failures=1, prompt_tokens=5, latencies_s=[2.0]),
+                          Prices())
+    combined = processes_metrics([first, second])
+    assert (combined["llm/user/calls"], combined["llm/user/failures"], combined["llm/user/prompt_tokens"]) == (4, 1, 35)
+    assert combined["llm/user/cache_hit_rate"] == pytest.approx(1 / 4)  # from the sums, not a sum of rates
+    assert combined["llm/user/p50_s"] == pytest.approx(2.0)  # the slowest process's, an upper bound
+    assert combined["per_process"] == [first, second]
 
 
 def test_meter_reports_each_roles_interval_and_totals():

@@ -120,6 +120,22 @@ class LLMMeter:
         return metrics
 
 
+def processes_metrics(every: Sequence[Mapping[str, float]]) -> dict:
+    """Several processes' role metrics (role_metrics' keys, one record each, in process order) as
+    one record: counts, tokens, cost and waits summed, cache hit rates recomputed from the sums,
+    latency percentiles the largest of any process (an upper bound: the processes' latencies are
+    not pooled), and each process's own record under "per_process"."""
+    combined: dict = {}
+    for key in every[0]:
+        values = [record.get(key, 0.0) for record in every]
+        percentile = any(key.endswith(f"/p{p}_s") for p in PERCENTILES)
+        combined[key] = max(values) if percentile else sum(values)
+    for key in [k for k in combined if k.endswith("/cache_hit_rate")]:
+        calls = combined[key.removesuffix("cache_hit_rate") + "calls"]
+        combined[key] = combined[key.removesuffix("cache_hit_rate") + "cache_hits"] / calls if calls else 0.0
+    return combined | {"per_process": [dict(record) for record in every]}
+
+
 def progress_postfix(metrics: Mapping[str, float], roles: Sequence[str]) -> str:
     """One short line for the progress bar from role metrics: calls, the slowest role's p90,
     failures, 429s and cost, e.g. '576 calls p90 1.8s 0 fail 0 429 $0.041'."""

@@ -25,6 +25,10 @@ and optionally, to keep per-conversation prompts (RAG) in one batch:
     async respond_with_system_prompts(histories, system_prompts) -> list[PolicyTurn]
 Without the optional method, conversations are grouped by prompt and each group goes through
 `with_system_prompt(prompt).respond(group)`, the groups running concurrently.
+
+With several processes (eval/protocol.py) each process's wrapper sees only its own conversations
+and calls its base exactly as a one-process run would (an empty batch included); the base decides
+who plays which (`share`), which the protocol finds through the wrappers' `base`.
 """
 
 from __future__ import annotations
@@ -112,11 +116,13 @@ async def respond_with_system_prompts(
     """One turn per conversation, conversation i answered under system_prompts[i]."""
     if len(histories) != len(system_prompts):
         raise ValueError(f"{len(histories)} histories but {len(system_prompts)} system prompts; need one each")
-    if not histories:
-        return []
     batched = getattr(base, "respond_with_system_prompts", None)
     if callable(batched):
+        # Called with no conversations too: with several processes our model's sampler calls are
+        # collectives that every process makes (eval/protocol.py), whatever its share holds.
         return list(await batched(histories, system_prompts))
+    if not histories:
+        return []
     groups: dict[str, list[int]] = {}
     for index, prompt in enumerate(system_prompts):
         groups.setdefault(prompt, []).append(index)

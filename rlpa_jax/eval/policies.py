@@ -4,7 +4,9 @@ A Policy answers the next turn of every conversation it is given. Two kinds exis
 
 - JaxPolicy: our own parameters and a jitted Generator (greedy by default), built from an orbax run
   checkpoint (a PPO run's runs/<name>/checkpoints or launch/sft.py's runs/<name>/sft) or from a
-  local Hugging Face directory;
+  local Hugging Face directory; on a mesh (launch/eval.py), its sampler calls are global programs
+  over every device, and with several processes each process answers only its own conversations
+  (eval/shares.py) in its own rows of each call;
 - ChatPolicy: any OpenAI-compatible chat model through LLMClient.
 
 RLPA-format policies (two_part=True) write <profile>/<response> turns; only the <response> part is
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,17 +28,20 @@ from typing import Any, Protocol, runtime_checkable
 import jax
 import numpy as np
 
-from rlpa_jax import multihost
-from rlpa_jax.checkpoint import checkpoint_directory, model_config_from_meta, restore_actor_params
+from rlpa_jax import multihost, parallel
+from rlpa_jax.checkpoint import Checkpointer, checkpoint_directory, model_config_from_meta, restore_actor_params
 from rlpa_jax.dialogue.chat import Message, assistant_message, load_prompt, parse_turn, prompt_token_ids, render_messages
 from rlpa_jax.dialogue.llm import LLMCallError, LLMClient
 from rlpa_jax.dialogue.profile import ProfileItem
 from rlpa_jax.dialogue.text import visible_reply_text
 from rlpa_jax.model import hf
 from rlpa_jax.model.qwen2 import Params, Qwen2Config
+from rlpa_jax.eval.shares import RowShare
 from rlpa_jax.prefix_cache import PrefixSampler, PromptCache
-from rlpa_jax.sampling import Generator, SamplingParams, build_generator, pad_prompts
+from rlpa_jax.sampling import Generator, SamplingLayout, SamplingParams, bucket, build_generator, left_pad, pad_prompts
 from rlpa_jax.tokenizer import load_tokenizer, stop_token_ids
+
+log = logging.getLogger(__name__)
 
 DEFAULT_PROMPT_BUCKETS = (128, 256, 512, 1024, 2048, 4096)
 DEFAULT_PROMPT_NAME = "policy_system"
@@ -97,6 +103,14 @@ class JaxPolicy:
     its prompts add to them (prefix_cache.py; the same tokens as a full prefill): a dialogue's turn
     t+1 continues its turn t. The kept cache is valid for `params` only and stays on the device
     while the policy lives (one per max_batch_size chunk).
+
+    With a `mesh` (params placed on it, e.g. by from_checkpoint(mesh=...)), the sampler reads the
+    parameters in the rollout's sampling layout (`layout`, once) and every call's rows are split
+    over the mesh's data x fsdp devices (padded to a multiple of them). With several processes the
+    caller hands each process only its own conversations (`share`) and every process makes the
+    same sampler calls in the same order (they are collectives: an empty share still calls), each
+    placing its conversations in its own rows and reading back only those (RowShare.calls); the
+    prefix cache is off then (the same tokens; its kept rows are not split over processes).
     """
 
     def __init__(
@@ -118,6 +132,9 @@ class JaxPolicy:
         generator_kind: str = "jax",
         prefix_cache: bool = False,
         prefix_sampler: PrefixSampler | None = None,
+        mesh: Any = None,
+        layout: str = "replicated",
+        sampler_params: Params | None = None,
     ) -> None:
         self.params = params
         self.model_config = model_config
@@ -135,6 +152,19 @@ class JaxPolicy:
         self.generator = generator or build_generator(generator_kind, model_config, stop_token_ids(tokenizer),
                                                       tokenizer.pad_token_id)
         self._calls = itertools.count()
+        self.mesh, self.layout = mesh, layout
+        several = multihost.process_count() > 1
+        if several and mesh is None:
+            raise ValueError("JaxPolicy: several processes need a mesh (the sampler's rows span every process)")
+        if several and prefix_cache:
+            log.warning("the evaluation's prefix cache is off with several processes: every turn prefills its prompts "
+                        "in full (the same tokens)")
+            prefix_cache = False
+        # The parameters as the sampler reads them (the rollout's layout, resharded once on device).
+        self.sampler_params = params if mesh is None else (
+            sampler_params if sampler_params is not None else SamplingLayout(model_config, mesh, layout)(params))
+        self.row_share = None if mesh is None else RowShare(
+            self._row_indices, mesh.shape["data"] * mesh.shape["fsdp"], max_batch_size)
         self.prefix_sampler = (prefix_sampler or PrefixSampler.like(self.generator)) if prefix_cache else None
         self._kept: dict[int, PromptCache] = {}  # chunk start -> that chunk's prompt cache from the last call
         self._kept_lock = threading.Lock()  # calls run in worker threads; the kept caches are one chain
@@ -145,7 +175,20 @@ class JaxPolicy:
                          self.sampling.max_new_tokens, self.sampling.temperature, self.two_part, self.prompt_buckets,
                          max_prompt_tokens=self.max_prompt_tokens, max_batch_size=self.max_batch_size,
                          seed=self.seed, generator=self.generator, prefix_cache=self.prefix_sampler is not None,
-                         prefix_sampler=self.prefix_sampler)
+                         prefix_sampler=self.prefix_sampler, mesh=self.mesh, layout=self.layout,
+                         sampler_params=self.sampler_params)
+
+    def share(self, count: int) -> list[int]:
+        """The conversations of `count` this process answers: all of them in one process, else
+        those whose sampler rows land on its devices (eval/shares.py)."""
+        return list(range(count)) if self.row_share is None else self.row_share.conversations(count)
+
+    def _row_indices(self, rows: int) -> np.ndarray:
+        return multihost.local_row_indices(parallel.batch_sharding(self.mesh, 2), (rows, 1))
+
+    def _put_rows(self, array: np.ndarray) -> jax.Array:
+        """Rows every process holds whole (one process: the prefix cache's host arrays) onto the mesh."""
+        return multihost.put_identical(array, parallel.batch_sharding(self.mesh, np.ndim(array)))
 
     def prompt_tokens(self, history: Sequence[Message], system_prompt: str | None = None) -> list[int]:
         system_prompt = self.system_prompt if system_prompt is None else system_prompt
@@ -159,6 +202,8 @@ class JaxPolicy:
         if len(prompts_text) != len(histories):
             raise ValueError(f"JaxPolicy: {len(histories)} histories but {len(prompts_text)} system prompts")
         prompts = [self.prompt_tokens(history, prompt) for history, prompt in zip(histories, prompts_text)]
+        if self.mesh is not None and self.prefix_sampler is None:
+            return self._decode_rows(prompts)
         chunk = self.max_batch_size or max(1, len(prompts))
         return [text for start in range(0, len(prompts), chunk)
                 for text in self._decode(prompts[start:start + chunk], start)]
@@ -166,7 +211,14 @@ class JaxPolicy:
     def _decode(self, prompts: list[list[int]], chunk_start: int = 0) -> list[str]:
         # Greedy decoding ignores the key; sampled decoding gets a fresh, reproducible one per call.
         key = jax.random.fold_in(jax.random.key(self.seed), next(self._calls))
-        if self.prefix_sampler is not None:
+        if self.prefix_sampler is not None and self.mesh is not None:  # one process: rows over its devices
+            multiple = self.row_share.row_multiple
+            with self._kept_lock, parallel.activate(self.mesh):
+                generation, self._kept[chunk_start] = self.prefix_sampler(
+                    self.sampler_params, prompts, self._kept.pop(chunk_start, None), key, self.sampling,
+                    self.prompt_buckets, -(-(self.max_batch_size or 1) // multiple) * multiple, self._put_rows)
+                generation = multihost.gather(generation)
+        elif self.prefix_sampler is not None:
             with self._kept_lock:
                 generation, self._kept[chunk_start] = self.prefix_sampler(
                     self.params, prompts, self._kept.pop(chunk_start, None), key, self.sampling, self.prompt_buckets,
@@ -180,6 +232,29 @@ class JaxPolicy:
         lengths = np.asarray(generation.lengths)
         return [self.tokenizer.decode(generation.tokens[row, : lengths[row]], skip_special_tokens=True)
                 for row in range(len(prompts))]
+
+    def _decode_rows(self, prompts: list[list[int]]) -> list[str]:
+        """Texts for this process's `prompts` from sampler calls over the mesh: the calls every
+        process makes (RowShare.calls), each padded to a prompt bucket agreed over processes, this
+        process's prompts in its own rows; only those rows are read back (no collective)."""
+        rows, filled = self.row_share.calls(len(prompts))
+        parts = [prompts[sum(map(len, filled[:c])):][:len(mine)] for c, mine in enumerate(filled)]
+        lengths = multihost.agree_on_max(tuple(max(map(len, part), default=1) for part in parts)) if filled else ()
+        texts = []
+        for part, mine, longest in zip(parts, filled, lengths):
+            key = jax.random.fold_in(jax.random.key(self.seed), next(self._calls))
+            local = self._row_indices(rows)
+            placed = dict(zip(mine, part))
+            tokens, mask = left_pad([placed.get(int(row)) for row in local], bucket(longest, self.prompt_buckets),
+                                    self.generator.pad_id)
+            sharding = parallel.batch_sharding(self.mesh, 2)
+            with parallel.activate(self.mesh):
+                generation = self.generator(self.sampler_params, multihost.global_from_local_rows(tokens, sharding, rows),
+                                            multihost.global_from_local_rows(mask, sharding, rows), key, self.sampling)
+            out_tokens, out_lengths = (multihost.rows_by_index(array) for array in (generation.tokens, generation.lengths))
+            texts += [self.tokenizer.decode(out_tokens[row][: int(out_lengths[row])], skip_special_tokens=True)
+                      for row in mine]
+        return texts
 
     async def respond(self, histories: Sequence[Sequence[Message]]) -> list[PolicyTurn]:
         # The device work runs in a thread so judges and users of other work keep going meanwhile.
@@ -211,9 +286,17 @@ class JaxPolicy:
 
         The system prompt is `system_prompt` (text), else configs/prompts/<prompt_name>.txt, else
         the prompt named in the meta (launch/sft.py records it), else fallback_prompt_name.
-        Only the actor's parameters are read.
+        Only the actor's parameters are read: with a `mesh` (and no `shardings`), straight into the
+        trainer's parameter shardings on it (every process reads its own shards).
         """
         directory = checkpoint_directory(path)
+        if kw.get("mesh") is not None and shardings is None:
+            checkpointer = Checkpointer(directory, max_to_keep=None)
+            try:
+                meta = checkpointer.restore_meta(step)
+            finally:
+                checkpointer.close()
+            shardings = parallel.param_shardings(model_config_from_meta(meta, str(directory)), kw["mesh"])
         params, meta, found_step = restore_actor_params(directory, step, shardings)
         model_config = model_config_from_meta(meta, str(directory))
         tokenizer_dir = tokenizer_dir or meta.get("tokenizer_dir")
@@ -236,11 +319,14 @@ class JaxPolicy:
         shardings: Any = None,
         **kw: Any,
     ) -> "JaxPolicy":
-        """A local Hugging Face Qwen2 directory (config.json, *.safetensors, tokenizer files)."""
+        """A local Hugging Face Qwen2 directory (config.json, *.safetensors, tokenizer files); with
+        a `mesh` (and no `shardings`), read straight into the trainer's parameter shardings on it."""
         directory = Path(directory)
         if not (directory / "config.json").is_file():
             raise FileNotFoundError(
                 f"{directory}: not a Hugging Face model directory (expected config.json and *.safetensors)")
+        if kw.get("mesh") is not None and shardings is None:
+            shardings = parallel.param_shardings(hf.load_config(directory), kw["mesh"])
         params, model_config = hf.load_params(directory, shardings=shardings)
         prompt = system_prompt if system_prompt is not None else load_prompt(prompt_name or DEFAULT_PROMPT_NAME)
         tokenizer = load_tokenizer(tokenizer_dir or directory)

@@ -21,6 +21,15 @@ Settings:
 
 A policy or user call that fails ends that user's dialogue (its remaining turns are unscored);
 a judge that cannot score a reply leaves that one turn unscored. Unscored is NaN, never 0.
+
+With several processes (launch/eval.py under jax.distributed), each process plays only its share
+of the dialogues (`conversation_share`: for our model, those whose sampler rows land on its devices,
+eval/shares.py; for an API policy, a contiguous block) and makes the simulated-user, judge and
+profile-judge calls of those alone. The policy's sampler calls are collectives, so every process
+calls the policy at the same points, with an empty share too: a turn (or a profile check) is skipped
+only when no process has a dialogue left for it (one small exchange per turn). At the end the
+transcripts are exchanged, so every process returns the result of the whole evaluation, as a
+single process playing every dialogue would.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from rlpa_jax import multihost
 from rlpa_jax.dialogue.chat import Message, load_prompt
 from rlpa_jax.dialogue.judges import ProfileJudge, ResponseJudge, ResponseRequest
 from rlpa_jax.dialogue.llm import run_sync
@@ -46,6 +56,7 @@ from rlpa_jax.dialogue.profile import ProfileItem, parse_profile, profile_f1
 from rlpa_jax.dialogue.users import OPENING_MESSAGE, UserSimulator, UserState, revealed_items
 from rlpa_jax.eval import metrics
 from rlpa_jax.eval.policies import Policy, PolicyTurn, history_message
+from rlpa_jax.eval.shares import check_partition, contiguous_share
 
 SETTINGS = ("vanilla", "extended", "conflict", "long_term")
 STANDARD_TURNS = {"vanilla": 10, "extended": 10, "conflict": 10, "long_term": 70}
@@ -315,19 +326,33 @@ async def _continue_dialogues(user_sim: UserSimulator, dialogues: Sequence[Dialo
         dialogue.messages.append({"role": "user", "content": reply})
 
 
-def profile_score_summary(dialogues: Sequence[Dialogue], check_turns: Sequence[int]) -> list[dict]:
-    """Per check turn, means over the users scored: profile score, revealed share and ceiling."""
+def profile_score_summary(profile_checks: Sequence[Sequence[dict]], check_turns: Sequence[int]) -> list[dict]:
+    """Per check turn, means over the users scored (`profile_checks`: each user's checks):
+    profile score, revealed share and ceiling."""
     summaries = []
     for turn_number in check_turns:
-        checks = [check for dialogue in dialogues for check in dialogue.profile_checks
+        checks = [check for user_checks in profile_checks for check in user_checks
                   if check["turn"] == turn_number and check["score"] is not None]
 
         def mean(key: str) -> float | None:
             return float(np.mean([check[key] for check in checks])) if checks else None
 
         summaries.append({"turn": turn_number, "score": mean("score"), "revealed_share": mean("revealed_share"),
-                          "ceiling": mean("ceiling"), "scored": len(checks), "unscored": len(dialogues) - len(checks)})
+                          "ceiling": mean("ceiling"), "scored": len(checks),
+                          "unscored": len(profile_checks) - len(checks)})
     return summaries
+
+
+def conversation_share(policy: Policy, count: int) -> list[int]:
+    """The dialogues of `count` this process plays: all of them in one process; with several, the
+    policy's own share when it has one (JaxPolicy: its sampler rows; a baseline wrapper asks its
+    `base`), else a contiguous block."""
+    inner = policy
+    while not callable(getattr(inner, "share", None)) and getattr(inner, "base", None) is not None:
+        inner = inner.base
+    if callable(getattr(inner, "share", None)):
+        return list(inner.share(count))
+    return contiguous_share(count, multihost.process_index(), multihost.process_count())
 
 
 def resolve_turns(setting: str, num_turns: int | None) -> int:
@@ -370,22 +395,28 @@ async def run_protocol_async(
     request_text = load_prompt(PROFILE_REQUEST_PROMPT) if setting == "long_term" else ""
     check_turns = [k for k in range(1, num_turns + 1) if k % profile_every == 0] if setting == "long_term" else []
 
+    share = conversation_share(policy, len(personas))
+    several = multihost.process_count() > 1
+    if several:
+        check_partition(share, len(personas))
     dialogues = []
-    for index, (persona, partner) in enumerate(zip(personas, partners)):
+    for index in share:
         # Turn k's user message is message k-1, so "switch at turn 6" is the user's message 5.
-        state = user_sim.start(persona, seed * 100_000 + index,
-                               switch_turn - 1 if partner is not None else None, partner)
+        state = user_sim.start(personas[index], seed * 100_000 + index,
+                               switch_turn - 1 if partners[index] is not None else None, partners[index])
         dialogues.append(Dialogue(index, state, [Message("user", OPENING_MESSAGE)],
                                   [{"role": "user", "content": OPENING_MESSAGE}], [], []))
 
-    with tqdm(total=num_turns, desc=f"{policy.name} [{setting}]", unit="turn", disable=not progress) as bar:
+    with tqdm(total=num_turns, desc=f"{policy.name} [{setting}]", unit="turn",
+              disable=not progress or not multihost.is_main_process()) as bar:
         for turn_number in range(1, num_turns + 1):
             active = [dialogue for dialogue in dialogues if dialogue.active]
             for dialogue in dialogues:
                 if not dialogue.active:
                     dialogue.judgments.append(None)
                     dialogue.judged_against.append(None)
-            if not active:
+            # Every process calls the policy while any has a dialogue left (its calls are collectives).
+            if not multihost.agree_on_any(bool(active)):
                 bar.update(1)
                 continue
             turns = await policy.respond([dialogue.history for dialogue in active])
@@ -394,7 +425,7 @@ async def run_protocol_async(
             # Judging, profile checks and the users' replies need only what is settled now, so
             # they run concurrently (host calls overlap each other and the policy's device work).
             jobs = [_judge(pending, response_judge)]
-            if turn_number in check_turns and still_active:
+            if turn_number in check_turns and multihost.agree_on_any(bool(still_active)):
                 probes = [profile_probe(dialogue, request_text) for dialogue in still_active]
                 jobs.append(_check_profiles(policy, probes, turn_number, profile_judge))
             if turn_number < num_turns and still_active:
@@ -402,16 +433,20 @@ async def run_protocol_async(
             await asyncio.gather(*jobs)
             bar.update(1)
 
-    judgments = np.array([[np.nan if value is None else float(value) for value in dialogue.judgments]
-                          for dialogue in dialogues], dtype=np.float64)
+    transcripts = [dialogue.transcript(personas[dialogue.index], partners[dialogue.index]) for dialogue in dialogues]
+    if several:  # every process's dialogues, in the one-process order (pickled: key order and types kept)
+        transcripts = sorted((record for part in multihost.allgather_objects(transcripts) for record in part),
+                             key=lambda record: record["user_index"])
+    judgments = np.array([[np.nan if value is None else float(value) for value in record["judgments"]]
+                          for record in transcripts], dtype=np.float64)
     return EvalResult(
         name=policy.name,
         setting=setting,
         judgments=judgments,
         al=al_report(judgments),
-        profile_scores=profile_score_summary(dialogues, check_turns) if setting == "long_term" else None,
-        transcripts=[dialogue.transcript(persona, partner)
-                     for dialogue, persona, partner in zip(dialogues, personas, partners)],
+        profile_scores=profile_score_summary([record.get("profile_checks", []) for record in transcripts],
+                                             check_turns) if setting == "long_term" else None,
+        transcripts=transcripts,
     )
 
 
@@ -447,6 +482,7 @@ __all__ = [
     "STANDARD_TURNS",
     "al_report",
     "conflict_partners",
+    "conversation_share",
     "extended_persona",
     "extended_personas",
     "inferred_profile",
