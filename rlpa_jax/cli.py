@@ -94,9 +94,10 @@ def load_config_or_exit(program: str, path: Path | None, overrides: list[str], a
     return config
 
 
-# Why train/eval/sft/dpo stop when started as several processes (README "Several hosts").
+# Why a launch script that does not split its work over processes yet stops when started as several
+# (README "Several hosts").
 NOT_YET_MULTI_PROCESS = ("each process would run every conversation and build every row itself; only "
-                         "launch/train.py's PPO splits the conversations over processes so far")
+                         "launch/train.py, sft.py, dpo.py and export_hf.py run as several processes so far")
 
 
 def single_process_only(program: str, reason: str) -> None:
