@@ -157,7 +157,7 @@ def judged_by_every_process(response_judge, requests: list[ResponseRequest]) -> 
     index, count = multihost.process_index(), multihost.process_count()
     mine = requests[index::count]
     verdicts = run_sync(response_judge.judge(mine)) if mine else []
-    every = multihost.allgather_json(verdicts)
+    every = multihost.allgather_objects(verdicts)
     return [every[i % count][i // count] for i in range(len(requests))]
 
 

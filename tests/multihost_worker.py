@@ -139,7 +139,7 @@ def scenario_wait(out_dir: Path) -> dict:
 
 
 REPO = Path(__file__).resolve().parents[1]
-# Two PPO iterations of the embedded world, small: 16 conversations in 2 pipeline groups of 8 (one
+# A short SFT warm start and two PPO iterations of the embedded world, small: 16 conversations in 2 pipeline groups of 8 (one
 # row per device of the 8-device mesh, so each of 2 processes plays 4 of every group), 2 turns.
 PPO_OVERRIDES = [
     "model.tiny.hidden_size=64", "model.tiny.intermediate_size=128", "model.tiny.vocab_size=600",
@@ -147,7 +147,9 @@ PPO_OVERRIDES = [
     "data.num_personas=64", "rollout.conversations=16", "rollout.pipeline_groups=2", "rollout.max_rounds=2",
     "rollout.samples_per_prompt=2", "rollout.max_new_tokens=24", "rollout.eval_conversations=8",
     "rollout.prefix_cache=false", "ppo.iterations=2", "ppo.epochs=1", "ppo.train_batch_size=32",
-    "ppo.micro_batch_size=16", "sft.enabled=false",
+    "ppo.micro_batch_size=16",
+    # The in-run SFT warm start, short: 4 dialogues of 2 turns, every step on all 8 examples.
+    "sft.enabled=true", "sft.steps=2", "sft.batch_size=8", "sft.num_dialogues=4",
     # An untrained policy earns reward 0 everywhere, where no advantage moves anything: an entropy
     # bonus gives the actor a gradient, and the KL it then builds gives GAE's critic one.
     "ppo.advantage=gae", "ppo.entropy_coef=0.01", "logging.checkpoint_every=1", "logging.tensorboard=false",

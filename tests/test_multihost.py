@@ -244,9 +244,9 @@ def test_a_killed_process_stops_the_other_within_the_heartbeat_timeout(tmp_path)
 # PPO over two processes
 
 
-def ppo_records(directory: Path) -> list[dict]:
+def ppo_records(directory: Path, phase: str = "ppo") -> list[dict]:
     records = [json.loads(line) for line in (directory / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in records if r.get("phase") == "ppo"]
+    return [r for r in records if r.get("phase") == phase]
 
 
 # What the run learned and scored (timings, rates and per-process counts differ by nature).
@@ -262,6 +262,13 @@ def test_ppo_over_two_processes_equals_one_process_and_resumes(tmp_path):
                           deadline_s=PPO_DEADLINE_S)
     first, second = run_worker("ppo", pair_dir, args=(f"output_dir={pair_dir / 'runs'}", tokenizer),
                                deadline_s=PPO_DEADLINE_S)
+
+    # The in-run SFT warm start (the same entry point as launch/sft.py) ran as two processes too.
+    warm_expected, warm_got = ppo_records(alone_dir, "sft"), ppo_records(pair_dir, "sft")
+    assert [r["step"] for r in warm_got] == [r["step"] for r in warm_expected] == [1, 2]
+    for want, have in zip(warm_expected, warm_got):
+        for key in ("loss", "grad_norm", "tokens"):
+            assert have[key] == pytest.approx(want[key], abs=1e-5, rel=1e-5), ("sft", key)
 
     expected, got = ppo_records(alone_dir), ppo_records(pair_dir)
     assert [r["step"] for r in got] == [r["step"] for r in expected] == [0, 1]
