@@ -226,7 +226,7 @@ def dpo(config: TrainConfig, settings: DPOSettings) -> dict:
 
 
 def export_policy(checkpoint: Path, output: Path, step: int | None = None, tokenizer: Path | None = None,
-              dtype: str = "float32") -> Path:
+                  dtype: str = "float32") -> Path:
     """A checkpoint's policy as a Hugging Face directory (checkpoint.export_checkpoint). The policy
     is restored FSDP-sharded over every device of every process (no device holds it all, the
     processes read their own shards together); the export gathers each tensor in turn and process
