@@ -1,6 +1,7 @@
 """Several real processes on this machine (jax.distributed over 127.0.0.1, gloo collectives, 4 fake
 CPU devices each): the global batch built from each process's rows, metric reduction, the start-up
-agreement, a peer that dies, and an orbax checkpoint written and read by two processes.
+agreement, a peer that dies, an orbax checkpoint written and read by two processes, and PPO (with
+its SFT warm start), launch/sft.py, dpo.py and export_hf.py as two processes against one.
 
 Every child runs under a deadline and is killed past it, so a hang fails the test instead of CI.
 """
