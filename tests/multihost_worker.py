@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlpa_jax import build, multihost, parallel
+from rlpa_jax import build, jobs, multihost, parallel
 from rlpa_jax.config import load_config
 from rlpa_jax.checkpoint import Checkpointer, abstract_like, restore_actor_params
 from rlpa_jax.model import hf
@@ -83,7 +83,21 @@ def scenario_arrays(out_dir: Path) -> dict:
         result["agreement_error"] = None
     except multihost.ProcessMismatch as error:
         result["agreement_error"] = str(error)
+    judge = RecordingJudge()  # DPO's held-out judge calls: each request judged by one process
+    result["verdicts"] = jobs.judged_by_every_process(judge, list(range(7)))
+    result["judged_here"] = judge.seen
     return result
+
+
+class RecordingJudge:
+    """A response judge whose verdict on request r is 10 r; it remembers what it was asked."""
+
+    def __init__(self):
+        self.seen: list = []
+
+    async def judge(self, requests):
+        self.seen += requests
+        return [10 * r for r in requests]
 
 
 def params_on(mesh):

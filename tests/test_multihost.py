@@ -185,6 +185,8 @@ def test_global_batch_from_process_rows_equals_one_process(tmp_path):
         assert result["metrics"] == {"reward": pytest.approx(2 / 3), "invalid_samples": 1.0}
         assert result["records"] == [{"phase": "ppo", "step": 0, "reward": pytest.approx(2 / 3)}]
         assert result["agreement_error"] == "process 1: ppo.clip_eps: expected a number > 0"
+        assert result["verdicts"] == [0, 10, 20, 30, 40, 50, 60]  # in request order, from both processes
+    assert (first["judged_here"], second["judged_here"]) == ([0, 2, 4, 6], [1, 3, 5])
     assert alone["fetch_error"] is None
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1  # process 0 alone writes
 
