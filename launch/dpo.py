@@ -14,7 +14,9 @@ misread (the user's values swapped for another persona's; a bland turn before an
 revealed) on the same history, and DPO trains on those pairs with the rollout's system prompt
 (rlpa_jax/jobs.py). The summary reports the reward accuracy on held-out personas' pairs and the
 share of greedy turns that are well formed and pass the response judge; {"actor": params} is saved
-under <output_dir>/<name>/dpo (per-step metrics in dpo_history.jsonl).
+under <output_dir>/<name>/dpo (per-step metrics in dpo_history.jsonl). Runs as several processes
+too (README "Several hosts"): every process trains on the same pairs, the held-out judge calls are
+split between them, all save the checkpoint together, process 0 writes the history and the summary.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import json
 import sys
 from pathlib import Path
 
-from rlpa_jax import build, cli, jobs
+from rlpa_jax import build, cli, jobs, multihost
 from rlpa_jax.config import ConfigError, to_dict
 
 
@@ -45,11 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         config, problem = None, str(error)
     cli.agree_or_exit("dpo.py", None if config is None else {"config": to_dict(config), "dpo": vars(settings)}, problem)
-    cli.single_process_only("dpo.py", cli.NOT_YET_MULTI_PROCESS)
     cli.use_compilation_cache(config)
     summary = cli.run_or_exit("dpo.py", lambda: jobs.dpo(config, settings), (FileNotFoundError, ValueError, KeyError))
-    print(json.dumps(summary, indent=2))
-    print(f"checkpoint: {config.run_dir / 'dpo'}")
+    if multihost.is_main_process():  # every process ran the same job
+        print(json.dumps(summary, indent=2))
+        print(f"checkpoint: {config.run_dir / 'dpo'}")
     return 0
 
 

@@ -4,6 +4,8 @@
     python launch/export_hf.py --checkpoint runs/tiny/checkpoints --step 40 --dtype bfloat16 --output out/
 
 The checkpoint's meta names the model config and tokenizer directory; --tokenizer overrides it.
+Runs as several processes too (README "Several hosts"): all restore the checkpoint together, each
+its own shards, and process 0 writes the directory.
 """
 
 from __future__ import annotations
@@ -12,8 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from rlpa_jax import cli
-from rlpa_jax.checkpoint import export_checkpoint
+from rlpa_jax import cli, jobs, multihost
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,11 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cli.start("export_hf.py")
     cli.agree_or_exit("export_hf.py", {"arguments": vars(args)})
-    cli.single_process_only("export_hf.py", "it reads a checkpoint and writes one directory: run it on one host")
-    out = cli.run_or_exit("export_hf.py", lambda: export_checkpoint(args.checkpoint, args.output, args.step,
-                                                                     args.tokenizer, args.dtype),
+    out = cli.run_or_exit("export_hf.py", lambda: jobs.export_policy(args.checkpoint, args.output, args.step,
+                                                                      args.tokenizer, args.dtype),
                           (FileNotFoundError, KeyError, ValueError), status=2)
-    print(f"exported to {out}")
+    if multihost.is_main_process():  # the one that wrote it
+        print(f"exported to {out}")
     return 0
 
 

@@ -8,6 +8,8 @@ model, tokenizer and personas exactly as launch/train.py does (rlpa_jax/build.py
 warm start as a PPO run (offline/sft.warm_start), reports the share of well-formed greedy turns on
 held-out personas, and saves {"actor": params} under <output_dir>/<name>/sft (per-step metrics in
 sft_history.jsonl); `model.init_checkpoint=<output_dir>/<name>/sft` starts PPO from it.
+Runs as several processes too (README "Several hosts"): every process trains on the same examples,
+all save the checkpoint together, process 0 writes the history and prints the summary.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from rlpa_jax import cli, jobs
+from rlpa_jax import cli, jobs, multihost
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,11 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cli.start("sft.py")
     config = cli.load_config_or_exit("sft.py", args.config, args.overrides)
-    cli.single_process_only("sft.py", cli.NOT_YET_MULTI_PROCESS)
     cli.use_compilation_cache(config)
     summary = cli.run_or_exit("sft.py", lambda: jobs.sft(config), (FileNotFoundError, ValueError, KeyError))
-    print(json.dumps(summary, indent=2))
-    print(f"checkpoint: {config.run_dir / 'sft'}")
+    if multihost.is_main_process():  # every process ran the same job
+        print(json.dumps(summary, indent=2))
+        print(f"checkpoint: {config.run_dir / 'sft'}")
     return 0
 
 

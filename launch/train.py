@@ -27,9 +27,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cli.start("train.py")  # joins the other processes when started as one of several
     config = cli.load_config_or_exit("train.py", args.config, args.overrides, {"resume": args.resume})
-    if config.sft.enabled:  # PPO runs as several processes (README "Several hosts"); the in-run SFT not yet
-        cli.single_process_only("train.py", "its SFT warm start (sft.enabled=true) is not multi-process yet: set "
-                                "sft.enabled=false, or start from a checkpoint (model.init_checkpoint=...)")
     cli.use_compilation_cache(config)
 
     def train() -> dict:

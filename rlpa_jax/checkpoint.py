@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import orbax.checkpoint as ocp
@@ -268,6 +268,19 @@ def restore_actor_params(directory: Path, step: int | None = None, shardings: An
     return params, dict(restored["meta"] or {}), int(step)
 
 
+def read_meta(directory: Path, step: int | None = None) -> dict:
+    """A step's meta (default: the latest step's), read without touching the arrays or writing."""
+    manager = _checkpoint_manager(directory)
+    try:
+        step = max(manager.all_steps()) if step is None else step
+        if step not in manager.all_steps():
+            raise FileNotFoundError(f"{directory}: no checkpoint for step {step}; steps found: "
+                                    f"{sorted(manager.all_steps())}")
+        return dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"] or {})
+    finally:
+        manager.close()
+
+
 def _nest(path: tuple, leaf: Any) -> Any:
     """{"actor": {"params": leaf}} for path ("actor", "params")."""
     for key in reversed(path):
@@ -276,12 +289,20 @@ def _nest(path: tuple, leaf: Any) -> Any:
 
 
 def export_checkpoint(checkpoint: str | Path, output: str | Path, step: int | None = None,
-                      tokenizer: str | Path | None = None, dtype: str = "float32") -> Path:
+                      tokenizer: str | Path | None = None, dtype: str = "float32",
+                      shardings_for: Callable[[Qwen2Config], Any] | None = None) -> Path:
     """A checkpoint's policy as a Hugging Face directory (loads with AutoModelForCausalLM). Reads only
     the policy (not the critic, reference or optimizer state); the meta names the model config and
-    the tokenizer directory (`tokenizer` overrides it)."""
+    the tokenizer directory (`tokenizer` overrides it).
+
+    `shardings_for(model config)` places the restored policy (e.g. over a global mesh: with several
+    processes every one must call this, and process 0 alone writes); without it the policy lands
+    whole on this process's first device."""
     directory = checkpoint_directory(checkpoint)
-    params, meta, _ = restore_actor_params(directory, step)
+    shardings = None
+    if shardings_for is not None:  # the model's shape, hence its shardings, is in the meta
+        shardings = shardings_for(model_config_from_meta(read_meta(directory, step), str(directory)))
+    params, meta, _ = restore_actor_params(directory, step, shardings)
     config = model_config_from_meta(meta, str(directory))
     tokenizer = tokenizer or (Path(meta["tokenizer_dir"]) if meta.get("tokenizer_dir") else None)
     return export_hf(params, config, Path(output), tokenizer_dir=tokenizer, dtype=dtype)

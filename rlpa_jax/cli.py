@@ -94,20 +94,6 @@ def load_config_or_exit(program: str, path: Path | None, overrides: list[str], a
     return config
 
 
-# Why sft/dpo stop when started as several processes (README "Several hosts").
-NOT_YET_MULTI_PROCESS = ("each process would run every conversation and build every row itself; only "
-                         "launch/train.py's PPO and launch/eval.py split the conversations over processes so far")
-
-
-def single_process_only(program: str, reason: str) -> None:
-    """Stops every process of a multi-process launch of a program that does not run as several yet
-    (all of them exit together with status 2, so none waits for the others)."""
-    if several_processes():
-        print(f"{program}: runs as one process only for now ({jax.process_count()} were started): {reason}",
-              file=sys.stderr)
-        sys.exit(2)
-
-
 def use_compilation_cache(config) -> None:
     """Persist compiled programs under the output directory unless the environment names a cache."""
     if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):

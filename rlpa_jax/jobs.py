@@ -2,11 +2,18 @@
 
     summary = jobs.sft(config)              # launch/sft.py: the SFT warm start alone
     summary = jobs.dpo(config, settings)    # launch/dpo.py: DPO on scripted preference pairs
+    path = jobs.export_policy(checkpoint, output)  # launch/export_hf.py: a checkpoint's policy for HF
 
 Each builds the world exactly as a PPO run does (rlpa_jax/build.py), saves {"actor": params} as an
 orbax checkpoint under <output_dir>/<name>/<job> (its metadata names the model config, tokenizer
 and system prompt, so `model.init_checkpoint` can start PPO from it) and writes its per-step
 records to <job>_history.jsonl.
+
+Several processes (README "Several hosts"): every process runs the same job on the same data
+(offline/sft.py and offline/dpo.py say why it is built, not exchanged), the sampler calls and
+log-prob passes in the same order; the checkpoint is saved (and restored, for --init and the
+export) by all of them together; process 0 alone writes the history and the HF export. The held-
+out judge calls of DPO, which may go to an LLM, are split over the processes and exchanged.
 """
 
 from __future__ import annotations
@@ -15,12 +22,13 @@ import dataclasses
 import json
 import logging
 import time
+from pathlib import Path
 
 import numpy as np
 
-from rlpa_jax import build, multihost
+from rlpa_jax import build, multihost, parallel
 from rlpa_jax import checkpoint
-from rlpa_jax.checkpoint import Checkpointer, checkpoint_directory
+from rlpa_jax.checkpoint import Checkpointer, checkpoint_directory, export_checkpoint
 from rlpa_jax.config import ConfigError, TrainConfig, parse_override
 from rlpa_jax.options import from_dict
 from rlpa_jax.dialogue.chat import load_prompt, parse_turn
@@ -136,10 +144,21 @@ def judged_greedy_turns(config: TrainConfig, params, model_config, tokenizer, he
     formed = [index for index, turn in enumerate(parsed) if turn.well_formed]
     _, response_judge = judges.build_judges(config.judges)
     requests = [ResponseRequest(personas[i], histories[i], parsed[i].response) for i in formed]
-    verdicts = run_sync(response_judge.judge(requests)) if requests else []
+    verdicts = judged_by_every_process(response_judge, requests)
     # A malformed turn or an unscored one (None) does not pass.
     return {"well_formed_greedy": len(formed) / len(texts),
             "response_pass_greedy": sum(v == 1 for v in verdicts) / len(texts)}
+
+
+def judged_by_every_process(response_judge, requests: list[ResponseRequest]) -> list:
+    """The judge's verdict on every request, each judged once: process k judges requests k, k + n,
+    ... (n processes; an LLM judge is not asked n times) and the verdicts are exchanged (a
+    collective). With one process: the judge's verdicts on all of them."""
+    index, count = multihost.process_index(), multihost.process_count()
+    mine = requests[index::count]
+    verdicts = run_sync(response_judge.judge(mine)) if mine else []
+    every = multihost.allgather_objects(verdicts)
+    return [every[i % count][i // count] for i in range(len(requests))]
 
 
 def dpo(config: TrainConfig, settings: DPOSettings) -> dict:
@@ -201,3 +220,17 @@ def dpo(config: TrainConfig, settings: DPOSettings) -> dict:
     meta = policy_meta(config, model_config) | {"dpo_settings": dataclasses.asdict(settings), "dpo": summary}
     save_policy(config, "dpo", params, meta, history)
     return summary
+
+
+# --------------------------------------------------------------------------------------------- export
+
+
+def export_policy(checkpoint: Path, output: Path, step: int | None = None, tokenizer: Path | None = None,
+                  dtype: str = "float32") -> Path:
+    """A checkpoint's policy as a Hugging Face directory (checkpoint.export_checkpoint). The policy
+    is restored FSDP-sharded over every device of every process (no device holds it all, the
+    processes read their own shards together); the export gathers each tensor in turn and process
+    0 alone writes the directory."""
+    mesh = parallel.make_mesh(parallel.MeshConfig(data=1, fsdp=-1, tensor=1))
+    return export_checkpoint(checkpoint, output, step, tokenizer, dtype,
+                             shardings_for=lambda model_config: param_shardings(model_config, mesh))

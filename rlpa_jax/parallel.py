@@ -230,6 +230,8 @@ def initialize_distributed(environ=os.environ) -> bool:
     launch = distributed_launch(environ)
     if launch is None:
         return False
+    if jax.distributed.is_initialized():  # joined already (a second launch script's main in one process)
+        return True
     if not environ.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION"):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=launch.coordinator_address, num_processes=launch.num_processes,

@@ -1,6 +1,6 @@
 """One process of a multi-process test run (tests/test_multihost.py starts several of these).
 
-    python tests/multihost_worker.py SCENARIO OUT_DIR [dotted config overrides, for `ppo`]
+    python tests/multihost_worker.py SCENARIO OUT_DIR [dotted config overrides, for `ppo` and `offline`]
 
 The process joins the others through rlpa_jax's own start-up (parallel.initialize_distributed,
 from the JAX_* variables the test sets), runs SCENARIO and writes what it saw to
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import faulthandler
 import json
+import runpy
 import signal
 import sys
 import time
@@ -20,9 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlpa_jax import build, multihost, parallel
+from rlpa_jax import build, jobs, multihost, parallel
 from rlpa_jax.config import load_config
-from rlpa_jax.checkpoint import Checkpointer, abstract_like
+from rlpa_jax.checkpoint import Checkpointer, abstract_like, restore_actor_params
 from rlpa_jax.model import hf
 from rlpa_jax.model.qwen2 import Qwen2Config, init_params
 from rlpa_jax.rl.metrics import MetricsLog
@@ -82,7 +83,21 @@ def scenario_arrays(out_dir: Path) -> dict:
         result["agreement_error"] = None
     except multihost.ProcessMismatch as error:
         result["agreement_error"] = str(error)
+    judge = RecordingJudge()  # DPO's held-out judge calls: each request judged by one process
+    result["verdicts"] = jobs.judged_by_every_process(judge, list(range(7)))
+    result["judged_here"] = judge.seen
     return result
+
+
+class RecordingJudge:
+    """A response judge whose verdict on request r is 10 r; it remembers what it was asked."""
+
+    def __init__(self):
+        self.seen: list = []
+
+    async def judge(self, requests):
+        self.seen += requests
+        return [10 * r for r in requests]
 
 
 def params_on(mesh):
@@ -138,7 +153,7 @@ def scenario_wait(out_dir: Path) -> dict:
 
 
 REPO = Path(__file__).resolve().parents[1]
-# Two PPO iterations of the embedded world, small: 16 conversations in 2 pipeline groups of 8 (one
+# A short SFT warm start and two PPO iterations of the embedded world, small: 16 conversations in 2 pipeline groups of 8 (one
 # row per device of the 8-device mesh, so each of 2 processes plays 4 of every group), 2 turns.
 PPO_OVERRIDES = [
     "model.tiny.hidden_size=64", "model.tiny.intermediate_size=128", "model.tiny.vocab_size=600",
@@ -146,7 +161,9 @@ PPO_OVERRIDES = [
     "data.num_personas=64", "rollout.conversations=16", "rollout.pipeline_groups=2", "rollout.max_rounds=2",
     "rollout.samples_per_prompt=2", "rollout.max_new_tokens=24", "rollout.eval_conversations=8",
     "rollout.prefix_cache=false", "ppo.iterations=2", "ppo.epochs=1", "ppo.train_batch_size=32",
-    "ppo.micro_batch_size=16", "sft.enabled=false",
+    "ppo.micro_batch_size=16",
+    # The in-run SFT warm start, short: 4 dialogues of 2 turns, every step on all 8 examples.
+    "sft.enabled=true", "sft.steps=2", "sft.batch_size=8", "sft.num_dialogues=4",
     # An untrained policy earns reward 0 everywhere, where no advantage moves anything: an entropy
     # bonus gives the actor a gradient, and the KL it then builds gives GAE's critic one.
     "ppo.advantage=gae", "ppo.entropy_coef=0.01", "logging.checkpoint_every=1", "logging.tensorboard=false",
@@ -186,8 +203,43 @@ def scenario_ppo(out_dir: Path, overrides: list[str]) -> dict:
             "pools": pools}
 
 
+# The offline jobs on the same small world: a few SFT steps, then DPO from that checkpoint. 4 dialogues
+# of 2 turns: 8 examples (8 pairs), so every batch of 8 holds them all and each job compiles its step once.
+OFFLINE_OVERRIDES = [
+    "model.tiny.hidden_size=64", "model.tiny.intermediate_size=128", "model.tiny.vocab_size=600",
+    "model.tiny.num_layers=1", "rollout.max_prompt_tokens=256", "rollout.max_rounds=2", "rollout.max_new_tokens=16",
+    "data.num_personas=64", "sft.steps=3", "sft.batch_size=8", "sft.num_dialogues=4", "logging.progress_bar=false"]
+DPO_OVERRIDES = ["dpo.steps=3", "dpo.batch_size=8", "dpo.num_dialogues=4", "dpo.learning_rate=1e-3",
+                 "dpo.warmup_steps=1"]
+
+
+def launch_main(script: str):
+    """launch/<script>'s main (the launch scripts are not a package)."""
+    return runpy.run_path(str(REPO / "launch" / script), run_name=f"launch_{script[:-3]}")["main"]
+
+
+def scenario_offline(out_dir: Path, overrides: list[str]) -> dict:
+    """launch/sft.py, launch/dpo.py --init <the SFT checkpoint> and launch/export_hf.py of the DPO
+    checkpoint, each run by every process as its main; process 0 keeps the SFT policy (gathered from
+    the checkpoint every process restores together)."""
+    config_overrides = OFFLINE_OVERRIDES + overrides
+    config = load_config(REPO / "configs" / "tiny.yaml", config_overrides)
+    statuses = {"sft": launch_main("sft.py")(["--config", str(REPO / "configs" / "tiny.yaml"), *config_overrides])}
+    statuses["dpo"] = launch_main("dpo.py")(["--config", str(REPO / "configs" / "tiny.yaml"), "--init",
+                                             str(config.run_dir / "sft"), *config_overrides, *DPO_OVERRIDES])
+    statuses["export"] = launch_main("export_hf.py")(["--checkpoint", str(config.run_dir / "dpo"),
+                                                      "--output", str(out_dir / "hf")])
+    mesh = build.build_mesh(config)
+    shardings = parallel.param_shardings(build.model_config(config), mesh)
+    sft_params, _, _ = restore_actor_params(config.run_dir / "sft", shardings=shardings)
+    sft_params = multihost.gather(sft_params)
+    if multihost.is_main_process():
+        np.savez(out_dir / "sft_actor.npz", *[np.asarray(x) for x in jax.tree.leaves(sft_params)])
+    return {"statuses": statuses}
+
+
 SCENARIOS = {"arrays": scenario_arrays, "save": scenario_save, "restore": scenario_restore, "wait": scenario_wait,
-             "ppo": scenario_ppo}
+             "ppo": scenario_ppo, "offline": scenario_offline}
 
 
 def main() -> None:
@@ -196,7 +248,7 @@ def main() -> None:
     started = time.perf_counter()
     parallel.initialize_distributed()
     print(f"joined after {time.perf_counter() - started:.1f} s", flush=True)
-    extra = [sys.argv[3:]] if scenario == "ppo" else []
+    extra = [sys.argv[3:]] if scenario in ("ppo", "offline") else []
     result = SCENARIOS[scenario](out_dir, *extra) | {"process": multihost.process_index(), "processes": multihost.process_count()}
     (out_dir / f"process{multihost.process_index()}.json").write_text(json.dumps(result))
     print(f"{scenario} done after {time.perf_counter() - started:.1f} s", flush=True)

@@ -22,7 +22,7 @@ from rlpa_jax.config import load_config
 from rlpa_jax.model import hf
 from rlpa_jax.model.qwen2 import Qwen2Config, init_params
 from rlpa_jax.tokenizer import train_tiny_tokenizer
-from test_multihost import finish, start_processes, tail
+from multihost_launch import finish, start_processes, tail
 from tiny_corpus import synthetic_corpus
 
 REPO = Path(__file__).resolve().parents[1]

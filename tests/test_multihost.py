@@ -1,22 +1,14 @@
-"""Several real processes on this machine (jax.distributed over 127.0.0.1, gloo collectives, 4 fake
-CPU devices each): the global batch built from each process's rows, metric reduction, the start-up
-agreement, a peer that dies, and an orbax checkpoint written and read by two processes.
-
-Every child runs under a deadline and is killed past it, so a hang fails the test instead of CI.
+"""Several real processes on this machine (tests/multihost_launch.py): the global batch built from
+each process's rows, metric reduction, the start-up agreement, a peer that dies, and an orbax
+checkpoint written and read by two processes (with the HF export). The long runs of whole jobs as
+two processes against one live in test_multihost_ppo.py, _turn.py and _offline.py (one file each,
+so the test workers share them out).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -26,89 +18,7 @@ import multihost_worker as worker
 from rlpa_jax import multihost, parallel
 from rlpa_jax.dialogue.llm_cache import ResponseCache
 from rlpa_jax.model import hf
-
-REPO = Path(__file__).resolve().parents[1]
-DEADLINE_S = 150  # per multi-process run; they take seconds, minutes only on a starved machine
-PPO_DEADLINE_S = 600  # a PPO run compiles its sampler, forwards and updates (minutes on 2 busy cores)
-CHILD_XLA_FLAGS = ("--xla_force_host_platform_device_count=4 --xla_cpu_collective_call_terminate_timeout_seconds=1800 "
-                   "--xla_cpu_collective_call_warn_stuck_timeout_seconds=300")
-
-
-@dataclasses.dataclass
-class Finished:
-    returncode: int
-    stdout: str
-    stderr: str
-    seconds: float
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def child_environment(process: int, processes: int, port: int, extra: dict | None = None) -> dict:
-    """The test process's environment (conftest set 8 devices for it) with each child's own; one
-    process alone (the reference run) gets all 8 devices and no coordinator."""
-    env = dict(os.environ)
-    for name in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "JAX_CPU_COLLECTIVES_IMPLEMENTATION",
-                 "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
-        env.pop(name, None)
-    flags = CHILD_XLA_FLAGS if processes > 1 else CHILD_XLA_FLAGS.replace("device_count=4", "device_count=8")
-    env.update(XLA_FLAGS=flags, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]),
-               RLPA_DISTRIBUTED_INIT_TIMEOUT_S="60",
-               JAX_COMPILATION_CACHE_DIR=str(REPO / ".jax_cache"), TOKENIZERS_PARALLELISM="false")
-    if processes > 1:
-        env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(processes),
-                   JAX_PROCESS_ID=str(process))
-    env.update(extra or {})
-    return env
-
-
-def start_processes(argv: Callable[[int], list[str]], directory: Path, processes: int = 2,
-                    extra_env: dict | None = None) -> list[subprocess.Popen]:
-    """`processes` python children joined on a free 127.0.0.1 port; output goes to files (a pipe
-    nobody reads could block a child)."""
-    port = free_port()
-    children = []
-    for process in range(processes):
-        out = open(directory / f"stdout{process}", "w")
-        err = open(directory / f"stderr{process}", "w")
-        children.append(subprocess.Popen([sys.executable, *argv(process)], cwd=directory, stdout=out, stderr=err,
-                                         env=child_environment(process, processes, port, extra_env)))
-    return children
-
-
-def finish(children: list[subprocess.Popen], directory: Path, deadline_s: float = DEADLINE_S) -> list[Finished]:
-    """Wait for every child (killing all of them past the deadline, then failing the test)."""
-    started = time.monotonic()
-    results = []
-    for index, child in enumerate(children):
-        try:
-            child.wait(timeout=max(1.0, deadline_s - (time.monotonic() - started)))
-        except subprocess.TimeoutExpired:
-            for other in children:
-                other.kill()
-            pytest.fail(f"process {index} still running after {deadline_s} s:\n{tail(directory, index)}")
-        results.append(Finished(child.returncode, (directory / f"stdout{index}").read_text(),
-                                (directory / f"stderr{index}").read_text(), time.monotonic() - started))
-    return results
-
-
-def tail(directory: Path, index: int, lines: int = 30) -> str:
-    text = "\n".join(p.read_text() for p in (directory / f"stdout{index}", directory / f"stderr{index}") if p.exists())
-    return "\n".join([line for line in text.splitlines() if "[Gloo]" not in line][-lines:])
-
-
-def run_worker(scenario: str, directory: Path, processes: int = 2, args: tuple[str, ...] = (),
-               deadline_s: float = DEADLINE_S) -> list[dict]:
-    directory.mkdir(parents=True, exist_ok=True)
-    results = finish(start_processes(lambda _: [str(REPO / "tests" / "multihost_worker.py"), scenario, str(directory),
-                                                *args], directory, processes), directory, deadline_s)
-    for index, result in enumerate(results):
-        assert result.returncode == 0, f"process {index} of {scenario}:\n{tail(directory, index)}"
-    return [json.loads((directory / f"process{i}.json").read_text()) for i in range(processes)]
+from multihost_launch import DEADLINE_S, REPO, finish, run_worker, start_processes, tail
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,6 +83,8 @@ def test_global_batch_from_process_rows_equals_one_process(tmp_path):
         assert result["metrics"] == {"reward": pytest.approx(2 / 3), "invalid_samples": 1.0}
         assert result["records"] == [{"phase": "ppo", "step": 0, "reward": pytest.approx(2 / 3)}]
         assert result["agreement_error"] == "process 1: ppo.clip_eps: expected a number > 0"
+        assert result["verdicts"] == [0, 10, 20, 30, 40, 50, 60]  # in request order, from both processes
+    assert (first["judged_here"], second["judged_here"]) == ([0, 2, 4, 6], [1, 3, 5])
     assert alone["fetch_error"] is None
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1  # process 0 alone writes
 
@@ -227,107 +139,3 @@ def test_a_killed_process_stops_the_other_within_the_heartbeat_timeout(tmp_path)
     assert survivor.returncode != 0
     assert waited < 60  # ~heartbeat_s on an idle machine
     assert "another task died" in survivor.stderr or "heartbeat" in survivor.stderr, tail(tmp_path, 0)
-
-
-# ---------------------------------------------------------------------------------------------
-# PPO over two processes
-
-
-def ppo_records(directory: Path) -> list[dict]:
-    records = [json.loads(line) for line in (directory / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in records if r.get("phase") == "ppo"]
-
-
-# What the run learned and scored (timings, rates and per-process counts differ by nature).
-COMPARED = ("reward", "profile_f1", "response_reward", "well_formed", "best_of_n_reward", "response_tokens",
-            "samples", "invalid_samples", "revealed_items", "kl", "logprob_gap", "entropy_profile", "entropy_reply",
-            "kl_coef", "output_scale")
-
-
-def test_ppo_over_two_processes_equals_one_process_and_resumes(tmp_path):
-    tokenizer = f"model.tokenizer_path={tmp_path / 'tokenizer'}"
-    alone_dir, pair_dir = tmp_path / "alone", tmp_path / "pair"
-    (alone,) = run_worker("ppo", alone_dir, processes=1, args=(f"output_dir={alone_dir / 'runs'}", tokenizer),
-                          deadline_s=PPO_DEADLINE_S)
-    first, second = run_worker("ppo", pair_dir, args=(f"output_dir={pair_dir / 'runs'}", tokenizer),
-                               deadline_s=PPO_DEADLINE_S)
-
-    expected, got = ppo_records(alone_dir), ppo_records(pair_dir)
-    assert [r["step"] for r in got] == [r["step"] for r in expected] == [0, 1]
-    assert all(r["grad_norm"] > 0 for r in expected) and expected[1]["kl"] > 0  # the runs learned something
-    assert_same_ppo_metrics(expected, got)
-    for stage in ("start", "end"):
-        for key, value in alone["summary"][stage].items():
-            assert first["summary"][stage][key] == pytest.approx(value, abs=1e-5), (stage, key)
-    reference = np.load(alone_dir / "actor.npz")
-    pair = np.load(pair_dir / "actor.npz")
-    assert sorted(reference.files) == sorted(pair.files)
-    for name in reference.files:
-        np.testing.assert_allclose(pair[name], reference[name], atol=1e-5)
-
-    # Each process played its own 4 conversations of each group of 8: judged and answered only
-    # those, and between them every conversation once per turn (2 groups x 2 turns a rollout).
-    for result in (first, second):
-        assert result["shares"] == [8.0, 8.0]
-    ppo_calls = slice(2 * 2, 2 * 2 + 2 * 2 * 2)  # after the starting evaluation's calls
-    for turn_calls in zip(first["scored"][ppo_calls], second["scored"][ppo_calls]):
-        mine, theirs = map(set, turn_calls)
-        assert len(mine) == len(theirs) == 4 and not mine & theirs
-    assert alone["shares"] == [None, None]
-
-    # A checkpoint the two wrote resumes in two processes (one more iteration on top).
-    resumed, _ = run_worker("ppo", pair_dir, args=(f"output_dir={pair_dir / 'runs'}", tokenizer, "ppo.iterations=3",
-                                                    "--resume"), deadline_s=PPO_DEADLINE_S)
-    assert [r["step"] for r in ppo_records(pair_dir)] == [0, 1, 2]
-    assert resumed["shares"] == [8.0]
-
-
-def assert_same_ppo_metrics(expected: list[dict], got: list[dict], extra: tuple[str, ...] = ()) -> None:
-    for want, have in zip(expected, got):
-        loss_keys = [k for k in want if k.startswith(("loss", "grad", "critic"))]
-        for key in COMPARED + extra + tuple(loss_keys):
-            if key in want:
-                assert have[key] == pytest.approx(want[key], abs=1e-5, rel=1e-5), (want["step"], key)
-
-
-def test_turn_schedule_over_two_processes_equals_one_process_and_resumes(tmp_path):
-    # The PPO test's world on the paper's schedule: a pool of 16 live conversations (2 groups of 8,
-    # 4 of each per process), one turn each per iteration, 2 turns a dialogue. Group advantages (no
-    # critic: fewer programs to compile); the entropy bonus still moves the actor.
-    args = (f"model.tokenizer_path={tmp_path / 'tokenizer'}", "rollout.schedule=turn", "ppo.advantage=grpo")
-    alone_dir, pair_dir = tmp_path / "alone", tmp_path / "pair"
-    (alone,) = run_worker("ppo", alone_dir, processes=1, args=(f"output_dir={alone_dir / 'runs'}", *args),
-                          deadline_s=PPO_DEADLINE_S)
-    first, second = run_worker("ppo", pair_dir, args=(f"output_dir={pair_dir / 'runs'}", *args),
-                               deadline_s=PPO_DEADLINE_S)
-
-    expected, got = ppo_records(alone_dir), ppo_records(pair_dir)
-    assert [r["step"] for r in got] == [r["step"] for r in expected] == [0, 1]
-    assert [r["pool_turn"] for r in expected] == [1, 2] and expected[1]["kl"] > 0
-    assert_same_ppo_metrics(expected, got, ("pool_turn", "conversations_started", "conversations_finished"))
-    reference, pair = np.load(alone_dir / "actor.npz"), np.load(pair_dir / "actor.npz")
-    for name in reference.files:
-        np.testing.assert_allclose(pair[name], reference[name], atol=1e-5)
-    # Every process holds the one-process run's whole pool after every iteration (histories, user
-    # RNGs, active flags): what each process saves in its checkpoint.
-    assert len(alone["pools"]) == 2 and alone["pools"][1]["slots"][0]["turn"] == 2
-    assert first["pools"] == second["pools"] == alone["pools"]
-
-    # Each process judged and answered only its own 4 conversations of each group of 8 (the
-    # group's slots 0-3 on process 0, 4-7 on process 1), between them every one once per turn.
-    for result in (first, second):
-        assert result["shares"] == [8.0, 8.0]
-    ppo_calls = slice(2 * 2, 2 * 2 + 2 * 2)  # after the starting evaluation's calls: 2 iterations x 2 groups
-    for call, (mine, theirs) in enumerate(zip(first["scored"][ppo_calls], second["scored"][ppo_calls])):
-        group = list(range(call % 2, 16, 2))
-        assert (mine, theirs) == (group[:4], group[4:])
-    assert first["answered"][ppo_calls] == second["answered"][ppo_calls] == [4] * 4
-
-    # A checkpoint the two wrote resumes in two processes: iteration 2 refills every slot (each
-    # dialogue has had its 2 turns) with users dealt the same on both.
-    resumed, other = run_worker("ppo", pair_dir, args=(f"output_dir={pair_dir / 'runs'}", *args, "ppo.iterations=3",
-                                                       "--resume"), deadline_s=PPO_DEADLINE_S)
-    records = ppo_records(pair_dir)
-    assert [r["step"] for r in records] == [0, 1, 2]
-    assert (records[2]["conversations_started"], records[2]["pool_turn"]) == (16, 1)
-    assert resumed["pools"] == other["pools"] and resumed["pools"][0]["started"] == 32

@@ -18,6 +18,11 @@ as it was before the first step: its log-probs are computed once, before trainin
 the batch, so a step runs one forward (chosen and rejected rows together) and no reference copy
 of the parameters is ever held. The update is training.updater.Updater, so micro-batching, meshes
 and the warm-up + cosine AdamW are shared with SFT and PPO.
+
+Several processes (README "Several hosts"): the pairs come from the scripted teacher and the
+rule-based ScriptedUser, seeded and cheap (no LLM, no sampler), so every process builds the same
+pairs, examples and batch schedule itself instead of exchanging them; each step places only its
+own devices' rows of the identical host batch, and the log-prob passes gather their result.
 """
 
 from __future__ import annotations
@@ -285,7 +290,8 @@ def preference_logps(
     """(N, 2) sequence log-probs of every pair's (chosen, rejected) turn under `params`.
 
     Pairs go through in length order, `batch_size` at a time (the last batch repeats its final
-    pair to stay full), so a pass compiles once per length bucket, as training does.
+    pair to stay full), so a pass compiles once per length bucket, as training does. With several
+    processes every one calls it with the same examples (a collective): each gets every pair's log-probs.
     """
     check_examples(examples)
     window = response_window(examples)
@@ -300,7 +306,8 @@ def preference_logps(
         if mesh is None:
             logps = forward(params, batch)
         else:
-            batch = {k: jax.device_put(v, parallel.batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
+            # Every process holds the whole batch: each places its own rows (no cross-process compare).
+            batch = {k: multihost.put_identical(v, parallel.batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
             with parallel.activate(mesh):
                 logps = forward(params, batch)
         result[pairs] = np.asarray(multihost.gather(logps))[: len(pairs)]

@@ -11,6 +11,11 @@ The update is training.updater.Updater with a next-token cross-entropy that retu
 micro-batching, meshes and the warm-up + cosine AdamW are shared with PPO and DPO. `warm_start` is
 the one entry point that turns personas into a fine-tuned policy: the trainer's warm start and
 launch/sft.py both call it.
+
+Several processes (README "Several hosts"): the teacher dialogues are scripted, seeded and cheap
+(no LLM, no sampler), so every process builds the same dialogues, examples and batch schedule
+itself rather than splitting and exchanging them; each step places only its own devices' rows of
+the identical host batch (Updater), so the run equals one process on the same devices.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import numpy as np
 import transformers
 from jax.sharding import Mesh
 
+from rlpa_jax import multihost
 from rlpa_jax.config import SFTConfig, TrainConfig
 from rlpa_jax.dialogue import chat
 from rlpa_jax.dialogue.chat import Message, load_prompt, parse_turn
@@ -243,14 +249,17 @@ def greedy_turns(
     system_prompt: str | None = None,
     generator_kind: str = "jax",
 ) -> list[str]:
-    """The greedy policy turn after each history, decoded up to (not including) its stop token."""
+    """The greedy policy turn after each history, decoded up to (not including) its stop token.
+
+    One sampler call over every history, a global program: with several processes every one
+    calls it with the same histories, and every one gets every turn (gathered)."""
     system_prompt = load_prompt("policy_system") if system_prompt is None else system_prompt
     prompts = [prompt_token_ids(tokenizer, history, system_prompt) for history in histories]
     tokens, mask = pad_prompts(prompts, tokenizer.pad_token_id, PROMPT_LENGTH_BUCKETS)
     stop_ids = stop_token_ids(tokenizer)
     generator = build_generator(generator_kind, config, stop_ids, tokenizer.pad_token_id)
-    generation = generator(params, tokens, mask, jax.random.key(0),
-                           SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
+    generation = multihost.gather(generator(params, tokens, mask, jax.random.key(0),
+                                            SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)))
     generated, lengths = np.asarray(generation.tokens), np.asarray(generation.lengths)
     texts = []
     for row in range(len(prompts)):

@@ -6,6 +6,7 @@ from typing import Callable, Sequence, TypeVar
 
 from tqdm.auto import tqdm
 
+from rlpa_jax import multihost
 from rlpa_jax.model.qwen2 import Params
 from rlpa_jax.training.updater import Batch, Updater
 
@@ -17,12 +18,15 @@ def fit(updater: Updater, params: Params, schedule: Sequence[Rows], make_batch: 
         progress: bool = True) -> tuple[Params, list[dict[str, float]]]:
     """Steps `params` once per entry of `schedule` (the batch `make_batch` builds from it); returns the
     trained parameters and one record per step (its number, then what `record` keeps of the step's
-    metrics). `params` is donated to the jitted step: use the returned parameters afterwards."""
+    metrics). `params` is donated to the jitted step: use the returned parameters afterwards.
+
+    With several processes every one runs the same schedule on the same host batches (the
+    Updater places each process's rows); a step's metrics are replicated scalars, read locally."""
     trainable = updater.init(params)
     history: list[dict[str, float]] = []
-    bar = tqdm(schedule, desc=desc, disable=not progress, dynamic_ncols=True)
+    bar = tqdm(schedule, desc=desc, disable=not progress or not multihost.is_main_process(), dynamic_ncols=True)
     for step, rows in enumerate(bar, start=1):
         trainable, metrics = updater(trainable, make_batch(rows))
-        history.append({"step": float(step)} | record({k: float(v) for k, v in metrics.items()}))
+        history.append({"step": float(step)} | record({k: float(v) for k, v in multihost.fetch(metrics).items()}))
         bar.set_postfix(loss=f"{history[-1]['loss']:.3f}")
     return trainable.params, history
