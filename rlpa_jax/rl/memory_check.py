@@ -43,10 +43,6 @@ def per_device_bytes(tree) -> int:
     return sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
-def abstract(tree, shardings, dtype=None):
-    return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, dtype or x.dtype, sharding=sh), tree, shardings)
-
-
 def rows(mesh: Mesh, shape: tuple[int, ...], dtype) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(shape, dtype, sharding=parallel.batch_sharding(mesh, len(shape)))
 

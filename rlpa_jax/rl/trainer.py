@@ -230,8 +230,7 @@ class Trainer:
         prompt = bucket(r.max_prompt_tokens, r.prompt_buckets)
         calls = math.ceil(r.conversations / r.pipeline_groups)
         prompts = (-(-calls // self.row_multiple) * self.row_multiple, prompt)
-        sampler_params = (actor if self.sampling_layout.shardings is None else
-                          memory_check.abstract(actor, self.sampling_layout.shardings, self.model_config.dtype))
+        sampler_params = self.sampling_layout.abstract(actor)  # per-layer copy, or the actor's own (training)
         key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=parallel.replicated(mesh))
         programs = [memory_check.Program(
             "sampler", self.generator.lower(sampler_params, memory_check.rows(mesh, prompts, np.int32),
