@@ -323,7 +323,9 @@ class SamplingLayout:
     second, per-call copy of the layer weights (sampling.decode splits only stacked parameters).
 
     The `training` layout hands the actor's own stacked FSDP parameters over unchanged (no copy):
-    each sampler call then splits them and each decode step gathers a layer at a time.
+    each sampler call then splits them and each decode step gathers a layer at a time. So does
+    any layout for an actor already in its dtype and placement (one device, float32 compute): see
+    `in_layout`.
     """
 
     def __init__(self, config: Qwen2Config, mesh: Mesh | None, layout: str = "replicated"):
@@ -335,8 +337,8 @@ class SamplingLayout:
         if LAYOUTS[layout] is None or mesh is None:
             self._reshard = None
             return
-        stacked = parallel.param_shardings(config, mesh, unused=LAYOUTS[layout])
-        self.shardings = unstacked_shardings(stacked, config)
+        self._stacked_shardings = parallel.param_shardings(config, mesh, unused=LAYOUTS[layout])
+        self.shardings = unstacked_shardings(self._stacked_shardings, config)
         self.dtype = config.dtype
 
         def reshard(params: Params) -> Params:
@@ -346,14 +348,20 @@ class SamplingLayout:
         self._reshard = jax.jit(reshard, out_shardings=self.shardings)
 
     def in_layout(self, params: Params) -> bool:
-        """Whether `params` already are what the sampler reads: per-layer arrays in the compute
-        dtype and this layout's shardings (this layout's own output, passed again). Stacked
-        parameters never are, even on one device in float32 compute: the sampler would split
-        them on every call, so the one split per rollout is made here."""
-        if jax.tree.structure(params) != jax.tree.structure(self.shardings):
+        """Whether the sampler reads `params` as they are, without the per-rollout copy: in the
+        compute dtype and placed as this layout places them, per layer (this layout's own output,
+        passed again) or still stacked (one device in float32 compute: the actor itself).
+
+        Stacked parameters in layout are not copied: each sampler call splits them, as every call
+        did before the copy was per layer. That keeps one-device float32 runs (tests, `make demo`)
+        the same bit for bit (the per-layer prefill, unrolled, rounds differently from the layer
+        scan: ~5e-7 in log-probs) at the same peak memory (the split lives for a call, where a
+        per-layer copy would live for the rollout); the cost is the split's time on every call."""
+        shardings = self._stacked_shardings if has_stacked_layers(params) else self.shardings
+        if jax.tree.structure(params) != jax.tree.structure(shardings):
             return False
-        return all(x.dtype == self.dtype and x.sharding.is_equivalent_to(sharding, x.ndim)
-                   for x, sharding in zip(jax.tree.leaves(params), jax.tree.leaves(self.shardings)))
+        return all(x.dtype == self.dtype and x.sharding.is_equivalent_to(sharding, len(x.shape))
+                   for x, sharding in zip(jax.tree.leaves(params), jax.tree.leaves(shardings)))
 
     def __call__(self, params: Params) -> Params:
         return params if self._reshard is None or self.in_layout(params) else self._reshard(params)
@@ -361,7 +369,7 @@ class SamplingLayout:
     def abstract(self, params: Params) -> Params:
         """What `__call__` returns for `params` given as shapes, dtypes and shardings (the training
         state's, `jax.ShapeDtypeStruct`s): the arguments to lower the sampler with, no memory."""
-        if self._reshard is None:
+        if self._reshard is None or self.in_layout(params):
             return params
         shapes = jax.eval_shape(lambda p: unstack_layers(p, self.config) if has_stacked_layers(p) else p, params)
         return jax.tree.map(lambda x, sharding: jax.ShapeDtypeStruct(x.shape, self.dtype, sharding=sharding),

@@ -142,6 +142,20 @@ def test_every_sampling_layout_gives_the_same_output(model, layout):
         SamplingLayout(config, mesh, "fsdp")
 
 
+def test_one_device_float32_parameters_are_sampled_as_they_are(model):
+    """No per-rollout copy where the actor already is what the sampler reads (each call splits
+    it, bit for bit as before); another compute dtype gets the per-layer copy."""
+    _, params, config = model
+    mesh = parallel.make_mesh(parallel.MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+    placed = parallel.shard(params, parallel.param_shardings(config, mesh))
+    layout = SamplingLayout(config, mesh)
+    assert layout(placed) is placed
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), placed)
+    assert layout.abstract(abstract) is abstract  # the memory check lowers the sampler for the actor itself
+    bf16 = SamplingLayout(config.replace(compute_dtype="bfloat16"), mesh)(placed)
+    assert "layers" not in bf16 and bf16["layer_0"]["mlp"]["up_kernel"].dtype == jnp.bfloat16
+
+
 def test_bucketing_and_padding():
     assert [bucket(n, (64, 128)) for n in (1, 64, 65, 129, 300)] == [64, 64, 128, 256, 384]
     tokens, mask = pad_prompts([[1, 2, 3], [4]], pad_id=9, length_buckets=(4,), batch_multiple=4)
