@@ -131,11 +131,9 @@ def abstract_params(config: Qwen2Config, mesh, head: str = "lm"):
 
 
 def sampler_params(config: Qwen2Config, mesh, layout: str):
-    layout_shardings = SamplingLayout(config, mesh, layout).shardings
-    if layout_shardings is None:  # "training": the trainer's own float32 FSDP parameters
-        return abstract_params(config, mesh)
-    shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
-    return abstract_tree(shapes, layout_shardings, config.dtype)
+    """What SamplingLayout hands the sampler: per-layer copies in the compute dtype, or under
+    "training" the trainer's own stacked float32 FSDP parameters."""
+    return SamplingLayout(config, mesh, layout).abstract(abstract_params(config, mesh))
 
 
 def rows(mesh, shape, dtype):

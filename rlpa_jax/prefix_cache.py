@@ -23,6 +23,14 @@ so padding never clobbers the prefix; positions are explicit (a token's position
 real tokens before it), so the holes change nothing but float rounding. Rows whose prefix does
 not fit K keep less of it.
 
+The kept cache has the form of the cache the prefill ran on: per-layer lists under
+SamplingLayout's per-layer weights (what the sampler reads), one stacked array for stacked
+parameters. Per-layer is the cheaper form to keep there: the same bytes, but a stacked kept cache
+would make the sampling program concatenate the layers' prompt slots into one array on the way
+out and, next call, slice each layer's prefix back out of it on the way in (XLA:CPU copies a
+slice of a stacked array, see qwen2.unstack_layers); per layer, each slab is written and read
+where it lies.
+
 The cache is valid for one set of parameters: it lives for one rollout (PPO updates between
 rollouts change the parameters; rollout.schedule=turn, which updates between turns, samples
 with full prefills).
@@ -35,13 +43,12 @@ import logging
 from collections import Counter
 from typing import Callable, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlpa_jax.model.qwen2 import CACHE_AXES, Cache, Params, Qwen2Config, forward, init_cache, positions_from_mask
-from rlpa_jax.sampling import Generation, SamplingParams, bucket, decode
+from rlpa_jax.model.qwen2 import Cache, Params, Qwen2Config, forward, positions_from_mask
+from rlpa_jax.sampling import Generation, SamplingParams, bucket, constrain_cache, decode, empty_cache, is_per_layer
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +57,10 @@ log = logging.getLogger(__name__)
 class PromptCache:
     """One call's prompts as they sit in its prefilled cache (on device) and where (on the host)."""
 
-    cache: Cache  # (layers, rows, T, kv_heads, head_dim): the prompt slots only, before the n-way copy
+    # The prompt slots only, before the n-way copy, in the form the parameters run on: per-layer
+    # lists of (rows, T, kv_heads, head_dim) for SamplingLayout's per-layer weights, one stacked
+    # (layers, rows, T, kv_heads, head_dim) array each for stacked ones.
+    cache: Cache
     prompts: list[np.ndarray]  # each prompt's tokens (row i of the cache holds prompt i)
     slots: list[np.ndarray]  # each prompt's cache slots, in token order
 
@@ -131,15 +141,29 @@ def prompt_slots(plan: PrefillPlan, count: int) -> list[np.ndarray]:
             for i in range(count)]
 
 
-def _constrain_cache(cache: Cache) -> Cache:
-    return {k: nn.with_logical_constraint(v, CACHE_AXES) for k, v in cache.items()}
-
-
 def copy_prefixes(previous: Cache, source_rows: jax.Array, source_slots: jax.Array) -> Cache:
-    """cache[layer, source_rows[i], source_slots[i, j]]: each row's kept prefix, right-aligned.
+    """cache[layer, source_rows[i], source_slots[i, j]]: each row's kept prefix, right-aligned, in
+    `previous`' form (stacked or per-layer lists).
 
     A program of its own, so the sampling program's shape does not depend on the last call's."""
-    return _constrain_cache({k: v[:, source_rows[:, None], source_slots] for k, v in previous.items()})
+    if is_per_layer(previous):
+        return constrain_cache({k: [x[source_rows[:, None], source_slots] for x in v] for k, v in previous.items()})
+    return constrain_cache({k: v[:, source_rows[:, None], source_slots] for k, v in previous.items()})
+
+
+def _write_kept(cache: Cache, kept_cache: Cache, kept_length: int) -> Cache:
+    """The kept prefixes in the first `kept_length` slots of a fresh cache of the same form."""
+    if is_per_layer(cache):
+        return {k: [x.at[:, :kept_length].set(y.astype(x.dtype)) for x, y in zip(cache[k], kept_cache[k])]
+                for k in cache}
+    return {k: cache[k].at[:, :, :kept_length].set(kept_cache[k].astype(cache[k].dtype)) for k in cache}
+
+
+def _prompt_slots(cache: Cache, prompt_length: int) -> Cache:
+    """The first `prompt_length` slots of every row (a copy: the decode goes on writing the rest)."""
+    if is_per_layer(cache):
+        return constrain_cache({k: [x[:, :prompt_length] for x in v] for k, v in cache.items()})
+    return constrain_cache({k: v[:, :, :prompt_length] for k, v in cache.items()})
 
 
 def generate_continuing(
@@ -155,24 +179,24 @@ def generate_continuing(
     stop_ids: tuple[int, ...],
     pad_id: int,
 ) -> tuple[Generation, Cache]:
-    """Prefill the suffixes after the kept prefixes (`kept_cache`: (layers, rows, K, ...), None when
-    K = 0), decode as sampling.generate does. Returns the generation and the new prompt cache
-    (prompt slots only, one row per prompt)."""
+    """Prefill the suffixes after the kept prefixes (`kept_cache`: (layers, rows, K, ...) or per-layer
+    lists of (rows, K, ...) as `params` run on, None when K = 0), decode as sampling.generate does.
+    Returns the generation and the new prompt cache (prompt slots only, one row per prompt, in the
+    same form)."""
     batch, suffix_length = suffix_tokens.shape
     kept_length = kept_mask.shape[1]
     prompt_length = kept_length + suffix_length
     slots = prompt_length + sampling.max_new_tokens
 
-    cache = init_cache(config, batch, slots)
+    cache = empty_cache(params, config, batch, slots)
     if kept_length:
-        cache = {k: cache[k].at[:, :, :kept_length].set(kept_cache[k].astype(cache[k].dtype)) for k in cache}
-    cache = _constrain_cache(cache)
+        cache = constrain_cache(_write_kept(cache, kept_cache, kept_length))
     key_mask = (jnp.zeros((batch, slots), bool).at[:, :kept_length].set(kept_mask)
                 .at[:, kept_length:prompt_length].set(suffix_mask))
     positions = kept[:, None] + positions_from_mask(suffix_mask)
     logits, cache = forward(params, config, suffix_tokens, key_mask, positions,
                             cache=cache, cache_index=kept_length, last_only=True)
-    prompt_cache = _constrain_cache({k: v[:, :, :prompt_length] for k, v in cache.items()})
+    prompt_cache = _prompt_slots(cache, prompt_length)
     generation = decode(params, config, cache, key_mask, logits[:, -1], kept + suffix_mask.astype(jnp.int32).sum(-1),
                         key, sampling, stop_ids, pad_id)
     return generation, prompt_cache

@@ -21,10 +21,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rlpa_jax import parallel
-from rlpa_jax.model.qwen2 import CACHE_AXES, Params, Qwen2Config, forward, init_cache, positions_from_mask, unstack_cache, unstack_layers
+from rlpa_jax.model.qwen2 import (CACHE_AXES, Cache, Params, Qwen2Config, forward, has_stacked_layers, init_cache,
+                                  init_layer_caches, positions_from_mask, unstack_cache, unstack_layers,
+                                  unstacked_layer_name)
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +87,24 @@ def choose_tokens(logits: jax.Array, key: jax.Array, sampling: SamplingParams) -
     return tokens.astype(jnp.int32), logprobs
 
 
-def _constrain_cache(cache):
+def is_per_layer(cache: Cache) -> bool:
+    """Whether a cache is per-layer lists (`unstack_cache`, `init_layer_caches`) rather than stacked."""
+    return isinstance(cache["k"], (list, tuple))
+
+
+def constrain_cache(cache: Cache) -> Cache:
+    """The KV cache's sharding constraint (rows over data and fsdp), stacked or per layer."""
+    if is_per_layer(cache):
+        return {k: [nn.with_logical_constraint(x, CACHE_AXES[1:]) for x in v] for k, v in cache.items()}
     return {k: nn.with_logical_constraint(v, CACHE_AXES) for k, v in cache.items()}
+
+
+def empty_cache(params: Params, config: Qwen2Config, batch: int, slots: int) -> Cache:
+    """An empty cache in the form `params` run on: stacked for the layer scan, per-layer lists for
+    per-layer weights (SamplingLayout's output)."""
+    if has_stacked_layers(params):
+        return constrain_cache(init_cache(config, batch, slots))
+    return constrain_cache(init_layer_caches(config, batch, slots))
 
 
 def generate(
@@ -105,7 +123,7 @@ def generate(
 
     # Prefill the shared history once, then decode (each sample from its own copy of the cache).
     key_mask = jnp.zeros((batch, slots), bool).at[:, :prompt_len].set(prompt_mask.astype(bool))
-    cache = _constrain_cache(init_cache(config, batch, slots))
+    cache = empty_cache(params, config, batch, slots)
     logits, cache = forward(params, config, prompt_tokens, key_mask, positions_from_mask(prompt_mask),
                             cache=cache, cache_index=0, last_only=True)
     return decode(params, config, cache, key_mask, logits[:, -1], prompt_mask.astype(jnp.int32).sum(-1),
@@ -124,15 +142,15 @@ def decode(
     stop_ids: tuple[int, ...],
     pad_id: int,
 ) -> Generation:
-    """Sample from prefilled prompts: `cache` (one row per prompt) holds the prompts in its first
-    slots and has `max_new_tokens` free slots after them; `key_mask` marks the real prompt slots,
-    `last_logits` are each prompt's last-token logits, `next_position` each prompt's real length
-    (the position of the first new token). Every prompt's row is copied n times, then decoded."""
+    """Sample from prefilled prompts: `cache` (one row per prompt, stacked or per-layer lists) holds
+    the prompts in its first slots and has `max_new_tokens` free slots after them; `key_mask` marks
+    the real prompt slots, `last_logits` are each prompt's last-token logits, `next_position` each
+    prompt's real length (the position of the first new token). Every prompt's row is copied n
+    times, then decoded."""
     batch = last_logits.shape[0]
     n, new = sampling.num_samples, sampling.max_new_tokens
     prompt_len = key_mask.shape[1] - new
     stop = jnp.asarray(stop_ids, jnp.int32)
-    cache = _constrain_cache({k: jnp.repeat(v, n, axis=1) for k, v in cache.items()})
     key_mask = jnp.repeat(key_mask, n, axis=0)
     last_logits = jnp.repeat(last_logits, n, axis=0)
     next_position = jnp.repeat(next_position, n, axis=0)
@@ -144,11 +162,14 @@ def decode(
     done = jnp.isin(first, stop)
     lengths = jnp.ones((rows,), jnp.int32)
 
-    # The decode loop runs the layers one after another on per-layer copies of the weights and
-    # cache, made once here: under the layer scan XLA would copy every layer's weights out of the
-    # stack on every step (see qwen2.unstack_layers).
-    decode_params = unstack_layers(params, config)
-    cache = {k: [nn.with_logical_constraint(x, CACHE_AXES[1:]) for x in v] for k, v in unstack_cache(cache).items()}
+    # The decode loop runs the layers one after another on per-layer weights and cache: under the
+    # layer scan XLA would copy every layer's weights out of the stack on every step (see
+    # qwen2.unstack_layers). SamplingLayout's parameters already are per layer and are read as
+    # they are; stacked ones (the training layout, a caller without a SamplingLayout) are split
+    # here, one copy of the layer weights per call.
+    decode_params = unstack_layers(params, config) if has_stacked_layers(params) else params
+    layers = cache if is_per_layer(cache) else unstack_cache(cache)
+    cache = constrain_cache({k: [jnp.repeat(x, n, axis=0) for x in v] for k, v in layers.items()})
 
     def keep_going(state):
         step, _, _, done, *_ = state
@@ -278,34 +299,78 @@ LAYOUTS: dict[str, frozenset[str] | None] = {
 }
 
 
+def unstacked_shardings(shardings: Params, config: Qwen2Config) -> Params:
+    """The shardings of `qwen2.unstack_layers`' output: each layer's leaves split as the stacked
+    leaves are, without their leading "layers" axis (which the rules never split)."""
+    def drop_layer_axis(sharding: NamedSharding) -> NamedSharding:
+        return NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[1:]))
+
+    layer = jax.tree.map(drop_layer_axis, shardings["layers"])
+    return ({k: v for k, v in shardings.items() if k != "layers"}
+            | {unstacked_layer_name(i): layer for i in range(config.num_layers)})
+
+
 class SamplingLayout:
     """The actor's parameters as the sampler reads them: resharded on device (inside jit, no host
-    round trip) to `layout` and cast to the compute dtype, once per rollout.
+    round trip) to `layout`, cast to the compute dtype and split into per-layer arrays
+    (`qwen2.unstack_layers`), once per rollout.
 
     Under FSDP each decode step would all-gather every layer's weights, one token step at a time
     (for Qwen2.5-3B ~11 GB of float32 per generated token against ~6 GB of bfloat16 weights read
     from HBM); the resharded copy is a weight sync done once per iteration, device to device, and
-    costs a copy of the weights in the compute dtype until the rollout drops it.
+    costs a copy of the weights in the compute dtype until the rollout drops it. The copy is
+    already per layer, the form the decode loop reads in place, so a sampler call makes no
+    second, per-call copy of the layer weights (sampling.decode splits only stacked parameters).
+
+    The `training` layout hands the actor's own stacked FSDP parameters over unchanged (no copy):
+    each sampler call then splits them and each decode step gathers a layer at a time. So does
+    any layout for an actor already in its dtype and placement (one device, float32 compute): see
+    `in_layout`.
     """
 
     def __init__(self, config: Qwen2Config, mesh: Mesh | None, layout: str = "replicated"):
         if layout not in LAYOUTS:
             raise ValueError(f"rollout.layout={layout!r} is not one of {', '.join(LAYOUTS)}")
         self.layout = layout
-        self.shardings = None
+        self.config = config
+        self.shardings = None  # of the per-layer parameters the sampler reads; None: no copy made
         if LAYOUTS[layout] is None or mesh is None:
             self._reshard = None
             return
-        self.shardings = parallel.param_shardings(config, mesh, unused=LAYOUTS[layout])
+        self._stacked_shardings = parallel.param_shardings(config, mesh, unused=LAYOUTS[layout])
+        self.shardings = unstacked_shardings(self._stacked_shardings, config)
         self.dtype = config.dtype
-        self._reshard = jax.jit(lambda params: jax.tree.map(lambda x: x.astype(self.dtype), params),
-                                out_shardings=self.shardings)
+
+        def reshard(params: Params) -> Params:
+            params = unstack_layers(params, config) if has_stacked_layers(params) else params
+            return jax.tree.map(lambda x: x.astype(self.dtype), params)
+
+        self._reshard = jax.jit(reshard, out_shardings=self.shardings)
 
     def in_layout(self, params: Params) -> bool:
-        """Whether `params` already are what the sampler reads (one device, float32 compute): then
-        the per-rollout copy would copy nothing."""
-        return all(x.dtype == self.dtype and x.sharding.is_equivalent_to(sharding, x.ndim)
-                   for x, sharding in zip(jax.tree.leaves(params), jax.tree.leaves(self.shardings)))
+        """Whether the sampler reads `params` as they are, without the per-rollout copy: in the
+        compute dtype and placed as this layout places them, per layer (this layout's own output,
+        passed again) or still stacked (one device in float32 compute: the actor itself).
+
+        Stacked parameters in layout are not copied: each sampler call splits them, as every call
+        did before the copy was per layer. That keeps one-device float32 runs (tests, `make demo`)
+        the same bit for bit (the per-layer prefill, unrolled, rounds differently from the layer
+        scan: ~5e-7 in log-probs) at the same peak memory (the split lives for a call, where a
+        per-layer copy would live for the rollout); the cost is the split's time on every call."""
+        shardings = self._stacked_shardings if has_stacked_layers(params) else self.shardings
+        if jax.tree.structure(params) != jax.tree.structure(shardings):
+            return False
+        return all(x.dtype == self.dtype and x.sharding.is_equivalent_to(sharding, len(x.shape))
+                   for x, sharding in zip(jax.tree.leaves(params), jax.tree.leaves(shardings)))
 
     def __call__(self, params: Params) -> Params:
         return params if self._reshard is None or self.in_layout(params) else self._reshard(params)
+
+    def abstract(self, params: Params) -> Params:
+        """What `__call__` returns for `params` given as shapes, dtypes and shardings (the training
+        state's, `jax.ShapeDtypeStruct`s): the arguments to lower the sampler with, no memory."""
+        if self._reshard is None or self.in_layout(params):
+            return params
+        shapes = jax.eval_shape(lambda p: unstack_layers(p, self.config) if has_stacked_layers(p) else p, params)
+        return jax.tree.map(lambda x, sharding: jax.ShapeDtypeStruct(x.shape, self.dtype, sharding=sharding),
+                            shapes, self.shardings)

@@ -10,7 +10,7 @@ from rlpa_jax.dialogue.personas import synthetic_personas
 from rlpa_jax.dialogue.users.scripted import ScriptedUser
 from rlpa_jax.eval.policies import JaxPolicy
 from rlpa_jax.eval.protocol import run_protocol
-from rlpa_jax.model.qwen2 import Qwen2Config, init_params
+from rlpa_jax.model.qwen2 import Qwen2Config, init_params, unstack_layers
 from rlpa_jax.prefix_cache import PrefixSampler, common_prefix_lengths, plan_prefill
 from rlpa_jax.rl.environment import Environment, start_conversations
 from rlpa_jax.rl.rollout import Rollout
@@ -87,6 +87,21 @@ def test_kept_cache_entries_equal_a_full_prefills(model):
         for name in ("k", "v"):
             np.testing.assert_allclose(np.asarray(continued.cache[name][:, row, continued.slots[row]]),
                                        np.asarray(fresh.cache[name][:, row, fresh.slots[row]]), atol=1e-5)
+
+
+def test_per_layer_parameters_keep_a_per_layer_cache_and_continue_the_same(model):
+    """SamplingLayout's per-layer weights: the kept cache is per-layer lists, the samples the same."""
+    config, params = model
+    sampling = SamplingParams(max_new_tokens=6, temperature=0)
+    full, continued, _, stacked = full_and_continued(model, sampling, jax.random.key(0))
+    per_layer = (config, unstack_layers(params, config))
+    _, per_layer_continued, _, cache = full_and_continued(per_layer, sampling, jax.random.key(0))
+    np.testing.assert_array_equal(per_layer_continued.tokens, full.tokens)
+    np.testing.assert_allclose(per_layer_continued.logprobs, continued.logprobs, atol=1e-5)
+    assert isinstance(cache.cache["k"], list) and len(cache.cache["k"]) == config.num_layers
+    for name in ("k", "v"):
+        np.testing.assert_allclose(np.stack([np.asarray(x) for x in cache.cache[name]]), np.asarray(stacked.cache[name]),
+                                   atol=1e-5)
 
 
 def test_plan_lays_out_kept_prefixes_then_left_padded_suffixes(model):

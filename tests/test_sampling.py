@@ -120,10 +120,18 @@ def test_every_sampling_layout_gives_the_same_output(model, layout):
     single = Sampler(config, (STOP,), PAD)(params, tokens, mask, jax.random.key(0), sampling)
     mesh = parallel.make_mesh(parallel.MeshConfig(data=1, fsdp=4, tensor=2))
     trained = parallel.shard(params, parallel.param_shardings(config, mesh))  # the trainer's FSDP layout
-    sampler_params = SamplingLayout(config, mesh, layout)(trained)
-    up = sampler_params["layers"]["mlp"]["up_kernel"].sharding.spec
-    assert up == {"replicated": PartitionSpec(None, None, None), "tensor": PartitionSpec(None, None, "tensor"),
-                  "training": PartitionSpec(None, "fsdp", "tensor")}[layout]
+    sampling_layout = SamplingLayout(config, mesh, layout)
+    sampler_params = sampling_layout(trained)
+    # The training layout is the actor's own stacked parameters; the others are per-layer copies
+    # (each layer's leaves split as the stacked ones, without the layer axis) in the compute dtype.
+    up = (sampler_params["layers"] if layout == "training" else sampler_params["layer_1"])["mlp"]["up_kernel"]
+    assert up.sharding.spec == {"replicated": PartitionSpec(None, None), "tensor": PartitionSpec(None, "tensor"),
+                                "training": PartitionSpec(None, "fsdp", "tensor")}[layout]
+    assert ("layers" in sampler_params) == (layout == "training")
+    if layout != "training":
+        np.testing.assert_array_equal(np.asarray(up), np.asarray(params["layers"]["mlp"]["up_kernel"][1]))
+        assert sampling_layout.in_layout(sampler_params) and sampling_layout(sampler_params) is sampler_params
+        assert not sampling_layout.in_layout(trained)
     with parallel.activate(mesh):
         batch = parallel.batch_sharding(mesh)
         sharded = Sampler(config, (STOP,), PAD)(sampler_params, jax.device_put(tokens, batch),
@@ -132,6 +140,20 @@ def test_every_sampling_layout_gives_the_same_output(model, layout):
     np.testing.assert_allclose(np.asarray(sharded.logprobs), np.asarray(single.logprobs), atol=1e-5)
     with pytest.raises(ValueError, match=r"rollout.layout='fsdp' is not one of replicated, tensor, training"):
         SamplingLayout(config, mesh, "fsdp")
+
+
+def test_one_device_float32_parameters_are_sampled_as_they_are(model):
+    """No per-rollout copy where the actor already is what the sampler reads (each call splits
+    it, bit for bit as before); another compute dtype gets the per-layer copy."""
+    _, params, config = model
+    mesh = parallel.make_mesh(parallel.MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+    placed = parallel.shard(params, parallel.param_shardings(config, mesh))
+    layout = SamplingLayout(config, mesh)
+    assert layout(placed) is placed
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), placed)
+    assert layout.abstract(abstract) is abstract  # the memory check lowers the sampler for the actor itself
+    bf16 = SamplingLayout(config.replace(compute_dtype="bfloat16"), mesh)(placed)
+    assert "layers" not in bf16 and bf16["layer_0"]["mlp"]["up_kernel"].dtype == jnp.bfloat16
 
 
 def test_bucketing_and_padding():

@@ -15,7 +15,7 @@ import pytest
 
 from rlpa_jax import compiled_cost, parallel
 from rlpa_jax.model.qwen2 import Qwen2Config, init_params
-from rlpa_jax.sampling import SamplingLayout, SamplingParams, generate
+from rlpa_jax.sampling import LAYOUTS, SamplingLayout, SamplingParams, generate
 
 CONFIG = Qwen2Config(vocab_size=1024, hidden_size=256, intermediate_size=1408, num_layers=4, num_heads=16,
                      num_kv_heads=2, tie_word_embeddings=True, compute_dtype="bfloat16")
@@ -28,14 +28,18 @@ def mesh():
     return parallel.make_mesh(parallel.MeshConfig(data=1, fsdp=8, tensor=1))
 
 
-def sampler_cost(mesh, layout: str) -> compiled_cost.ProgramCost:
+def actor_params(mesh):
+    """The trainer's float32 FSDP parameters, as shapes and shardings."""
     shapes = jax.eval_shape(lambda: init_params(CONFIG, jax.random.key(0)))
-    shardings = SamplingLayout(CONFIG, mesh, layout).shardings
-    if shardings is None:  # "training": the actor's own float32 FSDP parameters
-        params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                              shapes, parallel.param_shardings(CONFIG, mesh))
-    else:
-        params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, CONFIG.dtype, sharding=sh), shapes, shardings)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        shapes, parallel.param_shardings(CONFIG, mesh))
+
+
+def sampler_cost(mesh, layout: str, params=None) -> compiled_cost.ProgramCost:
+    """The sampler program compiled for what SamplingLayout hands it (per-layer copies in the
+    compute dtype, or the actor's own stacked parameters under "training"), or for `params`."""
+    if params is None:
+        params = SamplingLayout(CONFIG, mesh, layout).abstract(actor_params(mesh))
     rows = parallel.batch_sharding(mesh)
     tokens = jax.ShapeDtypeStruct((PROMPTS, PROMPT_LENGTH), jnp.int32, sharding=rows)
     mask = jax.ShapeDtypeStruct((PROMPTS, PROMPT_LENGTH), jnp.bool_, sharding=rows)
@@ -65,3 +69,16 @@ def test_replicated_decode_moves_no_weights_while_fsdp_gathers_them_every_step(m
     assert training.by_kind(in_loop=True)["all-gather"] >= split_layer_weight_bytes(mesh) > 10_000_000
     # Both decode the same rows per device: the layout changes the traffic, not the work.
     assert replicated.flops_per_iteration == training.flops_per_iteration > 0
+
+
+def test_the_per_layer_sampling_copy_is_the_only_copy_of_the_layer_weights(mesh):
+    """SamplingLayout hands the sampler per-layer weights, which the decode loop reads as they are;
+    given the stacked copy it used to make, the program splits it into a second copy of the layer
+    weights for the call's whole length."""
+    shapes = jax.eval_shape(lambda: init_params(CONFIG, jax.random.key(0)))
+    shardings = parallel.param_shardings(CONFIG, mesh, unused=LAYOUTS["replicated"])
+    stacked = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, CONFIG.dtype, sharding=sh), shapes, shardings)
+    per_layer, split_in_call = sampler_cost(mesh, "replicated"), sampler_cost(mesh, "replicated", stacked)
+    layer_bytes = sum(math.prod(x.shape) * 2 for x in jax.tree.leaves(shapes["layers"]))  # bfloat16, whole per device
+    assert per_layer.argument_bytes == split_in_call.argument_bytes  # the same weights handed over
+    assert split_in_call.temp_bytes - per_layer.temp_bytes >= 0.9 * layer_bytes > 5_000_000

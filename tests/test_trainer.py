@@ -261,8 +261,16 @@ def test_a_run_that_would_not_fit_its_devices_stops_before_training(tmp_path):
     with pytest.raises(ValueError, match=r"would not fit its devices: sampler: needs .* GB per device.*"
                                          r"rollout.conversations"):
         trainer.check_device_memory(device_bytes=2e6)
-    programs = [p.name for p in trainer.memory_programs()]
-    assert programs == ["sampler", "scoring forward", "actor micro-batch step"]  # grpo: no critic
+    programs = trainer.memory_programs()
+    assert [p.name for p in programs] == ["sampler", "scoring forward", "actor micro-batch step"]  # grpo: no critic
+    # rollout.prefix_cache (the default) keeps one prompt cache per pipeline group beside the sampler.
+    assert trainer.config.rollout.prefix_cache and trainer.prefix_sampler is not None
+    full_prefills = build_trainer(small_config(tmp_path / "full", "mesh.fsdp=2", "mesh.data=2",
+                                               "rollout.prefix_cache=false")).memory_programs()
+    r, config = trainer.config.rollout, trainer.model_config
+    kept = (r.pipeline_groups + 1) * 2 * config.num_layers * 1 * 256 * config.num_kv_heads * config.head_dim * 4
+    assert programs[0].resident_bytes - full_prefills[0].resident_bytes == kept  # 2 prompts, 1 row per device
+    assert [p.resident_bytes for p in programs[1:]] == [p.resident_bytes for p in full_prefills[1:]]
 
 
 def test_judges_that_stop_scoring_stop_the_run_with_a_checkpoint_and_their_error(tmp_path, monkeypatch):

@@ -374,7 +374,7 @@ def forward(
             raise ValueError("forward with a cache needs explicit positions for the new tokens")
         positions = positions_from_mask(mask)
     full_mask = attention_mask(mask, tokens.shape[1], cache_index)
-    unstacked = "layers" not in params  # `unstack_layers` output
+    unstacked = not has_stacked_layers(params)  # `unstack_layers` output
     return Qwen2(config, head=head, last_only=last_only, unstacked=unstacked).apply(
         {"params": params}, tokens, positions, full_mask, cache, cache_index
     )
@@ -382,6 +382,11 @@ def forward(
 
 def unstacked_layer_name(index: int) -> str:
     return f"layer_{index}"
+
+
+def has_stacked_layers(params: Params) -> bool:
+    """Whether the decoder layers are one stacked tree (as trained) rather than `unstack_layers`' split."""
+    return "layers" in params
 
 
 def unstack_layers(params: Params, config: Qwen2Config) -> Params:
@@ -392,7 +397,8 @@ def unstack_layers(params: Params, config: Qwen2Config) -> Params:
     slice of every stacked weight out of the stack before its matmuls, so a memory-bound decode
     step writes and re-reads all layer weights on top of reading them once (measured on CPU: a
     third of the decode step). Separate arrays are read in place. The split itself is one copy of
-    the layer weights, made once per `generate` call, outside its decode loop.
+    the layer weights: sampling.SamplingLayout makes it once per rollout (the sampler reads its
+    output as it is); `generate` called with stacked parameters makes it once per call.
     """
     layers = params["layers"]
 
@@ -407,6 +413,13 @@ def unstack_cache(cache: Cache) -> Cache:
     """A stacked cache as per-layer lists {"k": [layers x (batch, slots, kv_heads, head_dim)], "v":
     [...]}: what `forward` with unstacked layers reads and updates (each in place)."""
     return {name: [stacked[i] for i in range(stacked.shape[0])] for name, stacked in cache.items()}
+
+
+def init_layer_caches(config: Qwen2Config, batch: int, length: int, dtype=None) -> Cache:
+    """`init_cache` as per-layer lists (what unstacked parameters run on), one array per layer."""
+    shape = (batch, length, config.num_kv_heads, config.head_dim)
+    dtype = dtype or config.dtype
+    return {name: [jnp.zeros(shape, dtype) for _ in range(config.num_layers)] for name in ("k", "v")}
 
 
 def init_params(config: Qwen2Config, key: jax.Array, head: Head = "lm") -> Params:

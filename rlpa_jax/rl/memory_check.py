@@ -13,10 +13,11 @@ from dataclasses import dataclass
 
 import jax
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 
 from rlpa_jax import parallel
 from rlpa_jax.compiled_cost import ProgramCost, fits, program_cost
+from rlpa_jax.model.qwen2 import CACHE_AXES, Qwen2Config
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 class Program:
     name: str
     lowered: jax.stages.Lowered
-    resident_bytes: int  # live on each device beside the program's own arguments (the training state)
+    resident_bytes: int  # live on each device beside the program's arguments (training state, kept prompt caches)
     advice: str  # the settings that shrink it
 
 
@@ -43,8 +44,14 @@ def per_device_bytes(tree) -> int:
     return sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
-def abstract(tree, shardings, dtype=None):
-    return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, dtype or x.dtype, sharding=sh), tree, shardings)
+def kept_prompt_cache_bytes(config: Qwen2Config, mesh: Mesh, rows: int, slots: int, caches: int) -> int:
+    """Per-device bytes of `caches` kept prompt caches (prefix_cache.PromptCache): keys and values of
+    `rows` prompts x `slots` prompt slots in every layer, in the compute dtype, split as the
+    sampler's cache is (rows over data and fsdp, key/value heads over tensor where they divide).
+    Per-layer lists or one stacked array: the same bytes."""
+    shape = (config.num_layers, rows, slots, config.num_kv_heads, config.head_dim)
+    sharding = NamedSharding(mesh, parallel.logical_to_spec(CACHE_AXES, shape, mesh))
+    return caches * 2 * math.prod(sharding.shard_shape(shape)) * np.dtype(config.dtype).itemsize
 
 
 def rows(mesh: Mesh, shape: tuple[int, ...], dtype) -> jax.ShapeDtypeStruct:

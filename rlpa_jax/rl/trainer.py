@@ -230,14 +230,19 @@ class Trainer:
         prompt = bucket(r.max_prompt_tokens, r.prompt_buckets)
         calls = math.ceil(r.conversations / r.pipeline_groups)
         prompts = (-(-calls // self.row_multiple) * self.row_multiple, prompt)
-        sampler_params = (actor if self.sampling_layout.shardings is None else
-                          memory_check.abstract(actor, self.sampling_layout.shardings, self.model_config.dtype))
+        sampler_params = self.sampling_layout.abstract(actor)  # per-layer copy, or the actor's own (training)
         key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=parallel.replicated(mesh))
+        # A resharded copy is the program's argument while the training state stays resident.
+        beside_sampler = resident if sampler_params is not actor else resident - memory_check.per_device_bytes(actor)
+        if self.prefix_sampler is not None and self.pool is None:
+            # rollout.prefix_cache: every pipeline group keeps its last prompt cache across turns, and
+            # a call's new one is made while its group's old one is still held: groups + 1 caches.
+            beside_sampler += memory_check.kept_prompt_cache_bytes(self.model_config, mesh, prompts[0], prompt,
+                                                                   r.pipeline_groups + 1)
         programs = [memory_check.Program(
             "sampler", self.generator.lower(sampler_params, memory_check.rows(mesh, prompts, np.int32),
                                             memory_check.rows(mesh, prompts, np.bool_), key, self.sampling),
-            # A resharded copy is the program's argument while the training state stays resident.
-            resident if sampler_params is not actor else resident - memory_check.per_device_bytes(actor),
+            beside_sampler,
             "Lower rollout.conversations / raise rollout.pipeline_groups (rows per sampler call), lower "
             "rollout.max_prompt_tokens or rollout.max_new_tokens, or set rollout.layout=tensor on a tensor mesh.")]
         width = (p.micro_batch_size, prompt + r.max_new_tokens)
