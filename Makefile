@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# glibc keeps XLA:CPU's big per-call blocks instead of mapping them afresh (rlpa_jax/host_allocator.py;
+# the launch scripts set it themselves).
+HOST_ALLOCATOR := glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736
 
 .PHONY: venv test demo bench reproduce-tiny clean
 
@@ -20,7 +23,7 @@ venv: $(STAMP)
 
 test: $(STAMP)
 	# A crashed worker fails the run at once (xdist would otherwise restart it and can hang).
-	$(PY) -m pytest -q -n 2 --dist loadfile --max-worker-restart 0 tests
+	GLIBC_TUNABLES=$(HOST_ALLOCATOR) $(PY) -m pytest -q -n 2 --dist loadfile --max-worker-restart 0 tests
 
 demo: $(STAMP)
 	$(PY) launch/train.py

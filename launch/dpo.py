@@ -21,6 +21,11 @@ split between them, all save the checkpoint together, process 0 writes the histo
 
 from __future__ import annotations
 
+from rlpa_jax import host_allocator
+
+if __name__ == "__main__":
+    host_allocator.ensure()  # CPU only: restart once with glibc keeping big blocks (before the heavy imports)
+
 import argparse
 import json
 import sys

@@ -10,6 +10,11 @@ its own shards, and process 0 writes the directory.
 
 from __future__ import annotations
 
+from rlpa_jax import host_allocator
+
+if __name__ == "__main__":
+    host_allocator.ensure()  # CPU only: restart once with glibc keeping big blocks (before the heavy imports)
+
 import argparse
 import sys
 from pathlib import Path

@@ -9,6 +9,11 @@ Positional arguments are dotted overrides of the YAML config (key.path=value).
 
 from __future__ import annotations
 
+from rlpa_jax import host_allocator
+
+if __name__ == "__main__":
+    host_allocator.ensure()  # CPU only: restart once with glibc keeping big blocks (before the heavy imports)
+
 import argparse
 import json
 import sys

@@ -8,7 +8,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 # Lower layers first; packages on one layer may not import each other.
 LAYERS = (
-    ("options",),
+    ("options", "host_allocator"),
     ("llm_config",),
     ("config", "tokenizer", "multihost"),
     ("model",),

@@ -161,7 +161,8 @@ def test_paper_profile_judge_counts_from_the_boxed_answer_it_asks_for():
         judge = LLMProfileJudge(client, max_attempts=2, prompt_name="paper_profile_judge")
         counts = run_and_close(client, judge.count_matches([(inferred, list(NURSE.items)),
                                                             ([ProfileItem("Location", "Portland")], list(NURSE.items))]))
-        prompt = server.requests[0]["messages"][0]["content"]
+        # The two requests run concurrently: find the first pair's by its content, not by arrival.
+        prompt = next(r["messages"][0]["content"] for r in server.requests if "Portland" not in r["messages"][0]["content"])
     assert counts == [2, None]
     assert not PLACEHOLDER.search(prompt) and "Profile A" in prompt and "Profile B" in prompt
     assert "- Age: 50" in prompt.split("<<<INFERRED_PROFILE\n")[1].split("\nINFERRED_PROFILE>>>")[0]
