@@ -46,6 +46,12 @@ def process_count() -> int:
     return jax.process_count()
 
 
+def joined_processes() -> int:
+    """The run's process count, asked without starting a backend when this process joined none
+    (1 then): for host-side code such as an LLM client, which may be built before any device use."""
+    return jax.process_count() if jax.distributed.is_initialized() else 1
+
+
 def is_main_process() -> bool:
     """Process 0 writes what a run writes once: logs, metrics, plots, the HF export."""
     return jax.process_index() == 0

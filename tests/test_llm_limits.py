@@ -13,6 +13,7 @@ import time
 import pytest
 from openai_server import OpenAIServer, RateLimit, Reply, peak_in_window, scripted
 
+from rlpa_jax import multihost
 from rlpa_jax.dialogue.llm import LLMClient, LLMConfig, run_sync
 from rlpa_jax.dialogue.llm_limiter import RateLimiter, RateLimits, estimate_tokens
 from rlpa_jax.dialogue.llm_usage import LLMMeter, LLMUsage, Prices, processes_metrics, progress_postfix, role_metrics
@@ -181,3 +182,16 @@ def test_meter_reports_each_roles_interval_and_totals():
     assert totals["llm/response_judge/calls"] == 2 and totals["llm/user/prompt_tokens"] == 200
     line = progress_postfix(first, ["user", "response_judge"])
     assert line.startswith("3 calls p90 ") and "0 fail 0 429 $0.000" in line
+
+
+def test_each_of_several_processes_keeps_an_equal_share_of_the_endpoints_limits(monkeypatch):
+    assert RateLimits(rpm=600, tpm=90_000, window_s=2.0).share(3) == RateLimits(200, 30_000, 2.0)
+    assert RateLimits(rpm=600).share(2) == RateLimits(rpm=300)
+    with pytest.raises(ValueError, match="processes=0"):
+        RateLimits(rpm=1).share(0)
+    with OpenAIServer(lambda request: "ok") as server:
+        alone = make_client(server, rpm=600, tpm=90_000)
+        monkeypatch.setattr(multihost, "joined_processes", lambda: 4)
+        one_of_four = make_client(server, model="m4", rpm=600, tpm=90_000)
+    assert (alone.limiter.limits.rpm, alone.limiter.limits.tpm) == (600, 90_000)
+    assert (one_of_four.limiter.limits.rpm, one_of_four.limiter.limits.tpm) == (150, 22_500)

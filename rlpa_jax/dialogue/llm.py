@@ -37,6 +37,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import openai
 
+from rlpa_jax import multihost
 from rlpa_jax.config import ConfigError
 from rlpa_jax.llm_config import LLMSection
 from rlpa_jax.dialogue.llm_cache import ResponseCache, cache_key
@@ -131,8 +132,9 @@ class LLMClient:
         self.config = config
         self.usage = LLMUsage()
         self.prices = config.prices
-        # One limiter per endpoint in the process: every role on it draws from one budget.
-        self.limiter = shared_limiter(config.base_url, config.model, config.limits)
+        # One limiter per endpoint in the process: every role on it draws from one budget, this
+        # process's share of it when several processes split the conversations.
+        self.limiter = shared_limiter(config.base_url, config.model, config.limits.share(multihost.joined_processes()))
         self._api_key = read_api_key(config.api_key_env)
         self._cache = ResponseCache(config.cache_path) if config.cache_path else None
         self._rng = random.Random()

@@ -1,5 +1,9 @@
 """Requests and tokens per minute for one endpoint, shared by every client of it in the process.
 
+With several processes (a multi-host run), each process keeps an equal share of the endpoint's
+limits (`RateLimits.share`, applied by dialogue/llm.py): the processes never exchange their counts,
+so the shares are what keeps their sum under the budget.
+
 A provider's rate limit belongs to the endpoint (its URL and model), not to a role: the simulated
 user and both judges on gpt-4o-mini draw from one budget. `shared_limiter` hands every client of
 one endpoint the same `RateLimiter`, which keeps two promises:
@@ -58,6 +62,15 @@ class RateLimits:
     @property
     def active(self) -> bool:
         return self.rpm is not None or self.tpm is not None
+
+    def share(self, processes: int) -> "RateLimits":
+        """One of `processes` equal shares of these limits: what each process of a multi-host run
+        may use, so that together they keep the endpoint's budget (each plays an equal share of
+        the conversations, so each needs about as much)."""
+        if processes < 1:
+            raise ValueError(f"processes={processes} must be >= 1")
+        divide = lambda limit: None if limit is None else limit / processes  # noqa: E731
+        return RateLimits(divide(self.rpm), divide(self.tpm), self.window_s)
 
 
 def estimate_tokens(messages: Sequence[Mapping[str, Any]], max_tokens: int) -> int:
