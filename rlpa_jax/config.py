@@ -59,6 +59,9 @@ class ModelConfig:
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     remat: Literal["none", "full", "dots"] = "none"
+    # false: training and scoring forwards run the layers unrolled, not as one scan (small models on
+    # CPU: ~15 % faster updates; compile time grows with depth). Sampling reads per-layer weights anyway.
+    scan_layers: bool = True
 
 
 @dataclass

@@ -105,3 +105,28 @@ def test_no_full_vocabulary_array_is_built(monkeypatch):
         shapes = value_shapes(jax.make_jaxpr(fn)(params).jaxpr)
         assert (2, 8, 1024) in shapes  # the walk reaches the chunks' logits ...
         assert not [s for s in shapes if len(s) == 3 and s[-1] == 4096]  # ... and nothing vocabulary-wide
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_unrolled_layers_score_and_train_as_the_layer_scan(remat):
+    """model.scan_layers=false: the same log-probs, entropies and parameter gradients (stacked, as
+    the optimizer holds them) as the scan, with and without rematerialisation."""
+    scanned = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=3, num_heads=4,
+                          num_kv_heads=2, remat=remat)
+    unrolled = scanned.replace(scan_layers=False)
+    params = init_params(scanned, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(0, 64, (2, 9)), jnp.int32)
+    mask = jnp.asarray(np.arange(9)[None] >= np.array([[0], [3]]))  # one left-padded row
+
+    def loss(config):
+        def fn(p):
+            logprobs, entropy = response_logprobs_and_entropy(p, config, tokens, mask, 4)
+            return jnp.sum(logprobs * jnp.arange(1.0, 5.0)) + 0.3 * jnp.sum(entropy)
+        return fn
+
+    np.testing.assert_allclose(loss(unrolled)(params), loss(scanned)(params), **TOL)
+    got, want = jax.grad(loss(unrolled))(params), jax.grad(loss(scanned))(params)
+    assert jax.tree.structure(got) == jax.tree.structure(want)  # stacked "layers" gradients either way
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, **TOL)

@@ -48,6 +48,11 @@ class Qwen2Config:
     compute_dtype: str = "float32"
     # Rematerialise each layer in the backward pass ("none", "full", or "dots" to keep matmuls).
     remat: str = "none"
+    # False: forwards without a cache (scoring, training) run the layers one after another on
+    # per-layer slices of the stacked weights instead of one scan. Faster for a few small layers
+    # on CPU: the scan's stacked residuals and their layout copies were ~15 % of a 2-layer update
+    # (docs/PERF.md); compile time grows with depth, so real models keep the scan.
+    scan_layers: bool = True
 
     def __post_init__(self):
         if self.head_dim == 0:
@@ -292,8 +297,9 @@ class Qwen2(nn.Module):
             if cache is not None and not isinstance(cache["k"], (list, tuple)):
                 raise ValueError("forward with unstacked layers needs a per-layer cache (unstack_cache)")
             layer_caches = [None] * cfg.num_layers if cache is None else list(zip(cache["k"], cache["v"]))
+            layer = DecoderLayer if cfg.remat == "none" else nn.remat(DecoderLayer, policy=_REMAT_POLICIES[cfg.remat])
             for i in range(cfg.num_layers):
-                (x, layer_caches[i]), _ = DecoderLayer(cfg, name=unstacked_layer_name(i))(
+                (x, layer_caches[i]), _ = layer(cfg, name=unstacked_layer_name(i))(
                     (x, layer_caches[i]), None, cos, sin, mask, cache_index)
             cache_kv = None if cache is None else tuple(list(kv) for kv in zip(*layer_caches))
         else:
@@ -374,6 +380,8 @@ def forward(
             raise ValueError("forward with a cache needs explicit positions for the new tokens")
         positions = positions_from_mask(mask)
     full_mask = attention_mask(mask, tokens.shape[1], cache_index)
+    if cache is None and not config.scan_layers and "layers" in params:
+        params = unstack_layers(params, config)  # model.scan_layers=false: the layers one after another
     unstacked = not has_stacked_layers(params)  # `unstack_layers` output
     return Qwen2(config, head=head, last_only=last_only, unstacked=unstacked).apply(
         {"params": params}, tokens, positions, full_mask, cache, cache_index
