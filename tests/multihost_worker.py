@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from eval_launch_worker import device_get_of_own_arrays
 from rlpa_jax import build, jobs, multihost, parallel
 from rlpa_jax.config import load_config
 from rlpa_jax.checkpoint import Checkpointer, abstract_like, restore_actor_params
@@ -179,28 +180,36 @@ def counting(method, seen: list, ids):
 
 
 def scenario_ppo(out_dir: Path, overrides: list[str]) -> dict:
-    """A PPO run of the tiny config (the same on every process); the final actor and which
-    conversations this process scored and answered."""
-    resume = "--resume" in overrides
-    config = load_config(REPO / "configs" / "tiny.yaml", PPO_OVERRIDES + [o for o in overrides if o != "--resume"])
-    trainer = build.build_trainer(config)
-    environment = trainer.parts.environment
-    scored, answered = [], []
-    environment.score = counting(environment.score, scored, lambda conversations, texts: [
-        c.conversation_id for c in conversations])
-    environment.user_sim.respond = counting(environment.user_sim.respond, answered, lambda users, histories: [
-        id(u) for u in users])
-    shares, pools = [], []
-    trainer.on_iteration_end.append(lambda iteration, metrics: shares.append(metrics.get("conversations_here")))
-    if trainer.pool is not None:  # the `turn` schedule: the whole pool after each iteration
-        trainer.on_iteration_end.append(lambda iteration, metrics: pools.append(trainer.pool.to_json()))
-    summary = trainer.train(resume=resume)
+    """launch/train.py on the tiny config (the same on every process); the final actor and which
+    conversations this process scored and answered (counted by hooks on the trainer it builds)."""
+    scored, answered, shares, pools, summaries = [], [], [], [], []
+    build_trainer = build.build_trainer
+
+    def build_counting_trainer(config):
+        trainer = build_trainer(config)
+        environment = trainer.parts.environment
+        environment.score = counting(environment.score, scored, lambda conversations, texts: [
+            c.conversation_id for c in conversations])
+        environment.user_sim.respond = counting(environment.user_sim.respond, answered, lambda users, histories: [
+            id(u) for u in users])
+        trainer.on_iteration_end.append(lambda iteration, metrics: shares.append(metrics.get("conversations_here")))
+        if trainer.pool is not None:  # the `turn` schedule: the whole pool after each iteration
+            trainer.on_iteration_end.append(lambda iteration, metrics: pools.append(trainer.pool.to_json()))
+        train = trainer.train
+        trainer.train = lambda resume=False: summaries.append(train(resume=resume)) or summaries[-1]
+        built.append(trainer)
+        return trainer
+
+    built = []
+    build.build_trainer = build_counting_trainer
+    status = launch_main("train.py")(["--config", str(REPO / "configs" / "tiny.yaml"), *PPO_OVERRIDES, *overrides])
+    trainer = built[0]
     state = trainer.checkpointer.restore_latest_readable(trainer.abstract_state())[1]
     actor = multihost.gather(state["actor"].params)
     if multihost.is_main_process():
         np.savez(out_dir / "actor.npz", *[np.asarray(x) for x in jax.tree.leaves(actor)])
-    return {"summary": summary, "scored": scored, "answered": [len(a) for a in answered], "shares": shares,
-            "pools": pools}
+    return {"status": status, "summary": summaries[0], "scored": scored, "answered": [len(a) for a in answered],
+            "shares": shares, "pools": pools}
 
 
 # The offline jobs on the same small world: a few SFT steps, then DPO from that checkpoint. 4 dialogues
@@ -249,6 +258,8 @@ def main() -> None:
     parallel.initialize_distributed()
     print(f"joined after {time.perf_counter() - started:.1f} s", flush=True)
     extra = [sys.argv[3:]] if scenario in ("ppo", "offline") else []
+    if extra:  # the launch scripts: a device_get of an array another process holds part of fails the run
+        jax.device_get = device_get_of_own_arrays
     result = SCENARIOS[scenario](out_dir, *extra) | {"process": multihost.process_index(), "processes": multihost.process_count()}
     (out_dir / f"process{multihost.process_index()}.json").write_text(json.dumps(result))
     print(f"{scenario} done after {time.perf_counter() - started:.1f} s", flush=True)

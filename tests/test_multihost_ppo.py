@@ -1,6 +1,7 @@
-"""PPO (with its SFT warm start) as two processes x 4 CPU devices against one process x 8: every
-metric and the final parameters, each process's own share of judge and user calls, and resuming
-the two processes' checkpoint."""
+"""launch/train.py (PPO with its SFT warm start) as two processes x 4 CPU devices against one
+process x 8: every metric and the final parameters, each process's own share of judge and user
+calls, and resuming the two processes' checkpoint. Every process runs with jax.device_get refusing
+an array it does not hold whole (tests/multihost_worker.py)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ def test_ppo_over_two_processes_equals_one_process_and_resumes(tmp_path):
             assert have[key] == pytest.approx(want[key], abs=1e-5, rel=1e-5), ("sft", key)
 
     expected, got = ppo_records(alone_dir), ppo_records(pair_dir)
+    assert [r["status"] for r in (alone, first, second)] == [0, 0, 0]  # launch/train.py's exit status
     assert [r["step"] for r in got] == [r["step"] for r in expected] == [0, 1]
     assert all(r["grad_norm"] > 0 for r in expected) and expected[1]["kl"] > 0  # the runs learned something
     assert_same_ppo_metrics(expected, got)
