@@ -157,3 +157,10 @@ def test_reward_placement_cannot_skip_the_old_forward_with_a_kl_coefficient():
 def test_the_old_forward_is_skipped_exactly_for_one_on_policy_step(changes, rows, scores):
     p = dataclasses.replace(PPOConfig(train_batch_size=8, micro_batch_size=4, epochs=1), **changes)
     assert scores_old_logprobs(p, rows) is scores
+
+
+def test_a_bad_kl_penalty_names_the_key_and_the_choices():
+    from rlpa_jax.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match=r"ppo.kl_penalty: expected one of \['reward', 'loss'\], got 'bogus'"):
+        load_config(None, ["ppo.kl_penalty=bogus"])
+    assert load_config(None, []).ppo.kl_penalty == "reward"  # the embedded default (make demo) is unchanged
