@@ -5,7 +5,8 @@ with n samples per turn (best-of-n continues); with `turn` (the paper), a pool o
 conversations advances one turn each (rl/schedule.py). Every sample becomes a row of one
 Experience (rl/experience.py: the actor's, reference's and, when the estimator needs one, the
 critic's forwards, KL and advantages), and the actor and, when there is one, the critic are
-updated. Checkpoints hold actor, critic, reference, optimizer states, the data position and the
+updated. When that update is one on-policy optimizer step and the KL is in the loss
+(`ppo.kl_penalty=loss`) or off, the actor's forward is skipped (`scores_old_logprobs`). Checkpoints hold actor, critic, reference, optimizer states, the data position and the
 conversation pool, so `--resume` continues the same run. The first Ctrl-C finishes the current
 iteration, saves and exits; a NaN stops the run with a message and leaves the last good
 checkpoint in place.
