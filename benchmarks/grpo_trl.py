@@ -5,15 +5,16 @@ An iteration, on both sides: sample `--samples` completions of exactly `--new-to
 with the same deterministic reward (the share of even token ids in the completion), take group
 advantages, and make one optimizer step (Adam) over all the sampled rows in one batch.
 
-- Ours, as rl/trainer.py runs an iteration under `ppo.advantage=grpo`: the jitted `Sampler`
-  (prefill once, n samples decoded from copies of the cache), then `ForwardPasses` for the actor's
-  and the frozen reference's log-probs, the KL penalty folded into the group advantages, and one
-  `Updater` step of the clipped PPO loss.
+- Ours, as rl/trainer.py runs an iteration under `ppo.advantage=grpo, ppo.kl_penalty=loss,
+  ppo.kl_estimator=k3` (TRL's form): the jitted `Sampler` (prefill once, n samples decoded from
+  copies of the cache), then the trainer's `ExperienceBuilder` (the frozen reference's log-probs
+  and the group advantages; the actor's scoring forward is skipped, as the trainer skips it for one
+  on-policy update per batch), and one `Updater` step of the clipped PPO loss plus kl_coef * k3.
 - TRL (benchmark-only dependency: `pip install -e '.[bench]'`): `GRPOTrainer` with its plain
   transformers `generate` path (no vLLM), beta = `--kl-coef` (so it scores the reference
   model's log-probs too), one generation per optimizer step (`steps_per_generation=1`,
-  `num_iterations=1`, no gradient accumulation). On-policy, TRL takes the old log-probs from the
-  loss forward itself; ours scores them in a separate forward, as the trainer does.
+  `num_iterations=1`, no gradient accumulation). On-policy, both take the old log-probs from the
+  loss forward itself (detached: ratio 1) and add beta * k3 per token to the loss.
 
 Prompts are made of single-token words ("t17" is token 17), so TRL's tokenizer gives both sides
 the same ids, and all prompts have the same length so both pad nothing. Phases are timed per
@@ -51,11 +52,13 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+from rlpa_jax.config import PPOConfig  # noqa: E402
 from rlpa_jax.model import hf  # noqa: E402
 from rlpa_jax.model.qwen2 import Qwen2Config  # noqa: E402
-from rlpa_jax.rl import ppo  # noqa: E402
-from rlpa_jax.rl.experience import Experience, ForwardPasses  # noqa: E402
+from rlpa_jax.rl import advantages, ppo  # noqa: E402
+from rlpa_jax.rl.experience import Experience, ExperienceBuilder, ForwardPasses  # noqa: E402
 from rlpa_jax.rl.objectives import actor_loss_fn, response_tokens  # noqa: E402
+from rlpa_jax.rl.trainer import scores_old_logprobs  # noqa: E402
 from rlpa_jax.sampling import Sampler, SamplingParams  # noqa: E402
 from rlpa_jax.training.updater import Updater  # noqa: E402
 
@@ -88,17 +91,27 @@ def random_prompts(count: int, length: int, vocab: int, seed: int) -> np.ndarray
 
 
 class OurIteration:
-    """One GRPO iteration with our stack; call() returns seconds per phase."""
+    """One GRPO iteration with our stack; call() returns seconds per phase.
+
+    The trainer's path for `ppo.advantage=grpo, ppo.kl_penalty=loss, ppo.kl_estimator=k3` with one
+    update per batch: its ExperienceBuilder (without the actor's forward, as the trainer decides
+    for one on-policy step: rl/trainer.py scores_old_logprobs) and its actor loss."""
 
     def __init__(self, config: Qwen2Config, params, args: argparse.Namespace):
         self.config, self.args = config, args
+        rows = args.prompts * args.samples
         self.reference = jax.tree.map(jnp.array, params)  # the frozen reference: a copy
-        self.updater = Updater(actor_loss_fn(config, clip_eps=0.2, entropy_coef=0.0),
-                               optax.adam(args.lr), micro_batch_size=args.prompts * args.samples,
-                               loss_mask=response_tokens)
+        ppo_config = PPOConfig(train_batch_size=rows, micro_batch_size=rows, epochs=1, kl_coef=args.kl_coef,
+                               kl_penalty="loss", kl_estimator="k3", advantage="grpo", whiten_advantages=False)
+        self.updater = Updater(actor_loss_fn(config, clip_eps=0.2, entropy_coef=0.0, kl_estimator="k3"),
+                               optax.adam(args.lr), micro_batch_size=rows, loss_mask=response_tokens)
         self.trainable = self.updater.init(params)
         self.sampler = Sampler(config, stop_ids=(), pad_id=PAD_ID)
-        self.forwards = ForwardPasses(config, chunk_rows=args.prompts * args.samples)
+        self.build_experience = ExperienceBuilder(
+            ForwardPasses(config, chunk_rows=rows), advantages.lookup("grpo", "turn", args.samples), PAD_ID,
+            args.new_tokens, (args.prompt_len,), "both", "k3", whiten_advantages=False,
+            kl_penalty="loss", score_actor=scores_old_logprobs(ppo_config, rows))
+        self.settings = ppo.AdvantageSettings(gamma=1.0, lam=1.0, group_size=args.samples, kl_coef=args.kl_coef)
         self.sampling = SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0, num_samples=args.samples)
         self.calls = 0
 
@@ -115,18 +128,13 @@ class OurIteration:
         scores = np.asarray(even_share([row[m].tolist() for row, m in zip(tokens, response_mask)]), np.float32)
         experience = Experience(tokens=np.concatenate([np.repeat(prompts, args.samples, 0), tokens], axis=1),
                                 attention_mask=np.concatenate([np.repeat(mask, args.samples, 0), response_mask], axis=1),
-                                response_mask=response_mask)
-        old_logprobs = self.forwards.logprobs(self.trainable.params, experience)
-        reference_logprobs = self.forwards.logprobs(self.reference, experience)
-        kl = np.asarray(ppo.kl_penalty(old_logprobs, reference_logprobs)) * response_mask
-        advantages = (np.asarray(ppo.expand_to_tokens(ppo.group_advantages(scores, args.samples), response_mask))
-                      - args.kl_coef * kl)
-        experience = experience.replace(old_logprobs=old_logprobs, advantages=advantages.astype(np.float32))
+                                response_mask=response_mask, scores=scores, valid=np.ones(len(scores), bool))
+        experience = self.build_experience.score(experience, self.trainable.params, self.reference, None,
+                                                 self.settings)
         times["scoring"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        self.trainable, _ = self.updater(self.trainable, experience.only(
-            "tokens", "attention_mask", "response_mask", "old_logprobs", "advantages"))
+        self.trainable, _ = self.updater(self.trainable, experience.only(*self.build_experience.update_fields))
         jax.block_until_ready(self.trainable.params)
         times["update"] = time.perf_counter() - start
         return times

@@ -164,6 +164,10 @@ class PPOConfig:
     value_clip_eps: float = option(0.2, positive)
     kl_coef: float = option(0.01, non_negative)
     kl_estimator: Literal["k1", "k3"] = "k1"
+    # reward: kl_coef * KL per token is subtracted in the advantages (the paper); loss: the actor
+    # loss adds kl_coef * KL per token (DeepSeekMath's GRPO, TRL). With loss (or kl_coef 0), one
+    # epoch and one minibatch per iteration, the actor's scoring forward is skipped (rl/trainer.py).
+    kl_penalty: Literal["reward", "loss"] = "reward"
     adaptive_kl: bool = False
     kl_target: float = option(6.0, positive)
     kl_horizon: int = option(10000, count)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -303,3 +304,31 @@ def test_judges_that_stop_scoring_stop_the_run_with_a_checkpoint_and_their_error
     assert [r["step"] for r in skipped] == [0] and skipped[0]["skipped_update"] == 1.0
     assert skipped[0]["invalid_samples"] == skipped[0]["samples"]
     assert trainer.checkpointer.latest_step() == 1  # --resume retries iteration 1 with the same state
+
+
+def test_grpo_with_the_kl_in_the_loss_skips_the_actor_forward_and_logs_the_kl(tmp_path, caplog):
+    caplog.set_level("INFO", logger="rlpa_jax.rl.trainer")
+    # 2 conversations x 2 turns x 2 samples = 8 rows = one optimizer step of train_batch_size 8.
+    trainer = build_trainer(small_config(tmp_path, "ppo.advantage=grpo", "ppo.kl_penalty=loss", "ppo.kl_estimator=k3", "ppo.epochs=1",
+                                         "ppo.adaptive_kl=true", "ppo.kl_target=0.5", "ppo.kl_horizon=8"))
+    assert "scoring forward is skipped" in caplog.text
+    assert "old_logprobs" not in trainer.build_experience.update_fields
+    trainer.memory_programs()  # the actor's micro-batch step lowers with the new fields
+    scored = []
+    forwards = trainer.build_experience.forwards
+    logprobs = forwards.logprobs
+    forwards.logprobs = lambda params, experience: scored.append(params) or logprobs(params, experience)
+    state, kl_coef = trainer.initial_state(), trainer.config.ppo.kl_coef
+    # A reference away from the actor (the tiny policy's rewards may all tie: no GRPO gradient).
+    state["reference"] = jax.tree.map(lambda x: x * 1.05, state["reference"])
+    records = []
+    for iteration in range(2):
+        state, metrics, kl_coef = trainer.iteration(state, iteration, kl_coef)
+        records.append(metrics | {"next_kl_coef": kl_coef})
+    # The reference's forward only, once an iteration.
+    assert [p is state["reference"] for p in scored] == [True] * len(scored) == [True, True]
+    first, second = records
+    assert first["loss_kl"] > 0 and second["kl"] == second["loss_kl"] and "logprob_gap" not in second
+    assert second["loss_approx_kl"] == 0.0 and np.isfinite(second["loss_mean"])
+    # Adaptive KL read the update's KL: below target, the coefficient shrinks.
+    assert second["next_kl_coef"] < second["kl_coef"] == first["next_kl_coef"]

@@ -16,6 +16,9 @@ per-token (advantages, returns):
 - `grpo`: each block's score minus its group mean over the prompt's n samples, over the group's
   std, spread over the block's tokens, minus the KL penalty; no critic.
 
+The KL penalty is kl_coef * experience.kl; with `ppo.kl_penalty=loss` the builder passes
+kl_coef 0 here and the actor loss carries the KL instead.
+
 The trainer asks the tables (`needs_critic`, `needs_item_credit`), never the names. A new
 estimator is one function and one entry in ADVANTAGE_ESTIMATORS.
 """

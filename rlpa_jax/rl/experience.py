@@ -6,6 +6,13 @@ it packs the rollout's samples, runs the scoring forwards (the actor's log-probs
 policy, the frozen reference's log-probs, the critic's values when the advantage estimator needs
 a critic), and adds KL, advantages and returns (an estimator from rl/advantages.py). The losses
 (rl/objectives.py) read its fields by name.
+
+`ppo.kl_penalty` says where the KL to the reference goes: `reward` (the paper) subtracts
+kl_coef * KL per token in the advantage estimator; `loss` (DeepSeekMath's GRPO, TRL) gives the
+estimator no KL term and hands the update the reference's log-probs and the coefficient, and the
+actor loss adds kl_coef * KL. Where the old log-probs feed nothing but the ratio of a single
+on-policy step (`score_actor=False`, decided by the trainer), the actor's forward is skipped: the
+loss then uses its own log-probs, detached, and the KL is measured in the update (`kl` holds zeros).
 """
 
 from __future__ import annotations
@@ -59,9 +66,11 @@ class Experience:
     old_logprobs: np.ndarray = _field(RESPONSE, "float32 the actor's log-probs before this update")
     reference_logprobs: np.ndarray = _field(RESPONSE, "float32 the frozen reference's log-probs")
     old_values: np.ndarray = _field(RESPONSE, "float32 the critic's values (zeros without a critic)")
-    kl: np.ndarray = _field(RESPONSE, "float32 per-token KL estimate to the reference")
+    kl: np.ndarray = _field(RESPONSE, "float32 per-token KL estimate to the reference (zeros without old_logprobs)")
     advantages: np.ndarray = _field(RESPONSE, "float32")
     returns: np.ndarray = _field(RESPONSE, "float32 value targets (zeros without a critic)")
+    # Data, not a constant of the update program: adaptive KL changes it every iteration.
+    kl_coef: np.ndarray = _field(ROW, "float32 the coefficient of the actor loss's KL term (0: measured only)")
 
     @property
     def rows(self) -> int:
@@ -87,9 +96,14 @@ class Experience:
 
 jax.tree_util.register_dataclass(Experience, data_fields=[f.name for f in dataclasses.fields(Experience)],
                                  meta_fields=[])
+# Each field's axis kind (SEQUENCE, RESPONSE, ROW): the shape a field has in a batch of given width.
+FIELD_AXES = {f.name: f.metadata["axis"] for f in dataclasses.fields(Experience)}
 
-# The fields the actor and critic updates read.
+# The fields the actor and critic updates read (ppo.kl_penalty=reward, actor forward scored):
+# ExperienceBuilder.update_fields names them for the configured case.
 UPDATE_FIELDS = ("tokens", "attention_mask", "response_mask", "old_logprobs", "advantages", "returns", "old_values")
+# What the update reads besides when the KL is in the loss (or measured there).
+KL_IN_LOSS_FIELDS = ("reference_logprobs", "kl_coef")
 
 
 def pack_samples(samples: Sequence[Sample], pad_id: int, response_length: int, prompt_buckets: Sequence[int],
@@ -226,7 +240,11 @@ class ForwardPasses:
 
 @dataclasses.dataclass(frozen=True)
 class ExperienceBuilder:
-    """Samples -> a finished Experience: packing, scoring forwards, KL and advantages, in one call."""
+    """Samples -> a finished Experience: packing, scoring forwards, KL and advantages, in one call.
+
+    `kl_penalty`: `reward` folds kl_coef * KL into the advantages, `loss` leaves it to the actor
+    loss. `score_actor=False` skips the actor's forward (the trainer decides: one on-policy update
+    per row, and no advantage reads the old log-probs); the update then measures the KL itself."""
 
     forwards: ForwardPasses
     # (experience, settings) -> per-token (advantages, returns): rl.advantages.lookup(...)
@@ -237,21 +255,52 @@ class ExperienceBuilder:
     reward_mode: RewardMode
     kl_estimator: ppo.KLEstimator
     whiten_advantages: bool
+    kl_penalty: ppo.KLPenalty = "reward"
+    score_actor: bool = True
+
+    def __post_init__(self):
+        if self.kl_penalty not in ("reward", "loss"):
+            raise ValueError(f"ppo.kl_penalty={self.kl_penalty!r} is not one of reward, loss")
+
+    @property
+    def kl_in_update(self) -> bool:
+        """Whether the update gets the reference's log-probs: to train on the KL, or to measure it."""
+        return self.kl_penalty == "loss" or not self.score_actor
+
+    @property
+    def update_fields(self) -> tuple[str, ...]:
+        """The fields the actor and critic updates read, for this placement of the KL."""
+        fields = tuple(f for f in UPDATE_FIELDS if self.score_actor or f != "old_logprobs")
+        return fields + KL_IN_LOSS_FIELDS if self.kl_in_update else fields
 
     def __call__(self, samples: Sequence[Sample], actor: Params, reference: Params, critic: Params | None,
                  settings: AdvantageSettings) -> Experience:
         experience = pack_samples(samples, self.pad_id, self.response_length, self.prompt_buckets,
                                   self.forwards.chunk_rows, self.reward_mode)
-        old_logprobs = self.forwards.logprobs(actor, experience)
+        return self.score(experience, actor, reference, critic, settings)
+
+    def score(self, experience: Experience, actor: Params, reference: Params, critic: Params | None,
+              settings: AdvantageSettings) -> Experience:
+        """A packed Experience (tokens, masks, scores, valid) -> the finished one."""
+        if self.kl_penalty == "reward" and not self.score_actor and settings.kl_coef:
+            raise ValueError(f"ppo.kl_penalty=reward with kl_coef={settings.kl_coef} needs the old log-probs; "
+                             "the actor's forward cannot be skipped")
+        mask = experience.response_mask
+        old_logprobs = self.forwards.logprobs(actor, experience) if self.score_actor else None
         reference_logprobs = self.forwards.logprobs(reference, experience)
         # Without a critic (critic=None: the estimator needs none) its values would be one forward
         # pass spent for nothing.
         old_values = (self.forwards.values(critic, experience) if critic is not None
-                      else np.zeros_like(old_logprobs))
-        mask = experience.response_mask
-        kl = np.asarray(ppo.kl_penalty(old_logprobs, reference_logprobs, self.kl_estimator) * mask)
+                      else np.zeros_like(reference_logprobs))
+        kl = (np.asarray(ppo.kl_penalty(old_logprobs, reference_logprobs, self.kl_estimator) * mask)
+              if old_logprobs is not None else np.zeros_like(reference_logprobs))
         experience = experience.replace(old_logprobs=old_logprobs, reference_logprobs=reference_logprobs,
                                         old_values=old_values, kl=kl)
+        if self.kl_in_update:
+            coef = settings.kl_coef if self.kl_penalty == "loss" else 0.0
+            experience = experience.replace(kl_coef=np.full((experience.rows,), coef, np.float32))
+        if self.kl_penalty == "loss":  # the estimator gets no KL term: the loss has it
+            settings = dataclasses.replace(settings, kl_coef=0.0)
         advantages, returns = self.advantages(experience, settings)
         if self.whiten_advantages:
             advantages = np.asarray(ppo.whiten(advantages, mask))

@@ -46,13 +46,23 @@ def profile_by_turn(samples, conversations, local_ids: frozenset[int] | None = N
 
 def experience_metrics(experience: Experience) -> dict[str, float]:
     """What an iteration's experience says before the update: the largest gap between the sampler's
-    and the trainer's log-probs (~0 in float32), each block's entropy, and the KL to the reference."""
+    and the trainer's log-probs (~0 in float32), each block's entropy, and the KL to the reference.
+
+    Without the actor's scoring forward (old_logprobs None: skipped, rl/trainer.py) there is no
+    trainer log-prob to compare: `logprob_gap` and `kl` are left out (the trainer takes `kl` from
+    the update's `loss_kl`) and the entropies use the sampler's log-probs."""
     mask = experience.response_mask
-    metrics = {"logprob_gap": float(np.abs(experience.old_logprobs - experience.sampler_logprobs)[mask].max())}
+    logprobs = experience.old_logprobs
+    metrics = {}
+    if logprobs is not None:
+        metrics["logprob_gap"] = float(np.abs(logprobs - experience.sampler_logprobs)[mask].max())
+    else:
+        logprobs = experience.sampler_logprobs
     # Per-token entropy of each block, estimated as the sampled tokens' mean -log p (exact in
     # expectation at temperature 1): whether PPO sharpens the profile, the reply, or neither.
     profile_mask = experience.profile_mask & mask
     for name, block in (("entropy_profile", profile_mask), ("entropy_reply", mask & ~profile_mask)):
-        metrics[name] = float(-experience.old_logprobs[block].mean()) if block.any() else 0.0
-    metrics["kl"] = float(experience.kl[mask].mean())
+        metrics[name] = float(-logprobs[block].mean()) if block.any() else 0.0
+    if experience.old_logprobs is not None:
+        metrics["kl"] = float(experience.kl[mask].mean())
     return metrics

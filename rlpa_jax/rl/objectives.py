@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import jax
+
 from rlpa_jax.model.qwen2 import Params, Qwen2Config
 from rlpa_jax.rl import ppo
 from rlpa_jax.rl.experience import Experience
@@ -10,16 +12,35 @@ from rlpa_jax.training.losses import LossTerms, masked_sum
 from rlpa_jax.training.updater import LossFn
 
 
-def actor_loss_fn(config: Qwen2Config, clip_eps: float, entropy_coef: float) -> LossFn:
+def actor_loss_fn(config: Qwen2Config, clip_eps: float, entropy_coef: float,
+                  kl_estimator: ppo.KLEstimator = "k1") -> LossFn:
+    """The clipped policy loss, plus what the batch asks for by the fields it carries:
+
+    - `old_logprobs` None (the trainer skipped the actor's scoring forward: every row is updated
+      once, at the parameters it was sampled with): the old log-probs are the loss forward's own,
+      stop_gradient'ed, so the ratio is exactly 1 and the gradient is the one recomputed old
+      log-probs would give; `approx_kl` and `clip_fraction` are then 0, as they are on-policy.
+    - `reference_logprobs` (with `kl_coef` per row; `ppo.kl_penalty=loss`, or a skipped forward
+      that still has to measure the KL): the loss adds kl_coef * KL(policy || reference) per
+      response token, `kl_estimator` per token, averaged like the policy loss, and logs the mean
+      KL per token as `loss_kl`.
+    """
     def loss(params: Params, batch: Experience) -> LossTerms:
         length = batch.response_mask.shape[-1]
-        if not entropy_coef:
+        if entropy_coef:
+            logprobs, entropy = response_logprobs_and_entropy(params, config, batch.tokens, batch.attention_mask, length)
+        else:
             logprobs = response_logprobs(params, config, batch.tokens, batch.attention_mask, length)
-            return ppo.policy_loss(logprobs, batch.old_logprobs, batch.advantages, batch.response_mask, clip_eps)
-        logprobs, entropy = response_logprobs_and_entropy(params, config, batch.tokens, batch.attention_mask, length)
-        terms = ppo.policy_loss(logprobs, batch.old_logprobs, batch.advantages, batch.response_mask, clip_eps)
-        # The entropy is a bonus: subtracting it from the loss pushes it up.
-        return terms._replace(total=terms.total - entropy_coef * masked_sum(entropy, batch.response_mask))
+        old_logprobs = jax.lax.stop_gradient(logprobs) if batch.old_logprobs is None else batch.old_logprobs
+        terms = ppo.policy_loss(logprobs, old_logprobs, batch.advantages, batch.response_mask, clip_eps)
+        if batch.reference_logprobs is not None:
+            weighted, kl = ppo.reference_kl_loss(logprobs, batch.reference_logprobs, batch.kl_coef,
+                                                 batch.response_mask, kl_estimator)
+            terms = terms._replace(total=terms.total + weighted, sums=terms.sums | {"kl": kl})
+        if entropy_coef:
+            # The entropy is a bonus: subtracting it from the loss pushes it up.
+            terms = terms._replace(total=terms.total - entropy_coef * masked_sum(entropy, batch.response_mask))
+        return terms
     return loss
 
 

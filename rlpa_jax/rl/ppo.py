@@ -25,6 +25,9 @@ import jax.numpy as jnp
 from rlpa_jax.training.losses import LossTerms, as_float, masked_mean
 
 KLEstimator = Literal["k1", "k3"]
+# Where the KL to the reference enters: a per-token penalty on the rewards (the paper, OpenRLHF)
+# or a term of the actor loss (DeepSeekMath's GRPO, TRL).
+KLPenalty = Literal["reward", "loss"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,6 +227,25 @@ def policy_loss(
             "approx_kl": jnp.sum((ratio - 1.0 - log_ratio) * mask),
         },
     )
+
+
+def reference_kl_loss(
+    logprobs: jax.Array,
+    reference_logprobs: jax.Array,
+    kl_coef: jax.Array,
+    mask: jax.Array,
+    estimator: KLEstimator = "k3",
+) -> tuple[jax.Array, jax.Array]:
+    """The KL-to-reference term of the actor loss (`ppo.kl_penalty=loss`): (sum of kl_coef * KL,
+    sum of KL) over the valid tokens, the KL per token estimated from the sampled tokens.
+
+    The gradient flows through the current `logprobs` only (the reference is fixed). With k3 this
+    is DeepSeekMath's GRPO term, whose gradient per token is 1 - pi_ref / pi. `kl_coef` is (rows,)
+    (one value per row: the coefficient is data, so adaptive KL recompiles nothing).
+    """
+    mask = as_float(mask)
+    kl = kl_penalty(logprobs, jax.lax.stop_gradient(jnp.asarray(reference_logprobs)), estimator) * mask
+    return jnp.sum(jnp.asarray(kl_coef, jnp.float32)[:, None] * kl), jnp.sum(kl)
 
 
 def value_loss(

@@ -5,7 +5,8 @@ with n samples per turn (best-of-n continues); with `turn` (the paper), a pool o
 conversations advances one turn each (rl/schedule.py). Every sample becomes a row of one
 Experience (rl/experience.py: the actor's, reference's and, when the estimator needs one, the
 critic's forwards, KL and advantages), and the actor and, when there is one, the critic are
-updated. Checkpoints hold actor, critic, reference, optimizer states, the data position and the
+updated. When that update is one on-policy optimizer step and the KL is in the loss
+(`ppo.kl_penalty=loss`) or off, the actor's forward is skipped (`scores_old_logprobs`). Checkpoints hold actor, critic, reference, optimizer states, the data position and the
 conversation pool, so `--resume` continues the same run. The first Ctrl-C finishes the current
 iteration, saves and exits; a NaN stops the run with a message and leaves the last good
 checkpoint in place.
@@ -41,7 +42,7 @@ from tqdm.auto import tqdm
 
 from rlpa_jax import multihost, parallel
 from rlpa_jax.checkpoint import Checkpointer, policy_meta
-from rlpa_jax.config import TrainConfig, to_dict
+from rlpa_jax.config import PPOConfig, TrainConfig, to_dict
 from rlpa_jax.dialogue.llm_usage import LLMMeter, progress_postfix
 from rlpa_jax.dialogue.personas import Persona
 from rlpa_jax.model import hf
@@ -49,7 +50,7 @@ from rlpa_jax.model.qwen2 import Params, Qwen2Config, critic_params_from_policy,
 from rlpa_jax.prefix_cache import PrefixSampler
 from rlpa_jax.rl import advantages, memory_check, ppo
 from rlpa_jax.rl.environment import Environment, start_conversations
-from rlpa_jax.rl.experience import (UPDATE_FIELDS, Experience, ExperienceBuilder, ForwardPasses,
+from rlpa_jax.rl.experience import (FIELD_AXES, RESPONSE, ROW, Experience, ExperienceBuilder, ForwardPasses,
                                     length_grouped_minibatches, prompt_lengths, trim_padding)
 from rlpa_jax.rl.iteration_metrics import experience_metrics, profile_by_turn
 from rlpa_jax.rl.metrics import MetricsLog, plot_training
@@ -90,6 +91,19 @@ class TrainingParts:
     initial_actor: Callable[[], tuple[Params, list[dict]]]
 
 
+def scores_old_logprobs(p: PPOConfig, rows_per_iteration: int) -> bool:
+    """Whether an iteration needs the actor's scoring forward (the "old" log-probs).
+
+    It does not when every row is updated exactly once, at the parameters that sampled and would
+    have scored it (one epoch, all rows in one minibatch: one optimizer step, whose micro-batches
+    all see the same parameters), and nothing but the PPO ratio reads the old log-probs: the KL is
+    in the loss, or it is off (kl_coef 0 in the rewards; adaptive KL cannot move a 0). The loss's
+    own log-probs, detached, are then the old ones, and the KL metric comes from the update.
+    """
+    one_step = p.epochs == 1 and rows_per_iteration <= p.train_batch_size
+    return not (one_step and (p.kl_penalty == "loss" or p.kl_coef == 0))
+
+
 class Trainer:
     def __init__(self, config: TrainConfig, parts: TrainingParts):
         self.config, self.parts = config, parts
@@ -127,10 +141,18 @@ class Trainer:
         # Every forward and update runs on rows cut to their own length buckets.
         trim = functools.partial(trim_padding, prompt_buckets=r.prompt_buckets)
         forwards = ForwardPasses(self.model_config, chunk_rows=p.micro_batch_size, put_batch=self._put_batch, trim=trim)
+        packed_rows = -(-samples_per_iteration // p.micro_batch_size) * p.micro_batch_size
+        score_actor = scores_old_logprobs(p, packed_rows)
+        if not score_actor:
+            log.info("the actor's scoring forward is skipped: each iteration's %d rows make one optimizer step "
+                     "(ppo.epochs=1, train_batch_size=%d) and the KL is %s, so the old log-probs are the update's "
+                     "own (ratio 1)", packed_rows, p.train_batch_size,
+                     "in the loss" if p.kl_penalty == "loss" else "off (kl_coef=0)")
         self.build_experience = ExperienceBuilder(
             forwards, self.advantages, parts.environment.tokenizer.pad_token_id,
-            r.max_new_tokens, r.prompt_buckets, p.reward, p.kl_estimator, p.whiten_advantages)
-        self.actor_updater = Updater(actor_loss_fn(self.model_config, p.clip_eps, p.entropy_coef),
+            r.max_new_tokens, r.prompt_buckets, p.reward, p.kl_estimator, p.whiten_advantages,
+            p.kl_penalty, score_actor)
+        self.actor_updater = Updater(actor_loss_fn(self.model_config, p.clip_eps, p.entropy_coef, p.kl_estimator),
                                      with_output_scale_lr(make_optimizer(p.actor_lr, self.total_steps, **opt),
                                                           p.actor_lr, p.output_scale_lr), p.micro_batch_size,
                                      response_tokens, mesh=self.mesh,
@@ -251,12 +273,15 @@ class Trainer:
         programs.append(memory_check.Program(
             "scoring forward", self.build_experience.forwards.lower(actor, tokens, mask, r.max_new_tokens),
             resident - memory_check.per_device_bytes(actor), "Lower ppo.micro_batch_size (rows per scoring chunk)."))
-        updaters = [("actor", self.actor_updater, ("old_logprobs", "advantages"))]
+        update_fields = set(self.build_experience.update_fields)
+        actor_fields = {"old_logprobs", "advantages", "reference_logprobs", "kl_coef"} & update_fields
+        updaters = [("actor", self.actor_updater, actor_fields)]
         if self.advantages.needs_critic:
-            updaters.append(("critic", self.critic_updater, ("old_values", "returns")))
+            updaters.append(("critic", self.critic_updater, {"old_values", "returns"}))
+        shapes = {RESPONSE: response, ROW: response[:1]}
         for name, updater, fields in updaters:
             micro = Experience(tokens=tokens, attention_mask=mask, response_mask=memory_check.rows(mesh, response, np.bool_),
-                               **{f: memory_check.rows(mesh, response, np.float32) for f in fields})
+                               **{f: memory_check.rows(mesh, shapes[FIELD_AXES[f]], np.float32) for f in fields})
             accumulate, _ = updater.lower(state[name], micro)
             programs.append(memory_check.Program(
                 f"{name} micro-batch step", accumulate, resident - memory_check.per_device_bytes(state[name].params),
@@ -337,6 +362,9 @@ class Trainer:
         t1 = time.perf_counter()
         state, update_metrics = self.update(state, experience, iteration)
         metrics |= update_metrics
+        # Without old log-probs the KL is measured where the loss forward saw it (at the same
+        # parameters, so the same number); adaptive KL reads it.
+        metrics.setdefault("kl", update_metrics.get("loss_kl", 0.0))
         metrics["update_s"] = time.perf_counter() - t1
         metrics["update_tokens_per_s"] = float(experience.attention_mask.sum()) * p.epochs / metrics["update_s"]
         metrics["output_scale"] = output_scale_ratio(state["actor"].params, state["reference"])
@@ -351,7 +379,10 @@ class Trainer:
         size = p.train_batch_size
         rng = np.random.default_rng([self.config.seed, iteration, 1])
         lengths = prompt_lengths(experience)
-        update_rows = experience.only(*UPDATE_FIELDS)
+        if experience.old_logprobs is None and (p.epochs > 1 or experience.rows > size):
+            raise RuntimeError(f"iteration {iteration}: {experience.rows} rows x {p.epochs} epochs are more than one "
+                               f"optimizer step of {size}, but the actor's scoring forward was skipped")
+        update_rows = experience.only(*self.build_experience.update_fields)
         actor, critic = state["actor"], state["critic"]
         sums: dict[str, list[float]] = {}
         for _ in range(p.epochs):
