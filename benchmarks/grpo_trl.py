@@ -219,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trl-clip-grad", action="store_true", help="let TRL clip the gradient norm at 1 (ours does not)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=False,
+                        help="ours: the training forwards as one layer scan (model.scan_layers; the tiny config, "
+                             "whose model this is, runs them unrolled)")
     for name, default in TINY_SHAPE.items():
         if name != "tied":
             parser.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
@@ -228,12 +231,13 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     shape = argparse.Namespace(preset=None, **{k: getattr(args, k, v) for k, v in TINY_SHAPE.items()}, dtype="float32")
-    config = bench.model_config(shape, args.prompt_len + args.new_tokens)
+    config = bench.model_config(shape, args.prompt_len + args.new_tokens).replace(scan_layers=args.scan_layers)
     torch_model, _ = bench.matched_models(config, args.seed)
     rows = args.prompts * args.samples
     print(bench.environment_line(), f"| torch {torch.__version__}, {args.threads} threads")
     print(f"model: vocab {config.vocab_size}, hidden {config.hidden_size}, intermediate {config.intermediate_size}, "
-          f"layers {config.num_layers}, heads {config.num_heads}/{config.num_kv_heads} kv, float32")
+          f"layers {config.num_layers} ({'scanned' if config.scan_layers else 'unrolled'} in training), heads "
+          f"{config.num_heads}/{config.num_kv_heads} kv, float32")
     print(f"iteration: {args.prompts} prompts x {args.samples} samples = {rows} rows, prompts of {args.prompt_len} "
           f"tokens, {args.new_tokens} new tokens each (temperature 1, no stop), one Adam step over all {rows} rows")
 
