@@ -16,7 +16,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from rlpa_jax.model.qwen2 import Params, Qwen2Config, forward
+from rlpa_jax.model.qwen2 import Params, Qwen2Config, forward, token_matmul
 
 # Vocabulary columns per chunk: the largest float32 block is [rows, positions, VOCAB_CHUNK].
 VOCAB_CHUNK = 16384
@@ -49,7 +49,7 @@ def token_logprobs_and_entropy(hidden: jax.Array, weights: jax.Array, targets: j
     """
     chunks, real = vocab_chunks(weights, chunk)
     if len(chunks) == 1:  # a small vocabulary: one block of logits, the plain log-softmax
-        logits = jnp.einsum("bte,ve->btv", hidden, weights.astype(hidden.dtype), preferred_element_type=jnp.float32)
+        logits = token_matmul(hidden, weights.astype(hidden.dtype).T, preferred_element_type=jnp.float32)
         log_probs = jax.nn.log_softmax(logits, axis=-1)
         chosen = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
         return chosen, -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)
@@ -58,7 +58,7 @@ def token_logprobs_and_entropy(hidden: jax.Array, weights: jax.Array, targets: j
     def add_chunk(carry, chunk_and_real):
         running_max, exp_sum, weighted_sum = carry
         rows, is_real = chunk_and_real
-        logits = jnp.einsum("bte,ve->btv", hidden, rows.astype(hidden.dtype), preferred_element_type=jnp.float32)
+        logits = token_matmul(hidden, rows.astype(hidden.dtype).T, preferred_element_type=jnp.float32)
         logits = jnp.where(is_real, logits, -jnp.inf)
         new_max = jnp.maximum(running_max, jnp.max(logits, axis=-1))
         rescale = jnp.exp(running_max - new_max)
