@@ -35,11 +35,9 @@ single process playing every dialogue would.
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -54,9 +52,9 @@ from rlpa_jax.dialogue.personas import Persona, make_persona
 from rlpa_jax.dialogue.personas.english import subject_gender
 from rlpa_jax.dialogue.profile import ProfileItem, parse_profile, profile_f1
 from rlpa_jax.dialogue.users import OPENING_MESSAGE, UserSimulator, UserState, revealed_items
-from rlpa_jax.eval import metrics
 from rlpa_jax.eval.policies import Policy, PolicyTurn, history_message
-from rlpa_jax.eval.shares import check_partition, contiguous_share
+from rlpa_jax.eval.result import EvalResult, al_report
+from rlpa_jax.eval.shares import check_partition, conversation_share
 
 SETTINGS = ("vanilla", "extended", "conflict", "long_term")
 STANDARD_TURNS = {"vanilla": 10, "extended": 10, "conflict": 10, "long_term": 70}
@@ -135,64 +133,6 @@ def conflict_partners(personas: Sequence[Persona], seed: int,
         different_text = [other for other in others if other.profile_text != persona.profile_text]
         partners.append((different_text or others)[0])
     return partners
-
-
-# ---------------------------------------------------------------------------------------------
-# Result
-
-
-@dataclass
-class EvalResult:
-    name: str
-    setting: str
-    judgments: np.ndarray  # (users, turns): 1.0 / 0.0, NaN where unscored
-    al: dict  # metrics.summary plus "unscored" per turn and "users"
-    profile_scores: list[dict] | None = None  # long_term: one entry per profile check
-    transcripts: list[dict] = field(default_factory=list)
-
-    def to_json(self) -> dict:
-        return {
-            "name": self.name,
-            "setting": self.setting,
-            "judgments": [[None if np.isnan(value) else int(value) for value in row] for row in self.judgments],
-            "al": self.al,
-            "profile_scores": self.profile_scores,
-            "transcripts": self.transcripts,
-        }
-
-    @classmethod
-    def from_json(cls, data: dict, source: str = "result") -> "EvalResult":
-        missing = [key for key in ("name", "setting", "judgments", "al") if key not in data]
-        if missing:
-            raise ValueError(f"{source}: not an evaluation result (missing {', '.join(missing)}); "
-                             "expected the JSON written by launch/eval.py")
-        judgments = np.array([[np.nan if value is None else float(value) for value in row]
-                              for row in data["judgments"]], dtype=np.float64).reshape(len(data["judgments"]), -1)
-        return cls(data["name"], data["setting"], judgments, data["al"], data.get("profile_scores"),
-                   data.get("transcripts", []))
-
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_json(), indent=1, ensure_ascii=False), encoding="utf-8")
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> "EvalResult":
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: result file not found") from None
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from None
-        return cls.from_json(data, str(path))
-
-
-def al_report(judgments: np.ndarray) -> dict:
-    """metrics.summary of the judgments, with the unscored count per turn and the user count."""
-    per_turn = metrics.al_per_turn(judgments)
-    return metrics.summary(per_turn.al) | {"unscored": per_turn.unscored.tolist(), "users": int(judgments.shape[0])}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,18 +281,6 @@ def profile_score_summary(profile_checks: Sequence[Sequence[dict]], check_turns:
                           "ceiling": mean("ceiling"), "scored": len(checks),
                           "unscored": len(profile_checks) - len(checks)})
     return summaries
-
-
-def conversation_share(policy: Policy, count: int) -> list[int]:
-    """The dialogues of `count` this process plays: all of them in one process; with several, the
-    policy's own share when it has one (JaxPolicy: its sampler rows; a baseline wrapper asks its
-    `base`), else a contiguous block."""
-    inner = policy
-    while not callable(getattr(inner, "share", None)) and getattr(inner, "base", None) is not None:
-        inner = inner.base
-    if callable(getattr(inner, "share", None)):
-        return list(inner.share(count))
-    return contiguous_share(count, multihost.process_index(), multihost.process_count())
 
 
 def resolve_turns(setting: str, num_turns: int | None) -> int:

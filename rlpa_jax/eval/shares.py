@@ -96,3 +96,15 @@ def check_partition(share: Sequence[int], count: int) -> None:
         raise ValueError(f"the processes' shares of {count} conversations overlap at {twice[:8]} or miss "
                          f"{missing[:8]}: each batch row must live on one process's devices (keep mesh.tensor "
                          "within a host)")
+
+
+def conversation_share(policy, count: int) -> list[int]:
+    """The dialogues of `count` this process plays (`policy`: an eval/policies.py Policy): all of
+    them in one process; with several, the policy's own share when it has one (JaxPolicy: its
+    sampler rows; a baseline wrapper asks its `base`), else a contiguous block."""
+    inner = policy
+    while not callable(getattr(inner, "share", None)) and getattr(inner, "base", None) is not None:
+        inner = inner.base
+    if callable(getattr(inner, "share", None)):
+        return list(inner.share(count))
+    return contiguous_share(count, multihost.process_index(), multihost.process_count())

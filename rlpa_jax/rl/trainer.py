@@ -50,14 +50,15 @@ from rlpa_jax.model.qwen2 import Params, Qwen2Config, critic_params_from_policy,
 from rlpa_jax.prefix_cache import PrefixSampler
 from rlpa_jax.rl import advantages, memory_check, ppo
 from rlpa_jax.rl.environment import Environment, start_conversations
-from rlpa_jax.rl.experience import (FIELD_AXES, RESPONSE, ROW, Experience, ExperienceBuilder, ForwardPasses,
-                                    length_grouped_minibatches, prompt_lengths, trim_padding)
+from rlpa_jax.rl.experience import (Experience, ExperienceBuilder, ForwardPasses, length_grouped_minibatches,
+                                    prompt_lengths, trim_padding)
 from rlpa_jax.rl.iteration_metrics import experience_metrics, profile_by_turn
+from rlpa_jax.rl.iteration_programs import iteration_programs
 from rlpa_jax.rl.metrics import MetricsLog, plot_training
 from rlpa_jax.rl.objectives import actor_loss_fn, critic_loss_fn, response_tokens
 from rlpa_jax.rl.rollout import Rollout, RolloutResult
 from rlpa_jax.rl.schedule import ConversationPool, derived_seed, fresh_conversations
-from rlpa_jax.sampling import Generator, SamplingLayout, SamplingParams, bucket
+from rlpa_jax.sampling import Generator, SamplingLayout, SamplingParams
 from rlpa_jax.training.optimizer import make_optimizer
 from rlpa_jax.training.output_scale import output_scale_ratio, with_output_scale_lr
 from rlpa_jax.training.updater import Trainable, Updater
@@ -242,51 +243,8 @@ class Trainer:
         return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self.abstract_state()))
 
     def memory_programs(self) -> list[memory_check.Program]:
-        """The iteration's largest programs, lowered for abstract arguments with this run's shapes
-        and shardings: a sampler call at the longest prompt bucket, a scoring chunk and the actor's
-        (and critic's) micro-batch step at the widest packed row."""
-        r, p, mesh = self.config.rollout, self.config.ppo, self.mesh
-        state = self.abstract_state()  # the critic too: the state holds one even when no estimator trains it
-        resident = memory_check.per_device_bytes(state)
-        actor = state["actor"].params
-        prompt = bucket(r.max_prompt_tokens, r.prompt_buckets)
-        calls = math.ceil(r.conversations / r.pipeline_groups)
-        prompts = (-(-calls // self.row_multiple) * self.row_multiple, prompt)
-        sampler_params = self.sampling_layout.abstract(actor)  # per-layer copy, or the actor's own (training)
-        key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=parallel.replicated(mesh))
-        # A resharded copy is the program's argument while the training state stays resident.
-        beside_sampler = resident if sampler_params is not actor else resident - memory_check.per_device_bytes(actor)
-        if self.prefix_sampler is not None and self.pool is None:
-            # rollout.prefix_cache: every pipeline group keeps its last prompt cache across turns, and
-            # a call's new one is made while its group's old one is still held: groups + 1 caches.
-            beside_sampler += memory_check.kept_prompt_cache_bytes(self.model_config, mesh, prompts[0], prompt,
-                                                                   r.pipeline_groups + 1)
-        programs = [memory_check.Program(
-            "sampler", self.generator.lower(sampler_params, memory_check.rows(mesh, prompts, np.int32),
-                                            memory_check.rows(mesh, prompts, np.bool_), key, self.sampling),
-            beside_sampler,
-            "Lower rollout.conversations / raise rollout.pipeline_groups (rows per sampler call), lower "
-            "rollout.max_prompt_tokens or rollout.max_new_tokens, or set rollout.layout=tensor on a tensor mesh.")]
-        width = (p.micro_batch_size, prompt + r.max_new_tokens)
-        response = (p.micro_batch_size, r.max_new_tokens)
-        tokens, mask = memory_check.rows(mesh, width, np.int32), memory_check.rows(mesh, width, np.bool_)
-        programs.append(memory_check.Program(
-            "scoring forward", self.build_experience.forwards.lower(actor, tokens, mask, r.max_new_tokens),
-            resident - memory_check.per_device_bytes(actor), "Lower ppo.micro_batch_size (rows per scoring chunk)."))
-        update_fields = set(self.build_experience.update_fields)
-        actor_fields = {"old_logprobs", "advantages", "reference_logprobs", "kl_coef"} & update_fields
-        updaters = [("actor", self.actor_updater, actor_fields)]
-        if self.advantages.needs_critic:
-            updaters.append(("critic", self.critic_updater, {"old_values", "returns"}))
-        shapes = {RESPONSE: response, ROW: response[:1]}
-        for name, updater, fields in updaters:
-            micro = Experience(tokens=tokens, attention_mask=mask, response_mask=memory_check.rows(mesh, response, np.bool_),
-                               **{f: memory_check.rows(mesh, shapes[FIELD_AXES[f]], np.float32) for f in fields})
-            accumulate, _ = updater.lower(state[name], micro)
-            programs.append(memory_check.Program(
-                f"{name} micro-batch step", accumulate, resident - memory_check.per_device_bytes(state[name].params),
-                "Lower ppo.micro_batch_size, or set model.remat=full (recompute activations in the backward)."))
-        return programs
+        """The iteration's largest programs, lowered for this run's shapes (rl/iteration_programs.py)."""
+        return iteration_programs(self)
 
     def check_device_memory(self, device_bytes: float | None = None) -> None:
         """Stops a run whose programs would not fit a device (skipped where its memory is unknown)."""
