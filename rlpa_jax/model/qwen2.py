@@ -348,7 +348,7 @@ def forward(
             raise ValueError("forward with a cache needs explicit positions for the new tokens")
         positions = positions_from_mask(mask)
     full_mask = attention_mask(mask, tokens.shape[1], cache_index)
-    if cache is None and not config.scan_layers and "layers" in params:
+    if cache is None and not config.scan_layers and has_stacked_layers(params):
         params = unstack_layers(params, config)  # model.scan_layers=false: the layers one after another
     unstacked = not has_stacked_layers(params)  # `unstack_layers` output
     return Qwen2(config, head=head, last_only=last_only, unstacked=unstacked).apply(

@@ -356,14 +356,9 @@ def _in_order(mine: list[tuple[tuple, Sample]]) -> list[Sample]:
 
 
 def _rows_by_index(generation) -> dict[str, dict[int, np.ndarray]]:
-    """This process's rows of a sampler call's outputs, by global row index (a collective-free
-    read of the local shards; each output may be laid out differently)."""
-    out = {}
-    for name in ("tokens", "logprobs", "lengths"):
-        array = getattr(generation, name)
-        indices = multihost.local_row_indices(array.sharding, array.shape)
-        out[name] = dict(zip(indices.tolist(), multihost.local_rows(array)))
-    return out
+    """This process's rows of a sampler call's outputs, by global row index (each output may be
+    laid out differently)."""
+    return {name: multihost.rows_by_index(getattr(generation, name)) for name in ("tokens", "logprobs", "lengths")}
 
 
 def _history_entry(sample: Sample) -> Message:
