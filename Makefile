@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# glibc keeps XLA:CPU's big per-call blocks instead of mapping them afresh (rlpa_jax/host_allocator.py;
+# glibc keeps XLA:CPU's big per-call blocks instead of mapping them afresh (rlpa_jax/runtime/host_allocator.py;
 # the launch scripts set it themselves).
 HOST_ALLOCATOR := glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736
 

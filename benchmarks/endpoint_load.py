@@ -40,14 +40,14 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from openai_server import OpenAIServer, RateLimit, Reply, peak_in_window  # noqa: E402
 
-from rlpa_jax import build  # noqa: E402
+from rlpa_jax.app import build  # noqa: E402
 from rlpa_jax.dialogue.chat import format_turn  # noqa: E402
-from rlpa_jax.dialogue.llm_usage import LLMMeter  # noqa: E402
+from rlpa_jax.dialogue.llm.usage import LLMMeter  # noqa: E402
 from rlpa_jax.dialogue.personas import synthetic_personas  # noqa: E402
+from rlpa_jax.generation.sampler import Generation, SamplingParams  # noqa: E402
+from rlpa_jax.model.tokenizer import stop_token_ids  # noqa: E402
 from rlpa_jax.rl.environment import Environment, start_conversations  # noqa: E402
 from rlpa_jax.rl.rollout import Rollout  # noqa: E402
-from rlpa_jax.sampling import Generation, SamplingParams  # noqa: E402
-from rlpa_jax.tokenizer import stop_token_ids  # noqa: E402
 
 USER_SENTENCES = ("I work as a nurse.", "I love hiking on weekends.", "I live in a small town by the sea.",
                   "My favourite food is ramen.", "I have two cats.", "I am learning the guitar.")

@@ -41,7 +41,7 @@ from typing import Callable
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers in forward.py
 
-from rlpa_jax import host_allocator  # noqa: E402
+from rlpa_jax.runtime import host_allocator  # noqa: E402
 
 if __name__ == "__main__":
     host_allocator.ensure()  # CPU only: glibc keeps big blocks, for both frameworks alike (docs/PERF.md)
@@ -52,14 +52,14 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from rlpa_jax.config import PPOConfig  # noqa: E402
+from rlpa_jax.config.tree import PPOConfig  # noqa: E402
+from rlpa_jax.generation.sampler import Sampler, SamplingParams  # noqa: E402
 from rlpa_jax.model import hf  # noqa: E402
 from rlpa_jax.model.qwen2 import Qwen2Config  # noqa: E402
 from rlpa_jax.rl import advantages, ppo  # noqa: E402
 from rlpa_jax.rl.experience import Experience, ExperienceBuilder, ForwardPasses  # noqa: E402
 from rlpa_jax.rl.objectives import actor_loss_fn, response_tokens  # noqa: E402
 from rlpa_jax.rl.trainer import scores_old_logprobs  # noqa: E402
-from rlpa_jax.sampling import Sampler, SamplingParams  # noqa: E402
 from rlpa_jax.training.updater import Updater  # noqa: E402
 
 PAD_ID = 0  # "<pad>"; "<eos>" is 1 and never stops a row (both sides decode every token)

@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers in forward.py
 
-from rlpa_jax import host_allocator  # noqa: E402
+from rlpa_jax.runtime import host_allocator  # noqa: E402
 
 if __name__ == "__main__":
     host_allocator.ensure()  # CPU only: glibc keeps big blocks, for both frameworks alike (docs/PERF.md)

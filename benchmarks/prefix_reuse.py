@@ -25,12 +25,12 @@ from collections import Counter
 
 import jax
 
-from rlpa_jax import parallel
-from rlpa_jax.build import build_personas, build_trainer, load_config
+from rlpa_jax.app.build import build_personas, build_trainer, load_config
 from rlpa_jax.dialogue.chat import load_prompt
 from rlpa_jax.eval.policies import JaxPolicy
 from rlpa_jax.eval.protocol import run_protocol
 from rlpa_jax.rl.rollout import Rollout
+from rlpa_jax.runtime import parallel
 
 
 def row(label: str, counts: Counter) -> str:

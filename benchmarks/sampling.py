@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers in forward.py
 
-from rlpa_jax import host_allocator  # noqa: E402
+from rlpa_jax.runtime import host_allocator  # noqa: E402
 
 if __name__ == "__main__":
     host_allocator.ensure()  # CPU only: glibc keeps big blocks, for both frameworks alike (docs/PERF.md)
@@ -32,8 +32,8 @@ import forward as bench  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from rlpa_jax.generation.sampler import Sampler, SamplingParams, pad_prompts  # noqa: E402
 from rlpa_jax.model.qwen2 import Params, Qwen2Config  # noqa: E402
-from rlpa_jax.sampling import Sampler, SamplingParams, pad_prompts  # noqa: E402
 
 PAD_ID = 0
 

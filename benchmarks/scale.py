@@ -3,7 +3,7 @@
 Nothing runs and no weight is allocated: every device program of an iteration (the sampler under
 each parameter layout, the scoring forward, the actor's and critic's micro-batch gradient step,
 the optimizer step) is compiled for a real Qwen2.5 shape on 8 fake CPU devices, with
-`jax.ShapeDtypeStruct` arguments that carry the trainer's shardings. rlpa_jax.compiled_cost reads
+`jax.ShapeDtypeStruct` arguments that carry the trainer's shardings. rlpa_jax.runtime.compiled_cost reads
 each compiled program: per-device memory, matmul FLOPs and the collectives in the optimized HLO
 (per decode step for the sampler's loop). A roofline turns those into seconds on 8x H100 / H200:
 
@@ -42,14 +42,15 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from rlpa_jax import compiled_cost, parallel  # noqa: E402
-from rlpa_jax.compiled_cost import ProgramCost  # noqa: E402
-from rlpa_jax.config import TrainConfig, load_config  # noqa: E402
+from rlpa_jax.runtime import parallel  # noqa: E402
+from rlpa_jax.config.tree import TrainConfig, load_config  # noqa: E402
+from rlpa_jax.generation.sampler import LAYOUTS, Sampler, SamplingLayout, SamplingParams, bucket  # noqa: E402
 from rlpa_jax.model.hf import load_config as load_model_config  # noqa: E402
 from rlpa_jax.model.qwen2 import Qwen2Config, init_params  # noqa: E402
 from rlpa_jax.rl.experience import Experience, ForwardPasses  # noqa: E402
 from rlpa_jax.rl.objectives import actor_loss_fn, critic_loss_fn, response_tokens  # noqa: E402
-from rlpa_jax.sampling import LAYOUTS, Sampler, SamplingLayout, SamplingParams, bucket  # noqa: E402
+from rlpa_jax.runtime import compiled_cost
+from rlpa_jax.runtime.compiled_cost import ProgramCost  # noqa: E402
 from rlpa_jax.training.optimizer import make_optimizer  # noqa: E402
 from rlpa_jax.training.output_scale import with_output_scale_lr  # noqa: E402
 from rlpa_jax.training.updater import Trainable, Updater  # noqa: E402

@@ -7,12 +7,12 @@
 Positional arguments are dotted overrides: dpo.<key>=value sets a DPO setting (beta, steps,
 learning_rate, batch_size, num_dialogues, warmup_steps, label_smoothing; offline/dpo.py
 DPOSettings), anything else overrides the YAML config. The run builds the world as launch/sft.py
-does (rlpa_jax/build.py); --init DIR is model.init_checkpoint=DIR: the policy starts from that
+does (rlpa_jax/app/build.py); --init DIR is model.init_checkpoint=DIR: the policy starts from that
 run's checkpoint (SFT, DPO or PPO) with the tokenizer it names. The ScriptedUser talks with the
 teacher for rollout.max_rounds turns per persona, each teacher turn is paired with the same turn
 misread (the user's values swapped for another persona's; a bland turn before anything is
 revealed) on the same history, and DPO trains on those pairs with the rollout's system prompt
-(rlpa_jax/jobs.py). The summary reports the reward accuracy on held-out personas' pairs and the
+(rlpa_jax/app/jobs.py). The summary reports the reward accuracy on held-out personas' pairs and the
 share of greedy turns that are well formed and pass the response judge; {"actor": params} is saved
 under <output_dir>/<name>/dpo (per-step metrics in dpo_history.jsonl). Runs as several processes
 too (README "Several hosts"): every process trains on the same pairs, the held-out judge calls are
@@ -21,7 +21,7 @@ split between them, all save the checkpoint together, process 0 writes the histo
 
 from __future__ import annotations
 
-from rlpa_jax import host_allocator
+from rlpa_jax.runtime import host_allocator
 
 if __name__ == "__main__":
     host_allocator.ensure()  # CPU only: restart once with glibc keeping big blocks (before the heavy imports)
@@ -31,8 +31,9 @@ import json
 import sys
 from pathlib import Path
 
-from rlpa_jax import build, cli, jobs, multihost
-from rlpa_jax.config import ConfigError, to_dict
+from rlpa_jax.app import build, cli, jobs
+from rlpa_jax.config.tree import ConfigError, to_dict
+from rlpa_jax.runtime import multihost
 
 
 def main(argv: list[str] | None = None) -> int:

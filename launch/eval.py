@@ -28,7 +28,7 @@ usage (each process's own, and their sums).
 
 from __future__ import annotations
 
-from rlpa_jax import host_allocator
+from rlpa_jax.runtime import host_allocator
 
 if __name__ == "__main__":
     host_allocator.ensure()  # CPU only: restart once with glibc keeping big blocks (before the heavy imports)
@@ -38,15 +38,16 @@ import json
 import sys
 from pathlib import Path
 
-from rlpa_jax import build, cli, multihost
+from rlpa_jax.app import build, cli
 from rlpa_jax.dialogue import users
-from rlpa_jax.dialogue.llm import LLMClient
-from rlpa_jax.dialogue.llm_usage import LLMMeter, processes_metrics, progress_postfix
+from rlpa_jax.dialogue.llm.client import LLMClient
+from rlpa_jax.dialogue.llm.usage import LLMMeter, processes_metrics, progress_postfix
 from rlpa_jax.eval.baselines import BASELINE_KINDS
 from rlpa_jax.eval.plots import plot_al_curves, plot_profile_scores
 from rlpa_jax.eval.protocol import EvalResult, run_protocol
 from rlpa_jax.eval.report import file_slug, format_table
 from rlpa_jax.model.hf import CheckpointError
+from rlpa_jax.runtime import multihost
 
 SETTINGS = ("vanilla", "extended", "conflict", "long_term")
 

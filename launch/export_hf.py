@@ -10,7 +10,7 @@ its own shards, and process 0 writes the directory.
 
 from __future__ import annotations
 
-from rlpa_jax import host_allocator
+from rlpa_jax.runtime import host_allocator
 
 if __name__ == "__main__":
     host_allocator.ensure()  # CPU only: restart once with glibc keeping big blocks (before the heavy imports)
@@ -19,7 +19,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from rlpa_jax import cli, jobs, multihost
+from rlpa_jax.app import cli, jobs
+from rlpa_jax.runtime import multihost
 
 
 def main(argv: list[str] | None = None) -> int:

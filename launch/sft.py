@@ -4,7 +4,7 @@
     python launch/sft.py --config configs/tiny.yaml sft.steps=100 sft.batch_size=8
 
 Positional arguments are dotted overrides of the YAML config (key.path=value). The run builds the
-model, tokenizer and personas exactly as launch/train.py does (rlpa_jax/build.py), runs the same
+model, tokenizer and personas exactly as launch/train.py does (rlpa_jax/app/build.py), runs the same
 warm start as a PPO run (offline/sft.warm_start), reports the share of well-formed greedy turns on
 held-out personas, and saves {"actor": params} under <output_dir>/<name>/sft (per-step metrics in
 sft_history.jsonl); `model.init_checkpoint=<output_dir>/<name>/sft` starts PPO from it.
@@ -14,7 +14,7 @@ all save the checkpoint together, process 0 writes the history and prints the su
 
 from __future__ import annotations
 
-from rlpa_jax import host_allocator
+from rlpa_jax.runtime import host_allocator
 
 if __name__ == "__main__":
     host_allocator.ensure()  # CPU only: restart once with glibc keeping big blocks (before the heavy imports)
@@ -24,7 +24,8 @@ import json
 import sys
 from pathlib import Path
 
-from rlpa_jax import cli, jobs, multihost
+from rlpa_jax.app import cli, jobs
+from rlpa_jax.runtime import multihost
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,7 @@ Positional arguments are dotted overrides of the YAML config (key.path=value).
 
 from __future__ import annotations
 
-from rlpa_jax import host_allocator
+from rlpa_jax.runtime import host_allocator
 
 if __name__ == "__main__":
     host_allocator.ensure()  # CPU only: restart once with glibc keeping big blocks (before the heavy imports)
@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from rlpa_jax import build, cli
+from rlpa_jax.app import build, cli
 from rlpa_jax.model.hf import CheckpointError
 from rlpa_jax.rl.trainer import TrainingDiverged
 

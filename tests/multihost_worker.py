@@ -20,14 +20,15 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from eval_launch_worker import device_get_of_own_arrays
-from rlpa_jax import build, jobs, multihost, parallel
-from rlpa_jax.config import load_config
-from rlpa_jax.checkpoint import Checkpointer, abstract_like, restore_actor_params
+
+from rlpa_jax.app import build, jobs
+from rlpa_jax.config.tree import load_config
 from rlpa_jax.model import hf
 from rlpa_jax.model.qwen2 import Qwen2Config, init_params
 from rlpa_jax.rl.metrics import MetricsLog
+from rlpa_jax.runtime import hf_export, multihost, parallel
+from rlpa_jax.runtime.checkpoint import Checkpointer, abstract_like, restore_actor_params
 
 ROWS, WIDTH = 16, 6
 MESH = parallel.MeshConfig(data=2, fsdp=2, tensor=2)  # rows over data*fsdp=4, copies over tensor
@@ -138,7 +139,7 @@ def scenario_restore(out_dir: Path) -> dict:
     checkpointer.close()
     equal = jax.tree.map(same_local_shards, state, expected)
     same_sharding = jax.tree.map(lambda a, b: a.sharding == b.sharding, state, expected)
-    hf.export_hf(state["actor"], MODEL, out_dir / "hf")  # gathered from both, written by process 0
+    hf_export.export_hf(state["actor"], MODEL, out_dir / "hf")  # gathered from both, written by process 0
     return {"step": step, "meta": dict(meta), "equal": all(jax.tree.leaves(equal)),
             "same_sharding": all(jax.tree.leaves(same_sharding))}
 

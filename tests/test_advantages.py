@@ -104,7 +104,7 @@ def leave_one_out(experience, credit, settings):
 
 
 def test_a_new_estimator_is_one_function_and_one_table_entry(monkeypatch, tmp_path):
-    from rlpa_jax import build
+    from rlpa_jax.app import build
 
     monkeypatch.setitem(advantages.ADVANTAGE_ESTIMATORS, "rloo", advantages.AdvantageEstimator(
         leave_one_out, needs_critic=False, takes_token_credit=False, min_samples_per_prompt=2))

@@ -18,7 +18,7 @@ import pytest
 from openai_server import OpenAIServer
 
 from rlpa_jax.dialogue.chat import Message, load_prompt
-from rlpa_jax.dialogue.llm import LLMClient, LLMConfig
+from rlpa_jax.dialogue.llm.client import LLMClient, LLMConfig
 from rlpa_jax.eval.baselines import (
     BASELINE_KINDS,
     RAG,

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 import transformers
-
 from hf_reference import hf_logits
-from rlpa_jax import parallel
-from rlpa_jax.checkpoint import CheckpointError, Checkpointer, abstract_like, model_config_to_meta
+
 from rlpa_jax.model.qwen2 import Qwen2Config, forward, init_params, param_logical_axes
+from rlpa_jax.runtime import parallel
+from rlpa_jax.runtime.checkpoint import Checkpointer, CheckpointError, abstract_like, model_config_to_meta
 
 CONFIG = Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2)
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
@@ -114,7 +114,7 @@ def test_resume_falls_back_past_a_damaged_newest_step(tmp_path, caplog, how, wit
     states = saved_steps(directory)
     damage(directory / "2", how)
     checkpointer = Checkpointer(directory, max_to_keep=5)
-    with caplog.at_level(logging.WARNING, logger="rlpa_jax.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="rlpa_jax.runtime.checkpoint"):
         step, state, meta = checkpointer.restore_latest_readable(abstract_like(states[1]) if with_shapes else None)
     assert step == 1 and meta == {"iteration": 1}
     assert_state_equal(state, states[1])

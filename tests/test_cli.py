@@ -17,14 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from rlpa_jax import cli
+from rlpa_jax.app import cli
 
 REPO = Path(__file__).resolve().parents[1]
 
 CHILD = """
 import sys
 sys.path.insert(0, {repo!r})
-from rlpa_jax import cli
+from rlpa_jax.app import cli
 with cli.exit_on_os_error("train.py"):
 {body}
 """

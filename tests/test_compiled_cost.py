@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from rlpa_jax import compiled_cost
+from rlpa_jax.runtime import compiled_cost
 
 LAYERS, WIDTH, ROWS = 3, 256, 64
 

@@ -6,10 +6,9 @@ import typing
 
 import pytest
 
-from rlpa_jax import build
-
-from rlpa_jax.config import REPO_ROOT, ConfigError, TrainConfig, load_config, validate
-from rlpa_jax.options import count, domain_of, from_dict, option
+from rlpa_jax.app import build
+from rlpa_jax.config.options import count, domain_of, from_dict, option
+from rlpa_jax.config.tree import REPO_ROOT, ConfigError, TrainConfig, load_config, validate
 
 
 def test_every_shipped_config_loads():
@@ -103,7 +102,7 @@ def out_of_domain(key, option, annotation):
     if typing.get_origin(inner) is typing.Literal:
         return NOT_A_CHOICE
     domain = domain_of(option, annotation)
-    assert domain is not None, f"{key} declares no domain: give it option(default, <domain>) in rlpa_jax/config.py"
+    assert domain is not None, f"{key} declares no domain: give it option(default, <domain>) in rlpa_jax/config/tree.py"
     probes = PROBES[typing.get_origin(inner) or inner]
     rejected = [value for value in probes if not domain.admits(value)]
     assert rejected, f"{key}: its domain ({domain.description}) accepts every probe {probes}; is it a real domain?"

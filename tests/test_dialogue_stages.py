@@ -10,16 +10,23 @@ from typing import Sequence
 import pytest
 from openai_server import OpenAIServer
 
-from rlpa_jax.config import ConfigError, JudgeConfig, LLMRoleSection, LLMSection, UserConfig, load_config
+from rlpa_jax.config.tree import ConfigError, JudgeConfig, LLMRoleSection, LLMSection, UserConfig, load_config
 from rlpa_jax.dialogue import judges, users
 from rlpa_jax.dialogue.chat import Message
 from rlpa_jax.dialogue.judges import JUDGES, ItemMatchingJudge, build_judges
 from rlpa_jax.dialogue.judges.llm import LLMProfileJudge, LLMResponseJudge
 from rlpa_jax.dialogue.judges.rules import EmbeddedProfileJudge, EmbeddedResponseJudge
-from rlpa_jax.dialogue.llm import LLMClient, LLMConfig
+from rlpa_jax.dialogue.llm.client import LLMClient, LLMConfig
 from rlpa_jax.dialogue.personas import synthetic_personas
 from rlpa_jax.dialogue.profile import ProfileItem
-from rlpa_jax.dialogue.users import OPENING_MESSAGE, USER_SIMULATORS, UserSimulator, UserState, build_user, revealed_items
+from rlpa_jax.dialogue.users import (
+    OPENING_MESSAGE,
+    USER_SIMULATORS,
+    UserSimulator,
+    UserState,
+    build_user,
+    revealed_items,
+)
 from rlpa_jax.dialogue.users.base import StatefulUser
 from rlpa_jax.dialogue.users.llm import LLMUser
 from rlpa_jax.dialogue.users.scripted import ScriptedUser

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_corpus import synthetic_corpus
 
 from rlpa_jax.dialogue.chat import load_prompt, parse_turn
 from rlpa_jax.dialogue.judges import ResponseRequest
@@ -15,9 +16,8 @@ from rlpa_jax.dialogue.judges.rules import EmbeddedProfileJudge, EmbeddedRespons
 from rlpa_jax.dialogue.personas import synthetic_personas
 from rlpa_jax.dialogue.profile import ProfileItem, profile_f1
 from rlpa_jax.model.qwen2 import Qwen2Config, forward, init_params
+from rlpa_jax.model.tokenizer import IM_END, load_tokenizer, train_tiny_tokenizer
 from rlpa_jax.offline import dpo, sft, teacher
-from rlpa_jax.tokenizer import IM_END, load_tokenizer, train_tiny_tokenizer
-from tiny_corpus import synthetic_corpus
 
 CONFIG = Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                      num_kv_heads=2, rope_theta=10000.0, tie_word_embeddings=True)
@@ -226,8 +226,8 @@ def test_short_dpo_run_learns_to_prefer_the_teacher(tokenizer):
 
 
 def test_dpo_on_a_mesh_matches_one_device(tokenizer):
-    from rlpa_jax import parallel
-    from rlpa_jax.parallel import param_shardings
+    from rlpa_jax.runtime import parallel
+    from rlpa_jax.runtime.parallel import param_shardings
 
     pairs = dpo.preference_pairs(synthetic_personas(4, seed=1), num_turns=1, seed=0)
     # A one-word system prompt keeps these first turns within one 128-token bucket.

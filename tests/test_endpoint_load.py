@@ -14,14 +14,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny_corpus import synthetic_corpus
 
 from rlpa_jax.dialogue.chat import load_prompt
 from rlpa_jax.dialogue.judges.llm import LLMProfileJudge, LLMResponseJudge
-from rlpa_jax.dialogue.llm import LLMClient, LLMConfig
+from rlpa_jax.dialogue.llm.client import LLMClient, LLMConfig
 from rlpa_jax.dialogue.users.llm import LLMUser
+from rlpa_jax.model.tokenizer import load_tokenizer, train_tiny_tokenizer
 from rlpa_jax.rl.environment import Environment
-from rlpa_jax.tokenizer import load_tokenizer, train_tiny_tokenizer
-from tiny_corpus import synthetic_corpus
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from endpoint_load import run_load  # noqa: E402

@@ -14,16 +14,17 @@ from pathlib import Path
 
 import jax
 import pytest
-
+from multihost_launch import finish, start_processes, tail
 from openai_server import OpenAIServer, Reply
-from rlpa_jax.build import build_personas
-from rlpa_jax.checkpoint import Checkpointer, model_config_to_meta
-from rlpa_jax.config import load_config
+from tiny_corpus import synthetic_corpus
+
+from rlpa_jax.app.build import build_personas
+from rlpa_jax.config.tree import load_config
 from rlpa_jax.model import hf
 from rlpa_jax.model.qwen2 import Qwen2Config, init_params
-from rlpa_jax.tokenizer import train_tiny_tokenizer
-from multihost_launch import finish, start_processes, tail
-from tiny_corpus import synthetic_corpus
+from rlpa_jax.model.tokenizer import train_tiny_tokenizer
+from rlpa_jax.runtime import hf_export
+from rlpa_jax.runtime.checkpoint import Checkpointer, model_config_to_meta
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "eval_launch_worker.py"
@@ -109,7 +110,7 @@ def test_eval_over_two_processes_equals_one_process(tmp_path):
     # scale its logits are nearly flat and each row's random draws alone set its tokens), so a
     # conversation answered with another's prompt or row shows in the transcripts.
     params = jax.tree.map(lambda x: x * 16 if x.ndim >= 2 else x, init_params(TINY, jax.random.key(0)))
-    hf.export_hf(params, TINY, tmp_path / "hf", tokenizer_dir=tokenizer)
+    hf_export.export_hf(params, TINY, tmp_path / "hf", tokenizer_dir=tokenizer)
     checkpointer = Checkpointer(tmp_path / "sft")
     checkpointer.save(3, {"actor": params}, {"model_config": model_config_to_meta(TINY),
                                              "tokenizer_dir": str(tokenizer), "system_prompt": "policy_system_tiny"})

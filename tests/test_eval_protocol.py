@@ -16,14 +16,13 @@ import jax
 import numpy as np
 import optax
 import pytest
-
 from openai_server import OpenAIServer, Reply
-from rlpa_jax import parallel
-from rlpa_jax.checkpoint import Checkpointer, model_config_to_meta
+from tiny_corpus import synthetic_corpus
+
 from rlpa_jax.dialogue.chat import Message, format_turn, load_prompt
 from rlpa_jax.dialogue.judges.llm import LLMResponseJudge
 from rlpa_jax.dialogue.judges.rules import EmbeddedProfileJudge, EmbeddedResponseJudge
-from rlpa_jax.dialogue.llm import LLMClient, LLMConfig
+from rlpa_jax.dialogue.llm.client import LLMClient, LLMConfig
 from rlpa_jax.dialogue.matching import canonical_slot, mentioned_item_indices
 from rlpa_jax.dialogue.personas import load_aloe_pool, pair_for_evaluation, personas_from_pairs, synthetic_personas
 from rlpa_jax.dialogue.profile import SLOTS, format_profile, profile_f1
@@ -47,11 +46,12 @@ from rlpa_jax.eval.protocol import (
 )
 from rlpa_jax.model import hf
 from rlpa_jax.model.qwen2 import Qwen2Config, init_params
+from rlpa_jax.model.tokenizer import load_tokenizer, train_tiny_tokenizer
 from rlpa_jax.offline.teacher import teacher_turn
-from rlpa_jax.parallel import param_shardings
+from rlpa_jax.runtime import hf_export, parallel
+from rlpa_jax.runtime.checkpoint import Checkpointer, model_config_to_meta
+from rlpa_jax.runtime.parallel import param_shardings
 from rlpa_jax.training.updater import Trainable
-from rlpa_jax.tokenizer import load_tokenizer, train_tiny_tokenizer
-from tiny_corpus import synthetic_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2)
@@ -474,7 +474,7 @@ def test_policy_loading_errors_name_the_path(tmp_path):
 
 
 def test_policy_from_hf_directory(tmp_path, params, tokenizer_dir):
-    hf.export_hf(params, TINY, tmp_path / "hf", tokenizer_dir=tokenizer_dir)
+    hf_export.export_hf(params, TINY, tmp_path / "hf", tokenizer_dir=tokenizer_dir)
     policy = JaxPolicy.from_hf(tmp_path / "hf", prompt_name="policy_system_tiny", **POLICY_OPTIONS)
     jax.tree.map(np.testing.assert_allclose, policy.params, params)
     assert policy.name == "hf" and policy.model_config.vocab_size == 512

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rlpa_jax.dialogue.llm import run_sync
+from rlpa_jax.dialogue.llm.client import run_sync
 from rlpa_jax.eval import shares
 from rlpa_jax.eval.baselines import BASELINE_KINDS, make_baseline
 from rlpa_jax.eval.policies import PolicyTurn

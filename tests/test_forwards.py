@@ -8,8 +8,13 @@ import pytest
 
 from rlpa_jax.model.qwen2 import Qwen2Config, forward, init_params
 from rlpa_jax.training import forwards
-from rlpa_jax.training.forwards import (output_embedding, response_logprobs, response_logprobs_and_entropy,
-                                        token_logprobs_and_entropy, vocab_chunks)
+from rlpa_jax.training.forwards import (
+    output_embedding,
+    response_logprobs,
+    response_logprobs_and_entropy,
+    token_logprobs_and_entropy,
+    vocab_chunks,
+)
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from hf_reference import hf_logits, make_hf_model, save_hf_model, write_release_shaped
 from safetensors.numpy import save_file
 
-from hf_reference import hf_logits, make_hf_model, save_hf_model, write_release_shaped
 from rlpa_jax.model import hf
 from rlpa_jax.model.qwen2 import forward
+from rlpa_jax.runtime import hf_export
 
 TOKENS = np.random.default_rng(0).integers(0, 256, (2, 11))
 
@@ -41,7 +42,7 @@ def test_export_reloads_in_transformers_with_the_same_logits(tmp_path, tied):
     tokenizer_dir.mkdir()
     (tokenizer_dir / "tokenizer_config.json").write_text("{}")
     # A small shard limit forces several shards and an index.
-    out = hf.export_hf(params, config, tmp_path / "out", tokenizer_dir=tokenizer_dir, max_shard_bytes=40_000)
+    out = hf_export.export_hf(params, config, tmp_path / "out", tokenizer_dir=tokenizer_dir, max_shard_bytes=40_000)
     assert (out / "model.safetensors.index.json").exists() and (out / "tokenizer_config.json").exists()
     assert (out / "generation_config.json").exists()
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
@@ -50,7 +51,7 @@ def test_export_reloads_in_transformers_with_the_same_logits(tmp_path, tied):
 
 def test_bfloat16_export_loads(tmp_path):
     params, config = hf.load_params(save_hf_model(make_hf_model(), tmp_path / "src"))
-    out = hf.export_hf(params, config, tmp_path / "out", dtype="bfloat16")
+    out = hf_export.export_hf(params, config, tmp_path / "out", dtype="bfloat16")
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert next(reloaded.parameters()).dtype == torch.bfloat16
 

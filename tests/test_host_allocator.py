@@ -1,4 +1,4 @@
-"""The CPU launch restart with glibc's allocator tunables (rlpa_jax/host_allocator.py)."""
+"""The CPU launch restart with glibc's allocator tunables (rlpa_jax/runtime/host_allocator.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from rlpa_jax import host_allocator
+from rlpa_jax.runtime import host_allocator
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,7 +23,7 @@ def test_wanted_on_cpu_machines_only_and_never_over_the_users_setting():
 
 
 def test_a_script_restarts_once_with_the_tunables_in_the_same_process():
-    script = ("import os, sys; from rlpa_jax import host_allocator; print('start', os.getpid(), flush=True); "
+    script = ("import os, sys; from rlpa_jax.runtime import host_allocator; print('start', os.getpid(), flush=True); "
               "host_allocator.ensure(); print('run', os.getpid(), os.environ.get('GLIBC_TUNABLES'), sys.argv[1:])")
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "RLPA_HOST_ALLOCATOR")}
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))

@@ -4,16 +4,16 @@ import asyncio
 
 import numpy as np
 import pytest
+from tiny_corpus import synthetic_corpus
 
 from rlpa_jax.dialogue.chat import parse_turn
 from rlpa_jax.dialogue.judges.rules import EmbeddedProfileJudge
 from rlpa_jax.dialogue.matching import count_item_matches, matched_item_indices
 from rlpa_jax.dialogue.profile import ProfileItem, bullet_lines, item_credits, parse_profile, profile_f1
+from rlpa_jax.model.tokenizer import load_tokenizer, train_tiny_tokenizer
 from rlpa_jax.rl import ppo
 from rlpa_jax.rl.item_credit import line_credits, token_item_credit
 from rlpa_jax.rl.rollout import profile_block_length
-from rlpa_jax.tokenizer import load_tokenizer, train_tiny_tokenizer
-from tiny_corpus import synthetic_corpus
 
 TRUE = [ProfileItem("Occupation", "chef"), ProfileItem("Interests", "skiing"), ProfileItem("Age", "30")]
 TURN = ("<profile>\n- Occupation: chef\n- Location: chef\n- Interests: skiing, chess\n- Occupation: chef\n</profile>"

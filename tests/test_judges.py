@@ -13,8 +13,8 @@ from rlpa_jax.dialogue.chat import Message, ParsedTurn, format_turn, parse_turn
 from rlpa_jax.dialogue.judges import ResponseRequest, TurnScore, score_turn
 from rlpa_jax.dialogue.judges.llm import LLMProfileJudge, LLMResponseJudge
 from rlpa_jax.dialogue.judges.rules import EmbeddedProfileJudge, EmbeddedResponseJudge, judge_with_reasons
-from rlpa_jax.dialogue.llm import LLMClient, LLMConfig
-from rlpa_jax.dialogue.llm_prompts import fence, fill_template, last_boxed
+from rlpa_jax.dialogue.llm.client import LLMClient, LLMConfig
+from rlpa_jax.dialogue.llm.prompts import fence, fill_template, last_boxed
 from rlpa_jax.dialogue.matching import count_item_matches
 from rlpa_jax.dialogue.personas import Persona
 from rlpa_jax.dialogue.profile import ProfileItem, parse_profile, profile_f1

@@ -8,22 +8,19 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 # Lower layers first; packages on one layer may not import each other.
 LAYERS = (
-    ("options", "host_allocator"),
-    ("llm_config",),
-    ("config", "tokenizer", "multihost"),
-    ("model",),
-    ("parallel", "checkpoint", "compiled_cost"),
-    ("sampling", "training"),
-    ("dialogue", "prefix_cache"),
+    ("config",),  # option domains, the config tree, LLM endpoint sections
+    ("model",),  # Qwen2 as pure functions, HF import, tokenizers
+    ("runtime",),  # mesh and sharding, several processes, checkpoints, HF export, compiled cost
+    ("generation", "training"),  # the generation engine; losses, forwards, updater
+    ("dialogue",),  # chat format, profiles, personas, users, judges, the LLM client
     ("rl", "offline", "eval"),
-    ("build",),
-    ("jobs", "cli"),
+    ("app",),  # build, jobs, cli
 )
 LAYER_OF = {name: depth for depth, names in enumerate(LAYERS) for name in names}
 
 
 def unit(module: str) -> str:
-    """rlpa_jax.rl.trainer -> rl; rlpa_jax.build -> build."""
+    """rlpa_jax.rl.trainer -> rl; rlpa_jax.app.build -> app."""
     return module.split(".")[1]
 
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from openai_server import OpenAIServer, Reply, scripted
 
-from rlpa_jax.dialogue.llm import LLMCallError, LLMClient, LLMConfig, run_sync
-from rlpa_jax.dialogue.llm_cache import cache_key
-from rlpa_jax.dialogue.llm_retries import backoff_delay_s, parse_retry_after_s
+from rlpa_jax.dialogue.llm.cache import cache_key
+from rlpa_jax.dialogue.llm.client import LLMCallError, LLMClient, LLMConfig, run_sync
+from rlpa_jax.dialogue.llm.retries import backoff_delay_s, parse_retry_after_s
 
 SECRET_KEY = "sk-test-secret-7f3a9c"
 KEY_ENV = "RLPA_TEST_LLM_KEY"
@@ -82,7 +82,7 @@ def test_complete_returns_text_and_sends_the_request_we_asked_for() -> None:
 
 def test_unset_key_env_sends_placeholder(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.delenv(KEY_ENV)
-    caplog.set_level(logging.DEBUG, logger="rlpa_jax.dialogue.llm")
+    caplog.set_level(logging.DEBUG, logger="rlpa_jax.dialogue.llm.client")
     with OpenAIServer(scripted("fine")) as server:
         assert call(make_client(server), user("hi")) == "fine"
     assert server.request_headers[0]["authorization"] == "Bearer EMPTY"
@@ -160,7 +160,7 @@ def test_complete_many_returns_errors_in_place() -> None:
     ids=["429", "500", "503", "non-json-body", "null-content"],
 )
 def test_retryable_failure_then_success(first_reply: Reply, status: str, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.DEBUG, logger="rlpa_jax.dialogue.llm")
+    caplog.set_level(logging.DEBUG, logger="rlpa_jax.dialogue.llm.client")
     with OpenAIServer(scripted(first_reply, Reply(content="recovered"))) as server:
         client = make_client(server)
         assert call(client, user("hi")) == "recovered"
@@ -314,7 +314,7 @@ def test_identical_concurrent_calls_share_one_request(tmp_path: Path) -> None:
 
 def test_corrupt_cache_lines_are_skipped_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     cache_path = tmp_path / "llm.jsonl"
-    caplog.set_level(logging.WARNING, logger="rlpa_jax.dialogue.llm")
+    caplog.set_level(logging.WARNING, logger="rlpa_jax.dialogue.llm.client")
     with OpenAIServer(scripted("fresh")) as server:
         good = {"key": cache_key(server.base_url, "test-model", user("cached"), 0.0, 512, False), "content": "from disk"}
         # Line 2 is garbage, line 3 has the wrong shape, and the file ends in a torn write.

@@ -13,10 +13,10 @@ import time
 import pytest
 from openai_server import OpenAIServer, RateLimit, Reply, peak_in_window, scripted
 
-from rlpa_jax import multihost
-from rlpa_jax.dialogue.llm import LLMClient, LLMConfig, run_sync
-from rlpa_jax.dialogue.llm_limiter import RateLimiter, RateLimits, estimate_tokens
-from rlpa_jax.dialogue.llm_usage import LLMMeter, LLMUsage, Prices, processes_metrics, progress_postfix, role_metrics
+from rlpa_jax.dialogue.llm.client import LLMClient, LLMConfig, run_sync
+from rlpa_jax.dialogue.llm.limiter import RateLimiter, RateLimits, estimate_tokens
+from rlpa_jax.dialogue.llm.usage import LLMMeter, LLMUsage, Prices, processes_metrics, progress_postfix, role_metrics
+from rlpa_jax.runtime import multihost
 
 FAST = dict(backoff_initial_s=0.01, backoff_max_s=5.0, timeout_s=10.0)
 

@@ -1,8 +1,8 @@
 """The start-up memory check's own arithmetic: what it adds beside the compiled programs."""
 
-from rlpa_jax import parallel
 from rlpa_jax.model.qwen2 import Qwen2Config
 from rlpa_jax.rl.memory_check import kept_prompt_cache_bytes
+from rlpa_jax.runtime import parallel
 
 # Qwen2.5-3B's cache shape: 36 layers, 2 key/value heads of 128, bfloat16.
 CONFIG = Qwen2Config(vocab_size=1024, hidden_size=2048, intermediate_size=256, num_layers=36, num_heads=16,

@@ -10,16 +10,15 @@ from __future__ import annotations
 import signal
 import time
 
+import multihost_worker as worker
 import numpy as np
 import pytest
+from multihost_launch import DEADLINE_S, REPO, finish, run_worker, start_processes, tail
 from safetensors.numpy import load_file
 
-import multihost_worker as worker
-from rlpa_jax import multihost, parallel
-from rlpa_jax.dialogue.llm_cache import ResponseCache
+from rlpa_jax.dialogue.llm.cache import ResponseCache
 from rlpa_jax.model import hf
-from multihost_launch import DEADLINE_S, REPO, finish, run_worker, start_processes, tail
-
+from rlpa_jax.runtime import hf_export, multihost, parallel
 
 # ---------------------------------------------------------------------------------------------
 # One process: the launch environment and the cache files
@@ -97,7 +96,7 @@ def test_checkpoint_written_by_two_processes_restores_in_two(tmp_path):
         assert result["equal"] and result["same_sharding"]
     # The HF export gathered every shard from both processes; process 0 wrote it once.
     exported = load_file(str(tmp_path / "hf" / "model.safetensors"))
-    expected = dict(hf.hf_tensors(worker.params_on(parallel.make_mesh(worker.MESH)), worker.MODEL))
+    expected = dict(hf_export.hf_tensors(worker.params_on(parallel.make_mesh(worker.MESH)), worker.MODEL))
     assert sorted(exported) == sorted(expected)
     for name, tensor in expected.items():
         np.testing.assert_array_equal(exported[name], tensor)

@@ -5,15 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import multihost_worker as worker
 import numpy as np
 import pytest
+from multihost_launch import PPO_DEADLINE_S, REPO, start_worker, worker_results
 from safetensors.numpy import load_file
 
-import multihost_worker as worker
-from rlpa_jax import build
-from rlpa_jax.checkpoint import export_checkpoint
-from multihost_launch import PPO_DEADLINE_S, REPO, start_worker, worker_results
-
+from rlpa_jax.app import build
+from rlpa_jax.runtime.checkpoint import export_checkpoint
 
 # ---------------------------------------------------------------------------------------------
 # SFT, DPO and the HF export over two processes

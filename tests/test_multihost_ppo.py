@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from multihost_launch import PPO_DEADLINE_S, assert_same_ppo_metrics, ppo_records, run_worker
 
 

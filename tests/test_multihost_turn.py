@@ -4,7 +4,6 @@ metric, the final parameters, the pool every process holds, each process's own c
 from __future__ import annotations
 
 import numpy as np
-
 from multihost_launch import PPO_DEADLINE_S, assert_same_ppo_metrics, ppo_records, run_worker
 
 

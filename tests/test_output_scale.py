@@ -6,10 +6,10 @@ import numpy as np
 import optax
 import pytest
 
-from rlpa_jax import parallel
 from rlpa_jax.model.qwen2 import Qwen2Config, forward, init_params
 from rlpa_jax.rl.experience import Experience
 from rlpa_jax.rl.objectives import actor_loss_fn, response_tokens
+from rlpa_jax.runtime import parallel
 from rlpa_jax.training import output_scale
 from rlpa_jax.training.optimizer import make_optimizer
 from rlpa_jax.training.updater import Updater

@@ -6,13 +6,13 @@ machine lacks, not on our code."""
 import json
 
 import jax
-
 from hf_reference import make_hf_model, write_release_shaped
 from openai_server import OpenAIServer, Reply
-from rlpa_jax.config import REPO_ROOT, load_config
-from rlpa_jax.build import build_trainer
-from rlpa_jax.tokenizer import train_tiny_tokenizer
 from tiny_corpus import synthetic_corpus
+
+from rlpa_jax.app.build import build_trainer
+from rlpa_jax.config.tree import REPO_ROOT, load_config
+from rlpa_jax.model.tokenizer import train_tiny_tokenizer
 
 
 def world_server(request: dict) -> Reply:

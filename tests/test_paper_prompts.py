@@ -11,13 +11,20 @@ import re
 import pytest
 from openai_server import OpenAIServer
 
-from rlpa_jax.build import load_config
-from rlpa_jax.config import REPO_ROOT, ConfigError
+from rlpa_jax.app.build import load_config
+from rlpa_jax.config.tree import REPO_ROOT, ConfigError
 from rlpa_jax.dialogue import judges, users
-from rlpa_jax.dialogue.chat import PROMPTS_DIR, Message, available_prompts, format_turn, load_prompt, strip_prompt_comments
+from rlpa_jax.dialogue.chat import (
+    PROMPTS_DIR,
+    Message,
+    available_prompts,
+    format_turn,
+    load_prompt,
+    strip_prompt_comments,
+)
 from rlpa_jax.dialogue.judges.base import ResponseRequest
 from rlpa_jax.dialogue.judges.llm import LLMProfileJudge, LLMResponseJudge
-from rlpa_jax.dialogue.llm import LLMClient, LLMConfig
+from rlpa_jax.dialogue.llm.client import LLMClient, LLMConfig
 from rlpa_jax.dialogue.personas import Persona
 from rlpa_jax.dialogue.profile import ProfileItem
 from rlpa_jax.dialogue.users.llm import LLMUser

@@ -4,12 +4,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hf_reference import make_hf_model, save_hf_model
 from jax.sharding import PartitionSpec as P
 
-from hf_reference import make_hf_model, save_hf_model
-from rlpa_jax import parallel
 from rlpa_jax.model import hf
 from rlpa_jax.model.qwen2 import Qwen2Config, forward, init_params, param_logical_axes
+from rlpa_jax.runtime import parallel
 
 CONFIG = Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2)
 

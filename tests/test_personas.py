@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from openai_server import OpenAIServer, Reply, scripted
 
-from rlpa_jax.dialogue.llm import LLMClient, LLMConfig
+from rlpa_jax.dialogue.llm.client import LLMClient, LLMConfig
 from rlpa_jax.dialogue.personas import (
     LLMProfileExtractor,
     Persona,
@@ -28,7 +28,6 @@ from rlpa_jax.dialogue.personas.extraction import ProfileExtractionError, slot_t
 from rlpa_jax.dialogue.personas.profile_rules import extract_profile_rules
 from rlpa_jax.dialogue.personas.trait_rules import personality_traits
 from rlpa_jax.dialogue.profile import ProfileItem, normalize_text
-
 
 # `aloe_dir` comes from conftest.py: ../shared/data/aloe next to the repo, skipping when absent.
 

@@ -3,6 +3,7 @@
 import jax
 import numpy as np
 import pytest
+from tiny_corpus import synthetic_corpus
 
 from rlpa_jax.dialogue.chat import load_prompt
 from rlpa_jax.dialogue.judges.rules import EmbeddedProfileJudge, EmbeddedResponseJudge
@@ -10,13 +11,12 @@ from rlpa_jax.dialogue.personas import synthetic_personas
 from rlpa_jax.dialogue.users.scripted import ScriptedUser
 from rlpa_jax.eval.policies import JaxPolicy
 from rlpa_jax.eval.protocol import run_protocol
+from rlpa_jax.generation.prefix_cache import PrefixSampler, common_prefix_lengths, plan_prefill
+from rlpa_jax.generation.sampler import Sampler, SamplingParams, pad_prompts
 from rlpa_jax.model.qwen2 import Qwen2Config, init_params, unstack_layers
-from rlpa_jax.prefix_cache import PrefixSampler, common_prefix_lengths, plan_prefill
+from rlpa_jax.model.tokenizer import load_tokenizer, stop_token_ids, train_tiny_tokenizer
 from rlpa_jax.rl.environment import Environment, start_conversations
 from rlpa_jax.rl.rollout import Rollout
-from rlpa_jax.sampling import Sampler, SamplingParams, pad_prompts
-from rlpa_jax.tokenizer import load_tokenizer, stop_token_ids, train_tiny_tokenizer
-from tiny_corpus import synthetic_corpus
 
 PAD, STOP = 0, 1
 BUCKETS = (16, 32, 64, 96)

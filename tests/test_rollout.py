@@ -5,21 +5,21 @@ import asyncio
 import jax
 import numpy as np
 import pytest
-
 from openai_server import OpenAIServer, Reply
+from tiny_corpus import synthetic_corpus
+
 from rlpa_jax.dialogue.chat import Message, format_turn, load_prompt, parse_turn
 from rlpa_jax.dialogue.judges.llm import LLMProfileJudge, LLMResponseJudge
 from rlpa_jax.dialogue.judges.rules import EmbeddedProfileJudge, EmbeddedResponseJudge
-from rlpa_jax.dialogue.llm import LLMClient, LLMConfig
+from rlpa_jax.dialogue.llm.client import LLMClient, LLMConfig
 from rlpa_jax.dialogue.personas import synthetic_personas
 from rlpa_jax.dialogue.profile import ProfileItem
 from rlpa_jax.dialogue.users.scripted import ScriptedUser
+from rlpa_jax.generation.sampler import Sampler, SamplingParams
 from rlpa_jax.model.qwen2 import Qwen2Config, init_params
+from rlpa_jax.model.tokenizer import load_tokenizer, stop_token_ids, train_tiny_tokenizer
 from rlpa_jax.rl.environment import Environment, reward_of, start_conversations
 from rlpa_jax.rl.rollout import Rollout, profile_block_length
-from rlpa_jax.sampling import Sampler, SamplingParams
-from rlpa_jax.tokenizer import load_tokenizer, stop_token_ids, train_tiny_tokenizer
-from tiny_corpus import synthetic_corpus
 
 
 @pytest.fixture(scope="module")

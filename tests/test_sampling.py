@@ -1,17 +1,25 @@
 """The jitted sampler against transformers' greedy generate, a full-forward recomputation, and the mesh."""
 
 import jax
-from jax.sharding import PartitionSpec
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-
 from hf_reference import make_hf_model, save_hf_model
-from rlpa_jax import parallel
+from jax.sharding import PartitionSpec
+
+from rlpa_jax.generation.sampler import (
+    Sampler,
+    SamplingLayout,
+    SamplingParams,
+    bucket,
+    filter_logits,
+    generate,
+    pad_prompts,
+)
 from rlpa_jax.model import hf
 from rlpa_jax.model.qwen2 import forward, param_logical_axes
-from rlpa_jax.sampling import Sampler, SamplingLayout, SamplingParams, bucket, filter_logits, generate, pad_prompts
+from rlpa_jax.runtime import parallel
 
 PAD, STOP = 0, 1
 NEW = 32

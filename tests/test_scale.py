@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from rlpa_jax import compiled_cost, parallel
+from rlpa_jax.generation.sampler import LAYOUTS, SamplingLayout, SamplingParams, generate
 from rlpa_jax.model.qwen2 import Qwen2Config, init_params
-from rlpa_jax.sampling import LAYOUTS, SamplingLayout, SamplingParams, generate
+from rlpa_jax.runtime import compiled_cost, parallel
 
 CONFIG = Qwen2Config(vocab_size=1024, hidden_size=256, intermediate_size=1408, num_layers=4, num_heads=16,
                      num_kv_heads=2, tie_word_embeddings=True, compute_dtype="bfloat16")

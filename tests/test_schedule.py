@@ -9,24 +9,24 @@ import signal
 import jax
 import numpy as np
 import pytest
+from tiny_corpus import synthetic_corpus
 
-from rlpa_jax import multihost
-from rlpa_jax.build import build_trainer
-from rlpa_jax.checkpoint import Checkpointer
-from rlpa_jax.config import ConfigError, load_config
+from rlpa_jax.app.build import build_trainer
+from rlpa_jax.config.tree import ConfigError, load_config
 from rlpa_jax.dialogue.chat import Message, format_turn, load_prompt
 from rlpa_jax.dialogue.judges.rules import EmbeddedProfileJudge, EmbeddedResponseJudge
 from rlpa_jax.dialogue.personas import synthetic_personas
 from rlpa_jax.dialogue.users import user_state_from_json, user_state_to_json
 from rlpa_jax.dialogue.users.scripted import ScriptedUser
+from rlpa_jax.generation.sampler import Sampler, SamplingParams
 from rlpa_jax.model.qwen2 import Qwen2Config, init_params
+from rlpa_jax.model.tokenizer import load_tokenizer, stop_token_ids, train_tiny_tokenizer
 from rlpa_jax.rl.environment import Environment, start_conversations
 from rlpa_jax.rl.rollout import Rollout
 from rlpa_jax.rl.schedule import ConversationPool, dealt_persona, turns_played
 from rlpa_jax.rl.trainer import POOL_DOCUMENT
-from rlpa_jax.sampling import Sampler, SamplingParams
-from rlpa_jax.tokenizer import load_tokenizer, stop_token_ids, train_tiny_tokenizer
-from tiny_corpus import synthetic_corpus
+from rlpa_jax.runtime import multihost
+from rlpa_jax.runtime.checkpoint import Checkpointer
 
 PERSONAS = synthetic_personas(5, seed=4)
 

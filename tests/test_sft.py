@@ -7,8 +7,9 @@ import random
 import jax
 import numpy as np
 import pytest
+from tiny_corpus import synthetic_corpus
 
-from rlpa_jax.config import SFTConfig
+from rlpa_jax.config.tree import SFTConfig
 from rlpa_jax.dialogue.chat import Message, assistant_message, format_turn, load_prompt, parse_turn
 from rlpa_jax.dialogue.judges import ResponseRequest
 from rlpa_jax.dialogue.judges.rules import EmbeddedProfileJudge, EmbeddedResponseJudge
@@ -18,9 +19,8 @@ from rlpa_jax.dialogue.text import is_flattery_heavy, near_duplicate, sentences
 from rlpa_jax.dialogue.users import revealed_items
 from rlpa_jax.dialogue.users.scripted import FLATTERY_COMPLAINTS, REPETITION_COMPLAINTS, ScriptedUser
 from rlpa_jax.model.qwen2 import Qwen2Config, forward, init_params
+from rlpa_jax.model.tokenizer import IM_END, load_tokenizer, train_tiny_tokenizer
 from rlpa_jax.offline import sft, teacher
-from rlpa_jax.tokenizer import IM_END, load_tokenizer, train_tiny_tokenizer
-from tiny_corpus import synthetic_corpus
 
 CONFIG = Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                      num_kv_heads=2, rope_theta=10000.0, tie_word_embeddings=True)

@@ -1,4 +1,4 @@
-"""Tests for rlpa_jax.tokenizer: tiny tokenizer training, loading, the Qwen2.5 chat template, real Qwen files."""
+"""Tests for rlpa_jax.model.tokenizer: tiny tokenizer training, loading, the Qwen2.5 chat template, real Qwen files."""
 
 from __future__ import annotations
 
@@ -10,11 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny_corpus import synthetic_corpus
 from tokenizers import Tokenizer
 
-from tiny_corpus import synthetic_corpus
-
-from rlpa_jax.tokenizer import (
+from rlpa_jax.model.tokenizer import (
     ENDOFTEXT,
     IM_END,
     IM_START,
@@ -95,7 +94,7 @@ def test_training_is_deterministic_across_processes(tiny_dir: Path, tmp_path: Pa
     # Rust hash maps are seeded per process, so an in-process repeat alone could hide nondeterminism.
     script = (
         "import sys; sys.path.insert(0, sys.argv[3]); from tiny_corpus import synthetic_corpus; "
-        "from rlpa_jax.tokenizer import train_tiny_tokenizer; "
+        "from rlpa_jax.model.tokenizer import train_tiny_tokenizer; "
         "train_tiny_tokenizer(sys.argv[1], synthetic_corpus(), vocab_size=int(sys.argv[2]))"
     )
     tests = str(Path(__file__).resolve().parent)
@@ -117,9 +116,9 @@ def test_training_on_given_texts_learns_their_words(tmp_path: Path) -> None:
 
 def test_the_embedded_worlds_tokenizer_keeps_every_persona_value_word_whole(tmp_path: Path) -> None:
     # A tiny policy copies a one-token value from the conversation far more easily.
-    from rlpa_jax.config import load_config
+    from rlpa_jax.app.build import world_corpus
+    from rlpa_jax.config.tree import load_config
     from rlpa_jax.dialogue.personas import synthetic_values
-    from rlpa_jax.build import world_corpus
 
     config = load_config(None, [f"output_dir={tmp_path}"])  # the demo's own world
     tokenizer = load_tokenizer(train_tiny_tokenizer(tmp_path / "tok", vocab_size=1000, texts=world_corpus(config)))

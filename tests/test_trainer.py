@@ -14,8 +14,8 @@ import pytest
 import torch
 import transformers
 
-from rlpa_jax.build import build_trainer
-from rlpa_jax.config import load_config
+from rlpa_jax.app.build import build_trainer
+from rlpa_jax.config.tree import load_config
 from rlpa_jax.model.hf import CheckpointError
 from rlpa_jax.rl.trainer import TrainingDiverged
 
@@ -160,7 +160,7 @@ def test_a_run_can_start_from_another_runs_policy(tmp_path, uninterrupted):
     run = build_trainer(config)
     assert run.parts.tokenizer_dir == (source.run_dir / "tokenizer").absolute()  # the policy keeps its tokenizer
     state = run.initial_state()
-    from rlpa_jax.checkpoint import restore_actor_params
+    from rlpa_jax.runtime.checkpoint import restore_actor_params
     expected, _, _ = restore_actor_params(source.run_dir / "checkpoints")
     np.testing.assert_array_equal(np.asarray(state["actor"].params["embed"]), np.asarray(expected["embed"]))
     bad = small_config(tmp_path / "bad", f"model.init_checkpoint={source.run_dir}", "model.tiny.hidden_size=32",

@@ -7,10 +7,10 @@ import numpy as np
 import optax
 import pytest
 
-from rlpa_jax import parallel
 from rlpa_jax.model.qwen2 import Qwen2Config, critic_params_from_policy, init_params
 from rlpa_jax.rl.experience import Experience
 from rlpa_jax.rl.objectives import actor_loss_fn, critic_loss_fn, response_tokens
+from rlpa_jax.runtime import parallel
 from rlpa_jax.training.optimizer import lr_schedule, make_optimizer
 from rlpa_jax.training.updater import Updater, split_micro_batches
 

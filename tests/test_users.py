@@ -11,7 +11,7 @@ import pytest
 from openai_server import OpenAIServer, Reply
 
 from rlpa_jax.dialogue.chat import Message, format_turn
-from rlpa_jax.dialogue.llm import LLMClient, LLMConfig
+from rlpa_jax.dialogue.llm.client import LLMClient, LLMConfig
 from rlpa_jax.dialogue.matching import canonical_slot
 from rlpa_jax.dialogue.personas import Persona
 from rlpa_jax.dialogue.profile import ProfileItem, normalize_text

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import random
 
-
 _NAMES = (
     "Alice", "Bruno", "Chen", "Dana", "Elif", "Farah", "Gabriel", "Hana", "Ivan", "Jamal", "Keiko",
     "Liam", "Maya", "Nikhil", "Olga", "Pedro", "Quinn", "Rosa", "Sami", "Tariq", "Uma", "Victor",

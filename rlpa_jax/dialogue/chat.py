@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlpa_jax.dialogue.profile import ProfileItem, format_profile, parse_profile
-from rlpa_jax.tokenizer import chat_token_ids
+from rlpa_jax.model.tokenizer import chat_token_ids
 
 PROMPTS_DIR = Path(__file__).resolve().parents[2] / "configs" / "prompts"
 

@@ -28,18 +28,33 @@ from typing import Any, Protocol, runtime_checkable
 import jax
 import numpy as np
 
-from rlpa_jax import multihost, parallel
-from rlpa_jax.checkpoint import Checkpointer, checkpoint_directory, model_config_from_meta, restore_actor_params
-from rlpa_jax.dialogue.chat import Message, assistant_message, load_prompt, parse_turn, prompt_token_ids, render_messages
-from rlpa_jax.dialogue.llm import LLMCallError, LLMClient
+from rlpa_jax.dialogue.chat import (
+    Message,
+    assistant_message,
+    load_prompt,
+    parse_turn,
+    prompt_token_ids,
+    render_messages,
+)
+from rlpa_jax.dialogue.llm.client import LLMCallError, LLMClient
 from rlpa_jax.dialogue.profile import ProfileItem
 from rlpa_jax.dialogue.text import visible_reply_text
+from rlpa_jax.eval.shares import RowShare
+from rlpa_jax.generation.prefix_cache import PrefixSampler, PromptCache
+from rlpa_jax.generation.sampler import (
+    Generator,
+    SamplingLayout,
+    SamplingParams,
+    bucket,
+    build_generator,
+    left_pad,
+    pad_prompts,
+)
 from rlpa_jax.model import hf
 from rlpa_jax.model.qwen2 import Params, Qwen2Config
-from rlpa_jax.eval.shares import RowShare
-from rlpa_jax.prefix_cache import PrefixSampler, PromptCache
-from rlpa_jax.sampling import Generator, SamplingLayout, SamplingParams, bucket, build_generator, left_pad, pad_prompts
-from rlpa_jax.tokenizer import load_tokenizer, stop_token_ids
+from rlpa_jax.model.tokenizer import load_tokenizer, stop_token_ids
+from rlpa_jax.runtime import multihost, parallel
+from rlpa_jax.runtime.checkpoint import Checkpointer, checkpoint_directory, model_config_from_meta, restore_actor_params
 
 log = logging.getLogger(__name__)
 

@@ -43,10 +43,9 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from rlpa_jax import multihost
 from rlpa_jax.dialogue.chat import Message, load_prompt
 from rlpa_jax.dialogue.judges import ProfileJudge, ResponseJudge, ResponseRequest
-from rlpa_jax.dialogue.llm import run_sync
+from rlpa_jax.dialogue.llm.client import run_sync
 from rlpa_jax.dialogue.matching import canonical_slot
 from rlpa_jax.dialogue.personas import Persona, make_persona
 from rlpa_jax.dialogue.personas.english import subject_gender
@@ -55,6 +54,7 @@ from rlpa_jax.dialogue.users import OPENING_MESSAGE, UserSimulator, UserState, r
 from rlpa_jax.eval.policies import Policy, PolicyTurn, history_message
 from rlpa_jax.eval.result import EvalResult, al_report
 from rlpa_jax.eval.shares import check_partition, conversation_share
+from rlpa_jax.runtime import multihost
 
 SETTINGS = ("vanilla", "extended", "conflict", "long_term")
 STANDARD_TURNS = {"vanilla": 10, "extended": 10, "conflict": 10, "long_term": 70}

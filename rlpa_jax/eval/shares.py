@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from rlpa_jax import multihost
+from rlpa_jax.runtime import multihost
 
 
 def padded(count: int, multiple: int) -> int:

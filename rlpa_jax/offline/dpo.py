@@ -36,10 +36,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from rlpa_jax import multihost, parallel
 from rlpa_jax.dialogue.chat import Message, format_turn, load_prompt
 from rlpa_jax.dialogue.personas import Persona
 from rlpa_jax.dialogue.users.scripted import ScriptedUser
+from rlpa_jax.generation.sampler import bucket
 from rlpa_jax.model.qwen2 import Params, Qwen2Config
 from rlpa_jax.offline import teacher
 from rlpa_jax.offline.sft import (
@@ -50,7 +50,7 @@ from rlpa_jax.offline.sft import (
     target_token_ids,
     trimmed_batch,
 )
-from rlpa_jax.sampling import bucket
+from rlpa_jax.runtime import multihost, parallel
 from rlpa_jax.training.fit import fit
 from rlpa_jax.training.forwards import response_logprobs
 from rlpa_jax.training.losses import LossTerms

@@ -28,16 +28,16 @@ import numpy as np
 import transformers
 from jax.sharding import Mesh
 
-from rlpa_jax import multihost
-from rlpa_jax.config import SFTConfig, TrainConfig
+from rlpa_jax.config.tree import SFTConfig, TrainConfig
 from rlpa_jax.dialogue import chat
 from rlpa_jax.dialogue.chat import Message, load_prompt, parse_turn
 from rlpa_jax.dialogue.personas import Persona
+from rlpa_jax.generation.sampler import SamplingParams, bucket, build_generator, pad_prompts
 from rlpa_jax.model.qwen2 import Params, Qwen2Config, forward
+from rlpa_jax.model.tokenizer import IM_END, stop_token_ids
 from rlpa_jax.offline import teacher
 from rlpa_jax.offline.teacher import Dialogue
-from rlpa_jax.sampling import SamplingParams, bucket, build_generator, pad_prompts
-from rlpa_jax.tokenizer import IM_END, stop_token_ids
+from rlpa_jax.runtime import multihost
 from rlpa_jax.training.fit import fit
 from rlpa_jax.training.forwards import output_embedding, token_logprobs_and_entropy
 from rlpa_jax.training.losses import LossTerms

@@ -12,9 +12,15 @@ import dataclasses
 from typing import Literal, Sequence
 
 from rlpa_jax.dialogue.chat import Message, ParsedTurn, parse_turn, prompt_token_ids
-from rlpa_jax.dialogue.judges import (ItemMatchingJudge, ProfileJudge, ResponseJudge, ResponseRequest, TurnScore,
-                                      score_turn)
-from rlpa_jax.dialogue.llm import LLMClient, redact_url
+from rlpa_jax.dialogue.judges import (
+    ItemMatchingJudge,
+    ProfileJudge,
+    ResponseJudge,
+    ResponseRequest,
+    TurnScore,
+    score_turn,
+)
+from rlpa_jax.dialogue.llm.client import LLMClient, redact_url
 from rlpa_jax.dialogue.personas import Persona, make_persona
 from rlpa_jax.dialogue.profile import format_profile
 from rlpa_jax.dialogue.users import OPENING_MESSAGE, UserSimulator, UserState

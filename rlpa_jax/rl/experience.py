@@ -23,13 +23,13 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from rlpa_jax import multihost
+from rlpa_jax.generation.sampler import bucket
 from rlpa_jax.model.qwen2 import Params, Qwen2Config
 from rlpa_jax.rl import ppo
-from rlpa_jax.rl.ppo import AdvantageSettings
 from rlpa_jax.rl.environment import RewardMode, reward_parts
+from rlpa_jax.rl.ppo import AdvantageSettings
 from rlpa_jax.rl.rollout import Sample
-from rlpa_jax.sampling import bucket
+from rlpa_jax.runtime import multihost
 from rlpa_jax.training.forwards import response_logprobs, response_values
 
 # What each field's second axis spans; trimming and padding follow it.

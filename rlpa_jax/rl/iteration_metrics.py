@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from rlpa_jax import multihost
 from rlpa_jax.dialogue.matching import mentioned_item_indices
 from rlpa_jax.rl.experience import Experience
+from rlpa_jax.runtime import multihost
 
 
 def profile_by_turn(samples, conversations, local_ids: frozenset[int] | None = None) -> dict[str, float]:

@@ -9,10 +9,10 @@ import math
 import jax
 import numpy as np
 
-from rlpa_jax import parallel
+from rlpa_jax.generation.sampler import bucket
 from rlpa_jax.rl import memory_check
 from rlpa_jax.rl.experience import FIELD_AXES, RESPONSE, ROW, Experience
-from rlpa_jax.sampling import bucket
+from rlpa_jax.runtime import parallel
 
 
 def iteration_programs(trainer) -> list[memory_check.Program]:

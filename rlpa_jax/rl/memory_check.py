@@ -15,9 +15,9 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from rlpa_jax import parallel
-from rlpa_jax.compiled_cost import ProgramCost, fits, program_cost
 from rlpa_jax.model.qwen2 import CACHE_AXES, Qwen2Config
+from rlpa_jax.runtime import parallel
+from rlpa_jax.runtime.compiled_cost import ProgramCost, fits, program_cost
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from typing import Mapping
 
 import matplotlib
 
-from rlpa_jax import multihost
+from rlpa_jax.runtime import multihost
 
 matplotlib.use("Agg")  # files only: runs happen on headless hosts
 import matplotlib.pyplot as plt  # noqa: E402

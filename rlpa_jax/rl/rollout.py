@@ -34,15 +34,14 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from rlpa_jax import multihost
 from rlpa_jax.dialogue.chat import PROFILE_CLOSE, Message, ParsedTurn, assistant_message
 from rlpa_jax.dialogue.judges import TurnScore
+from rlpa_jax.generation.prefix_cache import PrefixSampler, PromptCache
+from rlpa_jax.generation.sampler import Generator, SamplingParams, bucket, left_pad, pad_prompts
 from rlpa_jax.model.qwen2 import Params
-from rlpa_jax.prefix_cache import PrefixSampler, PromptCache
 from rlpa_jax.rl.environment import Conversation, Environment, reward_of
 from rlpa_jax.rl.item_credit import token_item_credit
-from rlpa_jax.sampling import Generator, SamplingParams, bucket, left_pad, pad_prompts
-
+from rlpa_jax.runtime import multihost
 
 # Rollout counters that are totals over every process's conversations.
 COUNTED = ("prompt_tokens", "prefilled_tokens", "generated_tokens", "user_failures")

@@ -30,11 +30,11 @@ from typing import Sequence
 
 import numpy as np
 
-from rlpa_jax import multihost
 from rlpa_jax.dialogue.chat import Message
 from rlpa_jax.dialogue.personas import Persona
 from rlpa_jax.dialogue.users import UserSimulator, user_state_from_json, user_state_to_json
 from rlpa_jax.rl.environment import Conversation, start_conversations
+from rlpa_jax.runtime import multihost
 
 FORMAT = 1  # the JSON layout's version; a document of another version is refused on resume
 

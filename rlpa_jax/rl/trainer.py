@@ -20,7 +20,7 @@ they played (rl/schedule.py), so the pool, its statistics and its checkpoint ite
 everywhere.
 
 The trainer is handed its parts (`TrainingParts`: the environment, the generator, the personas,
-the initial policy) already built; rlpa_jax/build.py builds them from a config.
+the initial policy) already built; rlpa_jax/app/build.py builds them from a config.
 """
 
 from __future__ import annotations
@@ -40,25 +40,31 @@ import yaml
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from rlpa_jax import multihost, parallel
-from rlpa_jax.checkpoint import Checkpointer, policy_meta
-from rlpa_jax.config import PPOConfig, TrainConfig, to_dict
-from rlpa_jax.dialogue.llm_usage import LLMMeter, progress_postfix
+from rlpa_jax.config.tree import PPOConfig, TrainConfig, to_dict
+from rlpa_jax.dialogue.llm.usage import LLMMeter, progress_postfix
 from rlpa_jax.dialogue.personas import Persona
+from rlpa_jax.generation.prefix_cache import PrefixSampler
+from rlpa_jax.generation.sampler import Generator, SamplingLayout, SamplingParams
 from rlpa_jax.model import hf
 from rlpa_jax.model.qwen2 import Params, Qwen2Config, critic_params_from_policy, init_params
-from rlpa_jax.prefix_cache import PrefixSampler
 from rlpa_jax.rl import advantages, memory_check, ppo
 from rlpa_jax.rl.environment import Environment, start_conversations
-from rlpa_jax.rl.experience import (Experience, ExperienceBuilder, ForwardPasses, length_grouped_minibatches,
-                                    prompt_lengths, trim_padding)
+from rlpa_jax.rl.experience import (
+    Experience,
+    ExperienceBuilder,
+    ForwardPasses,
+    length_grouped_minibatches,
+    prompt_lengths,
+    trim_padding,
+)
 from rlpa_jax.rl.iteration_metrics import experience_metrics, profile_by_turn
 from rlpa_jax.rl.iteration_programs import iteration_programs
 from rlpa_jax.rl.metrics import MetricsLog, plot_training
 from rlpa_jax.rl.objectives import actor_loss_fn, critic_loss_fn, response_tokens
 from rlpa_jax.rl.rollout import Rollout, RolloutResult
 from rlpa_jax.rl.schedule import ConversationPool, derived_seed, fresh_conversations
-from rlpa_jax.sampling import Generator, SamplingLayout, SamplingParams
+from rlpa_jax.runtime import hf_export, multihost, parallel
+from rlpa_jax.runtime.checkpoint import Checkpointer, policy_meta
 from rlpa_jax.training.optimizer import make_optimizer
 from rlpa_jax.training.output_scale import output_scale_ratio, with_output_scale_lr
 from rlpa_jax.training.updater import Trainable, Updater
@@ -79,7 +85,7 @@ class UnscoredRollouts(TrainingDiverged):
 
 @dataclasses.dataclass(frozen=True)
 class TrainingParts:
-    """What a training run is made of, built from its config by rlpa_jax/build.py."""
+    """What a training run is made of, built from its config by rlpa_jax/app/build.py."""
 
     mesh: Mesh
     model_config: Qwen2Config
@@ -430,7 +436,7 @@ class Trainer:
             summary["llm"] = self.llm_meter.totals()
         plot_training(self.metrics, self.run_dir / "rewards.png", baseline=before, final=after)  # every process
         if cfg.logging.export_hf:
-            hf.export_hf(state["actor"].params, self.model_config, self.run_dir / "hf",
+            hf_export.export_hf(state["actor"].params, self.model_config, self.run_dir / "hf",
                          tokenizer_dir=self.parts.tokenizer_dir)
         self.metrics.close()
         return summary

@@ -6,8 +6,8 @@ from typing import Callable, Sequence, TypeVar
 
 from tqdm.auto import tqdm
 
-from rlpa_jax import multihost
 from rlpa_jax.model.qwen2 import Params
+from rlpa_jax.runtime import multihost
 from rlpa_jax.training.updater import Batch, Updater
 
 Rows = TypeVar("Rows")

@@ -19,8 +19,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from rlpa_jax import multihost, parallel
 from rlpa_jax.model.qwen2 import Params
+from rlpa_jax.runtime import multihost, parallel
 from rlpa_jax.training.losses import LossTerms, add_terms, summary
 
 Batch = Any  # a pytree of arrays whose leading axis is rows

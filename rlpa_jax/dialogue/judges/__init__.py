@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from rlpa_jax.config import ConfigError, JudgeConfig
-from rlpa_jax.llm_config import inherited
+from rlpa_jax.config.llm_sections import inherited
+from rlpa_jax.config.tree import ConfigError, JudgeConfig
 from rlpa_jax.dialogue.judges.base import (
     ItemMatchingJudge,
     ProfileJudge,
@@ -21,7 +21,7 @@ from rlpa_jax.dialogue.judges.base import (
 )
 from rlpa_jax.dialogue.judges.llm import LLMProfileJudge, LLMResponseJudge
 from rlpa_jax.dialogue.judges.rules import EmbeddedProfileJudge, EmbeddedResponseJudge
-from rlpa_jax.dialogue.llm import client_from_section
+from rlpa_jax.dialogue.llm.client import client_from_section
 
 JudgePair = tuple[ProfileJudge, ResponseJudge]
 

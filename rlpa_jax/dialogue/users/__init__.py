@@ -10,10 +10,16 @@ from __future__ import annotations
 
 from typing import Callable
 
-from rlpa_jax.config import ConfigError, UserConfig
-from rlpa_jax.dialogue.llm import client_from_section
-from rlpa_jax.dialogue.users.base import (OPENING_MESSAGE, UserSimulator, UserState, revealed_items,
-                                          user_state_from_json, user_state_to_json)
+from rlpa_jax.config.tree import ConfigError, UserConfig
+from rlpa_jax.dialogue.llm.client import client_from_section
+from rlpa_jax.dialogue.users.base import (
+    OPENING_MESSAGE,
+    UserSimulator,
+    UserState,
+    revealed_items,
+    user_state_from_json,
+    user_state_to_json,
+)
 from rlpa_jax.dialogue.users.llm import LLMUser
 from rlpa_jax.dialogue.users.scripted import ScriptedUser
 

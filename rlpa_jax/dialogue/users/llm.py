@@ -17,10 +17,10 @@ import re
 from typing import Sequence
 
 from rlpa_jax.dialogue.chat import Message, load_prompt
-from rlpa_jax.dialogue.llm import LLMCallError, LLMClient
-from rlpa_jax.dialogue.llm_prompts import check_placeholders, fence, fill_template
-from rlpa_jax.dialogue.profile import format_profile
+from rlpa_jax.dialogue.llm.client import LLMCallError, LLMClient
+from rlpa_jax.dialogue.llm.prompts import check_placeholders, fence, fill_template
 from rlpa_jax.dialogue.matching import mentioned_item_indices
+from rlpa_jax.dialogue.profile import format_profile
 from rlpa_jax.dialogue.text import sentences, visible_reply_text
 from rlpa_jax.dialogue.users.base import MAX_SENTENCES, OPENING_MESSAGE, StatefulUser, UserState, switch_if_due
 

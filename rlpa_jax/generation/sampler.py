@@ -23,10 +23,21 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from rlpa_jax import parallel
-from rlpa_jax.model.qwen2 import (CACHE_AXES, Cache, Params, Qwen2Config, forward, has_stacked_layers, init_cache,
-                                  init_layer_caches, positions_from_mask, unstack_cache, unstack_layers,
-                                  unstacked_layer_name)
+from rlpa_jax.model.qwen2 import (
+    CACHE_AXES,
+    Cache,
+    Params,
+    Qwen2Config,
+    forward,
+    has_stacked_layers,
+    init_cache,
+    init_layer_caches,
+    positions_from_mask,
+    unstack_cache,
+    unstack_layers,
+    unstacked_layer_name,
+)
+from rlpa_jax.runtime import parallel
 
 log = logging.getLogger(__name__)
 

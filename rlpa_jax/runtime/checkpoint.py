@@ -23,8 +23,9 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 # One error for "this checkpoint cannot be used", HF or orbax.
-from rlpa_jax.model.hf import CheckpointError, export_hf
+from rlpa_jax.model.hf import CheckpointError
 from rlpa_jax.model.qwen2 import Params, Qwen2Config
+from rlpa_jax.runtime.hf_export import export_hf
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ class Checkpointer:
                     copy += 1
                 source.rename(target)
         if jax.process_count() > 1:
-            multihost_utils.sync_global_devices("rlpa_jax.checkpoint.move_aside")
+            multihost_utils.sync_global_devices("rlpa_jax.runtime.checkpoint.move_aside")
         self._manager.reload()
 
     def _require_step(self, step: int | None) -> int:

@@ -19,15 +19,39 @@ from typing import Any, Callable, Literal, Sequence
 
 import yaml
 
+# The LLM endpoint sections live in llm_config.py (imported here: part of this module's API too).
+from rlpa_jax.config.llm_sections import (
+    LLM_PARENTS,
+    LLM_ROLES,
+    LLMRoleSection,
+    LLMSection,
+    SharedLLMSection,
+    inherit_llm_sections,
+    section_at,
+)
+
 # Option domains and the collect-all builder live in options.py; ConfigError is part of this
 # module's API too (callers catch it from here).
-from rlpa_jax.options import (REPO_ROOT, ConfigError, Problems, Sources, build_section, check_domains, count,
-                              decay_rate, field_types, increasing_sizes, mesh_axis, non_empty,
-                              non_negative, nucleus, option, positive, prompt_name, unit_interval)
-
-# The LLM endpoint sections live in llm_config.py (imported here: part of this module's API too).
-from rlpa_jax.llm_config import (LLM_PARENTS, LLM_ROLES, LLMRoleSection, LLMSection, SharedLLMSection,
-                                 inherit_llm_sections, section_at)
+from rlpa_jax.config.options import (
+    REPO_ROOT,
+    ConfigError,
+    Problems,
+    Sources,
+    build_section,
+    check_domains,
+    count,
+    decay_rate,
+    field_types,
+    increasing_sizes,
+    mesh_axis,
+    non_empty,
+    non_negative,
+    nucleus,
+    option,
+    positive,
+    prompt_name,
+    unit_interval,
+)
 
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "tiny.yaml"
 
@@ -413,7 +437,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Read YAML (default configs/tiny.yaml), apply dotted overrides, check everything at once.
 
     `rules` are more cross-field checks, (keys they read, check), from the layers that know what a
-    name means (rlpa_jax/build.py checks every kind against the table of implementations)."""
+    name means (rlpa_jax/app/build.py checks every kind against the table of implementations)."""
     path = Path(path) if path else DEFAULT_CONFIG
     try:
         tree = yaml.safe_load(path.read_text()) or {}

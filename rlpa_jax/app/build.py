@@ -15,26 +15,26 @@ from pathlib import Path
 
 import jax
 
-from rlpa_jax import config as config_file
-from rlpa_jax import multihost, parallel
-from rlpa_jax.checkpoint import Checkpointer, checkpoint_directory, model_config_from_meta, restore_actor_params
-from rlpa_jax.config import ConfigError, TrainConfig
-from rlpa_jax.llm_config import LLMRoleSection, LLMSection, inherited
+from rlpa_jax.config import tree as config_file
+from rlpa_jax.config.llm_sections import LLMRoleSection, LLMSection, inherited
+from rlpa_jax.config.tree import ConfigError, TrainConfig
 from rlpa_jax.dialogue import judges, personas, users
 from rlpa_jax.dialogue.chat import load_prompt
-from rlpa_jax.dialogue.llm import LLMCallError, client_from_section, run_sync
+from rlpa_jax.dialogue.llm.client import LLMCallError, client_from_section, run_sync
 from rlpa_jax.eval import baselines
 from rlpa_jax.eval.policies import ChatPolicy, JaxPolicy, Policy
+from rlpa_jax.generation.sampler import GENERATORS, Generator, build_generator
 from rlpa_jax.model import hf
 from rlpa_jax.model.qwen2 import Params, Qwen2Config, init_params
+from rlpa_jax.model.tokenizer import load_tokenizer, stop_token_ids, train_tiny_tokenizer
 from rlpa_jax.offline import sft
 from rlpa_jax.offline.teacher import scripted_dialogues
-from rlpa_jax.parallel import param_shardings
 from rlpa_jax.rl import advantages
 from rlpa_jax.rl.environment import Environment
 from rlpa_jax.rl.trainer import Trainer, TrainingParts
-from rlpa_jax.sampling import GENERATORS, Generator, build_generator
-from rlpa_jax.tokenizer import load_tokenizer, stop_token_ids, train_tiny_tokenizer
+from rlpa_jax.runtime import multihost, parallel
+from rlpa_jax.runtime.checkpoint import Checkpointer, checkpoint_directory, model_config_from_meta, restore_actor_params
+from rlpa_jax.runtime.parallel import param_shardings
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@
     summary = jobs.dpo(config, settings)    # launch/dpo.py: DPO on scripted preference pairs
     path = jobs.export_policy(checkpoint, output)  # launch/export_hf.py: a checkpoint's policy for HF
 
-Each builds the world exactly as a PPO run does (rlpa_jax/build.py), saves {"actor": params} as an
+Each builds the world exactly as a PPO run does (rlpa_jax/app/build.py), saves {"actor": params} as an
 orbax checkpoint under <output_dir>/<name>/<job> (its metadata names the model config, tokenizer
 and system prompt, so `model.init_checkpoint` can start PPO from it) and writes its per-step
 records to <job>_history.jsonl.
@@ -26,20 +26,20 @@ from pathlib import Path
 
 import numpy as np
 
-from rlpa_jax import build, multihost, parallel
-from rlpa_jax import checkpoint
-from rlpa_jax.checkpoint import Checkpointer, checkpoint_directory, export_checkpoint
-from rlpa_jax.config import ConfigError, TrainConfig, parse_override
-from rlpa_jax.options import from_dict
-from rlpa_jax.dialogue.chat import load_prompt, parse_turn
+from rlpa_jax.app import build
+from rlpa_jax.config.options import from_dict
+from rlpa_jax.config.tree import ConfigError, TrainConfig, parse_override
 from rlpa_jax.dialogue import judges
+from rlpa_jax.dialogue.chat import load_prompt, parse_turn
 from rlpa_jax.dialogue.judges import ResponseRequest
-from rlpa_jax.dialogue.llm import run_sync
+from rlpa_jax.dialogue.llm.client import run_sync
 from rlpa_jax.offline import dpo as dpo_training
 from rlpa_jax.offline import sft as sft_training
 from rlpa_jax.offline import teacher
 from rlpa_jax.offline.dpo import DPOSettings
-from rlpa_jax.parallel import param_shardings
+from rlpa_jax.runtime import checkpoint, multihost, parallel
+from rlpa_jax.runtime.checkpoint import Checkpointer, checkpoint_directory, export_checkpoint
+from rlpa_jax.runtime.parallel import param_shardings
 
 log = logging.getLogger(__name__)
 

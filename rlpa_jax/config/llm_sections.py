@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from rlpa_jax.options import count, http_url, non_negative, option, positive
+from rlpa_jax.config.options import count, http_url, non_negative, option, positive
 
 
 @dataclass

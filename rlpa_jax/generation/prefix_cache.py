@@ -47,8 +47,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlpa_jax.generation.sampler import (
+    Generation,
+    SamplingParams,
+    bucket,
+    constrain_cache,
+    decode,
+    empty_cache,
+    is_per_layer,
+)
 from rlpa_jax.model.qwen2 import Cache, Params, Qwen2Config, forward, positions_from_mask
-from rlpa_jax.sampling import Generation, SamplingParams, bucket, constrain_cache, decode, empty_cache, is_per_layer
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,9 @@ from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 import jax
 
-from rlpa_jax import build, multihost, parallel
-from rlpa_jax.config import ConfigError, to_dict
+from rlpa_jax.app import build
+from rlpa_jax.config.tree import ConfigError, to_dict
+from rlpa_jax.runtime import multihost, parallel
 
 # The tokenizers library warns (and disables its threads) when a process forks after using them;
 # the launch scripts never fork, so say so before it is imported.

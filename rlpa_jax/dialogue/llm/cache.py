@@ -18,9 +18,9 @@ import threading
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from rlpa_jax import multihost
+from rlpa_jax.runtime import multihost
 
-logger = logging.getLogger("rlpa_jax.dialogue.llm")  # one logger for the client and its parts
+logger = logging.getLogger("rlpa_jax.dialogue.llm.client")  # one logger for the client and its parts
 
 
 def cache_key(base_url: str, model: str, messages: Sequence[Mapping[str, Any]], temperature: float,

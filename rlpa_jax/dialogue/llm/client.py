@@ -37,14 +37,14 @@ from urllib.parse import urlsplit, urlunsplit
 
 import openai
 
-from rlpa_jax import multihost
-from rlpa_jax.config import ConfigError
-from rlpa_jax.llm_config import LLMSection
-from rlpa_jax.dialogue.llm_cache import ResponseCache, cache_key
-from rlpa_jax.dialogue.llm_limiter import estimate_tokens, shared_limiter
-from rlpa_jax.dialogue.llm_retries import AttemptFailure, backoff_delay_s, classify_failure, completion_text
-from rlpa_jax.dialogue.llm_settings import LLMConfig
-from rlpa_jax.dialogue.llm_usage import LLMUsage
+from rlpa_jax.config.llm_sections import LLMSection
+from rlpa_jax.config.tree import ConfigError
+from rlpa_jax.dialogue.llm.cache import ResponseCache, cache_key
+from rlpa_jax.dialogue.llm.limiter import estimate_tokens, shared_limiter
+from rlpa_jax.dialogue.llm.retries import AttemptFailure, backoff_delay_s, classify_failure, completion_text
+from rlpa_jax.dialogue.llm.settings import LLMConfig
+from rlpa_jax.dialogue.llm.usage import LLMUsage
+from rlpa_jax.runtime import multihost
 
 logger = logging.getLogger(__name__)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rlpa_jax.dialogue.llm_limiter import RateLimits
-from rlpa_jax.dialogue.llm_usage import Prices
+from rlpa_jax.dialogue.llm.limiter import RateLimits
+from rlpa_jax.dialogue.llm.usage import Prices
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""The run's configuration: option domains, the typed config tree, the LLM endpoint sections."""

@@ -1,0 +1,1 @@
+"""The one generation engine: sampler, decode loop, sampling layout, prefix cache, row placement."""
