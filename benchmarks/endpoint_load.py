@@ -44,7 +44,9 @@ from rlpa_jax.app import build  # noqa: E402
 from rlpa_jax.dialogue.chat import format_turn  # noqa: E402
 from rlpa_jax.dialogue.llm.usage import LLMMeter  # noqa: E402
 from rlpa_jax.dialogue.personas import synthetic_personas  # noqa: E402
+from rlpa_jax.generation.engine import GenerationEngine  # noqa: E402
 from rlpa_jax.generation.sampler import Generation, SamplingParams  # noqa: E402
+from rlpa_jax.model.qwen2 import Qwen2Config  # noqa: E402
 from rlpa_jax.model.tokenizer import stop_token_ids  # noqa: E402
 from rlpa_jax.rl.environment import Environment, start_conversations  # noqa: E402
 from rlpa_jax.rl.rollout import Rollout  # noqa: E402
@@ -66,6 +68,10 @@ def world_reply(request: dict) -> Reply:
     if messages and messages[0].get("role") == "system":  # the simulated user (system role-play prompt)
         return Reply(content=USER_SENTENCES[h % len(USER_SENTENCES)])
     return Reply(content=f"Judged. \\boxed{{{h % 2}}}")  # a profile match count or a 0/1 verdict
+
+
+TURN_WRITER_CONFIG = Qwen2Config(vocab_size=512, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=1,
+                                 num_kv_heads=1)  # the engine's nominal model; TurnWriter samples instead
 
 
 class TurnWriter:
@@ -126,9 +132,12 @@ def rollout_scores(environment: Environment, conversations: int, samples: int, r
     """(conversation, turn, sample) -> (scored, reward) of one rollout of the TurnWriter policy."""
     personas = synthetic_personas(conversations, seed=seed)
     users = start_conversations(personas, environment.user_sim, list(range(conversations)))
-    rollout = Rollout(environment, TurnWriter(environment.tokenizer), SamplingParams(max_new_tokens=64,
-                      num_samples=samples), rounds, prompt_buckets=(256, 512, 1024, 2048, 4096), groups=groups)
-    result = rollout.run(None, users, jax.random.key(seed))
+    engine = GenerationEngine(TURN_WRITER_CONFIG, stop_token_ids(environment.tokenizer),
+                              environment.tokenizer.pad_token_id, prompt_buckets=(256, 512, 1024, 2048, 4096))
+    engine.sampler = TurnWriter(environment.tokenizer)  # in place of the model: no device work
+    engine.sync(None)
+    rollout = Rollout(environment, engine, SamplingParams(max_new_tokens=64, num_samples=samples), rounds, groups=groups)
+    result = rollout.run(users, jax.random.key(seed))
     return {(s.conversation_id, s.turn, s.sample_index): (s.score.valid, s.reward) for s in result.samples}
 
 

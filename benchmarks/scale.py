@@ -44,7 +44,8 @@ import numpy as np  # noqa: E402
 
 from rlpa_jax.runtime import parallel  # noqa: E402
 from rlpa_jax.config.tree import TrainConfig, load_config  # noqa: E402
-from rlpa_jax.generation.sampler import LAYOUTS, Sampler, SamplingLayout, SamplingParams, bucket  # noqa: E402
+from rlpa_jax.generation.layout import LAYOUTS, SamplingLayout  # noqa: E402
+from rlpa_jax.generation.sampler import Sampler, SamplingParams, bucket  # noqa: E402
 from rlpa_jax.model.hf import load_config as load_model_config  # noqa: E402
 from rlpa_jax.model.qwen2 import Qwen2Config, init_params  # noqa: E402
 from rlpa_jax.rl.experience import Experience, ForwardPasses  # noqa: E402

@@ -24,7 +24,6 @@ from eval_launch_worker import device_get_of_own_arrays
 
 from rlpa_jax.app import build, jobs
 from rlpa_jax.config.tree import load_config
-from rlpa_jax.model import hf
 from rlpa_jax.model.qwen2 import Qwen2Config, init_params
 from rlpa_jax.rl.metrics import MetricsLog
 from rlpa_jax.runtime import hf_export, multihost, parallel
@@ -156,13 +155,14 @@ def scenario_wait(out_dir: Path) -> dict:
 
 REPO = Path(__file__).resolve().parents[1]
 # A short SFT warm start and two PPO iterations of the embedded world, small: 16 conversations in 2 pipeline groups of 8 (one
-# row per device of the 8-device mesh, so each of 2 processes plays 4 of every group), 2 turns.
+# row per device of the 8-device mesh, so each of 2 processes plays 4 of every group), 2 turns, the second
+# continuing the first's prompt cache.
 PPO_OVERRIDES = [
     "model.tiny.hidden_size=64", "model.tiny.intermediate_size=128", "model.tiny.vocab_size=600",
     "model.tiny.num_layers=1", "rollout.prompt_buckets=[256]", "rollout.max_prompt_tokens=256",
     "data.num_personas=64", "rollout.conversations=16", "rollout.pipeline_groups=2", "rollout.max_rounds=2",
     "rollout.samples_per_prompt=2", "rollout.max_new_tokens=24", "rollout.eval_conversations=8",
-    "rollout.prefix_cache=false", "ppo.iterations=2", "ppo.epochs=1", "ppo.train_batch_size=32",
+    "rollout.prefix_cache=true", "ppo.iterations=2", "ppo.epochs=1", "ppo.train_batch_size=32",
     "ppo.micro_batch_size=16",
     # The in-run SFT warm start, short: 4 dialogues of 2 turns, every step on all 8 examples.
     "sft.enabled=true", "sft.steps=2", "sft.batch_size=8", "sft.num_dialogues=4",

@@ -159,7 +159,7 @@ def test_every_problem_is_reported_at_once(tmp_path):
         "ppo.actor_lr: expected a number, got 'fast'": from_override + "'ppo.actor_lr=fast')",
         "mesh.tensor: expected an integer >= 1, or -1 (all remaining devices), got 0": from_override + "'mesh.tensor=0')",
         "ppo.train_batch_size=128 must be a multiple of ppo.micro_batch_size=48":
-            f"(ppo.train_batch_size from default; ppo.micro_batch_size from command-line override 'ppo.micro_batch_size=48')",
+            "(ppo.train_batch_size from default; ppo.micro_batch_size from command-line override 'ppo.micro_batch_size=48')",
     }
     for start, source in expected.items():
         line = next((line for line in lines[1:] if line.strip().startswith(start)), None)

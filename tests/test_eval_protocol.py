@@ -44,7 +44,6 @@ from rlpa_jax.eval.protocol import (
     extended_personas,
     run_protocol,
 )
-from rlpa_jax.model import hf
 from rlpa_jax.model.qwen2 import Qwen2Config, init_params
 from rlpa_jax.model.tokenizer import load_tokenizer, train_tiny_tokenizer
 from rlpa_jax.offline.teacher import teacher_turn
@@ -71,7 +70,7 @@ def params():
 
 @pytest.fixture(scope="module")
 def policy(tokenizer_dir, params):
-    return JaxPolicy(params, TINY, load_tokenizer(tokenizer_dir), load_prompt("policy_system_tiny"), "tiny-random",
+    return JaxPolicy.from_params(params, TINY, load_tokenizer(tokenizer_dir), load_prompt("policy_system_tiny"), "tiny-random",
                      **POLICY_OPTIONS)
 
 
@@ -123,18 +122,19 @@ def test_jax_policy_per_conversation_prompts_share_one_program(policy, personas)
     histories = [[Message("user", "Hello")], [Message("user", "Hello"), Message("assistant", "Hi! How are you?"),
                                               Message("user", "I work as a nurse.")], [Message("user", "Hey there")]]
     other = policy.with_system_prompt("Chat briefly and kindly with the user.", name="other-prompt")
-    assert other.generator is policy.generator and other.params is policy.params and other.name == "other-prompt"
-    compiled = policy.generator.compile_count
+    assert other.engine is policy.engine and other.name == "other-prompt"
+    compiled = policy.engine.compile_count
     mixed = asyncio.run(policy.respond_with_system_prompts(
         histories, [policy.system_prompt, other.system_prompt, policy.system_prompt]))
     alone = asyncio.run(policy.respond(histories))
     alone_other = asyncio.run(other.respond(histories))
     assert [mixed[0], mixed[2]] == [alone[0], alone[2]] and mixed[1] == alone_other[1]
-    assert policy.generator.compile_count == max(compiled, 1)  # one bucket, one batch size: one program
-    chunked = JaxPolicy(policy.params, TINY, policy.tokenizer, policy.system_prompt, "chunked", **POLICY_OPTIONS,
-                        max_batch_size=2, generator=policy.generator)
+    assert policy.engine.compile_count == max(compiled, 1)  # one bucket, one batch size: one program
+    chunked = JaxPolicy(policy.engine, policy.tokenizer, policy.system_prompt, "chunked",
+                        max_new_tokens=policy.sampling.max_new_tokens, max_prompt_tokens=policy.max_prompt_tokens,
+                        max_batch_size=2)
     assert asyncio.run(chunked.respond(histories)) == alone
-    assert policy.generator.compile_count == max(compiled, 1) + 1  # chunks of 2, the last one padded
+    assert policy.engine.compile_count == max(compiled, 1) + 1  # chunks of 2, the last one padded
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,13 +154,13 @@ def test_policy_on_a_mesh_answers_as_on_one_device(policy, params, personas):
     expected_second = policy.generate_texts(second)
     # The prefix cache keeps what fits below the new suffix's block of the smallest bucket.
     for options in ({}, {"max_batch_size": 2}, {"prefix_cache": True, "prompt_buckets": (64, 128, 256)}):
-        on_mesh = JaxPolicy(placed, TINY, policy.tokenizer, policy.system_prompt, "on-mesh", mesh=mesh,
-                            **(POLICY_OPTIONS | options))
+        on_mesh = JaxPolicy.from_params(placed, TINY, policy.tokenizer, policy.system_prompt, "on-mesh", mesh=mesh,
+                                        **(POLICY_OPTIONS | options))
         assert on_mesh.share(USERS) == list(range(USERS))  # one process plays every user
         assert on_mesh.generate_texts(first) == expected_first, options
         assert on_mesh.generate_texts(second) == expected_second, options
         assert on_mesh.generate_texts([]) == []
-    assert on_mesh.prefix_sampler.counts["reused_rows"] == USERS  # the second turn continued the first
+    assert on_mesh.engine.prefix_sampler.counts["reused_rows"] == USERS  # the second turn continued the first
 
 
 def test_vanilla_runs_and_is_reproducible(policy, personas):
@@ -444,8 +444,8 @@ def test_policy_from_checkpoint_reads_the_actor(tmp_path, params, tokenizer_dir,
     save_checkpoint(tmp_path / "run" / ("checkpoints" if trainer_format else "sft"), params, tokenizer_dir,
                     trainer_format)
     policy = JaxPolicy.from_checkpoint(tmp_path / "run", **POLICY_OPTIONS)  # the run directory is enough
-    jax.tree.map(np.testing.assert_array_equal, policy.params, params)
-    assert policy.model_config == TINY and policy.name.endswith("@7")
+    jax.tree.map(np.testing.assert_array_equal, policy.engine.params, params)
+    assert policy.engine.model_config == TINY and policy.name.endswith("@7")
     expected_prompt = load_prompt("policy_system" if trainer_format else "policy_system_tiny")
     assert policy.system_prompt == expected_prompt
     with pytest.raises(FileNotFoundError, match="step 3"):
@@ -476,8 +476,8 @@ def test_policy_loading_errors_name_the_path(tmp_path):
 def test_policy_from_hf_directory(tmp_path, params, tokenizer_dir):
     hf_export.export_hf(params, TINY, tmp_path / "hf", tokenizer_dir=tokenizer_dir)
     policy = JaxPolicy.from_hf(tmp_path / "hf", prompt_name="policy_system_tiny", **POLICY_OPTIONS)
-    jax.tree.map(np.testing.assert_allclose, policy.params, params)
-    assert policy.name == "hf" and policy.model_config.vocab_size == 512
+    jax.tree.map(np.testing.assert_allclose, policy.engine.params, params)
+    assert policy.name == "hf" and policy.engine.model_config.vocab_size == 512
 
 
 def test_command_line_writes_table_json_and_png(tmp_path, params, tokenizer_dir, policy, personas):

@@ -17,7 +17,6 @@ from multihost_launch import DEADLINE_S, REPO, finish, run_worker, start_process
 from safetensors.numpy import load_file
 
 from rlpa_jax.dialogue.llm.cache import ResponseCache
-from rlpa_jax.model import hf
 from rlpa_jax.runtime import hf_export, multihost, parallel
 
 # ---------------------------------------------------------------------------------------------

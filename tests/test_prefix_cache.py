@@ -12,11 +12,13 @@ from rlpa_jax.dialogue.users.scripted import ScriptedUser
 from rlpa_jax.eval.policies import JaxPolicy
 from rlpa_jax.eval.protocol import run_protocol
 from rlpa_jax.generation.prefix_cache import PrefixSampler, common_prefix_lengths, plan_prefill
+from rlpa_jax.generation.engine import GenerationEngine
 from rlpa_jax.generation.sampler import Sampler, SamplingParams, pad_prompts
 from rlpa_jax.model.qwen2 import Qwen2Config, init_params, unstack_layers
 from rlpa_jax.model.tokenizer import load_tokenizer, stop_token_ids, train_tiny_tokenizer
 from rlpa_jax.rl.environment import Environment, start_conversations
 from rlpa_jax.rl.rollout import Rollout
+from rlpa_jax.runtime import parallel
 
 PAD, STOP = 0, 1
 BUCKETS = (16, 32, 64, 96)
@@ -45,13 +47,21 @@ SECOND = [
 ]
 
 
+def continue_prompts(sampler, params, prompts, previous, key, sampling, batch_multiple=1):
+    """One process, no mesh: `prompts` in rows 0.. of a call padded to `batch_multiple` rows."""
+    rows = -(-len(prompts) // batch_multiple) * batch_multiple
+    placed = dict(enumerate(prompts))
+    plan = plan_prefill(placed, list(range(rows)), rows, previous, PAD, BUCKETS)
+    return sampler(params, plan, previous, rows, placed, key, sampling)
+
+
 def full_and_continued(model, sampling, key):
     """(full prefill, continued) generations of SECOND, and the sampler that continued."""
     config, params = model
     sampler = Sampler(config, (STOP,), PAD)
     continuing = PrefixSampler(config, (STOP,), PAD)
-    _, kept = continuing(params, FIRST, None, key, sampling, BUCKETS)
-    continued, cache = continuing(params, SECOND, kept, key, sampling, BUCKETS)
+    _, kept = continue_prompts(continuing, params, FIRST, None, key, sampling)
+    continued, cache = continue_prompts(continuing, params, SECOND, kept, key, sampling)
     full = sampler(params, *pad_prompts(SECOND, PAD, BUCKETS), key, sampling)
     return jax.device_get(full), jax.device_get(continued), continuing, cache
 
@@ -82,7 +92,7 @@ def test_kept_cache_entries_equal_a_full_prefills(model):
     config, params = model
     sampling = SamplingParams(max_new_tokens=4, temperature=0)
     _, _, _, continued = full_and_continued(model, sampling, jax.random.key(0))
-    _, fresh = PrefixSampler(config, (STOP,), PAD)(params, SECOND, None, jax.random.key(0), sampling, BUCKETS)
+    _, fresh = continue_prompts(PrefixSampler(config, (STOP,), PAD), params, SECOND, None, jax.random.key(0), sampling)
     for row in range(len(SECOND)):
         for name in ("k", "v"):
             np.testing.assert_allclose(np.asarray(continued.cache[name][:, row, continued.slots[row]]),
@@ -106,9 +116,9 @@ def test_per_layer_parameters_keep_a_per_layer_cache_and_continue_the_same(model
 
 def test_plan_lays_out_kept_prefixes_then_left_padded_suffixes(model):
     config, params = model
-    _, kept = PrefixSampler(config, (STOP,), PAD)(params, FIRST, None, jax.random.key(0),
-                                                   SamplingParams(max_new_tokens=2, temperature=0), BUCKETS)
-    plan = plan_prefill(SECOND, kept, PAD, BUCKETS, batch_multiple=3)
+    _, kept = continue_prompts(PrefixSampler(config, (STOP,), PAD), params, FIRST, None, jax.random.key(0),
+                               SamplingParams(max_new_tokens=2, temperature=0))
+    plan = plan_prefill(dict(enumerate(SECOND)), range(6), 6, kept, PAD, BUCKETS)
     assert plan.full_length == 96 and plan.suffix_tokens.shape == (6, 64)  # longest suffix: the fresh row's 50
     assert plan.source_rows[[0, 1, 3]].tolist() == [2, 0, 3]
     assert plan.kept.tolist() == [22, 32, 0, 30, 0, 0]  # row 1's 40 shared tokens shrink to K = 96 - 64
@@ -138,16 +148,19 @@ def sharp_tiny_model():
 
 def rollout_samples(tokenizer, prefix_cache: bool, temperature: float):
     config, params = sharp_tiny_model()
-    sampler = Sampler(config, stop_token_ids(tokenizer), tokenizer.pad_token_id)
+    # Rows split over 2 devices: padding rows, and prefixes copied on each device from its own block.
+    mesh = parallel.make_mesh(parallel.MeshConfig(data=1, fsdp=2, tensor=1), jax.devices()[:2])
+    engine = GenerationEngine(config, stop_token_ids(tokenizer), tokenizer.pad_token_id, mesh=mesh,
+                              prompt_buckets=(64, 128, 256), prefix_cache=prefix_cache)
+    engine.sync(params)
     # A short prompt limit: later turns drop their oldest exchanges, so prefixes diverge early.
     environment = Environment(tokenizer, load_prompt("policy_system_tiny"), ScriptedUser(), EmbeddedProfileJudge(),
                               EmbeddedResponseJudge(), max_prompt_tokens=200)
-    prefix = PrefixSampler.like(sampler) if prefix_cache else None
-    rollout = Rollout(environment, sampler, SamplingParams(max_new_tokens=16, temperature=temperature, num_samples=2),
-                      max_rounds=5, prompt_buckets=(64, 128, 256), groups=2, batch_multiple=2, prefix_sampler=prefix)
+    rollout = Rollout(environment, engine, SamplingParams(max_new_tokens=16, temperature=temperature, num_samples=2),
+                      max_rounds=5, groups=2)
     conversations = start_conversations(synthetic_personas(5, seed=1), ScriptedUser(), [10, 11, 12, 13, 14])
-    result = rollout.run(params, conversations, jax.random.key(3))
-    return result, prefix
+    result = rollout.run(conversations, jax.random.key(3))
+    return result, engine.prefix_sampler
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
@@ -173,7 +186,7 @@ def test_evaluation_dialogues_with_the_prefix_cache_are_the_same(tokenizer):
     personas = synthetic_personas(3, seed=5)
     results, policies = [], []
     for prefix_cache in (False, True):
-        policy = JaxPolicy(params, config, tokenizer, load_prompt("policy_system_tiny"), "tiny", max_new_tokens=16,
+        policy = JaxPolicy.from_params(params, config, tokenizer, load_prompt("policy_system_tiny"), "tiny", max_new_tokens=16,
                            prompt_buckets=(64, 128, 256), max_prompt_tokens=256, max_batch_size=2,
                            prefix_cache=prefix_cache)
         # Profile checks after turns 3 and 6 are calls on copies of the histories, between turns.
@@ -182,6 +195,6 @@ def test_evaluation_dialogues_with_the_prefix_cache_are_the_same(tokenizer):
         policies.append(policy)
     assert results[1].transcripts == results[0].transcripts
     assert results[1].profile_scores == results[0].profile_scores
-    counts = policies[1].prefix_sampler.counts
+    counts = policies[1].engine.prefix_sampler.counts
     # Histories past 256 tokens get truncated (then little is shared), yet a third is reused.
     assert counts["rows"] == 3 * (7 + 2) and counts["prefilled_tokens"] < 0.8 * counts["full_tokens"]

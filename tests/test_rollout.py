@@ -15,7 +15,8 @@ from rlpa_jax.dialogue.llm.client import LLMClient, LLMConfig
 from rlpa_jax.dialogue.personas import synthetic_personas
 from rlpa_jax.dialogue.profile import ProfileItem
 from rlpa_jax.dialogue.users.scripted import ScriptedUser
-from rlpa_jax.generation.sampler import Sampler, SamplingParams
+from rlpa_jax.generation.engine import GenerationEngine
+from rlpa_jax.generation.sampler import SamplingParams
 from rlpa_jax.model.qwen2 import Qwen2Config, init_params
 from rlpa_jax.model.tokenizer import load_tokenizer, stop_token_ids, train_tiny_tokenizer
 from rlpa_jax.rl.environment import Environment, reward_of, start_conversations
@@ -97,12 +98,13 @@ def test_environment_with_item_credit_says_which_items_matched(tokenizer):
 def run_rollout(tokenizer, groups, seed=0):
     config = Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2)
     params = init_params(config, jax.random.key(0))
-    sampler = Sampler(config, stop_token_ids(tokenizer), tokenizer.pad_token_id)
-    rollout = Rollout(make_environment(tokenizer), sampler, SamplingParams(max_new_tokens=12, num_samples=3), max_rounds=3,
-                      prompt_buckets=(64, 128, 256), groups=groups)
+    engine = GenerationEngine(config, stop_token_ids(tokenizer), tokenizer.pad_token_id, prompt_buckets=(64, 128, 256))
+    engine.sync(params)
+    rollout = Rollout(make_environment(tokenizer), engine, SamplingParams(max_new_tokens=12, num_samples=3), max_rounds=3,
+                      groups=groups)
     personas = synthetic_personas(4, seed=1)
     conversations = start_conversations(personas, ScriptedUser(), [10, 11, 12, 13])
-    return rollout.run(params, conversations, jax.random.key(seed))
+    return rollout.run(conversations, jax.random.key(seed))
 
 
 def test_rollout_records_every_sample_and_continues_with_the_best(tokenizer):

@@ -10,13 +10,13 @@ from jax.sharding import PartitionSpec
 
 from rlpa_jax.generation.sampler import (
     Sampler,
-    SamplingLayout,
     SamplingParams,
     bucket,
     filter_logits,
     generate,
     pad_prompts,
 )
+from rlpa_jax.generation.layout import SamplingLayout
 from rlpa_jax.model import hf
 from rlpa_jax.model.qwen2 import forward, param_logical_axes
 from rlpa_jax.runtime import parallel

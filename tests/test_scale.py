@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from rlpa_jax.generation.sampler import LAYOUTS, SamplingLayout, SamplingParams, generate
+from rlpa_jax.generation.layout import LAYOUTS, SamplingLayout
+from rlpa_jax.generation.sampler import SamplingParams, generate
 from rlpa_jax.model.qwen2 import Qwen2Config, init_params
 from rlpa_jax.runtime import compiled_cost, parallel
 

@@ -18,7 +18,8 @@ from rlpa_jax.dialogue.judges.rules import EmbeddedProfileJudge, EmbeddedRespons
 from rlpa_jax.dialogue.personas import synthetic_personas
 from rlpa_jax.dialogue.users import user_state_from_json, user_state_to_json
 from rlpa_jax.dialogue.users.scripted import ScriptedUser
-from rlpa_jax.generation.sampler import Sampler, SamplingParams
+from rlpa_jax.generation.engine import GenerationEngine
+from rlpa_jax.generation.sampler import SamplingParams
 from rlpa_jax.model.qwen2 import Qwen2Config, init_params
 from rlpa_jax.model.tokenizer import load_tokenizer, stop_token_ids, train_tiny_tokenizer
 from rlpa_jax.rl.environment import Environment, start_conversations
@@ -161,14 +162,14 @@ def test_play_turn_advances_each_conversation_one_turn_at_its_own_index(tokenize
                          num_kv_heads=2)
     environment = Environment(tokenizer, load_prompt("policy_system_tiny"), ScriptedUser(), EmbeddedProfileJudge(),
                               EmbeddedResponseJudge(), max_prompt_tokens=256)
-    rollout = Rollout(environment, Sampler(config, stop_token_ids(tokenizer), tokenizer.pad_token_id),
-                      SamplingParams(max_new_tokens=8, num_samples=2), max_rounds=3, prompt_buckets=(64, 128, 256),
-                      groups=2)
+    engine = GenerationEngine(config, stop_token_ids(tokenizer), tokenizer.pad_token_id, prompt_buckets=(64, 128, 256))
+    engine.sync(init_params(config, jax.random.key(0)))
+    rollout = Rollout(environment, engine, SamplingParams(max_new_tokens=8, num_samples=2), max_rounds=3, groups=2)
     conversations = start_conversations(PERSONAS[:3], ScriptedUser(), [1, 2, 3], first_id=10)
     conversations[1].history += [Message("assistant", format_turn([], "How are you?")), Message("user", "Fine.")]
     turns = [turns_played(c) for c in conversations]
     assert turns == [0, 1, 0]
-    result = rollout.play_turn(init_params(config, jax.random.key(0)), conversations, turns, jax.random.key(1))
+    result = rollout.play_turn(conversations, turns, jax.random.key(1))
     assert len(result.samples) == 3 * 2 and result.stats["samples"] == 6
     assert sorted((s.conversation_id, s.turn) for s in result.samples if s.chosen) == [(10, 0), (11, 1), (12, 0)]
     assert [turns_played(c) for c in conversations] == [1, 2, 1]
@@ -217,7 +218,7 @@ def final_checkpoint(config):
 def test_an_interrupted_and_resumed_turn_run_equals_the_uninterrupted_one(tmp_path):
     whole = load_config(None, SMALL + [f"output_dir={tmp_path / 'whole'}"])
     trainer = build_trainer(whole)
-    trainer.rollout.generator = sampler = RecordingSampler(trainer.rollout.generator)
+    trainer.engine.sampler = sampler = RecordingSampler(trainer.engine.sampler)
     trainer.train()
     reference = ppo_records(whole)
     # The start-up memory check compiles the sampler for the largest call the pool makes: 3 slots in

@@ -18,8 +18,9 @@ from rlpa_jax.dialogue.profile import profile_f1
 from rlpa_jax.dialogue.text import is_flattery_heavy, near_duplicate, sentences
 from rlpa_jax.dialogue.users import revealed_items
 from rlpa_jax.dialogue.users.scripted import FLATTERY_COMPLAINTS, REPETITION_COMPLAINTS, ScriptedUser
+from rlpa_jax.generation.engine import GenerationEngine
 from rlpa_jax.model.qwen2 import Qwen2Config, forward, init_params
-from rlpa_jax.model.tokenizer import IM_END, load_tokenizer, train_tiny_tokenizer
+from rlpa_jax.model.tokenizer import IM_END, load_tokenizer, stop_token_ids, train_tiny_tokenizer
 from rlpa_jax.offline import sft, teacher
 
 CONFIG = Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
@@ -172,11 +173,14 @@ def test_short_sft_run_learns_the_turn_format(tokenizer):
     held_out = teacher.scripted_dialogues(synthetic_personas(16, seed=10_000), num_turns=2, seed=1)
     histories = [dialogue[index % 2][0] for index, dialogue in enumerate(held_out)]
     params = init_params(CONFIG, jax.random.key(0))
-    before = sft.well_formed_share(sft.greedy_turns(params, CONFIG, tokenizer, histories, max_new_tokens=96, system_prompt=SYSTEM))
+    engine = GenerationEngine(CONFIG, stop_token_ids(tokenizer), tokenizer.pad_token_id)
+    engine.sync(params)
+    before = sft.well_formed_share(sft.greedy_turns(engine, tokenizer, histories, max_new_tokens=96, system_prompt=SYSTEM))
 
     config = SFTConfig(enabled=True, steps=150, learning_rate=3e-3, batch_size=8, warmup_steps=10)
     params, history = sft.train_sft(params, CONFIG, examples, config, seed=0, progress=False)
-    after = sft.well_formed_share(sft.greedy_turns(params, CONFIG, tokenizer, histories, max_new_tokens=96, system_prompt=SYSTEM))
+    engine.sync(params)
+    after = sft.well_formed_share(sft.greedy_turns(engine, tokenizer, histories, max_new_tokens=96, system_prompt=SYSTEM))
 
     first, last = history[0]["loss"], np.mean([record["loss"] for record in history[-10:]])
     assert len(history) == 150 and np.isfinite(last)

@@ -244,9 +244,9 @@ def test_sampling_and_scoring_run_inside_the_mesh(tmp_path):
             return fn(*args, **kwargs)
         return wrapped
 
-    generator = trainer.rollout.generator
+    generator = trainer.engine.sampler
     generator._jitted = recording(generator._jitted, "sampler")
-    prefix = trainer.rollout.prefix_sampler  # rollout.prefix_cache (the default) samples through it
+    prefix = trainer.engine.prefix_sampler  # rollout.prefix_cache (the default) samples through it
     if prefix is not None:
         prefix._jitted, prefix._copy = recording(prefix._jitted, "sampler"), recording(prefix._copy, "sampler")
     forwards = trainer.build_experience.forwards
@@ -265,7 +265,7 @@ def test_a_run_that_would_not_fit_its_devices_stops_before_training(tmp_path):
     programs = trainer.memory_programs()
     assert [p.name for p in programs] == ["sampler", "scoring forward", "actor micro-batch step"]  # grpo: no critic
     # rollout.prefix_cache (the default) keeps one prompt cache per pipeline group beside the sampler.
-    assert trainer.config.rollout.prefix_cache and trainer.prefix_sampler is not None
+    assert trainer.config.rollout.prefix_cache and trainer.engine.keeps_prefixes
     full_prefills = build_trainer(small_config(tmp_path / "full", "mesh.fsdp=2", "mesh.data=2",
                                                "rollout.prefix_cache=false")).memory_programs()
     r, config = trainer.config.rollout, trainer.model_config

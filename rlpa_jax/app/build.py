@@ -23,7 +23,8 @@ from rlpa_jax.dialogue.chat import load_prompt
 from rlpa_jax.dialogue.llm.client import LLMCallError, client_from_section, run_sync
 from rlpa_jax.eval import baselines
 from rlpa_jax.eval.policies import ChatPolicy, JaxPolicy, Policy
-from rlpa_jax.generation.sampler import GENERATORS, Generator, build_generator
+from rlpa_jax.generation.engine import GenerationEngine
+from rlpa_jax.generation.sampler import GENERATORS
 from rlpa_jax.model import hf
 from rlpa_jax.model.qwen2 import Params, Qwen2Config, init_params
 from rlpa_jax.model.tokenizer import load_tokenizer, stop_token_ids, train_tiny_tokenizer
@@ -163,8 +164,12 @@ def build_environment(config: TrainConfig, tokenizer) -> Environment:
                        item_credit=item_credit, response_reference=config.judges.response_reference)
 
 
-def build_sampler(config: TrainConfig, model_cfg: Qwen2Config, tokenizer) -> Generator:
-    return build_generator(config.rollout.generator, model_cfg, stop_token_ids(tokenizer), tokenizer.pad_token_id)
+def build_engine(config: TrainConfig, model_cfg: Qwen2Config, tokenizer, mesh) -> GenerationEngine:
+    """The generation engine the rollouts sample the actor with (rollout.generator, .layout,
+    .prefix_cache, .prompt_buckets), on the run's mesh."""
+    r = config.rollout
+    return GenerationEngine(model_cfg, stop_token_ids(tokenizer), tokenizer.pad_token_id, mesh=mesh, layout=r.layout,
+                            prompt_buckets=r.prompt_buckets, generator=r.generator, prefix_cache=r.prefix_cache)
 
 
 def initial_actor(config: TrainConfig, model_cfg: Qwen2Config, mesh, tokenizer,
@@ -216,7 +221,7 @@ def build_trainer(config: TrainConfig) -> Trainer:
     probe_endpoints(environment)
     parts = TrainingParts(
         mesh=mesh, model_config=model_cfg, tokenizer_dir=tokenizer_dir(config).absolute(),
-        environment=environment, generator=build_sampler(config, model_cfg, tokenizer),
+        environment=environment, engine=build_engine(config, model_cfg, tokenizer, mesh),
         train_personas=train_personas, eval_personas=eval_personas,
         initial_actor=lambda: initial_actor(config, model_cfg, mesh, tokenizer, train_personas))
     return Trainer(config, parts)

@@ -90,8 +90,8 @@ def sft(config: TrainConfig) -> dict:
     personas = build.build_personas(config, "eval")[:HELD_OUT_HISTORIES]
     dialogues = teacher.scripted_dialogues(personas, rollout.max_rounds, seed=config.seed + 1)
     histories = [dialogue[index % len(dialogue)][0] for index, dialogue in enumerate(dialogues)]
-    texts = sft_training.greedy_turns(params, model_config, tokenizer, histories, rollout.max_new_tokens,
-                                      load_prompt(rollout.system_prompt), rollout.generator)
+    texts = sft_training.greedy_turns(synced_engine(config, model_config, tokenizer, mesh, params), tokenizer,
+                                      histories, rollout.max_new_tokens, load_prompt(rollout.system_prompt))
     summary = {
         "examples": int(len(target_lengths)),
         "steps": config.sft.steps,
@@ -134,12 +134,19 @@ def warn_on_system_prompt_change(config: TrainConfig) -> None:
                     directory, trained_with, config.rollout.system_prompt)
 
 
-def judged_greedy_turns(config: TrainConfig, params, model_config, tokenizer, held_out, system_prompt) -> dict:
+def synced_engine(config: TrainConfig, model_config, tokenizer, mesh, params):
+    """The run's generation engine holding `params` (a stand-alone job's greedy check)."""
+    engine = build.build_engine(config, model_config, tokenizer, mesh)
+    engine.sync(params)
+    return engine
+
+
+def judged_greedy_turns(config: TrainConfig, params, model_config, tokenizer, mesh, held_out, system_prompt) -> dict:
     """Well-formed share and response-judge pass rate of greedy turns after held-out histories."""
     personas = [persona for persona, _ in held_out]
     histories = [history for _, history in held_out]
-    texts = sft_training.greedy_turns(params, model_config, tokenizer, histories, config.rollout.max_new_tokens,
-                                      system_prompt, config.rollout.generator)
+    engine = synced_engine(config, model_config, tokenizer, mesh, params)
+    texts = sft_training.greedy_turns(engine, tokenizer, histories, config.rollout.max_new_tokens, system_prompt)
     parsed = [parse_turn(text) for text in texts]
     formed = [index for index, turn in enumerate(parsed) if turn.well_formed]
     _, response_judge = judges.build_judges(config.judges)
@@ -200,7 +207,7 @@ def dpo(config: TrainConfig, settings: DPOSettings) -> dict:
                                              progress=config.logging.progress_bar)
     train_s = time.perf_counter() - started
     held_out_policy = dpo_training.preference_logps(params, model_config, held_out_examples, settings.batch_size, mesh)
-    generation = judged_greedy_turns(config, params, model_config, tokenizer, held_out_histories, system_prompt)
+    generation = judged_greedy_turns(config, params, model_config, tokenizer, mesh, held_out_histories, system_prompt)
 
     last = history[-10:]
     summary = {

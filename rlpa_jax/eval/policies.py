@@ -19,14 +19,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import jax
-import numpy as np
 
 from rlpa_jax.dialogue.chat import (
     Message,
@@ -39,26 +37,17 @@ from rlpa_jax.dialogue.chat import (
 from rlpa_jax.dialogue.llm.client import LLMCallError, LLMClient
 from rlpa_jax.dialogue.profile import ProfileItem
 from rlpa_jax.dialogue.text import visible_reply_text
-from rlpa_jax.eval.shares import RowShare
-from rlpa_jax.generation.prefix_cache import PrefixSampler, PromptCache
-from rlpa_jax.generation.sampler import (
-    Generator,
-    SamplingLayout,
-    SamplingParams,
-    bucket,
-    build_generator,
-    left_pad,
-    pad_prompts,
-)
+from rlpa_jax.generation.engine import GenerationEngine
+from rlpa_jax.generation.sampler import SamplingParams
 from rlpa_jax.model import hf
 from rlpa_jax.model.qwen2 import Params, Qwen2Config
 from rlpa_jax.model.tokenizer import load_tokenizer, stop_token_ids
-from rlpa_jax.runtime import multihost, parallel
+from rlpa_jax.runtime import parallel
 from rlpa_jax.runtime.checkpoint import Checkpointer, checkpoint_directory, model_config_from_meta, restore_actor_params
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PROMPT_BUCKETS = (128, 256, 512, 1024, 2048, 4096)
+DEFAULT_PROMPT_BUCKETS = (128, 256, 512, 1024, 2048, 4096)  # our model's prompts: system prompt and a dialogue
 DEFAULT_PROMPT_NAME = "policy_system"
 
 
@@ -112,98 +101,64 @@ def history_message(turn: PolicyTurn) -> Message:
 
 
 class JaxPolicy:
-    """Our parameters + a Generator (the jitted sampler): all conversations in one sampler call.
+    """Our model through a generation engine: all conversations in one call (or one per
+    `max_batch_size`), greedy by default.
 
-    With prefix_cache, each call keeps its prompts' KV cache and the next call prefills only what
-    its prompts add to them (prefix_cache.py; the same tokens as a full prefill): a dialogue's turn
-    t+1 continues its turn t. The kept cache is valid for `params` only and stays on the device
-    while the policy lives (one per max_batch_size chunk).
+    With prefix_cache (the engine's), each call keeps its prompts' KV cache and the next call
+    prefills only what its prompts add to them (generation/prefix_cache.py; the same tokens as a
+    full prefill): a dialogue's turn t+1 continues its turn t. The kept cache is valid for the
+    engine's parameters and stays on the device while the policy lives.
 
-    With a `mesh` (params placed on it, e.g. by from_checkpoint(mesh=...)), the sampler reads the
-    parameters in the rollout's sampling layout (`layout`, once) and every call's rows are split
-    over the mesh's data x fsdp devices (padded to a multiple of them). With several processes the
-    caller hands each process only its own conversations (`share`) and every process makes the
-    same sampler calls in the same order (they are collectives: an empty share still calls), each
-    placing its conversations in its own rows and reading back only those (RowShare.calls); the
-    prefix cache is off then (the same tokens; its kept rows are not split over processes).
+    On a mesh the engine samples the parameters in the rollout's sampling layout and splits every
+    call's rows over the mesh's data x fsdp devices. With several processes the caller hands each
+    process only its own conversations (`share`) and every process makes the same calls in the
+    same order (they are collectives: an empty share still calls); generation/placement.py.
     """
 
     def __init__(
         self,
-        params: Params,
-        model_config: Qwen2Config,
+        engine: GenerationEngine,
         tokenizer: Any,
         system_prompt: str,
         name: str,
         max_new_tokens: int = 128,
         temperature: float = 0.0,
         two_part: bool = True,
-        prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS,
         *,
         max_prompt_tokens: int = 4096,
         max_batch_size: int | None = None,
         seed: int = 0,
-        generator: Generator | None = None,
-        generator_kind: str = "jax",
-        prefix_cache: bool = False,
-        prefix_sampler: PrefixSampler | None = None,
-        mesh: Any = None,
-        layout: str = "replicated",
-        sampler_params: Params | None = None,
     ) -> None:
-        self.params = params
-        self.model_config = model_config
-        self.tokenizer = tokenizer
-        self.system_prompt = system_prompt
-        self.name = name
-        self.sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature)
-        self.two_part = two_part
-        self.prompt_buckets = tuple(prompt_buckets)
-        self.max_prompt_tokens = max_prompt_tokens
         if max_batch_size is not None and max_batch_size < 1:
             raise ValueError(f"JaxPolicy: max_batch_size must be >= 1 or None, got {max_batch_size}")
-        self.max_batch_size = max_batch_size
-        self.seed = seed
-        self.generator = generator or build_generator(generator_kind, model_config, stop_token_ids(tokenizer),
-                                                      tokenizer.pad_token_id)
+        self.engine, self.tokenizer, self.system_prompt, self.name = engine, tokenizer, system_prompt, name
+        self.sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature)
+        self.two_part, self.max_prompt_tokens, self.max_batch_size, self.seed = two_part, max_prompt_tokens, max_batch_size, seed
         self._calls = itertools.count()
-        self.mesh, self.layout = mesh, layout
-        several = multihost.process_count() > 1
-        if several and mesh is None:
-            raise ValueError("JaxPolicy: several processes need a mesh (the sampler's rows span every process)")
-        if several and prefix_cache:
-            log.warning("the evaluation's prefix cache is off with several processes: every turn prefills its prompts "
-                        "in full (the same tokens)")
-            prefix_cache = False
-        # The parameters as the sampler reads them (the rollout's layout, resharded once on device).
-        self.sampler_params = params if mesh is None else (
-            sampler_params if sampler_params is not None else SamplingLayout(model_config, mesh, layout)(params))
-        self.row_share = None if mesh is None else RowShare(
-            self._row_indices, mesh.shape["data"] * mesh.shape["fsdp"], max_batch_size)
-        self.prefix_sampler = (prefix_sampler or PrefixSampler.like(self.generator)) if prefix_cache else None
-        self._kept: dict[int, PromptCache] = {}  # chunk start -> that chunk's prompt cache from the last call
-        self._kept_lock = threading.Lock()  # calls run in worker threads; the kept caches are one chain
+        self._cache_key = object()  # this policy's prefix-cache chains in the (shared) engine
+
+    @classmethod
+    def from_params(cls, params: Params, model_config: Qwen2Config, tokenizer: Any, system_prompt: str, name: str,
+                    *args: Any, mesh: Any = None, layout: str = "replicated",
+                    prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS, generator_kind: str = "jax",
+                    prefix_cache: bool = False, **kw: Any) -> "JaxPolicy":
+        """A policy over `params` (placed on `mesh` when given) with an engine of its own."""
+        engine = GenerationEngine(model_config, stop_token_ids(tokenizer), tokenizer.pad_token_id, mesh=mesh,
+                                  layout=layout, prompt_buckets=prompt_buckets, generator=generator_kind,
+                                  prefix_cache=prefix_cache)
+        engine.sync(params)
+        return cls(engine, tokenizer, system_prompt, name, *args, **kw)
 
     def with_system_prompt(self, system_prompt: str, name: str | None = None) -> "JaxPolicy":
-        """The same model (shared parameters and compiled programs) under another system prompt."""
-        return JaxPolicy(self.params, self.model_config, self.tokenizer, system_prompt, name or self.name,
-                         self.sampling.max_new_tokens, self.sampling.temperature, self.two_part, self.prompt_buckets,
-                         max_prompt_tokens=self.max_prompt_tokens, max_batch_size=self.max_batch_size,
-                         seed=self.seed, generator=self.generator, prefix_cache=self.prefix_sampler is not None,
-                         prefix_sampler=self.prefix_sampler, mesh=self.mesh, layout=self.layout,
-                         sampler_params=self.sampler_params)
+        """The same model (shared engine: parameters and compiled programs) under another system prompt."""
+        return JaxPolicy(self.engine, self.tokenizer, system_prompt, name or self.name, self.sampling.max_new_tokens,
+                         self.sampling.temperature, self.two_part, max_prompt_tokens=self.max_prompt_tokens,
+                         max_batch_size=self.max_batch_size, seed=self.seed)
 
     def share(self, count: int) -> list[int]:
         """The conversations of `count` this process answers: all of them in one process, else
-        those whose sampler rows land on its devices (eval/shares.py)."""
-        return list(range(count)) if self.row_share is None else self.row_share.conversations(count)
-
-    def _row_indices(self, rows: int) -> np.ndarray:
-        return multihost.local_row_indices(parallel.batch_sharding(self.mesh, 2), (rows, 1))
-
-    def _put_rows(self, array: np.ndarray) -> jax.Array:
-        """Rows every process holds whole (one process: the prefix cache's host arrays) onto the mesh."""
-        return multihost.put_identical(array, parallel.batch_sharding(self.mesh, np.ndim(array)))
+        those whose rows land on its devices (generation/placement.py)."""
+        return self.engine.share(count, self.max_batch_size)
 
     def prompt_tokens(self, history: Sequence[Message], system_prompt: str | None = None) -> list[int]:
         system_prompt = self.system_prompt if system_prompt is None else system_prompt
@@ -212,64 +167,16 @@ class JaxPolicy:
     def generate_texts(self, histories: Sequence[Sequence[Message]],
                        system_prompts: Sequence[str] | None = None) -> list[str]:
         """Raw output text for every history (under its own system prompt when given): one
-        sampler call, or one per max_batch_size conversations when that is set (synchronous)."""
+        engine call (synchronous)."""
         prompts_text = system_prompts if system_prompts is not None else [self.system_prompt] * len(histories)
         if len(prompts_text) != len(histories):
             raise ValueError(f"JaxPolicy: {len(histories)} histories but {len(prompts_text)} system prompts")
         prompts = [self.prompt_tokens(history, prompt) for history, prompt in zip(histories, prompts_text)]
-        if self.mesh is not None and self.prefix_sampler is None:
-            return self._decode_rows(prompts)
-        chunk = self.max_batch_size or max(1, len(prompts))
-        return [text for start in range(0, len(prompts), chunk)
-                for text in self._decode(prompts[start:start + chunk], start)]
-
-    def _decode(self, prompts: list[list[int]], chunk_start: int = 0) -> list[str]:
         # Greedy decoding ignores the key; sampled decoding gets a fresh, reproducible one per call.
         key = jax.random.fold_in(jax.random.key(self.seed), next(self._calls))
-        if self.prefix_sampler is not None and self.mesh is not None:  # one process: rows over its devices
-            multiple = self.row_share.row_multiple
-            with self._kept_lock, parallel.activate(self.mesh):
-                generation, self._kept[chunk_start] = self.prefix_sampler(
-                    self.sampler_params, prompts, self._kept.pop(chunk_start, None), key, self.sampling,
-                    self.prompt_buckets, -(-(self.max_batch_size or 1) // multiple) * multiple, self._put_rows)
-                generation = multihost.gather(generation)
-        elif self.prefix_sampler is not None:
-            with self._kept_lock:
-                generation, self._kept[chunk_start] = self.prefix_sampler(
-                    self.params, prompts, self._kept.pop(chunk_start, None), key, self.sampling, self.prompt_buckets,
-                    self.max_batch_size or 1)
-                generation = multihost.gather(generation)
-        else:
-            # A short last chunk is padded to the chunk size, so every call reuses one program.
-            tokens, mask = pad_prompts(prompts, self.generator.pad_id, self.prompt_buckets,
-                                       batch_multiple=self.max_batch_size or 1)
-            generation = multihost.gather(self.generator(self.params, tokens, mask, key, self.sampling))
-        lengths = np.asarray(generation.lengths)
-        return [self.tokenizer.decode(generation.tokens[row, : lengths[row]], skip_special_tokens=True)
-                for row in range(len(prompts))]
-
-    def _decode_rows(self, prompts: list[list[int]]) -> list[str]:
-        """Texts for this process's `prompts` from sampler calls over the mesh: the calls every
-        process makes (RowShare.calls), each padded to a prompt bucket agreed over processes, this
-        process's prompts in its own rows; only those rows are read back (no collective)."""
-        rows, filled = self.row_share.calls(len(prompts))
-        parts = [prompts[sum(map(len, filled[:c])):][:len(mine)] for c, mine in enumerate(filled)]
-        lengths = multihost.agree_on_max(tuple(max(map(len, part), default=1) for part in parts)) if filled else ()
-        texts = []
-        for part, mine, longest in zip(parts, filled, lengths):
-            key = jax.random.fold_in(jax.random.key(self.seed), next(self._calls))
-            local = self._row_indices(rows)
-            placed = dict(zip(mine, part))
-            tokens, mask = left_pad([placed.get(int(row)) for row in local], bucket(longest, self.prompt_buckets),
-                                    self.generator.pad_id)
-            sharding = parallel.batch_sharding(self.mesh, 2)
-            with parallel.activate(self.mesh):
-                generation = self.generator(self.sampler_params, multihost.global_from_local_rows(tokens, sharding, rows),
-                                            multihost.global_from_local_rows(mask, sharding, rows), key, self.sampling)
-            out_tokens, out_lengths = (multihost.rows_by_index(array) for array in (generation.tokens, generation.lengths))
-            texts += [self.tokenizer.decode(out_tokens[row][: int(out_lengths[row])], skip_special_tokens=True)
-                      for row in mine]
-        return texts
+        generated = self.engine.generate(prompts, self.sampling, key, cache_key=self._cache_key,
+                                         max_batch_size=self.max_batch_size)
+        return [self.tokenizer.decode(samples[0].tokens, skip_special_tokens=True) for samples in generated.completions]
 
     async def respond(self, histories: Sequence[Sequence[Message]]) -> list[PolicyTurn]:
         # The device work runs in a thread so judges and users of other work keep going meanwhile.
@@ -320,7 +227,7 @@ class JaxPolicy:
         prompt = system_prompt if system_prompt is not None else load_prompt(
             prompt_name or meta.get("system_prompt") or fallback_prompt_name)
         policy_name = name or f"{directory.parent.name}/{directory.name}@{found_step}"
-        return cls(params, model_config, load_tokenizer(tokenizer_dir), prompt, policy_name, **kw)
+        return cls.from_params(params, model_config, load_tokenizer(tokenizer_dir), prompt, policy_name, **kw)
 
     @classmethod
     def from_hf(
@@ -345,7 +252,7 @@ class JaxPolicy:
         params, model_config = hf.load_params(directory, shardings=shardings)
         prompt = system_prompt if system_prompt is not None else load_prompt(prompt_name or DEFAULT_PROMPT_NAME)
         tokenizer = load_tokenizer(tokenizer_dir or directory)
-        return cls(params, model_config, tokenizer, prompt, name or directory.name, **kw)
+        return cls.from_params(params, model_config, tokenizer, prompt, name or directory.name, **kw)
 
 
 # ---------------------------------------------------------------------------------------------

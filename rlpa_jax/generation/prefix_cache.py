@@ -39,13 +39,15 @@ with full prefills).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections import Counter
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, PartitionSpec
 
 from rlpa_jax.generation.sampler import (
     Generation,
@@ -56,7 +58,15 @@ from rlpa_jax.generation.sampler import (
     empty_cache,
     is_per_layer,
 )
-from rlpa_jax.model.qwen2 import Cache, Params, Qwen2Config, forward, positions_from_mask
+from rlpa_jax.model.qwen2 import (
+    CACHE_AXES,
+    Cache,
+    Params,
+    Qwen2Config,
+    forward,
+    positions_from_mask,
+)
+from rlpa_jax.runtime import parallel
 
 log = logging.getLogger(__name__)
 
@@ -69,20 +79,23 @@ class PromptCache:
     # lists of (rows, T, kv_heads, head_dim) for SamplingLayout's per-layer weights, one stacked
     # (layers, rows, T, kv_heads, head_dim) array each for stacked ones.
     cache: Cache
-    prompts: list[np.ndarray]  # each prompt's tokens (row i of the cache holds prompt i)
-    slots: list[np.ndarray]  # each prompt's cache slots, in token order
+    rows: int  # the rows of the call that made it (how they split over devices)
+    prompts: dict[int, np.ndarray]  # by global row: the prompt each of this process's rows holds
+    slots: dict[int, np.ndarray]  # by global row: that prompt's cache slots, in token order
 
 
 @dataclasses.dataclass(frozen=True)
 class PrefillPlan:
-    """Host arrays for one call: which kept entries to copy and which suffix tokens to prefill."""
+    """Host arrays for this process's rows of one call (`rows_here` order): which kept entries to
+    copy and which suffix tokens to prefill."""
 
-    source_rows: np.ndarray  # (rows,) int32: the kept row each prompt copies its prefix from
-    source_slots: np.ndarray  # (rows, K) int32: its slots there, right-aligned (0 in holes)
-    kept_mask: np.ndarray  # (rows, K) bool
-    kept: np.ndarray  # (rows,) int32: prefix tokens reused per row
-    suffix_tokens: np.ndarray  # (rows, S) int32, left-padded
-    suffix_mask: np.ndarray  # (rows, S) bool
+    rows_here: list[int]  # the global rows these arrays fill
+    source_rows: np.ndarray  # (rows_here,) int32: the kept row each prompt copies its prefix from
+    source_slots: np.ndarray  # (rows_here, K) int32: its slots there, right-aligned (0 in holes)
+    kept_mask: np.ndarray  # (rows_here, K) bool
+    kept: np.ndarray  # (rows_here,) int32: prefix tokens reused per row
+    suffix_tokens: np.ndarray  # (rows_here, S) int32, left-padded
+    suffix_mask: np.ndarray  # (rows_here, S) bool
     full_length: int  # T: the prompt slots a full prefill would use (K + S)
 
 
@@ -96,57 +109,82 @@ def common_prefix_lengths(prompt: np.ndarray, kept: Sequence[np.ndarray]) -> np.
     return lengths
 
 
-def plan_prefill(prompts: Sequence[Sequence[int]], previous: PromptCache | None, pad_id: int,
-                 length_buckets: Sequence[int], batch_multiple: int = 1) -> PrefillPlan:
-    """Match each prompt with its longest shared prefix among `previous`'s rows and lay out the rest.
+def block_start(row: int, rows: int, previous_rows: int, shards: int) -> int:
+    """The first kept row on the device that holds `row` of a `rows`-row call (rows split into
+    `shards` equal blocks, as the kept call's `previous_rows` are)."""
+    return (row * shards // rows) * previous_rows // shards
 
-    At least the last token of every prompt is prefilled (its logits start the decoding). Rows
-    added to reach `batch_multiple` are all padding, as in sampling.pad_prompts.
-    """
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("plan_prefill needs at least one prompt and no empty prompt")
-    prompts = [np.asarray(p, np.int32) for p in prompts]
-    rows = -(-len(prompts) // batch_multiple) * batch_multiple
-    source = np.zeros(rows, np.int32)
-    shared = np.zeros(rows, np.int64)
-    for i, prompt in enumerate(prompts):
-        if previous is not None and previous.prompts:
-            lengths = common_prefix_lengths(prompt, previous.prompts)
-            source[i] = int(np.argmax(lengths))
-            shared[i] = min(int(lengths[source[i]]), len(prompt) - 1)
-    lengths = np.array([len(p) for p in prompts] + [0] * (rows - len(prompts)))
-    full_length = bucket(int(lengths.max()), length_buckets)
+
+def match_prefixes(prompts: Mapping[int, np.ndarray], rows: int, previous: PromptCache | None,
+                   shards: int = 1) -> dict[int, tuple[int, int]]:
+    """For each row's prompt: (the kept row sharing its longest prefix, how many of its tokens to
+    reuse). Only kept rows on the same device are candidates (the copy is device-local); at least
+    the last token of every prompt is prefilled (its logits start the decoding)."""
+    matches = {}
+    for row, prompt in prompts.items():
+        if previous is None or not previous.prompts:
+            matches[row] = (0, 0)
+            continue
+        shard = row * shards // rows
+        candidates = [r for r in sorted(previous.prompts) if r * shards // previous.rows == shard]
+        if not candidates:
+            matches[row] = (block_start(row, rows, previous.rows, shards), 0)
+            continue
+        lengths = common_prefix_lengths(prompt, [previous.prompts[r] for r in candidates])
+        best = int(np.argmax(lengths))
+        matches[row] = (candidates[best], min(int(lengths[best]), len(prompt) - 1))
+    return matches
+
+
+def plan_prefill(prompts: Mapping[int, Sequence[int]], rows_here: Sequence[int], rows: int,
+                 previous: PromptCache | None, pad_id: int, length_buckets: Sequence[int], shards: int = 1,
+                 agree: Callable[[tuple[int, ...]], tuple[int, ...]] = lambda values: values) -> PrefillPlan:
+    """Match each prompt (by global row; this process's rows `rows_here` of a `rows`-row call)
+    with its longest shared prefix among `previous`' rows and lay out the rest. Rows without a
+    prompt are all padding, as in sampler.left_pad. `agree` makes the lengths that set the
+    program's shapes the same on every process (multihost.agree_on_max; one process: as they are)."""
+    prompts = {row: np.asarray(p, np.int32) for row, p in prompts.items()}
+    if any(len(p) == 0 for p in prompts.values()):
+        raise ValueError("plan_prefill: a prompt is empty")
+    matches = match_prefixes(prompts, rows, previous, shards)
+    unshared = [len(p) - matches[row][1] for row, p in prompts.items()]
+    longest, most_unshared, any_shared = agree((max(map(len, prompts.values()), default=1), max(unshared, default=0),
+                                                int(any(shared for _, shared in matches.values()))))
+    full_length = bucket(longest, length_buckets)
     # The suffix block fits the longest unshared part, rounded up to a multiple of the smallest
     # bucket (rounding to the buckets themselves would leave much less room for the kept
     # prefixes); prefixes longer than the rest of T shrink. Nothing shared: a full prefill.
     granularity = min(length_buckets)
-    suffix_length = full_length
-    if shared.max() > 0:
-        suffix_length = min(-(-int((lengths - shared).max()) // granularity) * granularity, full_length)
+    suffix_length = min(-(-most_unshared // granularity) * granularity, full_length) if any_shared else full_length
     kept_length = full_length - suffix_length
-    kept = np.minimum(shared, kept_length).astype(np.int32)
 
-    source_slots = np.zeros((rows, kept_length), np.int32)
-    kept_mask = np.zeros((rows, kept_length), bool)
-    suffix_tokens = np.full((rows, suffix_length), pad_id, np.int32)
-    suffix_mask = np.zeros((rows, suffix_length), bool)
-    for i, prompt in enumerate(prompts):
+    here = len(rows_here)
+    previous_rows = previous.rows if previous is not None else rows
+    source = np.array([matches[row][0] if row in prompts else block_start(row, rows, previous_rows, shards)
+                       for row in rows_here], np.int32)
+    kept = np.array([min(matches[row][1], kept_length) if row in prompts else 0 for row in rows_here], np.int32)
+    source_slots = np.zeros((here, kept_length), np.int32)
+    kept_mask = np.zeros((here, kept_length), bool)
+    suffix_tokens = np.full((here, suffix_length), pad_id, np.int32)
+    suffix_mask = np.zeros((here, suffix_length), bool)
+    for i, row in enumerate(rows_here):
+        if row not in prompts:
+            continue
         k = int(kept[i])
         if k:
-            source_slots[i, kept_length - k:] = previous.slots[source[i]][:k]
+            source_slots[i, kept_length - k:] = previous.slots[int(source[i])][:k]
             kept_mask[i, kept_length - k:] = True
-        suffix = prompt[k:]
+        suffix = prompts[row][k:]
         suffix_tokens[i, suffix_length - len(suffix):] = suffix
         suffix_mask[i, suffix_length - len(suffix):] = True
-    return PrefillPlan(source, source_slots, kept_mask, kept, suffix_tokens, suffix_mask, full_length)
+    return PrefillPlan(list(rows_here), source, source_slots, kept_mask, kept, suffix_tokens, suffix_mask, full_length)
 
 
-def prompt_slots(plan: PrefillPlan, count: int) -> list[np.ndarray]:
-    """Where each of the first `count` rows' prompt tokens sit in the cache the plan builds."""
+def prompt_slots(plan: PrefillPlan, i: int) -> np.ndarray:
+    """Where the prompt tokens of the plan's i-th row sit in the cache the plan builds."""
     kept_length, full_length = plan.source_slots.shape[1], plan.full_length
-    return [np.concatenate([np.arange(kept_length - plan.kept[i], kept_length),
-                            np.arange(full_length - plan.suffix_mask[i].sum(), full_length)]).astype(np.int32)
-            for i in range(count)]
+    return np.concatenate([np.arange(kept_length - plan.kept[i], kept_length),
+                           np.arange(full_length - plan.suffix_mask[i].sum(), full_length)]).astype(np.int32)
 
 
 def copy_prefixes(previous: Cache, source_rows: jax.Array, source_slots: jax.Array) -> Cache:
@@ -157,6 +195,27 @@ def copy_prefixes(previous: Cache, source_rows: jax.Array, source_slots: jax.Arr
     if is_per_layer(previous):
         return constrain_cache({k: [x[source_rows[:, None], source_slots] for x in v] for k, v in previous.items()})
     return constrain_cache({k: v[:, source_rows[:, None], source_slots] for k, v in previous.items()})
+
+
+def copy_prefixes_by_device(mesh: Mesh, previous: Cache, source_rows: jax.Array, source_slots: jax.Array) -> Cache:
+    """copy_prefixes where rows are split over several devices: every row copies from a kept row
+    on its own device (match_prefixes picks only those), so each device gathers from its own block
+    and no cache entry crosses devices (a global gather would move the whole kept cache)."""
+    row_axis = 0 if is_per_layer(previous) else 1
+    axes = CACHE_AXES[1:] if row_axis == 0 else CACHE_AXES  # as constrain_cache lays the cache out
+    cache_specs = jax.tree.map(lambda x: parallel.logical_to_spec(axes, x.shape, mesh), previous)
+    row_axes = jax.tree.leaves(cache_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))[0][row_axis]
+    index_spec = PartitionSpec(row_axes)
+
+    def local(cache, rows, slots):
+        block = jax.tree.leaves(cache)[0].shape[row_axis]
+        rows = rows - (jax.lax.axis_index(row_axes) * block if row_axes is not None else 0)
+        if row_axis == 0:
+            return jax.tree.map(lambda x: x[rows[:, None], slots], cache)
+        return jax.tree.map(lambda x: x[:, rows[:, None], slots], cache)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(cache_specs, index_spec, index_spec),
+                         out_specs=cache_specs)(previous, source_rows, source_slots)
 
 
 def _write_kept(cache: Cache, kept_cache: Cache, kept_length: int) -> Cache:
@@ -211,60 +270,63 @@ def generate_continuing(
 
 
 class PrefixSampler:
-    """Samples prompt batches that continue earlier ones, keeping the jitted program and counters.
+    """Samples prompt batches that continue earlier ones, keeping the jitted programs and counters.
 
-    Counters (`counts`, summed over calls): rows; reused_rows (rows that kept a prefix);
-    kept_tokens; prefilled_tokens (real tokens run through the model); full_tokens (what a full
-    prefill runs: every prompt token); prefilled_slots and full_slots (the same with padding:
+    Counters (`counts`, summed over calls, this process's rows): rows; reused_rows (rows that kept
+    a prefix); kept_tokens; prefilled_tokens (real tokens run through the model); full_tokens (what
+    a full prefill runs: every prompt token); prefilled_slots and full_slots (the same with padding:
     rows x S against rows x T).
     """
 
-    def __init__(self, config: Qwen2Config, stop_ids: Sequence[int], pad_id: int):
+    def __init__(self, config: Qwen2Config, stop_ids: Sequence[int], pad_id: int, mesh: Mesh | None = None):
         self.config = config
         self.stop_ids = tuple(int(i) for i in stop_ids)
         self.pad_id = int(pad_id)
+        self.shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
         self._jitted = jax.jit(generate_continuing, static_argnames=("config", "sampling", "stop_ids", "pad_id"))
-        self._copy = jax.jit(copy_prefixes)
+        self._copy = jax.jit(copy_prefixes if self.shards == 1 else functools.partial(copy_prefixes_by_device, mesh))
         self._signatures: set[tuple] = set()
         self.counts: Counter = Counter()
 
     @classmethod
-    def like(cls, generator) -> "PrefixSampler":
-        """One for the same model as a jax generator (sampling.Sampler: it names its config)."""
+    def like(cls, generator, mesh: Mesh | None = None) -> "PrefixSampler":
+        """One for the same model as a jax generator (sampler.Sampler: it names its config)."""
         if not isinstance(getattr(generator, "config", None), Qwen2Config):
             raise ValueError(f"rollout.prefix_cache=true needs the jax sampler (rollout.generator=jax); "
                              f"{type(generator).__name__} has no model config to reuse caches with")
-        return cls(generator.config, generator.stop_ids, generator.pad_id)
+        return cls(generator.config, generator.stop_ids, generator.pad_id, mesh)
 
     @property
     def compile_count(self) -> int:
         """Sampling programs compiled (the small prefix-copying programs are not counted)."""
         return len(self._signatures)
 
-    def __call__(self, params: Params, prompts: Sequence[Sequence[int]], previous: PromptCache | None,
-                 key: jax.Array, sampling: SamplingParams, length_buckets: Sequence[int], batch_multiple: int = 1,
-                 put_batch: Callable = lambda x: x) -> tuple[Generation, PromptCache]:
-        """Sample every prompt, reusing what `previous` (this group's last call, same parameters)
-        holds of it; returns the generation and the cache to pass next time."""
-        plan = plan_prefill(prompts, previous, self.pad_id, length_buckets, batch_multiple)
+    def __call__(self, params: Params, plan: PrefillPlan, previous: PromptCache | None, rows: int,
+                 prompts: Mapping[int, Sequence[int]], key: jax.Array, sampling: SamplingParams,
+                 put: Callable = lambda x, rows: x) -> tuple[Generation, PromptCache]:
+        """Sample the planned call (`put` places this process's rows of a host array into the
+        call's global batch), reusing what `previous` (this cache's last call, same parameters)
+        holds; returns the generation and the cache to pass next time."""
         self._count(plan, len(prompts))
         kept_cache = None
         if plan.source_slots.shape[1]:
-            kept_cache = self._copy(previous.cache, put_batch(plan.source_rows), put_batch(plan.source_slots))
-        signature = (plan.suffix_tokens.shape, plan.source_slots.shape[1], sampling)
+            kept_cache = self._copy(previous.cache, put(plan.source_rows, rows), put(plan.source_slots, rows))
+        signature = (rows, plan.suffix_tokens.shape[1], plan.source_slots.shape[1], sampling)
         if signature not in self._signatures:
             self._signatures.add(signature)
             log.info("prefix sampler: compiling for suffixes %s after %d kept slots (program %d)",
-                     plan.suffix_tokens.shape, plan.source_slots.shape[1], len(self._signatures))
+                     (rows, plan.suffix_tokens.shape[1]), plan.source_slots.shape[1], len(self._signatures))
         generation, cache = self._jitted(
             params, self.config, kept_cache,
-            *(put_batch(a) for a in (plan.kept_mask, plan.kept, plan.suffix_tokens, plan.suffix_mask)),
+            *(put(a, rows) for a in (plan.kept_mask, plan.kept, plan.suffix_tokens, plan.suffix_mask)),
             key, sampling, self.stop_ids, self.pad_id)
-        return generation, PromptCache(cache, [np.asarray(p, np.int32) for p in prompts], prompt_slots(plan, len(prompts)))
+        filled = [(i, row) for i, row in enumerate(plan.rows_here) if row in prompts]
+        return generation, PromptCache(cache, rows, {row: np.asarray(prompts[row], np.int32) for _, row in filled},
+                                       {row: prompt_slots(plan, i) for i, row in filled})
 
     def _count(self, plan: PrefillPlan, count: int) -> None:
-        rows = plan.suffix_tokens.shape[0]
+        here = plan.suffix_tokens.shape[0]
         prefilled = int(plan.suffix_mask.sum())
-        self.counts.update(rows=count, reused_rows=int((plan.kept[:count] > 0).sum()), kept_tokens=int(plan.kept.sum()),
+        self.counts.update(rows=count, reused_rows=int((plan.kept > 0).sum()), kept_tokens=int(plan.kept.sum()),
                            prefilled_tokens=prefilled, full_tokens=prefilled + int(plan.kept.sum()),
-                           prefilled_slots=rows * plan.suffix_tokens.shape[1], full_slots=rows * plan.full_length)
+                           prefilled_slots=here * plan.suffix_tokens.shape[1], full_slots=here * plan.full_length)

@@ -13,13 +13,12 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import jax
 import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save_file
 
 from rlpa_jax.model.qwen2 import Head, Params, Qwen2Config, init_params, param_logical_axes
 

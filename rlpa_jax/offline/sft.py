@@ -32,12 +32,12 @@ from rlpa_jax.config.tree import SFTConfig, TrainConfig
 from rlpa_jax.dialogue import chat
 from rlpa_jax.dialogue.chat import Message, load_prompt, parse_turn
 from rlpa_jax.dialogue.personas import Persona
-from rlpa_jax.generation.sampler import SamplingParams, bucket, build_generator, pad_prompts
+from rlpa_jax.generation.engine import GenerationEngine
+from rlpa_jax.generation.sampler import SamplingParams, bucket
 from rlpa_jax.model.qwen2 import Params, Qwen2Config, forward
-from rlpa_jax.model.tokenizer import IM_END, stop_token_ids
+from rlpa_jax.model.tokenizer import IM_END
 from rlpa_jax.offline import teacher
 from rlpa_jax.offline.teacher import Dialogue
-from rlpa_jax.runtime import multihost
 from rlpa_jax.training.fit import fit
 from rlpa_jax.training.forwards import output_embedding, token_logprobs_and_entropy
 from rlpa_jax.training.losses import LossTerms
@@ -241,30 +241,23 @@ def warm_start(params: Params, model_config: Qwen2Config, tokenizer: Tokenizer, 
 
 
 def greedy_turns(
-    params: Params,
-    config: Qwen2Config,
+    engine: GenerationEngine,
     tokenizer: Tokenizer,
     histories: Sequence[Sequence[Message]],
     max_new_tokens: int = 128,
     system_prompt: str | None = None,
-    generator_kind: str = "jax",
 ) -> list[str]:
-    """The greedy policy turn after each history, decoded up to (not including) its stop token.
-
-    One sampler call over every history, a global program: with several processes every one
-    calls it with the same histories, and every one gets every turn (gathered)."""
+    """The greedy policy turn after each history, decoded up to (not including) its stop token,
+    sampled by `engine` (synced with the policy's parameters). With several processes every one
+    calls it with the same histories, and every one gets every turn."""
     system_prompt = load_prompt("policy_system") if system_prompt is None else system_prompt
     prompts = [prompt_token_ids(tokenizer, history, system_prompt) for history in histories]
-    tokens, mask = pad_prompts(prompts, tokenizer.pad_token_id, PROMPT_LENGTH_BUCKETS)
-    stop_ids = stop_token_ids(tokenizer)
-    generator = build_generator(generator_kind, config, stop_ids, tokenizer.pad_token_id)
-    generation = multihost.gather(generator(params, tokens, mask, jax.random.key(0),
-                                            SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)))
-    generated, lengths = np.asarray(generation.tokens), np.asarray(generation.lengths)
+    completions = engine.generate_everywhere(prompts, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0),
+                                             jax.random.key(0))
     texts = []
-    for row in range(len(prompts)):
-        ids = [int(i) for i in generated[row, : lengths[row]]]
-        if ids and ids[-1] in stop_ids:
+    for samples in completions:
+        ids = [int(i) for i in samples[0].tokens]
+        if ids and ids[-1] in engine.stop_ids:
             ids = ids[:-1]
         texts.append(tokenizer.decode(ids, skip_special_tokens=False))
     return texts

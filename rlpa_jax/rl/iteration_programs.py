@@ -26,17 +26,17 @@ def iteration_programs(trainer) -> list[memory_check.Program]:
     prompt = bucket(r.max_prompt_tokens, r.prompt_buckets)
     calls = math.ceil(r.conversations / r.pipeline_groups)
     prompts = (-(-calls // trainer.row_multiple) * trainer.row_multiple, prompt)
-    sampler_params = trainer.sampling_layout.abstract(actor)  # per-layer copy, or the actor's own (training)
+    sampler_params = trainer.engine.layout.abstract(actor)  # per-layer copy, or the actor's own (training)
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=parallel.replicated(mesh))
     # A resharded copy is the program's argument while the training state stays resident.
     beside_sampler = resident if sampler_params is not actor else resident - memory_check.per_device_bytes(actor)
-    if trainer.prefix_sampler is not None and trainer.pool is None:
+    if trainer.engine.keeps_prefixes and trainer.pool is None:
         # rollout.prefix_cache: every pipeline group keeps its last prompt cache across turns, and
         # a call's new one is made while its group's old one is still held: groups + 1 caches.
         beside_sampler += memory_check.kept_prompt_cache_bytes(trainer.model_config, mesh, prompts[0], prompt,
                                                                r.pipeline_groups + 1)
     programs = [memory_check.Program(
-        "sampler", trainer.generator.lower(sampler_params, memory_check.rows(mesh, prompts, np.int32),
+        "sampler", trainer.engine.lower(actor, memory_check.rows(mesh, prompts, np.int32),
                                         memory_check.rows(mesh, prompts, np.bool_), key, trainer.sampling),
         beside_sampler,
         "Lower rollout.conversations / raise rollout.pipeline_groups (rows per sampler call), lower "

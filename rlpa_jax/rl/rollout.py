@@ -1,32 +1,29 @@
 """The host-side multi-turn rollout loop: conversations in flight, n samples per turn, best-of-n.
 
-Each turn, a group of conversations is rendered into prompts, sampled n times in one jitted
-sampler call, parsed and scored by the judges, continued with its best sample, and answered by
-the simulated users in one batch. Groups run as concurrent coroutines: while one group waits for
-the device (in a worker thread), the others talk to judges and users, so host calls for one group
-overlap device work for another. Every sample becomes one PPO experience.
+Each turn, a group of conversations is rendered into prompts, sampled n times in one call of the
+generation engine, parsed and scored by the judges, continued with its best sample, and answered
+by the simulated users in one batch. Groups run as concurrent coroutines: while one group waits
+for the device (in a worker thread), the others talk to judges and users, so host calls for one
+group overlap device work for another. Every sample becomes one PPO experience.
 
-With a PrefixSampler, each group keeps its prompts' KV cache from one turn to the next and
-prefills only what the next prompts add (prefix_cache.py). That cache lives for one `run`: the
-parameters are fixed within a rollout, and an update changes them.
+With the engine's prefix cache on, each group's calls within one `run` form a cache chain: a turn
+prefills only what its prompts add to the group's previous turn (generation/prefix_cache.py). The
+chain lives for one `run`: the parameters are fixed within a rollout, and an update changes them.
 
-With several processes (multihost.py), every process knows every conversation of the iteration but
-plays only those whose sampler rows land on its own devices (`row_indices`): it renders their
-prompts, places them as its rows of the global batch (`place_rows`), reads back its own rows of
-the samples, and makes their judge and user calls. A conversation keeps its row for the whole
-rollout (a stopped one becomes a padding row), so rows and the sampler's random draws are those of
-the one-process run as long as no simulated user fails. Every sampler call is a collective: groups
-then run one after the other, in the same order on every process (not as concurrent coroutines,
-whose device calls would come in an order set by judge latency). The sampled turns are exchanged
-at the end, so every process returns all of them, in the one-process order. play_turn (the `turn`
-schedule) places its groups' rows the same way; it returns every sampled turn but updates only the
-conversations this process played (the trainer's pool exchanges the rest, rl/schedule.py).
+With several processes the engine serves only this process's share of every group (the
+conversations whose rows land on its devices): the process renders their prompts, makes their
+judge and user calls, and every engine call is a collective, so groups run one after the other,
+in the same order on every process. The sampled turns are exchanged at the end, so every process
+returns all of them, in the one-process order. play_turn (the `turn` schedule) returns every
+sampled turn but updates only the conversations this process played (the trainer's pool
+exchanges the rest, rl/schedule.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import time
 from collections import Counter
 from typing import Sequence
@@ -36,12 +33,12 @@ import numpy as np
 
 from rlpa_jax.dialogue.chat import PROFILE_CLOSE, Message, ParsedTurn, assistant_message
 from rlpa_jax.dialogue.judges import TurnScore
-from rlpa_jax.generation.prefix_cache import PrefixSampler, PromptCache
-from rlpa_jax.generation.sampler import Generator, SamplingParams, bucket, left_pad, pad_prompts
-from rlpa_jax.model.qwen2 import Params
+from rlpa_jax.generation.engine import GenerationEngine
+from rlpa_jax.generation.sampler import SamplingParams
 from rlpa_jax.rl.environment import Conversation, Environment, reward_of
 from rlpa_jax.rl.item_credit import token_item_credit
 from rlpa_jax.runtime import multihost
+
 
 # Rollout counters that are totals over every process's conversations.
 COUNTED = ("prompt_tokens", "prefilled_tokens", "generated_tokens", "user_failures")
@@ -95,70 +92,77 @@ class RolloutResult:
 
 class Rollout:
     """Runs conversations for `max_rounds` turns (run) or one turn (play_turn) and returns every
-    sampled turn."""
+    sampled turn. The engine must hold the parameters to sample with (`engine.sync`)."""
 
-    def __init__(self, environment: Environment, generator: Generator, sampling: SamplingParams, max_rounds: int,
-                 prompt_buckets: Sequence[int], groups: int = 2, batch_multiple: int = 1, put_batch=None,
-                 prefix_sampler: PrefixSampler | None = None, place_rows=None, row_indices=None):
-        self.environment, self.generator, self.sampling = environment, generator, sampling
-        self.max_rounds, self.prompt_buckets, self.groups = max_rounds, tuple(prompt_buckets), groups
-        self.batch_multiple = batch_multiple
-        self.put_batch = put_batch or (lambda x: x)  # places prompt arrays on the mesh when there is one
-        self.prefix_sampler = prefix_sampler  # None: every turn prefills its prompts in full
+    _runs = itertools.count()  # each run's prefix-cache chains are its own
+
+    def __init__(self, environment: Environment, engine: GenerationEngine, sampling: SamplingParams, max_rounds: int,
+                 groups: int = 2):
+        self.environment, self.engine, self.sampling = environment, engine, sampling
+        self.max_rounds, self.groups = max_rounds, groups
         self.timings: Counter = Counter()
-        # Several processes: (this process's rows, global row count) -> the global batch, and
-        # global row count -> which rows land on this process's devices (trainer.py).
-        self.place_rows, self.row_indices = place_rows, row_indices
 
-    def run(self, params: Params, conversations: list[Conversation], key: jax.Array) -> RolloutResult:
+    def run(self, conversations: list[Conversation], key: jax.Array) -> RolloutResult:
         self.timings = Counter()
         start = time.perf_counter()
         groups = [conversations[g::self.groups] for g in range(self.groups)]
         groups = [g for g in groups if g]
-        if multihost.process_count() > 1:
-            if self.prefix_sampler is not None:
-                raise ValueError("a rollout over several processes runs without rollout.prefix_cache")
-            self._require_row_placement()
-            mine, played = asyncio.run(self._run_groups_in_order(params, groups, key))
-            return self._result(_in_order(mine), conversations, start, played)
-        samples = asyncio.run(self._run_groups(params, groups, key))
-        return self._result(samples, conversations, start)
+        run = next(self._runs)
+        mine, played = self._play_groups([
+            (lambda g=g, group=group: self._run_group(group, g, jax.random.fold_in(key, g), (run, g)))
+            for g, group in enumerate(groups)])
+        return self._result(mine, conversations, start, played)
 
-    def play_turn(self, params: Params, conversations: list[Conversation], turns: Sequence[int],
-                  key: jax.Array) -> RolloutResult:
+    def play_turn(self, conversations: list[Conversation], turns: Sequence[int], key: jax.Array) -> RolloutResult:
         """One turn of each conversation (the `turn` schedule's pool, each at its own `turns[i]`):
         sampled, scored, continued with its best sample and answered by its user. The pool is split
-        into the same pipeline groups as run()'s, so a sampler call has as many rows as there. Full
+        into the same pipeline groups as run()'s, so a call has as many rows as there. Full
         prefills, no prompt cache: the parameters change between one turn and the next.
 
-        With several processes, each plays only its share of every group (its rows, as in run())
-        and returns every sampled turn; the conversations it did not play are left as they were
-        (`local_ids` names those it played: the caller brings the others up to date)."""
+        With several processes, each plays only its share of every group and returns every sampled
+        turn; the conversations it did not play are left as they were (`local_ids` names those it
+        played: the caller brings the others up to date)."""
         self.timings = Counter()
         start = time.perf_counter()
         slots = [list(range(g, len(conversations), self.groups)) for g in range(self.groups)]
         slots = [g for g in slots if g]
-        if multihost.process_count() > 1:
-            self._require_row_placement()
-            mine, played = asyncio.run(self._play_turn_in_order(params, conversations, turns, slots, key))
-            return self._result(_in_order(mine), conversations, start, played)
 
-        async def play() -> list[Sample]:
-            results = await asyncio.gather(*(
-                self._turn(params, [conversations[i] for i in g], [turns[i] for i in g], jax.random.fold_in(key, n))
-                for n, g in enumerate(slots)))
-            return [s for group_samples, _ in results for s in group_samples]
+        async def play_group(g: int, members: list[int]):
+            group = [conversations[i] for i in members]
+            positions = self.engine.share(len(group))
+            samples = await self._turn([group[i] for i in positions], [turns[members[i]] for i in positions],
+                                       jax.random.fold_in(key, g))
+            position_of = {group[i].conversation_id: i for i in positions}
+            pairs = [((g, position_of[s.conversation_id], s.sample_index), s) for s in samples]
+            return pairs, [group[i] for i in positions]
 
-        return self._result(asyncio.run(play()), conversations, start)
+        mine, played = self._play_groups([(lambda g=g, members=members: play_group(g, members))
+                                          for g, members in enumerate(slots)])
+        return self._result(mine, conversations, start, played)
 
-    def _result(self, samples: list[Sample], conversations: list[Conversation], start: float,
-                played: list[Conversation] | None = None) -> RolloutResult:
+    def _play_groups(self, coroutines) -> tuple[list[tuple[tuple, Sample]], list[Conversation]]:
+        """Every group's (order key, sample) pairs and the conversations this process played. The
+        groups run concurrently, or, when every engine call is a collective, one after the other in
+        the same order on every process (concurrent groups would call in an order set by latency)."""
+        async def play():
+            if self.engine.collective:
+                return [await make() for make in coroutines]
+            return await asyncio.gather(*(make() for make in coroutines))
+
+        results = asyncio.run(play())
+        return [pair for pairs, _ in results for pair in pairs], [c for _, group in results for c in group]
+
+    def _result(self, mine: list[tuple[tuple, Sample]], conversations: list[Conversation], start: float,
+                played: list[Conversation]) -> RolloutResult:
         self.timings["rollout_s"] = time.perf_counter() - start
-        stats = self._stats(samples)
-        # What the replies drew out of the users: profile F1 can only count what was revealed.
-        if played is None:
+        if not self.engine.collective:
+            samples = [sample for _, sample in sorted(mine, key=lambda pair: pair[0])]
+            stats = self._stats(samples)
+            # What the replies drew out of the users: profile F1 can only count what was revealed.
             stats["revealed_items"] = float(np.mean([len(c.user.revealed) for c in conversations])) if conversations else 0.0
             return RolloutResult(samples, conversations, stats)
+        samples = _in_order(mine)
+        stats = self._stats(samples)
         stats |= multihost.reduce_metrics({"revealed_items": sum(len(c.user.revealed) for c in played)},
                                           {"revealed_items": len(played)})
         # Token and failure counts over every process (the times stay this process's own).
@@ -168,123 +172,34 @@ class Rollout:
         stats["conversations_here"] = float(len(played))  # this process's share (per-process, not reduced)
         return RolloutResult(samples, conversations, stats, frozenset(c.conversation_id for c in played))
 
-    async def _run_groups(self, params, groups, key) -> list[Sample]:
-        results = await asyncio.gather(*(self._run_group(params, g, jax.random.fold_in(key, i)) for i, g in enumerate(groups)))
-        return [s for group_samples in results for s in group_samples]
-
-    async def _run_group(self, params, group: list[Conversation], key) -> list[Sample]:
-        samples: list[Sample] = []
-        kept: PromptCache | None = None  # this group's prompt cache from its last turn
-        for turn in range(self.max_rounds):
-            active = [c for c in group if c.active]
-            if not active:
-                break
-            turn_samples, kept = await self._turn(params, active, turn, jax.random.fold_in(key, turn), kept,
-                                                  keep=self.prefix_sampler is not None)
-            samples += turn_samples
-        return samples
-
-    async def _run_groups_in_order(self, params, groups, key):
-        """Several processes: this process's share of every group, the groups one after the other.
-        Returns ((order key, sample) for its sampled turns, the conversations it played)."""
-        mine, played = [], []
-        for g, group in enumerate(groups):
-            rows = -(-len(group) // self.batch_multiple) * self.batch_multiple
-            slots = [int(i) for i in self.row_indices(rows)]  # this process's rows, fixed for the rollout
-            positions = [i for i in slots if i < len(group)]
-            played += [group[i] for i in positions]
-            group_key = jax.random.fold_in(key, g)
+    async def _run_group(self, group: list[Conversation], g: int, key, cache_key):
+        """A group's dialogues to the end, this process's share of them; the group's calls are one
+        prefix-cache chain. Returns ((order key, sample) pairs, the conversations played)."""
+        positions = self.engine.share(len(group))
+        position_of = {group[i].conversation_id: i for i in positions}
+        mine = []
+        try:
             for turn in range(self.max_rounds):
-                active = [i for i in positions if group[i].active]
-                prompts = {i: self.environment.prompt_tokens(group[i].history) for i in active}
-                # One collective: whether any process still plays, and the prompt bucket of the call.
-                count, longest = multihost.agree_on_max((len(active), max(map(len, prompts.values()), default=0)))
-                if count == 0:
+                active = [group[i] for i in positions if group[i].active]
+                if not self.engine.any_left(len(active)):
                     break
-                samples = await self._turn_of_share(params, group, slots, rows, prompts, turn, bucket(
-                    longest, self.prompt_buckets), jax.random.fold_in(group_key, turn))
-                mine += [((g, s.turn, position, s.sample_index), s) for position, s in samples]
-        return mine, played
+                samples = await self._turn(active, [turn] * len(active), jax.random.fold_in(key, turn), cache_key)
+                mine += [((g, s.turn, position_of[s.conversation_id], s.sample_index), s) for s in samples]
+        finally:
+            self.engine.forget(cache_key)
+        return mine, [group[i] for i in positions]
 
-    async def _play_turn_in_order(self, params, conversations, turns, slots, key):
-        """Several processes: play_turn's groups (`slots`: indices into `conversations`) one after
-        the other, this process playing its rows of each. Returns ((order key, sample) for its
-        sampled turns, the conversations it played)."""
-        mine, played = [], []
-        for g, members in enumerate(slots):
-            group = [conversations[i] for i in members]
-            rows = -(-len(group) // self.batch_multiple) * self.batch_multiple
-            share = [int(i) for i in self.row_indices(rows)]
-            positions = [i for i in share if i < len(group)]
-            played += [group[i] for i in positions]
-            prompts = {i: self.environment.prompt_tokens(group[i].history) for i in positions}
-            (longest,) = multihost.agree_on_max((max(map(len, prompts.values()), default=0),))
-            samples = await self._turn_of_share(params, group, share, rows, prompts, [turns[i] for i in members],
-                                                bucket(longest, self.prompt_buckets), jax.random.fold_in(key, g))
-            mine += [((g, position, s.sample_index), s) for position, s in samples]
-        return mine, played
-
-    def _require_row_placement(self) -> None:
-        if self.row_indices is None or self.place_rows is None:
-            raise ValueError("a rollout over several processes needs row placement (place_rows, row_indices)")
-
-    async def _turn_of_share(self, params, group, slots, rows, prompts, turn, length, key):
-        """One sampler call over every process's rows; this process's conversations (`prompts`,
-        by position) scored and answered, at `turn` (or at `turn[position]` each). Returns
-        (position, sample) pairs."""
-        n = self.sampling.num_samples
-        t0 = time.perf_counter()
-        tokens, mask = left_pad([prompts.get(position) for position in slots], length, self.generator.pad_id)
-        self.timings["prompt_tokens"] += sum(map(len, prompts.values()))
-        self.timings["prefilled_tokens"] += sum(map(len, prompts.values()))
-        generation = self.generator(params, self.place_rows(tokens, rows), self.place_rows(mask, rows), key,
-                                    self.sampling)
-        by_row = await asyncio.to_thread(_rows_by_index, generation)
-        t1 = time.perf_counter()
-        positions = sorted(prompts)
-        conversations = [group[i] for i in positions]
-        sampled, generated = [], 0
-        for i in positions:
-            row = []
-            for j in range(n):
-                toks, lps, size = (by_row[name][i * n + j] for name in ("tokens", "logprobs", "lengths"))
-                row.append((toks[:size], lps[:size]))
-                generated += int(size)
-            sampled.append(row)
-        turns = [turn if isinstance(turn, int) else turn[i] for i in positions]
-        samples = await self._continue(conversations, turns, [prompts[i] for i in positions], sampled, t0, t1,
-                                       generated)
-        position_of = {c.conversation_id: i for c, i in zip(conversations, positions)}
-        return [(position_of[s.conversation_id], s) for s in samples]
-
-    def _sample_prompts(self, params, prompts: list[list[int]], key, kept: PromptCache | None, keep: bool):
-        """(generation, the prompt cache to keep, or None unless `keep`) for one turn's prompts."""
-        if keep:
-            before = self.prefix_sampler.counts["prefilled_tokens"]
-            generation, kept = self.prefix_sampler(params, prompts, kept, key, self.sampling, self.prompt_buckets,
-                                                   self.batch_multiple, self.put_batch)
-            self.timings["prefilled_tokens"] += self.prefix_sampler.counts["prefilled_tokens"] - before
-            return generation, kept
-        tokens, mask = pad_prompts(prompts, self.generator.pad_id, self.prompt_buckets, self.batch_multiple)
-        self.timings["prefilled_tokens"] += sum(map(len, prompts))
-        return self.generator(params, self.put_batch(tokens), self.put_batch(mask), key, self.sampling), None
-
-    async def _turn(self, params, conversations: list[Conversation], turn: int | Sequence[int], key,
-                    kept: PromptCache | None = None, keep: bool = False) -> tuple[list[Sample], PromptCache | None]:
-        n = self.sampling.num_samples
-        turns = [turn] * len(conversations) if isinstance(turn, int) else list(turn)  # one per conversation
+    async def _turn(self, conversations: list[Conversation], turns: list[int], key, cache_key=None) -> list[Sample]:
+        """One turn of `conversations` (each at its own turn): sampled, scored, continued, answered."""
         t0 = time.perf_counter()
         prompts = [self.environment.prompt_tokens(c.history) for c in conversations]
-        self.timings["prompt_tokens"] += sum(map(len, prompts))
-        generation, kept = self._sample_prompts(params, prompts, key, kept, keep)
+        pending = self.engine.submit(prompts, self.sampling, key, cache_key=cache_key)
         # Wait for the device in a thread, so other groups' host work proceeds meanwhile.
-        generation = await asyncio.to_thread(jax.device_get, generation)
+        generated = await asyncio.to_thread(pending.result)
         t1 = time.perf_counter()
-        rows = [[(generation.tokens[i * n + j, :generation.lengths[i * n + j]],
-                  generation.logprobs[i * n + j, :generation.lengths[i * n + j]]) for j in range(n)]
-                for i in range(len(conversations))]
-        samples = await self._continue(conversations, turns, prompts, rows, t0, t1, int(generation.lengths.sum()))
-        return samples, kept
+        self.timings.update(prompt_tokens=generated.prompt_tokens, prefilled_tokens=generated.prefilled_tokens)
+        rows = [[(c.tokens, c.logprobs) for c in samples] for samples in generated.completions]
+        return await self._continue(conversations, turns, prompts, rows, t0, t1, generated.generated_tokens)
 
     async def _continue(self, conversations, turns, prompts, rows, t0: float, t1: float,
                         generated_tokens: int) -> list[Sample]:
@@ -352,12 +267,6 @@ def _in_order(mine: list[tuple[tuple, Sample]]) -> list[Sample]:
     the one-process rollout returns them."""
     every = [part for parts in multihost.allgather_objects(mine) for part in parts]
     return [sample for _, sample in sorted(every, key=lambda part: part[0])]
-
-
-def _rows_by_index(generation) -> dict[str, dict[int, np.ndarray]]:
-    """This process's rows of a sampler call's outputs, by global row index (each output may be
-    laid out differently)."""
-    return {name: multihost.rows_by_index(getattr(generation, name)) for name in ("tokens", "logprobs", "lengths")}
 
 
 def _history_entry(sample: Sample) -> Message:

@@ -19,7 +19,7 @@ also holds the whole conversation pool: after each turn the processes exchange t
 they played (rl/schedule.py), so the pool, its statistics and its checkpoint item are the same
 everywhere.
 
-The trainer is handed its parts (`TrainingParts`: the environment, the generator, the personas,
+The trainer is handed its parts (`TrainingParts`: the environment, the generation engine, the personas,
 the initial policy) already built; rlpa_jax/app/build.py builds them from a config.
 """
 
@@ -43,9 +43,8 @@ from tqdm.auto import tqdm
 from rlpa_jax.config.tree import PPOConfig, TrainConfig, to_dict
 from rlpa_jax.dialogue.llm.usage import LLMMeter, progress_postfix
 from rlpa_jax.dialogue.personas import Persona
-from rlpa_jax.generation.prefix_cache import PrefixSampler
-from rlpa_jax.generation.sampler import Generator, SamplingLayout, SamplingParams
-from rlpa_jax.model import hf
+from rlpa_jax.generation.engine import GenerationEngine
+from rlpa_jax.generation.sampler import SamplingParams
 from rlpa_jax.model.qwen2 import Params, Qwen2Config, critic_params_from_policy, init_params
 from rlpa_jax.rl import advantages, memory_check, ppo
 from rlpa_jax.rl.environment import Environment, start_conversations
@@ -91,7 +90,7 @@ class TrainingParts:
     model_config: Qwen2Config
     tokenizer_dir: Path  # saved in checkpoint metadata, so a checkpoint names its tokenizer
     environment: Environment  # prompts, simulated users, judges
-    generator: Generator
+    engine: GenerationEngine  # samples the actor (rollouts and the held-out evaluation)
     train_personas: Sequence[Persona]
     eval_personas: Sequence[Persona]  # held-out users scored before and after PPO
     # The policy placed on the mesh, and the per-step records of its warm start (empty without one).
@@ -126,16 +125,10 @@ class Trainer:
         if p.micro_batch_size % self.row_multiple:
             raise ValueError(f"ppo.micro_batch_size={p.micro_batch_size} must be a multiple of mesh data*fsdp="
                              f"{self.row_multiple} (rows are split over those devices)")
-        self.generator = parts.generator
-        self.sampling_layout = SamplingLayout(self.model_config, self.mesh, r.layout)
-        self.sampling = SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k, r.samples_per_prompt)
         # Shared by the training and evaluation rollouts (one set of compiled programs); each
-        # rollout's caches live for that rollout only.
-        several = multihost.process_count() > 1
-        if several and r.prefix_cache:
-            # Same tokens either way; the cache's per-group bookkeeping is not split over processes.
-            log.warning("rollout.prefix_cache is off with several processes: every turn prefills its prompts in full")
-        self.prefix_sampler = PrefixSampler.like(self.generator) if r.prefix_cache and not several else None
+        # rollout's prefix caches live for that rollout only.
+        self.engine = parts.engine
+        self.sampling = SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k, r.samples_per_prompt)
         self.rollout = self._rollout(self.sampling)
 
         self.pool = (ConversationPool(r.conversations, parts.train_personas, parts.environment.user_sim, config.seed,
@@ -180,22 +173,11 @@ class Trainer:
 
     def _rollout(self, sampling: SamplingParams) -> Rollout:
         r = self.config.rollout
-        return Rollout(self.parts.environment, self.generator, sampling, r.max_rounds, r.prompt_buckets,
-                       r.pipeline_groups, self.row_multiple, self._put_batch, self.prefix_sampler,
-                       place_rows=self._place_rows, row_indices=self._row_indices)
+        return Rollout(self.parts.environment, self.engine, sampling, r.max_rounds, r.pipeline_groups)
 
     def _put_batch(self, array):
         """Rows every process holds whole (the gathered experience) onto the mesh."""
         return multihost.put_identical(array, parallel.batch_sharding(self.mesh, np.ndim(array)))
-
-    def _place_rows(self, local_rows, global_rows: int):
-        """The global batch of a sampler call from this process's own rows (rollout.py)."""
-        sharding = parallel.batch_sharding(self.mesh, np.ndim(local_rows))
-        return multihost.global_from_local_rows(local_rows, sharding, global_rows)
-
-    def _row_indices(self, global_rows: int):
-        """Which rows of a sampler call of `global_rows` rows land on this process's devices."""
-        return multihost.local_row_indices(parallel.batch_sharding(self.mesh, 2), (global_rows, 1))
 
     def initial_state(self) -> dict:
         actor, warm_start_history = self.parts.initial_actor()
@@ -269,14 +251,14 @@ class Trainer:
         return fresh_conversations(self.parts.train_personas, self.parts.environment.user_sim,
                                    cfg.rollout.conversations, cfg.seed, iteration, cfg.data.switch_turn)
 
-    def play(self, params: Params, iteration: int, key: jax.Array) -> RolloutResult:
+    def play(self, iteration: int, key: jax.Array) -> RolloutResult:
         """This iteration's rollout: whole new conversations, or one turn of every pool conversation
         (finished ones replaced first) with the pool's turn and turnover in the stats."""
         if self.pool is None:
-            return self.rollout.run(params, self.conversations(iteration), key)
+            return self.rollout.run(self.conversations(iteration), key)
         started = self.pool.refill()
         turns = self.pool.turns()
-        result = self.rollout.play_turn(params, self.pool.conversations, turns, key)
+        result = self.rollout.play_turn(self.pool.conversations, turns, key)
         if result.local_ids is not None:  # several processes: each played its share of the pool
             self.pool.take_peer_turns(result.local_ids)
             result.conversations = self.pool.conversations
@@ -288,14 +270,13 @@ class Trainer:
         cfg, p = self.config, self.config.ppo
         key = jax.random.fold_in(jax.random.key(cfg.seed), iteration)
         t0 = time.perf_counter()
-        sampler_params = jax.block_until_ready(self.sampling_layout(state["actor"].params))
+        self.engine.sync(state["actor"].params)
         weight_sync_s = time.perf_counter() - t0
-        # Inside the mesh: the model's logical constraints shard activations and the KV cache
-        # (outside it they are no-ops and XLA picks its own, far costlier, layouts).
         self.llm_meter.mark()
-        with parallel.activate(self.mesh):
-            result = self.play(sampler_params, iteration, key)
-        del sampler_params  # the sampling copy lives for the rollout only
+        try:
+            result = self.play(iteration, key)
+        finally:
+            self.engine.release()  # the sampling copy lives for the rollout only
         metrics = {k: v for k, v in result.stats.items()} | {"weight_sync_s": weight_sync_s} | self.llm_meter.interval()
         valid = [s for s in result.samples if s.score.valid]
         invalid_fraction = 1.0 - len(valid) / max(len(result.samples), 1)
@@ -332,8 +313,7 @@ class Trainer:
         metrics["update_s"] = time.perf_counter() - t1
         metrics["update_tokens_per_s"] = float(experience.attention_mask.sum()) * p.epochs / metrics["update_s"]
         metrics["output_scale"] = output_scale_ratio(state["actor"].params, state["reference"])
-        metrics["sampler_compiles"] = self.generator.compile_count + (
-            self.prefix_sampler.compile_count if self.prefix_sampler else 0)
+        metrics["sampler_compiles"] = self.engine.compile_count
         if p.adaptive_kl:
             kl_coef = float(ppo.adaptive_kl_coef(kl_coef, metrics["kl"], p.kl_target, p.kl_horizon, len(valid)))
         return state, metrics, kl_coef
@@ -375,8 +355,11 @@ class Trainer:
         rollout = self._rollout(sampling)
         seeds = [derived_seed(self.config.seed, -1, k) for k in range(len(personas))]
         conversations = start_conversations(personas, self.parts.environment.user_sim, seeds)
-        with parallel.activate(self.mesh):
-            result = rollout.run(self.sampling_layout(params), conversations, jax.random.key(self.config.seed + 7))
+        self.engine.sync(params)
+        try:
+            result = rollout.run(conversations, jax.random.key(self.config.seed + 7))
+        finally:
+            self.engine.release()
         keys = ("reward", "profile_f1", "response_reward", "well_formed", "revealed_items")
         metrics = {k: result.stats[k] for k in keys} | profile_by_turn(result.samples, result.conversations,
                                                                         result.local_ids)
