@@ -42,14 +42,14 @@ from rlpa_jax.app import build, cli
 from rlpa_jax.dialogue import users
 from rlpa_jax.dialogue.llm.client import LLMClient
 from rlpa_jax.dialogue.llm.usage import LLMMeter, processes_metrics, progress_postfix
-from rlpa_jax.eval.baselines import BASELINE_KINDS
+from rlpa_jax.eval.baselines import BASELINES
 from rlpa_jax.eval.plots import plot_al_curves, plot_profile_scores
-from rlpa_jax.eval.protocol import EvalResult, run_protocol
+from rlpa_jax.eval.protocol import run_protocol
 from rlpa_jax.eval.report import file_slug, format_table
+from rlpa_jax.eval.result import EvalResult
+from rlpa_jax.eval.settings import EVAL_SETTINGS
 from rlpa_jax.model.hf import CheckpointError
 from rlpa_jax.runtime import multihost
-
-SETTINGS = ("vanilla", "extended", "conflict", "long_term")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -58,11 +58,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="checkpoint directory, hf:<directory> or openai:<model>")
     parser.add_argument("--base-url", default=None, help="OpenAI-compatible endpoint for openai:<model>")
     parser.add_argument("--api-key-env", default="OPENAI_API_KEY", help="env var holding the key for openai:<model>")
-    parser.add_argument("--setting", default="vanilla", choices=SETTINGS)
+    parser.add_argument("--setting", default="vanilla", choices=list(EVAL_SETTINGS),
+                        help="; ".join(f"{name}: {setting.description}" for name, setting in EVAL_SETTINGS.items()))
     parser.add_argument("--config", type=Path, default=None, help="YAML config (default: configs/tiny.yaml)")
-    parser.add_argument("--baseline", default=None, choices=BASELINE_KINDS,
+    parser.add_argument("--baseline", default=None, choices=list(BASELINES),
                         help="wrap the policy in a prompting baseline (rlpa_jax/eval/baselines.py)")
-    parser.add_argument("--turns", type=int, default=None, help="dialogue length (default: 10; 70 for long_term)")
+    parser.add_argument("--turns", type=int, default=None,
+                        help="dialogue length (default: the setting's, " + ", ".join(
+                            f"{name} {setting.turns}" for name, setting in EVAL_SETTINGS.items()) + ")")
     parser.add_argument("--users", type=int, default=None, help="evaluate the first N personas (default: all)")
     parser.add_argument("--output", type=Path, default=Path("runs/eval"), help="directory for the JSON and PNGs")
     parser.add_argument("--compare", type=Path, nargs="*", default=[], help="earlier result JSONs to show alongside")
@@ -110,7 +113,7 @@ def evaluate(args: argparse.Namespace, config) -> int:
     json_path = result.save(args.output / f"{stem}.json")
     everything = [result, *compared]
     png_path = plot_al_curves(everything, args.output / f"{stem}.png")
-    print(format_table([r.to_json() for r in everything]))
+    print(format_table(everything))
     print(f"result: {json_path}\nfigure: {png_path}")
     if meter.clients:
         llm_totals = every_llm[0] if len(every_llm) == 1 else processes_metrics(every_llm)

@@ -20,7 +20,7 @@ from openai_server import OpenAIServer
 from rlpa_jax.dialogue.chat import Message, load_prompt
 from rlpa_jax.dialogue.llm.client import LLMClient, LLMConfig
 from rlpa_jax.eval.baselines import (
-    BASELINE_KINDS,
+    BASELINES,
     RAG,
     FewShotCoT,
     Reminder,
@@ -312,14 +312,14 @@ def test_rag_rejects_a_history_that_does_not_end_with_the_user() -> None:
 def test_make_baseline_builds_each_kind_and_rejects_unknown_ones() -> None:
     base = RecordingPolicy(echo_last_user)
     assert make_baseline("base", base) is base
-    built = {kind: make_baseline(kind, base) for kind in BASELINE_KINDS if kind != "base"}
+    built = {kind: make_baseline(kind, base) for kind in BASELINES if kind != "base"}
     assert {kind: type(policy) for kind, policy in built.items()} == {
         "reminder": Reminder, "self_critic": SelfCritic, "cot": FewShotCoT, "rag": RAG,
     }
     assert make_baseline("rag", base, top_k=3).name == "rag(top3)/fake"
     with pytest.raises(ValueError, match="unknown baseline kind 'fewshot'") as caught:
         make_baseline("fewshot", base)
-    assert all(kind in str(caught.value) for kind in BASELINE_KINDS)
+    assert all(kind in str(caught.value) for kind in BASELINES)
     with pytest.raises(ValueError, match="takes no options"):
         make_baseline("base", base, top_k=3)
 

@@ -1,11 +1,14 @@
-"""AL metrics: the paper's RLPA and SFT rows, unscored turns, constant curves, numpy cross-checks."""
+"""AL metrics: the paper's RLPA and SFT rows, unscored turns, constant curves, numpy cross-checks; the
+table of metrics, with a metric registered in it reaching the result, the report and the plot."""
 
 import math
 
 import numpy as np
 import pytest
 
-from rlpa_jax.eval import metrics
+from rlpa_jax.eval import metrics, plots
+from rlpa_jax.eval.report import format_table
+from rlpa_jax.eval.result import EvalResult
 
 # Table rows of the paper (AL(1..10), then N-IR and N-R2 as printed, to 3 decimals).
 PAPER_ROWS = {
@@ -86,3 +89,57 @@ def test_al_per_turn_rejects_non_binary_and_wrong_shapes():
         metrics.al_per_turn(np.array([[0.5, 1.0]]))
     with pytest.raises(ValueError, match=r"\(users, turns\)"):
         metrics.al_per_turn(np.array([1.0, 0.0]))
+
+
+# --- The table of AL metrics ---------------------------------------------------------------------
+
+
+def test_the_table_keeps_the_result_files_keys():
+    judgments = np.array([[1, 0, 1], [0, 1, np.nan]])
+    report = metrics.al_report(judgments)
+    assert list(metrics.AL_METRICS) == ["AVG", "N-IR", "N-R2"]
+    assert list(report.to_json()) == ["AL", "AVG", "N-IR", "N-R2", "unscored", "users"]
+    assert report.to_json() == metrics.summary(metrics.al_per_turn(judgments).al) | {"unscored": [0, 0, 1],
+                                                                                     "users": 2}
+    assert metrics.ALReport.from_json(report.to_json()) == report
+    with pytest.raises(ValueError, match="r.json.*lacks users"):
+        metrics.ALReport.from_json({"AL": [50.0], "unscored": [0]}, "r.json")
+
+
+# README "Extending": a new evaluation metric is one AL_METRICS entry.
+def half_gain(al):
+    half = len(al) // 2
+    return float(np.nanmean(al[len(al) - half:]) - np.nanmean(al[:half]))
+
+
+def test_a_metric_registered_in_the_table_reaches_the_result_the_report_and_the_plot(monkeypatch, tmp_path):
+    rng = np.random.default_rng(3)
+    judgments = (rng.random((7, 9)) < np.linspace(0.1, 0.9, 9)).astype(float)
+    judgments[rng.random((7, 9)) < 0.2] = np.nan
+    judgments[:, 4] = np.nan  # a turn nobody was scored at
+    before = EvalResult("before", "vanilla", judgments, metrics.al_report(judgments))
+    saved = before.save(tmp_path / "before.json")  # written while the table had no GAIN
+
+    gain = metrics.ALMetric(half_gain, digits=2, description="mean AL of the last half minus the first half")
+    monkeypatch.setitem(metrics.AL_METRICS, "GAIN", gain)
+    # By hand: AL(k) over the users scored at turn k; turns 1-4 against turns 6-9, turn 5 has no AL.
+    scored = ~np.isnan(judgments)
+    with np.errstate(invalid="ignore"):
+        al = 100 * np.nansum(judgments, axis=0) / scored.sum(axis=0)
+    expected = np.mean(al[5:]) - np.mean(al[:4])
+
+    result = EvalResult("gain", "vanilla", judgments, metrics.al_report(judgments))
+    assert result.al.metrics["GAIN"] == pytest.approx(expected, rel=1e-12)
+    assert result.al.metrics["AVG"] == pytest.approx(np.nanmean(al))  # the paper's three are unchanged
+    written = result.to_json()["al"]
+    assert list(written) == ["AL", "AVG", "N-IR", "N-R2", "GAIN", "unscored", "users"]
+    assert written["GAIN"] == result.al.metrics["GAIN"]
+    loaded = EvalResult.load(saved)  # an earlier file gets the new metric from its curve
+    assert loaded.al.metrics["GAIN"] == pytest.approx(expected, rel=1e-12)
+    assert loaded.al.metrics["N-IR"] == before.al.metrics["N-IR"]
+
+    table = format_table([result, loaded]).splitlines()
+    gain_row = next(line for line in table if line.startswith("GAIN"))
+    assert gain_row.split()[1:] == [f"{expected:.2f}"] * 2
+    assert f"GAIN {expected:.2f}" in plots._label(result)
+    assert plots.plot_al_curves([result, before.to_json()], tmp_path / "al.png").stat().st_size > 0

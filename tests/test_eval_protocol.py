@@ -28,27 +28,17 @@ from rlpa_jax.dialogue.personas import load_aloe_pool, pair_for_evaluation, pers
 from rlpa_jax.dialogue.profile import SLOTS, format_profile, profile_f1
 from rlpa_jax.dialogue.users.llm import LLMUser
 from rlpa_jax.dialogue.users.scripted import ScriptedUser, reveal_sentence
-from rlpa_jax.eval import metrics
+from rlpa_jax.eval import metrics, settings
 from rlpa_jax.eval.plots import plot_al_curves, plot_profile_scores
-from rlpa_jax.eval.policies import (
-    ChatPolicy,
-    JaxPolicy,
-    checkpoint_directory,
-    restore_actor_params,
-    turn_from_text,
-)
-from rlpa_jax.eval.protocol import (
-    EXTRA_ITEMS,
-    EvalResult,
-    conflict_partners,
-    extended_personas,
-    run_protocol,
-)
+from rlpa_jax.eval.policies import ChatPolicy, JaxPolicy, turn_from_text
+from rlpa_jax.eval.protocol import run_protocol
+from rlpa_jax.eval.result import EvalResult
+from rlpa_jax.eval.settings import EXTRA_ITEMS, EvalSetting, conflict_partners, extended_personas
 from rlpa_jax.model.qwen2 import Qwen2Config, init_params
 from rlpa_jax.model.tokenizer import load_tokenizer, train_tiny_tokenizer
 from rlpa_jax.offline.teacher import teacher_turn
 from rlpa_jax.runtime import hf_export, parallel
-from rlpa_jax.runtime.checkpoint import Checkpointer, model_config_to_meta
+from rlpa_jax.runtime.checkpoint import Checkpointer, checkpoint_directory, model_config_to_meta, restore_actor_params
 from rlpa_jax.runtime.parallel import param_shardings
 from rlpa_jax.training.updater import Trainable
 
@@ -168,7 +158,7 @@ def test_vanilla_runs_and_is_reproducible(policy, personas):
     assert result.judgments.shape == (USERS, 3)
     assert set(np.unique(result.judgments)) <= {0.0, 1.0}
     per_turn = metrics.al_per_turn(result.judgments)
-    assert result.al["AL"] == pytest.approx(per_turn.al.tolist()) and result.al["unscored"] == [0, 0, 0]
+    assert result.al.per_turn == pytest.approx(per_turn.al.tolist()) and result.al.unscored == [0, 0, 0]
     for transcript, persona in zip(result.transcripts, personas):
         # Cold start, alternating turns, no user message after the last reply.
         assert roles(transcript) == ["user", "assistant"] * 3
@@ -279,10 +269,34 @@ class TeacherPolicy:
         return turns
 
 
+def test_a_setting_is_one_table_entry(personas, monkeypatch):
+    # Extended personas that switch at turn 3, profile checks every 2 turns: the fields compose.
+    monkeypatch.setitem(settings.EVAL_SETTINGS, "extended_conflict",
+                        EvalSetting("extended personas that switch", turns=4, personas=extended_personas,
+                                    switch_turn=3, profile_every=2))
+    arguments = load_launcher().parse_args(["--policy", "x", "--setting", "extended_conflict"])
+    assert arguments.setting == "extended_conflict"
+    judge = RecordingJudge()
+    result = run_protocol(TeacherPolicy(personas), personas, ScriptedUser(), judge, None, "extended_conflict",
+                          EmbeddedProfileJudge(), seed=1)
+    assert result.setting == "extended_conflict" and result.judgments.shape == (USERS, 4)  # the entry's turns
+    extended = extended_personas(personas, seed=1)
+    partners = conflict_partners(extended, seed=1)
+    for transcript, persona, partner in zip(result.transcripts, extended, partners):
+        assert transcript["persona_id"] == persona.persona_id and persona.persona_id.endswith("-extended")
+        assert transcript["judged_against"] == [persona.persona_id] * 2 + [partner.persona_id] * 2
+        assert [check["turn"] for check in transcript["profile_checks"]] == [2, 4]
+    assert [summary["turn"] for summary in result.profile_scores] == [2, 4]
+    with pytest.raises(ValueError, match="setting vanilla has no switch_turn.*conflict, extended_conflict"):
+        run_protocol(TeacherPolicy(personas), personas, ScriptedUser(), judge, 2, "vanilla", switch_turn=2)
+    with pytest.raises(ValueError, match="'sideways' is not one of vanilla, extended, conflict, long_term"):
+        run_protocol(TeacherPolicy(personas), personas, ScriptedUser(), judge, 2, "sideways")
+
+
 def test_protocol_ranks_the_teacher_above_the_random_model(policy, personas):
     random_model = run_embedded(policy, personas, "long_term", 6, profile_every=3)
     teacher = run_embedded(TeacherPolicy(personas), personas, "long_term", 6, profile_every=3)
-    assert teacher.al["AL"][0] == 100.0 and teacher.al["AVG"] > random_model.al["AVG"] + 50
+    assert teacher.al.per_turn[0] == 100.0 and teacher.al.metrics["AVG"] > random_model.al.metrics["AVG"] + 50
     for good, bad in zip(teacher.profile_scores, random_model.profile_scores):
         assert good["score"] > bad["score"] and good["score"] == pytest.approx(good["ceiling"], abs=10)
 
@@ -353,11 +367,11 @@ def test_al_follows_the_http_judge_exactly_and_failures_stay_unscored(personas):
         client = http_client(server)
         chat = ChatPolicy(client, POLICY_PROMPT, "http-policy", two_part=True)
         result = run_protocol(chat, personas, LLMUser(client), LLMResponseJudge(client, max_attempts=1), 4)
-    assert result.al["AL"] == [100.0, 0.0, 100.0, 0.0]
-    assert result.al["unscored"] == [0, 1, 1, 1]
+    assert result.al.per_turn == [100.0, 0.0, 100.0, 0.0]
+    assert result.al.unscored == [0, 1, 1, 1]
     nan = np.nan
     np.testing.assert_array_equal(result.judgments, [[1, 0, 1, 0], [1, 0, nan, nan], [1, nan, 1, 0]])
-    assert result.al["N-IR"] == pytest.approx(metrics.n_ir([100, 0, 100, 0]))
+    assert result.al.metrics["N-IR"] == pytest.approx(metrics.n_ir([100, 0, 100, 0]))
     assert "policy failed at turn 3" in result.transcripts[1]["stop_reason"]
     # Only the <response> part ever reached the user and the judge.
     others = [r for r in server.requests if r["messages"][0]["content"] != POLICY_PROMPT]
@@ -381,7 +395,7 @@ def test_long_term_profile_scores_over_http(personas):
         chat = ChatPolicy(client, POLICY_PROMPT, "http-plain", two_part=False)
         result = run_protocol(chat, personas, LLMUser(client), LLMResponseJudge(client, max_attempts=1), 4,
                               "long_term", EmbeddedProfileJudge(), profile_every=2)
-    assert result.al["AL"] == [100.0] * 4
+    assert result.al.per_turn == [100.0] * 4
     expected_score = (100.0 + 100.0 * profile_f1(2, 2, len(personas[1].items))) / 2
     for check_index, summary in enumerate(result.profile_scores):
         assert summary["turn"] == 2 * (check_index + 1)
@@ -495,7 +509,7 @@ def test_command_line_writes_table_json_and_png(tmp_path, params, tokenizer_dir,
     assert done.returncode == 0, done.stderr[-3000:]
     assert "AL(1)" in done.stdout and "N-IR" in done.stdout and "earlier-run" in done.stdout
     result = EvalResult.load(tmp_path / "out" / "tiny-cli_vanilla.json")
-    assert result.name == "tiny-cli" and result.judgments.shape == (USERS, 2) and len(result.al["AL"]) == 2
+    assert result.name == "tiny-cli" and result.judgments.shape == (USERS, 2) and len(result.al.per_turn) == 2
     assert (tmp_path / "out" / "tiny-cli_vanilla.png").stat().st_size > 0
 
 

@@ -8,10 +8,9 @@ import pytest
 
 from rlpa_jax.dialogue.llm.client import run_sync
 from rlpa_jax.eval import shares
-from rlpa_jax.eval.baselines import BASELINE_KINDS, make_baseline
+from rlpa_jax.eval.baselines import BASELINES, make_baseline
 from rlpa_jax.eval.policies import PolicyTurn
-from rlpa_jax.eval.protocol import conversation_share
-from rlpa_jax.eval.shares import contiguous_share
+from rlpa_jax.eval.shares import contiguous_share, conversation_share
 
 
 def test_contiguous_blocks_cover_every_user_once():
@@ -42,7 +41,7 @@ class SharedBase:
         return [PolicyTurn(text="Revised reply: hi", response="Revised reply: hi", profile=None) for _ in histories]
 
 
-@pytest.mark.parametrize("kind", BASELINE_KINDS)
+@pytest.mark.parametrize("kind", list(BASELINES))
 def test_a_baseline_plays_its_bases_share_and_calls_it_with_an_empty_batch(kind):
     base = SharedBase()
     policy = make_baseline(kind, base)

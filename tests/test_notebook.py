@@ -18,7 +18,7 @@ from rlpa_jax.config.tree import load_config
 from rlpa_jax.dialogue.matching import count_item_matches
 from rlpa_jax.dialogue.personas import synthetic_personas
 from rlpa_jax.dialogue.profile import profile_f1
-from rlpa_jax.eval.protocol import EvalResult
+from rlpa_jax.eval.result import EvalResult
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "quickstart.ipynb"
@@ -122,9 +122,10 @@ def test_notebook_runs_a_conversation_and_the_protocol(quick_checkpoint, tmp_pat
     assert result.judgments.shape == (namespace["NUM_USERS"], turns)
     assert set(np.unique(result.judgments)) <= {0.0, 1.0}
     average = float(np.mean(100.0 * result.judgments.mean(axis=0)))
-    assert f"AVG {average:.2f}   N-IR {result.al['N-IR']:.3f}   N-R\u00b2 {result.al['N-R2']:.3f}" in output
+    shown = result.al.metrics
+    assert f"AVG {average:.2f}   N-IR {shown['N-IR']:.3f}   N-R\u00b2 {shown['N-R2']:.3f}" in output
     png = output_dir / "quickstart_al.png"
     assert namespace["al_png"] == png
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert f"figure: {png}" in output
-    assert EvalResult.load(output_dir / "quickstart_vanilla.json").al["AVG"] == pytest.approx(average)
+    assert EvalResult.load(output_dir / "quickstart_vanilla.json").al.metrics["AVG"] == pytest.approx(average)

@@ -15,6 +15,9 @@ changes what the base is shown:
                message; the `top_k` older exchanges most similar to that message (TF-IDF cosine,
                numpy) go into the system prompt as relevant earlier context (baseline_rag.txt).
 
+BASELINES, at the bottom, maps each launch/eval.py --baseline name to its builder, so a new
+baseline is a wrapper and one entry there.
+
 The baselines are meant for plain chat policies (two_part=False), where the prompted model
 replies in free text. How a wrapper reaches the base's system prompt is the hook below.
 
@@ -45,8 +48,6 @@ import numpy as np
 
 from rlpa_jax.dialogue.chat import Message, load_prompt
 from rlpa_jax.eval.policies import Policy, PolicyTurn
-
-BASELINE_KINDS: tuple[str, ...] = ("base", "reminder", "self_critic", "cot", "rag")
 
 # Markers the prompt files tell the model to use; each starts a line of the model's output.
 COT_THOUGHTS_MARKER = "Thoughts:"
@@ -405,7 +406,16 @@ class RAG:
         )
 
 
-_BUILDERS: dict[str, Callable[..., Policy]] = {
+def unchanged(base: Policy, **options: object) -> Policy:
+    """The "base" baseline: the base policy itself."""
+    if options:
+        raise ValueError(f"baseline 'base' takes no options; got {sorted(options)}")
+    return base
+
+
+# Baseline name (launch/eval.py --baseline) -> builder(base policy, **options) -> Policy.
+BASELINES: dict[str, Callable[..., Policy]] = {
+    "base": unchanged,
     "reminder": Reminder,
     "self_critic": SelfCritic,
     "cot": FewShotCoT,
@@ -415,10 +425,7 @@ _BUILDERS: dict[str, Callable[..., Policy]] = {
 
 def make_baseline(kind: str, base: Policy, **kw: object) -> Policy:
     """The named prompting baseline around `base`; kw go to the wrapper (e.g. rag: top_k=5)."""
-    if kind == "base":
-        if kw:
-            raise ValueError(f"baseline 'base' takes no options; got {sorted(kw)}")
-        return base
-    if kind not in _BUILDERS:
-        raise ValueError(f"unknown baseline kind {kind!r}; expected one of {', '.join(BASELINE_KINDS)}")
-    return _BUILDERS[kind](base, **kw)
+    if kind not in BASELINES:
+        raise ValueError(f"unknown baseline kind {kind!r}; expected one of {', '.join(BASELINES)} "
+                         "(BASELINES in rlpa_jax/eval/baselines.py)")
+    return BASELINES[kind](base, **kw)

@@ -318,9 +318,7 @@ __all__ = [
     "JaxPolicy",
     "Policy",
     "PolicyTurn",
-    "checkpoint_directory",
     "failed_turn",
     "history_message",
-    "restore_actor_params",
     "turn_from_text",
 ]

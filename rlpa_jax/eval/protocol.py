@@ -1,4 +1,4 @@
-"""The ALOE evaluation protocol and its four settings, run for many users at once.
+"""The ALOE evaluation protocol, under any of its settings, run for many users at once.
 
 Every dialogue starts cold: the simulated user opens with "Hello" and reveals itself gradually.
 Turn k (k = 1..K) is the k-th exchange: the user's message k-1 (message 0 is the greeting) and the
@@ -6,18 +6,9 @@ policy's k-th reply. A response judge that sees the user's full true persona giv
 strict 0/1 (natural, relevant, logical, engaging, informative); AL(k) is the mean over users.
 Policy, judge and user calls of one turn are each one batched (async) call over all users.
 
-Settings:
-- vanilla:   the personas as given (ALOE eval pairs, or synthetic personas in the embedded world).
-- extended:  slot keys renamed to free-form names never used in training ("Occupation" ->
-             "Line of work", ...) plus 1-2 extra free-form items ("Favourite season: autumn").
-- conflict:  the user becomes another persona from turn `switch_turn` (6) on; each reply is
-             judged against the persona active at its turn.
-- long_term: 70 turns; after every 10th reply the policy is asked for its profile (an extra user
-             message on a copy of the history, never shown to the user) and the answer is scored
-             with the profile judge: F1 x 100. Reported next to it: the share of items revealed so
-             far x 100, and the ceiling, the F1 x 100 of stating exactly the revealed items. (F1
-             is not bounded by the revealed share: with perfect precision and recall r it is
-             2r / (1 + r) > r, so the share alone would be a ceiling a good policy can pass.)
+What a setting (vanilla, extended, conflict, long_term) changes is its entry in eval/settings.py's
+EVAL_SETTINGS: its length, the personas the users play, whether and when they switch to another
+persona, how often the policy's stated profile is scored. This module reads those fields only.
 
 A policy or user call that fails ends that user's dialogue (its remaining turns are unscored);
 a judge that cannot score a reply leaves that one turn unscored. Unscored is NaN, never 0.
@@ -35,7 +26,6 @@ single process playing every dialogue would.
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,93 +36,17 @@ from tqdm.auto import tqdm
 from rlpa_jax.dialogue.chat import Message, load_prompt
 from rlpa_jax.dialogue.judges import ProfileJudge, ResponseJudge, ResponseRequest
 from rlpa_jax.dialogue.llm.client import run_sync
-from rlpa_jax.dialogue.matching import canonical_slot
-from rlpa_jax.dialogue.personas import Persona, make_persona
-from rlpa_jax.dialogue.personas.english import subject_gender
+from rlpa_jax.dialogue.personas import Persona
 from rlpa_jax.dialogue.profile import ProfileItem, parse_profile, profile_f1
 from rlpa_jax.dialogue.users import OPENING_MESSAGE, UserSimulator, UserState, revealed_items
 from rlpa_jax.eval.policies import Policy, PolicyTurn, history_message
-from rlpa_jax.eval.result import EvalResult, al_report
+from rlpa_jax.eval.metrics import al_report
+from rlpa_jax.eval.result import EvalResult
+from rlpa_jax.eval.settings import EVAL_SETTINGS, EvalSetting, conflict_partners, eval_setting
 from rlpa_jax.eval.shares import check_partition, conversation_share
 from rlpa_jax.runtime import multihost
 
-SETTINGS = ("vanilla", "extended", "conflict", "long_term")
-STANDARD_TURNS = {"vanilla": 10, "extended": 10, "conflict": 10, "long_term": 70}
-CONFLICT_SWITCH_TURN = 6
-PROFILE_CHECK_EVERY = 10
 PROFILE_REQUEST_PROMPT = "profile_request"
-
-# New names for the standard slots. None of them maps back to a standard slot under the judges'
-# aliases (tests check this), so a policy must use the user's own words to score on them.
-EXTENDED_SLOT_KEYS: dict[str, tuple[str, ...]] = {
-    "Age": ("Current age", "Age in years"),
-    "Gender": ("Gender identity", "Self-described gender"),
-    "Interests": ("Favourite pastime", "Leisure pursuit"),
-    "Education Background": ("Schooling", "Academic path"),
-    "Personality Traits": ("Temperament", "Disposition"),
-    "Occupation": ("Line of work", "Day job"),
-    "Marital Status": ("Relationship situation", "Romantic status"),
-    "Family Background": ("Household", "Family circle"),
-    "Location": ("Home base", "Home region"),
-    "Other Information": ("Personal fact", "Extra detail"),
-}
-# Free-form items no training persona has; single values (no commas), so each is one item.
-EXTRA_ITEMS: dict[str, tuple[str, ...]] = {
-    "Favourite season": ("spring", "summer", "autumn", "winter"),
-    "Dream destination": ("Japan", "Iceland", "Peru", "New Zealand", "Morocco", "Norway"),
-    "Favourite cuisine": ("Italian food", "Mexican food", "Korean food", "Ethiopian food", "Thai food"),
-    "Morning drink": ("black coffee", "green tea", "hot chocolate", "orange juice"),
-    "Favourite film genre": ("science fiction", "comedy", "documentaries", "thrillers"),
-    "Music taste": ("jazz", "classical music", "hip hop", "folk music"),
-}
-
-
-# ---------------------------------------------------------------------------------------------
-# Personas of the settings
-
-_POSSESSIVES = {"female": "Her", "male": "His"}
-
-
-def extended_persona(persona: Persona, rng: random.Random) -> Persona:
-    """`persona` with free-form slot names and 1-2 extra free-form items (also added to its text,
-    so an LLM user and an LLM judge know them too)."""
-    chosen_keys = {slot: rng.choice(names) for slot, names in EXTENDED_SLOT_KEYS.items()}
-    items = [ProfileItem(chosen_keys.get(canonical_slot(item.slot), item.slot), item.value) for item in persona.items]
-    extra_keys = rng.sample(sorted(EXTRA_ITEMS), rng.randint(1, 2))
-    extras = [ProfileItem(key, rng.choice(EXTRA_ITEMS[key])) for key in extra_keys]
-    possessive = _POSSESSIVES.get(subject_gender(persona.profile_text), "Their")
-    extra_text = " ".join(f"{possessive} {item.slot.lower()} is {item.value}." for item in extras)
-    return make_persona(f"{persona.persona_id}-extended", f"{persona.profile_text.rstrip()} {extra_text}",
-                        persona.personality_text, items + extras)
-
-
-def extended_personas(personas: Sequence[Persona], seed: int) -> list[Persona]:
-    """The extended-setting version of every persona; persona i's draw depends only on (seed, i)."""
-    return [extended_persona(persona, random.Random(seed * 1_000_003 + index))
-            for index, persona in enumerate(personas)]
-
-
-def conflict_partners(personas: Sequence[Persona], seed: int,
-                      pool: Sequence[Persona] | None = None) -> list[Persona]:
-    """For each persona, another persona to switch to, drawn from `pool` (default: `personas`),
-    with a different profile paragraph where one exists, so more than the personality changes.
-
-    Pass the whole evaluation pool when `personas` is a slice of it: ALOE's eval pairs come five
-    to a profile paragraph, so the first few pairs alone would only swap personalities.
-    """
-    pool = list(personas if pool is None else pool)
-    if len(pool) < 2:
-        raise ValueError(f"conflict setting: needs at least 2 personas to switch between, got {len(pool)}")
-    shift = random.Random(seed).randrange(1, len(pool))
-    partners = []
-    for index, persona in enumerate(personas):
-        order = [pool[(index + shift + offset) % len(pool)] for offset in range(len(pool))]
-        others = [other for other in order if other.persona_id != persona.persona_id]
-        if not others:
-            raise ValueError(f"conflict setting: no persona other than {persona.persona_id} to switch to")
-        different_text = [other for other in others if other.profile_text != persona.profile_text]
-        partners.append((different_text or others)[0])
-    return partners
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,12 +198,24 @@ def profile_score_summary(profile_checks: Sequence[Sequence[dict]], check_turns:
 
 
 def resolve_turns(setting: str, num_turns: int | None) -> int:
-    if setting not in SETTINGS:
-        raise ValueError(f"setting {setting!r} is not one of {', '.join(SETTINGS)}")
-    turns = STANDARD_TURNS[setting] if num_turns is None else num_turns
+    """The dialogue length: `num_turns`, or the setting's standard one when None."""
+    turns = eval_setting(setting).turns if num_turns is None else num_turns
     if turns < 1:
         raise ValueError(f"num_turns must be >= 1, got {turns}")
     return turns
+
+
+def _setting_option(setting: str, entry: EvalSetting, key: str, given: int | None) -> int | None:
+    """A per-setting option (switch_turn, profile_every): the setting's own value unless given; an
+    option the setting does not use (None in its entry) cannot be given."""
+    own = getattr(entry, key)
+    if given is None:
+        return own
+    if own is None:
+        using = [name for name, other in EVAL_SETTINGS.items() if getattr(other, key) is not None]
+        raise ValueError(f"run_protocol: setting {setting} has no {key} (EVAL_SETTINGS in rlpa_jax/eval/settings.py); "
+                         f"it applies to {', '.join(using) or 'no setting'}")
+    return given
 
 
 async def run_protocol_async(
@@ -302,26 +228,29 @@ async def run_protocol_async(
     profile_judge: ProfileJudge | None = None,
     seed: int = 0,
     *,
-    switch_turn: int = CONFLICT_SWITCH_TURN,
+    switch_turn: int | None = None,
     partner_pool: Sequence[Persona] | None = None,
-    profile_every: int = PROFILE_CHECK_EVERY,
+    profile_every: int | None = None,
     progress: bool = False,
 ) -> EvalResult:
     """Run the protocol for every persona; see run_protocol."""
     num_turns = resolve_turns(setting, num_turns)
+    entry = eval_setting(setting)
+    switch_turn = _setting_option(setting, entry, "switch_turn", switch_turn)
+    profile_every = _setting_option(setting, entry, "profile_every", profile_every)
     if not personas:
         raise ValueError("run_protocol: no personas to evaluate")
-    if setting == "long_term" and profile_judge is None:
-        raise ValueError("run_protocol: setting long_term needs a profile_judge")
-    if setting == "conflict" and not 2 <= switch_turn <= num_turns:
-        raise ValueError(f"run_protocol: conflict switch_turn={switch_turn} must be within 2..num_turns={num_turns}")
-    if profile_every < 1:
+    if profile_every is not None and profile_judge is None:
+        raise ValueError(f"run_protocol: setting {setting} needs a profile_judge")
+    if switch_turn is not None and not 2 <= switch_turn <= num_turns:
+        raise ValueError(f"run_protocol: {setting} switch_turn={switch_turn} must be within 2..num_turns={num_turns}")
+    if profile_every is not None and profile_every < 1:
         raise ValueError(f"run_protocol: profile_every must be >= 1, got {profile_every}")
 
-    personas = extended_personas(personas, seed) if setting == "extended" else list(personas)
-    partners = conflict_partners(personas, seed, partner_pool) if setting == "conflict" else [None] * len(personas)
-    request_text = load_prompt(PROFILE_REQUEST_PROMPT) if setting == "long_term" else ""
-    check_turns = [k for k in range(1, num_turns + 1) if k % profile_every == 0] if setting == "long_term" else []
+    personas = entry.personas(personas, seed)
+    partners = conflict_partners(personas, seed, partner_pool) if switch_turn is not None else [None] * len(personas)
+    request_text = load_prompt(PROFILE_REQUEST_PROMPT) if profile_every is not None else ""
+    check_turns = [] if profile_every is None else [k for k in range(1, num_turns + 1) if k % profile_every == 0]
 
     share = conversation_share(policy, len(personas))
     several = multihost.process_count() > 1
@@ -373,7 +302,7 @@ async def run_protocol_async(
         judgments=judgments,
         al=al_report(judgments),
         profile_scores=profile_score_summary([record.get("profile_checks", []) for record in transcripts],
-                                             check_turns) if setting == "long_term" else None,
+                                             check_turns) if profile_every is not None else None,
         transcripts=transcripts,
     )
 
@@ -391,29 +320,21 @@ def run_protocol(
 ) -> EvalResult:
     """Evaluate `policy` with one cold-start dialogue per persona under `setting`.
 
-    num_turns: None gives the setting's standard length (10; 70 for long_term).
-    Keywords: switch_turn (conflict: the first turn whose user message comes from the new
-    persona, default 6), partner_pool (conflict: personas to switch to, default `personas`),
-    profile_every (long_term: turns between profile checks, default 10), progress (a tqdm bar
-    over turns). From inside a running event loop, await
-    run_protocol_async instead.
+    setting: a name in EVAL_SETTINGS (eval/settings.py). num_turns: None gives the setting's
+    standard length (10; 70 for long_term). Keywords: switch_turn (a setting that switches, i.e.
+    conflict: the first turn whose user message comes from the new persona, default the setting's,
+    6), partner_pool (personas to switch to, default `personas`), profile_every (a setting with
+    profile checks, i.e. long_term: turns between them, default the setting's, 10), progress (a
+    tqdm bar over turns). From inside a running event loop, await run_protocol_async instead.
     """
     return run_sync(run_protocol_async(policy, personas, user_sim, response_judge, num_turns, setting,
                                        profile_judge, seed, **kw))
 
 
 __all__ = [
-    "EXTENDED_SLOT_KEYS",
-    "EXTRA_ITEMS",
-    "EvalResult",
-    "SETTINGS",
-    "STANDARD_TURNS",
-    "al_report",
-    "conflict_partners",
-    "conversation_share",
-    "extended_persona",
-    "extended_personas",
     "inferred_profile",
+    "profile_score_summary",
+    "resolve_turns",
     "run_protocol",
     "run_protocol_async",
 ]

@@ -1,5 +1,6 @@
-"""An evaluation's result: per-user, per-turn judgments, the AL report, long-term profile scores
-and the transcripts; the JSON launch/eval.py writes and --compare reads back."""
+"""An evaluation's result: per-user, per-turn judgments, the AL report (eval/metrics.py), the
+profile scores of a setting that checks them, and the transcripts; the JSON launch/eval.py writes
+and --compare reads back."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rlpa_jax.eval import metrics
+from rlpa_jax.eval.metrics import ALReport
 
 
 @dataclass
@@ -17,8 +18,8 @@ class EvalResult:
     name: str
     setting: str
     judgments: np.ndarray  # (users, turns): 1.0 / 0.0, NaN where unscored
-    al: dict  # metrics.summary plus "unscored" per turn and "users"
-    profile_scores: list[dict] | None = None  # long_term: one entry per profile check
+    al: ALReport
+    profile_scores: list[dict] | None = None  # a setting with profile checks: one entry per check
     transcripts: list[dict] = field(default_factory=list)
 
     def to_json(self) -> dict:
@@ -26,7 +27,7 @@ class EvalResult:
             "name": self.name,
             "setting": self.setting,
             "judgments": [[None if np.isnan(value) else int(value) for value in row] for row in self.judgments],
-            "al": self.al,
+            "al": self.al.to_json(),
             "profile_scores": self.profile_scores,
             "transcripts": self.transcripts,
         }
@@ -39,8 +40,8 @@ class EvalResult:
                              "expected the JSON written by launch/eval.py")
         judgments = np.array([[np.nan if value is None else float(value) for value in row]
                               for row in data["judgments"]], dtype=np.float64).reshape(len(data["judgments"]), -1)
-        return cls(data["name"], data["setting"], judgments, data["al"], data.get("profile_scores"),
-                   data.get("transcripts", []))
+        return cls(data["name"], data["setting"], judgments, ALReport.from_json(data["al"], source),
+                   data.get("profile_scores"), data.get("transcripts", []))
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -58,9 +59,3 @@ class EvalResult:
         except json.JSONDecodeError as error:
             raise ValueError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from None
         return cls.from_json(data, str(path))
-
-
-def al_report(judgments: np.ndarray) -> dict:
-    """metrics.summary of the judgments, with the unscored count per turn and the user count."""
-    per_turn = metrics.al_per_turn(judgments)
-    return metrics.summary(per_turn.al) | {"unscored": per_turn.unscored.tolist(), "users": int(judgments.shape[0])}
