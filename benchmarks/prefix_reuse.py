@@ -19,6 +19,7 @@ builders, the SFT warm start included):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tempfile
 from collections import Counter
@@ -130,7 +131,8 @@ def main() -> int:
                 long_term)]
     if args.untruncated:
         # The same policy with longer prompts allowed: histories are cut (oldest exchange first) later.
-        trainer.parts.environment.max_prompt_tokens = args.untruncated
+        config = dataclasses.replace(config, rollout=dataclasses.replace(config.rollout, max_prompt_tokens=args.untruncated))
+        trainer.config, trainer.parts.environment.max_prompt_tokens = config, args.untruncated
         rollout, _ = rollout_counts(trainer, params, args.iterations, False)
         long_term, _ = long_term_counts(trainer, params, args.users, args.turns, False, args.untruncated)
         rows += [row(f"rollout, as above, max_prompt_tokens={args.untruncated}", rollout),

@@ -382,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown model or layout: {', '.join(unknown)}")
 
     train = load_config(args.config)
-    mesh = parallel.make_mesh(parallel.MeshConfig(train.mesh.data, train.mesh.fsdp, train.mesh.tensor))
+    mesh = parallel.make_mesh(train.mesh)
     work = workload_of(train, args.prompt_bucket)
     print(f"jax {jax.__version__}, {jax.device_count()} {jax.devices()[0].platform} devices; "
           f"workload from {Path(args.config).name}")

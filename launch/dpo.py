@@ -4,9 +4,9 @@
     python launch/dpo.py --init runs/tiny/sft                    # from the SFT warm start (launch/sft.py)
     python launch/dpo.py --config configs/tiny.yaml --init runs/tiny/sft dpo.beta=0.2 dpo.steps=100
 
-Positional arguments are dotted overrides: dpo.<key>=value sets a DPO setting (beta, steps,
-learning_rate, batch_size, num_dialogues, warmup_steps, label_smoothing; offline/dpo.py
-DPOSettings), anything else overrides the YAML config. The run builds the world as launch/sft.py
+Positional arguments are dotted overrides of the YAML config; the DPO settings are its `dpo`
+section (beta, steps, learning_rate, batch_size, num_dialogues, warmup_steps, label_smoothing;
+config/tree.py DPOConfig), e.g. dpo.beta=0.2. The run builds the world as launch/sft.py
 does (rlpa_jax/app/build.py); --init DIR is model.init_checkpoint=DIR: the policy starts from that
 run's checkpoint (SFT, DPO or PPO) with the tokenizer it names. The ScriptedUser talks with the
 teacher for rollout.max_rounds turns per persona, each teacher turn is paired with the same turn
@@ -31,8 +31,7 @@ import json
 import sys
 from pathlib import Path
 
-from rlpa_jax.app import build, cli, jobs
-from rlpa_jax.config.tree import ConfigError, to_dict
+from rlpa_jax.app import cli, jobs
 from rlpa_jax.runtime import multihost
 
 
@@ -45,16 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. dpo.beta=0.2 rollout.max_rounds=3")
     args = parser.parse_args(argv)
     cli.start("dpo.py")
-    try:
-        settings, overrides = jobs.split_dpo_overrides(args.overrides)
-        if args.init is not None:
-            overrides.append(f"model.init_checkpoint={args.init}")
-        config, problem = build.load_config(args.config, overrides), None
-    except ConfigError as error:
-        config, problem = None, str(error)
-    cli.agree_or_exit("dpo.py", None if config is None else {"config": to_dict(config), "dpo": vars(settings)}, problem)
+    init = [] if args.init is None else [f"model.init_checkpoint={args.init}"]
+    config = cli.load_config_or_exit("dpo.py", args.config, [*args.overrides, *init])
     cli.use_compilation_cache(config)
-    summary = cli.run_or_exit("dpo.py", lambda: jobs.dpo(config, settings), (FileNotFoundError, ValueError, KeyError))
+    summary = cli.run_or_exit("dpo.py", lambda: jobs.dpo(config), (FileNotFoundError, ValueError, KeyError))
     if multihost.is_main_process():  # every process ran the same job
         print(json.dumps(summary, indent=2))
         print(f"checkpoint: {config.run_dir / 'dpo'}")

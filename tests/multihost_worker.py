@@ -23,14 +23,14 @@ import numpy as np
 from eval_launch_worker import device_get_of_own_arrays
 
 from rlpa_jax.app import build, jobs
-from rlpa_jax.config.tree import load_config
+from rlpa_jax.config.tree import MeshConfig, load_config
 from rlpa_jax.model.qwen2 import Qwen2Config, init_params
 from rlpa_jax.rl.metrics import MetricsLog
 from rlpa_jax.runtime import hf_export, multihost, parallel
 from rlpa_jax.runtime.checkpoint import Checkpointer, abstract_like, restore_actor_params
 
 ROWS, WIDTH = 16, 6
-MESH = parallel.MeshConfig(data=2, fsdp=2, tensor=2)  # rows over data*fsdp=4, copies over tensor
+MESH = MeshConfig(data=2, fsdp=2, tensor=2)  # rows over data*fsdp=4, copies over tensor
 MODEL = Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2)
 
 

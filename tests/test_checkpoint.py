@@ -14,6 +14,7 @@ import torch
 import transformers
 from hf_reference import hf_logits
 
+from rlpa_jax.config.tree import MeshConfig
 from rlpa_jax.model.qwen2 import Qwen2Config, forward, init_params, param_logical_axes
 from rlpa_jax.runtime import parallel
 from rlpa_jax.runtime.checkpoint import Checkpointer, CheckpointError, abstract_like, model_config_to_meta
@@ -36,7 +37,7 @@ def test_save_restore_round_trip_and_latest_step(tmp_path):
 
 
 def test_restore_into_shardings(tmp_path):
-    mesh = parallel.make_mesh(parallel.MeshConfig(data=2, fsdp=2, tensor=2))
+    mesh = parallel.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     params = init_params(CONFIG, jax.random.key(1))
     shardings = parallel.shardings_for(param_logical_axes(CONFIG), params, mesh)
     sharded = parallel.shard(params, shardings)

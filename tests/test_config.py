@@ -1,5 +1,6 @@
 """YAML configs with dotted overrides, and errors that name the key and list what is accepted."""
 
+import copy
 import dataclasses
 import json
 import typing
@@ -7,8 +8,9 @@ import typing
 import pytest
 
 from rlpa_jax.app import build
-from rlpa_jax.config.options import count, domain_of, from_dict, option
-from rlpa_jax.config.tree import REPO_ROOT, ConfigError, TrainConfig, load_config, validate
+from rlpa_jax.config.llm_sections import with_inherited_llm_sections
+from rlpa_jax.config.options import REPO_ROOT, ConfigError, domain_of
+from rlpa_jax.config.tree import DPOConfig, TrainConfig, load_config, validate
 
 
 def test_every_shipped_config_loads():
@@ -187,8 +189,10 @@ def test_a_rule_whose_inputs_already_failed_is_not_run():
 
 
 def test_validate_collects_problems_of_a_config_built_in_code():
-    config = TrainConfig()
-    config.ppo.clip_eps, config.rollout.top_k, config.mesh.data = 0.0, -1, -1
+    default = TrainConfig()
+    config = dataclasses.replace(default, ppo=dataclasses.replace(default.ppo, clip_eps=0.0),
+                                 rollout=dataclasses.replace(default.rollout, top_k=-1),
+                                 mesh=dataclasses.replace(default.mesh, data=-1))
     with pytest.raises(ConfigError) as error:
         validate(config, "my script")
     message = str(error.value)
@@ -198,12 +202,73 @@ def test_validate_collects_problems_of_a_config_built_in_code():
     assert "mesh.data and mesh.fsdp are -1" in message
 
 
-def test_from_dict_keeps_its_prefix_for_other_dataclasses():
-    @dataclasses.dataclass
-    class Settings:
-        beta: float = 0.1
-        steps: int = option(10, count)
+# ---------------------------------------------------------------------------------------------
+# A loaded config is a value: frozen, and inheritance builds a new one
 
-    assert from_dict(Settings, {"beta": 1}, where="dpo") == Settings(beta=1.0)
-    with pytest.raises(ConfigError, match=r"(?s)dpo.beta: expected a number, got 'x'.*dpo.steps: expected an integer >= 1, got 0"):
-        from_dict(Settings, {"beta": "x", "steps": 0}, where="dpo")
+
+def config_sections(cls=TrainConfig):
+    """Every dataclass of the tree (sections and the LLM sections inside them)."""
+    yield cls
+    for annotation in typing.get_type_hints(cls).values():
+        if dataclasses.is_dataclass(annotation):
+            yield from config_sections(annotation)
+
+
+def test_a_loaded_config_cannot_be_changed_in_place():
+    config = load_config(None, ["llm.base_url=http://127.0.0.1:1/v1"])
+    for assign in (lambda: setattr(config, "seed", 1), lambda: setattr(config.ppo, "clip_eps", 0.1),
+                   lambda: setattr(config.mesh, "data", 2), lambda: setattr(config.dpo, "beta", 0.2),
+                   lambda: setattr(config.judges.profile.llm, "model", "other")):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            assign()
+    assert config.seed == 0 and config.ppo.clip_eps == 0.2 and config.judges.profile.llm.model == "gpt-4o-mini"
+    unfrozen = [cls.__name__ for cls in config_sections() if not cls.__dataclass_params__.frozen]
+    assert unfrozen == []
+
+
+def test_inheritance_returns_a_new_config_and_leaves_its_input_alone():
+    default = TrainConfig()
+    given = dataclasses.replace(
+        default, llm=dataclasses.replace(default.llm, base_url="http://127.0.0.1:1/v1", rpm=60.0),
+        judges=dataclasses.replace(default.judges, llm=dataclasses.replace(default.judges.llm, model="judge-model")))
+    before = copy.deepcopy(given)
+
+    filled = with_inherited_llm_sections(given)
+
+    assert given == before and given.user.llm.base_url is None and given.judges.profile.llm.model is None
+    assert filled is not given
+    # user.llm <- llm; judges.profile.llm <- judges.llm <- llm (the judges' model, the shared endpoint)
+    assert (filled.user.llm.base_url, filled.user.llm.model, filled.user.llm.rpm) == \
+        ("http://127.0.0.1:1/v1", "gpt-4o-mini", 60.0)
+    for role in (filled.judges.profile.llm, filled.judges.response.llm, filled.eval.judge.llm):
+        assert (role.base_url, role.model, role.timeout_s) == ("http://127.0.0.1:1/v1", "judge-model", 60.0)
+    # Everything outside the LLM sections is the input's own.
+    assert filled.ppo is given.ppo and filled.rollout is given.rollout
+    assert validate(given) == filled and given == before
+
+
+# ---------------------------------------------------------------------------------------------
+# DPO settings: the dpo section, set by ordinary dotted overrides
+
+
+def test_dpo_overrides_set_the_dpo_section():
+    config = load_config(None, ["dpo.beta=0.2", "dpo.steps=100"])
+    assert config.dpo == dataclasses.replace(DPOConfig(), beta=0.2, steps=100)
+    assert load_config().dpo == DPOConfig()  # configs/tiny.yaml keeps the defaults
+
+
+def test_bad_dpo_overrides_are_reported_with_their_keys_among_the_others():
+    overrides = ["dpo.beta=0", "dpo.steps=many", "dpo.temperature=1", "dpo.label_smoothing=0.5", "ppo.clip_eps=0"]
+    with pytest.raises(ConfigError) as error:
+        build.load_config(None, overrides)
+    lines = str(error.value).splitlines()
+    assert lines[0].endswith("with overrides: 5 problems:"), error.value
+    expected = [
+        "dpo.beta: expected a number > 0, got 0.0 (command-line override 'dpo.beta=0')",
+        "dpo.steps: expected an integer, got 'many' (command-line override 'dpo.steps=many')",
+        "dpo.temperature: unknown key 'temperature' at dpo; valid keys: batch_size, beta, label_smoothing, "
+        "learning_rate, num_dialogues, steps, warmup_steps (command-line override 'dpo.temperature=1')",
+        "dpo.label_smoothing: expected a number in [0, 0.5), got 0.5 (command-line override 'dpo.label_smoothing=0.5')",
+        "ppo.clip_eps: expected a number > 0, got 0.0 (command-line override 'ppo.clip_eps=0')",
+    ]
+    assert sorted(line.strip() for line in lines[1:]) == sorted(expected)

@@ -10,7 +10,9 @@ from typing import Sequence
 import pytest
 from openai_server import OpenAIServer
 
-from rlpa_jax.config.tree import ConfigError, JudgeConfig, LLMRoleSection, LLMSection, UserConfig, load_config
+from rlpa_jax.config.llm_sections import LLMRoleSection, LLMSection
+from rlpa_jax.config.options import ConfigError
+from rlpa_jax.config.tree import JudgeConfig, UserConfig, load_config
 from rlpa_jax.dialogue import judges, users
 from rlpa_jax.dialogue.chat import Message
 from rlpa_jax.dialogue.judges import JUDGES, ItemMatchingJudge, build_judges

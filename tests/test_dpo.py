@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from tiny_corpus import synthetic_corpus
 
+from rlpa_jax.config.tree import DPOConfig, MeshConfig
 from rlpa_jax.dialogue.chat import load_prompt, parse_turn
 from rlpa_jax.dialogue.judges import ResponseRequest
 from rlpa_jax.dialogue.judges.rules import EmbeddedProfileJudge, EmbeddedResponseJudge
@@ -209,7 +210,7 @@ def test_short_dpo_run_learns_to_prefer_the_teacher(tokenizer):
     params = random_params(jax.random.key(0))
     reference_held_out = dpo.preference_logps(params, CONFIG, held_out_examples, 8, length_buckets=buckets)
 
-    settings = dpo.DPOSettings(beta=0.1, steps=32, learning_rate=1e-3, batch_size=8, warmup_steps=2)
+    settings = DPOConfig(beta=0.1, steps=32, learning_rate=1e-3, batch_size=8, warmup_steps=2)
     params, history = dpo.train_dpo(params, CONFIG, examples, settings, seed=0, progress=False,
                                     length_buckets=buckets)
     policy_held_out = dpo.preference_logps(params, CONFIG, held_out_examples, 8, length_buckets=buckets)
@@ -232,12 +233,12 @@ def test_dpo_on_a_mesh_matches_one_device(tokenizer):
     pairs = dpo.preference_pairs(synthetic_personas(4, seed=1), num_turns=1, seed=0)
     # A one-word system prompt keeps these first turns within one 128-token bucket.
     examples = dpo.build_dpo_examples(pairs, tokenizer, 128, "Reply.", length_buckets=(128,))
-    settings = dpo.DPOSettings(steps=2, learning_rate=1e-3, batch_size=4, warmup_steps=0)
+    settings = DPOConfig(steps=2, learning_rate=1e-3, batch_size=4, warmup_steps=0)
     params = random_params(jax.random.key(3))
     _, single = dpo.train_dpo(jax.tree.map(jnp.copy, params), CONFIG, examples, settings, seed=0, progress=False,
                               length_buckets=(128,))
 
-    mesh = parallel.make_mesh(parallel.MeshConfig(data=2, fsdp=2, tensor=1), devices=jax.devices()[:4])
+    mesh = parallel.make_mesh(MeshConfig(data=2, fsdp=2, tensor=1), devices=jax.devices()[:4])
     shardings = param_shardings(CONFIG, mesh)
     _, sharded = dpo.train_dpo(parallel.shard(params, shardings), CONFIG, examples, settings, seed=0, progress=False,
                                mesh=mesh, param_shardings=shardings, length_buckets=(128,))

@@ -12,6 +12,7 @@ import torch
 from hf_reference import make_hf_model, save_hf_model
 from tiny_corpus import synthetic_corpus
 
+from rlpa_jax.config.tree import MeshConfig
 from rlpa_jax.generation import placement
 from rlpa_jax.generation.engine import ChatModel, GenerationEngine
 from rlpa_jax.generation.placement import RowPlacement
@@ -135,7 +136,7 @@ def test_a_cache_chain_over_a_mesh_samples_what_full_prefills_sample():
                          num_kv_heads=2)
     params = init_params(config, jax.random.key(0))
     params["lm_head"] = params["lm_head"] * 30
-    mesh = parallel.make_mesh(parallel.MeshConfig(data=1, fsdp=4, tensor=1), jax.devices()[:4])
+    mesh = parallel.make_mesh(MeshConfig(data=1, fsdp=4, tensor=1), jax.devices()[:4])
     rng = np.random.default_rng(0)
     first = [list(rng.integers(2, 200, n)) for n in (30, 12, 25, 40, 18, 22)]
     second = [prompt + list(rng.integers(2, 200, 9)) for prompt in first]

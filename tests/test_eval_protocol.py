@@ -19,6 +19,7 @@ import pytest
 from openai_server import OpenAIServer, Reply
 from tiny_corpus import synthetic_corpus
 
+from rlpa_jax.config.tree import MeshConfig
 from rlpa_jax.dialogue.chat import Message, format_turn, load_prompt
 from rlpa_jax.dialogue.judges.llm import LLMResponseJudge
 from rlpa_jax.dialogue.judges.rules import EmbeddedProfileJudge, EmbeddedResponseJudge
@@ -135,7 +136,7 @@ def test_policy_on_a_mesh_answers_as_on_one_device(policy, params, personas):
     """launch/eval.py's policy samples on the config's mesh (rows over every device, the
     rollout's replicated layout); one call, calls of max_batch_size and the prefix cache over two
     turns all give the one-device policy's greedy tokens."""
-    mesh = parallel.make_mesh(parallel.MeshConfig(data=1, fsdp=len(jax.devices()), tensor=1))
+    mesh = parallel.make_mesh(MeshConfig(data=1, fsdp=len(jax.devices()), tensor=1))
     placed = parallel.shard(params, param_shardings(TINY, mesh))
     first = [[Message("user", f"Hello, I am {persona.persona_id}.")] for persona in personas]
     expected_first = policy.generate_texts(first)
@@ -468,7 +469,7 @@ def test_policy_from_checkpoint_reads_the_actor(tmp_path, params, tokenizer_dir,
 
 def test_checkpoint_restores_straight_into_shardings(tmp_path, params, tokenizer_dir):
     directory = save_checkpoint(tmp_path / "checkpoints", params, tokenizer_dir, trainer_format=True)
-    mesh = parallel.make_mesh(parallel.MeshConfig(data=1, fsdp=len(jax.devices()), tensor=1))
+    mesh = parallel.make_mesh(MeshConfig(data=1, fsdp=len(jax.devices()), tensor=1))
     shardings = param_shardings(TINY, mesh)
     restored, meta, step = restore_actor_params(directory, shardings=shardings)
     assert step == 7 and meta["tokenizer_dir"] == str(tokenizer_dir)

@@ -6,6 +6,7 @@ import numpy as np
 import optax
 import pytest
 
+from rlpa_jax.config.tree import MeshConfig
 from rlpa_jax.model.qwen2 import Qwen2Config, forward, init_params
 from rlpa_jax.rl.experience import Experience
 from rlpa_jax.rl.objectives import actor_loss_fn, response_tokens
@@ -72,7 +73,7 @@ def test_no_output_scale_lr_leaves_the_optimizer_alone():
 
 
 def test_policy_update_on_the_eight_device_mesh_rescales_the_final_norm_as_one():
-    mesh = parallel.make_mesh(parallel.MeshConfig(data=2, fsdp=2, tensor=2))
+    mesh = parallel.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     shardings = parallel.param_shardings(CONFIG, mesh)
     optimizer = output_scale.with_output_scale_lr(make_optimizer(1e-4, 4, warmup_ratio=0.0), 1e-4, 1e-2)
     updater = Updater(actor_loss_fn(CONFIG, 0.2, 0.0), optimizer, 4, response_tokens, mesh=mesh, param_shardings=shardings)

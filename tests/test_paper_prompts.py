@@ -12,7 +12,7 @@ import pytest
 from openai_server import OpenAIServer
 
 from rlpa_jax.app.build import load_config
-from rlpa_jax.config.tree import REPO_ROOT, ConfigError
+from rlpa_jax.config.options import REPO_ROOT, ConfigError
 from rlpa_jax.dialogue import judges, users
 from rlpa_jax.dialogue.chat import (
     PROMPTS_DIR,

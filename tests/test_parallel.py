@@ -7,6 +7,7 @@ import pytest
 from hf_reference import make_hf_model, save_hf_model
 from jax.sharding import PartitionSpec as P
 
+from rlpa_jax.config.tree import MeshConfig
 from rlpa_jax.model import hf
 from rlpa_jax.model.qwen2 import Qwen2Config, forward, init_params, param_logical_axes
 from rlpa_jax.runtime import parallel
@@ -17,7 +18,7 @@ CONFIG = Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_
 @pytest.fixture(scope="module")
 def mesh():
     assert len(jax.devices()) == 8, "conftest sets 8 fake CPU devices"
-    return parallel.make_mesh(parallel.MeshConfig(data=2, fsdp=2, tensor=2))
+    return parallel.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
 
 
 def sharded_params(mesh, params, config=CONFIG, head="lm"):
@@ -64,13 +65,13 @@ def test_checkpoint_loads_straight_into_shardings(mesh, tmp_path):
 
 def test_undividable_dimensions_stay_replicated(mesh):
     # 2 kv heads over tensor=4 cannot split: that weight falls back to replication, the rest shards.
-    wide = parallel.make_mesh(parallel.MeshConfig(data=1, fsdp=2, tensor=4))
+    wide = parallel.make_mesh(MeshConfig(data=1, fsdp=2, tensor=4))
     spec = parallel.logical_to_spec(("layers", "embed", "kv_heads", "head_dim"), (2, 64, 2, 16), wide)
     assert spec == P(None, "fsdp", None, None)
 
 
 def test_mesh_that_does_not_divide_the_devices_is_refused():
     with pytest.raises(ValueError, match="does not divide the 8 available devices"):
-        parallel.make_mesh(parallel.MeshConfig(data=3, fsdp=-1))
-    assert parallel.make_mesh(parallel.MeshConfig(data=2, fsdp=2, tensor=1)).devices.size == 4  # a subset
-    assert parallel.make_mesh(parallel.MeshConfig(fsdp=-1)).shape["fsdp"] == 8
+        parallel.make_mesh(MeshConfig(data=3, fsdp=-1))
+    assert parallel.make_mesh(MeshConfig(data=2, fsdp=2, tensor=1)).devices.size == 4  # a subset
+    assert parallel.make_mesh(MeshConfig(fsdp=-1)).shape["fsdp"] == 8

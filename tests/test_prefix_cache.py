@@ -5,14 +5,15 @@ import numpy as np
 import pytest
 from tiny_corpus import synthetic_corpus
 
+from rlpa_jax.config.tree import MeshConfig
 from rlpa_jax.dialogue.chat import load_prompt
 from rlpa_jax.dialogue.judges.rules import EmbeddedProfileJudge, EmbeddedResponseJudge
 from rlpa_jax.dialogue.personas import synthetic_personas
 from rlpa_jax.dialogue.users.scripted import ScriptedUser
 from rlpa_jax.eval.policies import JaxPolicy
 from rlpa_jax.eval.protocol import run_protocol
-from rlpa_jax.generation.prefix_cache import PrefixSampler, common_prefix_lengths, plan_prefill
 from rlpa_jax.generation.engine import GenerationEngine
+from rlpa_jax.generation.prefix_cache import PrefixSampler, common_prefix_lengths, plan_prefill
 from rlpa_jax.generation.sampler import Sampler, SamplingParams, pad_prompts
 from rlpa_jax.model.qwen2 import Qwen2Config, init_params, unstack_layers
 from rlpa_jax.model.tokenizer import load_tokenizer, stop_token_ids, train_tiny_tokenizer
@@ -149,7 +150,7 @@ def sharp_tiny_model():
 def rollout_samples(tokenizer, prefix_cache: bool, temperature: float):
     config, params = sharp_tiny_model()
     # Rows split over 2 devices: padding rows, and prefixes copied on each device from its own block.
-    mesh = parallel.make_mesh(parallel.MeshConfig(data=1, fsdp=2, tensor=1), jax.devices()[:2])
+    mesh = parallel.make_mesh(MeshConfig(data=1, fsdp=2, tensor=1), jax.devices()[:2])
     engine = GenerationEngine(config, stop_token_ids(tokenizer), tokenizer.pad_token_id, mesh=mesh,
                               prompt_buckets=(64, 128, 256), prefix_cache=prefix_cache)
     engine.sync(params)

@@ -8,6 +8,7 @@ import torch
 from hf_reference import make_hf_model, save_hf_model
 from jax.sharding import PartitionSpec
 
+from rlpa_jax.config.tree import MeshConfig
 from rlpa_jax.generation.sampler import (
     Sampler,
     SamplingParams,
@@ -110,7 +111,7 @@ def test_mesh_gives_the_same_greedy_output(model):
     tokens, mask = pad_prompts(PROMPTS, PAD, length_buckets=(16,), batch_multiple=4)
     sampling = SamplingParams(max_new_tokens=12, temperature=0, num_samples=2)
     single = Sampler(config, (STOP,), PAD)(params, tokens, mask, jax.random.key(0), sampling)
-    mesh = parallel.make_mesh(parallel.MeshConfig(data=2, fsdp=2, tensor=2))
+    mesh = parallel.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     shardings = parallel.shardings_for(param_logical_axes(config), params, mesh)
     with parallel.activate(mesh):
         batch = parallel.batch_sharding(mesh)
@@ -126,7 +127,7 @@ def test_every_sampling_layout_gives_the_same_output(model, layout):
     tokens, mask = pad_prompts(PROMPTS, PAD, length_buckets=(16,), batch_multiple=4)
     sampling = SamplingParams(max_new_tokens=12, temperature=0, num_samples=2)
     single = Sampler(config, (STOP,), PAD)(params, tokens, mask, jax.random.key(0), sampling)
-    mesh = parallel.make_mesh(parallel.MeshConfig(data=1, fsdp=4, tensor=2))
+    mesh = parallel.make_mesh(MeshConfig(data=1, fsdp=4, tensor=2))
     trained = parallel.shard(params, parallel.param_shardings(config, mesh))  # the trainer's FSDP layout
     sampling_layout = SamplingLayout(config, mesh, layout)
     sampler_params = sampling_layout(trained)
@@ -154,7 +155,7 @@ def test_one_device_float32_parameters_are_sampled_as_they_are(model):
     """No per-rollout copy where the actor already is what the sampler reads (each call splits
     it, bit for bit as before); another compute dtype gets the per-layer copy."""
     _, params, config = model
-    mesh = parallel.make_mesh(parallel.MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+    mesh = parallel.make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
     placed = parallel.shard(params, parallel.param_shardings(config, mesh))
     layout = SamplingLayout(config, mesh)
     assert layout(placed) is placed

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from rlpa_jax.config.tree import MeshConfig
 from rlpa_jax.generation.layout import LAYOUTS, SamplingLayout
 from rlpa_jax.generation.sampler import SamplingParams, generate
 from rlpa_jax.model.qwen2 import Qwen2Config, init_params
@@ -26,7 +27,7 @@ SAMPLING = SamplingParams(max_new_tokens=16, num_samples=4)
 
 @pytest.fixture(scope="module")
 def mesh():
-    return parallel.make_mesh(parallel.MeshConfig(data=1, fsdp=8, tensor=1))
+    return parallel.make_mesh(MeshConfig(data=1, fsdp=8, tensor=1))
 
 
 def actor_params(mesh):

@@ -7,6 +7,7 @@ import numpy as np
 import optax
 import pytest
 
+from rlpa_jax.config.tree import MeshConfig
 from rlpa_jax.model.qwen2 import Qwen2Config, critic_params_from_policy, init_params
 from rlpa_jax.rl.experience import Experience
 from rlpa_jax.rl.objectives import actor_loss_fn, critic_loss_fn, response_tokens
@@ -93,7 +94,7 @@ def test_micro_batch_accumulation_is_exact(single):
 
 
 def test_eight_device_mesh_equals_one_device(single):
-    mesh = parallel.make_mesh(parallel.MeshConfig(data=2, fsdp=2, tensor=2))
+    mesh = parallel.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     actor, critic, actor_metrics, _ = run(mesh)
     assert actor.params["layers"]["mlp"]["up_kernel"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
     assert_trees_close(actor.params, single[0].params, atol=1e-5)
@@ -102,7 +103,7 @@ def test_eight_device_mesh_equals_one_device(single):
 
 
 def test_adamw_state_is_sharded_like_the_parameters():
-    mesh = parallel.make_mesh(parallel.MeshConfig(data=2, fsdp=2, tensor=2))
+    mesh = parallel.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     actor, _, metrics, _ = run(mesh, steps=1, optimizer=lambda: make_optimizer(1e-3, 10))
     mu = actor.opt_state[1][0].mu["layers"]["mlp"]["up_kernel"]
     assert mu.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")

@@ -17,7 +17,8 @@ import jax
 
 from rlpa_jax.config import tree as config_file
 from rlpa_jax.config.llm_sections import LLMRoleSection, LLMSection, inherited
-from rlpa_jax.config.tree import ConfigError, TrainConfig
+from rlpa_jax.config.options import ConfigError
+from rlpa_jax.config.tree import TrainConfig
 from rlpa_jax.dialogue import judges, personas, users
 from rlpa_jax.dialogue.chat import load_prompt
 from rlpa_jax.dialogue.llm.client import LLMCallError, client_from_section, run_sync
@@ -70,8 +71,7 @@ def load_config(path=None, overrides: list[str] | None = None) -> TrainConfig:
 
 
 def build_mesh(config: TrainConfig) -> jax.sharding.Mesh:
-    m = config.mesh
-    return parallel.make_mesh(parallel.MeshConfig(m.data, m.fsdp, m.tensor))
+    return parallel.make_mesh(config.mesh)
 
 
 def tokenizer_dir(config: TrainConfig) -> Path:

@@ -23,7 +23,8 @@ from typing import Any, Callable, Iterator, Mapping, TypeVar
 import jax
 
 from rlpa_jax.app import build
-from rlpa_jax.config.tree import ConfigError, to_dict
+from rlpa_jax.config.options import ConfigError
+from rlpa_jax.config.tree import to_dict
 from rlpa_jax.runtime import multihost, parallel
 
 # The tokenizers library warns (and disables its threads) when a process forks after using them;

@@ -1,7 +1,7 @@
 """The stand-alone offline jobs the launch scripts run: build from a config, train, check, save.
 
     summary = jobs.sft(config)              # launch/sft.py: the SFT warm start alone
-    summary = jobs.dpo(config, settings)    # launch/dpo.py: DPO on scripted preference pairs
+    summary = jobs.dpo(config)              # launch/dpo.py: DPO on scripted preference pairs (config.dpo)
     path = jobs.export_policy(checkpoint, output)  # launch/export_hf.py: a checkpoint's policy for HF
 
 Each builds the world exactly as a PPO run does (rlpa_jax/app/build.py), saves {"actor": params} as an
@@ -27,8 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from rlpa_jax.app import build
-from rlpa_jax.config.options import from_dict
-from rlpa_jax.config.tree import ConfigError, TrainConfig, parse_override
+from rlpa_jax.config.tree import MeshConfig, TrainConfig
 from rlpa_jax.dialogue import judges
 from rlpa_jax.dialogue.chat import load_prompt, parse_turn
 from rlpa_jax.dialogue.judges import ResponseRequest
@@ -36,7 +35,6 @@ from rlpa_jax.dialogue.llm.client import run_sync
 from rlpa_jax.offline import dpo as dpo_training
 from rlpa_jax.offline import sft as sft_training
 from rlpa_jax.offline import teacher
-from rlpa_jax.offline.dpo import DPOSettings
 from rlpa_jax.runtime import checkpoint, multihost, parallel
 from rlpa_jax.runtime.checkpoint import Checkpointer, checkpoint_directory, export_checkpoint
 from rlpa_jax.runtime.parallel import param_shardings
@@ -44,7 +42,6 @@ from rlpa_jax.runtime.parallel import param_shardings
 log = logging.getLogger(__name__)
 
 HELD_OUT_HISTORIES = 16  # evaluation personas whose greedy turns are checked after training
-DPO_SECTION = "dpo"  # overrides dpo.<key>=value set DPOSettings, not the config
 
 
 def save_policy(config: TrainConfig, job: str, params, meta: dict, history: list[dict]) -> None:
@@ -109,22 +106,6 @@ def sft(config: TrainConfig) -> dict:
 # --------------------------------------------------------------------------------------------- DPO
 
 
-def split_dpo_overrides(overrides: list[str]) -> tuple[DPOSettings, list[str]]:
-    """(DPOSettings from the dpo.<key>=value overrides, the remaining config overrides)."""
-    valid = sorted(field.name for field in dataclasses.fields(DPOSettings))
-    values: dict = {}
-    rest: list[str] = []
-    for text in overrides:
-        keys, value = parse_override(text)
-        if keys[0] != DPO_SECTION:
-            rest.append(text)
-            continue
-        if len(keys) != 2 or keys[1] not in valid:
-            raise ConfigError(f"override {text!r}: expected dpo.<key>=value with a key among {', '.join(valid)}")
-        values[keys[1]] = value
-    return from_dict(DPOSettings, values, where=DPO_SECTION), rest
-
-
 def warn_on_system_prompt_change(config: TrainConfig) -> None:
     """DPO should keep the prompt the starting checkpoint was trained with; say so when it does not."""
     directory = checkpoint_directory(config.model.init_checkpoint)
@@ -168,10 +149,10 @@ def judged_by_every_process(response_judge, requests: list[ResponseRequest]) -> 
     return [every[i % count][i // count] for i in range(len(requests))]
 
 
-def dpo(config: TrainConfig, settings: DPOSettings) -> dict:
-    """Build (or restore with model.init_checkpoint), train, check and save; returns a summary."""
-    dpo_training.validate_settings(settings)
-    rollout = config.rollout
+def dpo(config: TrainConfig) -> dict:
+    """Build (or restore with model.init_checkpoint), train with config.dpo, check and save; returns a
+    summary."""
+    rollout, settings = config.rollout, config.dpo
     mesh = build.build_mesh(config)
     model_config = build.model_config(config)
     system_prompt = load_prompt(rollout.system_prompt)
@@ -238,6 +219,6 @@ def export_policy(checkpoint: Path, output: Path, step: int | None = None, token
     is restored FSDP-sharded over every device of every process (no device holds it all, the
     processes read their own shards together); the export gathers each tensor in turn and process
     0 alone writes the directory."""
-    mesh = parallel.make_mesh(parallel.MeshConfig(data=1, fsdp=-1, tensor=1))
+    mesh = parallel.make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1))
     return export_checkpoint(checkpoint, output, step, tokenizer, dtype,
                              shardings_for=lambda model_config: param_shardings(model_config, mesh))

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from rlpa_jax.config.options import count, http_url, non_negative, option, positive
 
 
-@dataclass
+@dataclass(frozen=True)
 class LLMSection:
     """One role's OpenAI-compatible endpoint (OpenAI, DeepSeek, vLLM, SGLang); the key comes from the
     env var `api_key_env`. A field left unset (null) inherits from the section above it
@@ -30,7 +30,7 @@ class LLMSection:
     price_output_per_mtok: float | None = option(None, non_negative)
 
 
-@dataclass
+@dataclass(frozen=True)
 class SharedLLMSection(LLMSection):
     """The top-level `llm` section every role inherits from; no base_url by default, so a role that
     talks to an LLM must be given one (here, or in its own section)."""
@@ -42,7 +42,7 @@ class SharedLLMSection(LLMSection):
     max_retries: int | None = option(4, non_negative)
 
 
-@dataclass
+@dataclass(frozen=True)
 class LLMRoleSection:
     """A role's own endpoint section (judges.profile, judges.response, eval.judge)."""
 
@@ -71,9 +71,16 @@ def section_at(config, key: str):
     return config
 
 
-def inherit_llm_sections(config) -> None:
-    """Fill every role's unset LLM fields from its parents (in place), so each section is the
-    endpoint its role really uses (and the run's saved config.yaml says so)."""
-    for child, parent in LLM_PARENTS.items():
-        owner, name = child.rsplit(".", 1)
-        setattr(section_at(config, owner), name, inherited(section_at(config, child), section_at(config, parent)))
+def replaced_at(config, key: str, section):
+    """`config` with the section at dotted `key` replaced by `section` (each section on the way a new copy)."""
+    name, _, rest = key.partition(".")
+    return dataclasses.replace(config, **{name: replaced_at(getattr(config, name), rest, section) if rest else section})
+
+
+def with_inherited_llm_sections(config):
+    """`config` with every role's unset LLM fields filled from its parents (a new config; the input
+    is left as it is), so each section is the endpoint its role really uses (and the run's saved
+    config.yaml says so)."""
+    for child, parent in LLM_PARENTS.items():  # parents first: a child inherits what they inherited
+        config = replaced_at(config, child, inherited(section_at(config, child), section_at(config, parent)))
+    return config

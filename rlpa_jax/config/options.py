@@ -2,8 +2,7 @@
 and the one pass that builds dataclasses from plain dicts and collects every problem, each with its
 dotted key, the value, what is accepted and where the value came from.
 
-config.py declares the tree with `option(default, domain)` and loads YAML files through this;
-other settings dataclasses (offline/dpo.DPOSettings) use `from_dict` the same way.
+config/tree.py declares the tree with `option(default, domain)` and loads YAML files through this.
 """
 
 from __future__ import annotations
@@ -282,14 +281,3 @@ def check_domains(instance, prefix: str, problems: Problems) -> None:
             continue
         problems.add(key, f"expected {describe(option_field, annotation)}, got {value!r}")
 
-
-def from_dict(cls, values: dict, where: str = "config"):
-    """`cls` (any of the dataclasses above, or another with `option` fields) from a plain dict.
-
-    Keys in messages start with `where` ("dpo" -> "dpo.beta: expected a number, got 'x'").
-    """
-    problems = Problems(lambda key: None)
-    instance = build_section(cls, values, where, problems)
-    check_domains(instance, where, problems)
-    problems.raise_if_any(where)
-    return instance

@@ -8,6 +8,8 @@ are their own domain. `load_config` checks everything in one pass (unknown keys,
 the cross-field rules) and raises one ConfigError with one line per problem: the dotted key, the
 value, what would be accepted, and where the value came from (the YAML file or the command-line
 override), so a run never starts with a value that would fail, or train wrongly, much later.
+Every section is a frozen dataclass: a loaded config never changes under the code that reads it,
+and code that needs another one builds it with `dataclasses.replace`.
 """
 
 from __future__ import annotations
@@ -19,19 +21,15 @@ from typing import Any, Callable, Literal, Sequence
 
 import yaml
 
-# The LLM endpoint sections live in llm_config.py (imported here: part of this module's API too).
 from rlpa_jax.config.llm_sections import (
     LLM_PARENTS,
     LLM_ROLES,
     LLMRoleSection,
     LLMSection,
     SharedLLMSection,
-    inherit_llm_sections,
     section_at,
+    with_inherited_llm_sections,
 )
-
-# Option domains and the collect-all builder live in options.py; ConfigError is part of this
-# module's API too (callers catch it from here).
 from rlpa_jax.config.options import (
     REPO_ROOT,
     ConfigError,
@@ -51,6 +49,7 @@ from rlpa_jax.config.options import (
     positive,
     prompt_name,
     unit_interval,
+    within,
 )
 
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "tiny.yaml"
@@ -61,7 +60,7 @@ DEFAULT_CONFIG = REPO_ROOT / "configs" / "tiny.yaml"
 # The tree
 
 
-@dataclass
+@dataclass(frozen=True)
 class TinyModelConfig:
     """A random Qwen2 built in place, with a tokenizer trained on the spot (the embedded default)."""
 
@@ -75,7 +74,7 @@ class TinyModelConfig:
     tie_word_embeddings: bool = True
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     path: str | None = None  # local Hugging Face directory; None builds the tiny model
     tokenizer_path: str | None = None  # defaults to `path`
@@ -88,14 +87,17 @@ class ModelConfig:
     scan_layers: bool = True
 
 
-@dataclass
-class MeshSection:
+@dataclass(frozen=True)
+class MeshConfig:
+    """Sizes of the (data, fsdp, tensor) mesh axes (runtime/parallel.make_mesh); -1 on one axis
+    means 'all remaining devices'."""
+
     data: int = option(1, mesh_axis)
     fsdp: int = option(-1, mesh_axis)
     tensor: int = option(1, mesh_axis)
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     source: Literal["synthetic", "aloe"] = "synthetic"
     aloe_dir: str = "../shared/data/aloe"
@@ -105,7 +107,7 @@ class DataConfig:
     switch_turn: int | None = option(None, count)
 
 
-@dataclass
+@dataclass(frozen=True)
 class UserConfig:
     kind: str = "scripted"  # a key of dialogue.users.USER_SIMULATORS
     llm: LLMSection = field(default_factory=LLMSection)
@@ -114,7 +116,7 @@ class UserConfig:
     prompt: str = option("user_roleplay", prompt_name)
 
 
-@dataclass
+@dataclass(frozen=True)
 class JudgeConfig:
     kind: str = "embedded"  # a key of dialogue.judges.JUDGES
     llm: LLMSection = field(default_factory=LLMSection)  # what both judges (and eval.judge) share
@@ -130,13 +132,13 @@ class JudgeConfig:
     response_prompt: str = option("response_judge", prompt_name)
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalConfig:
     # The ALOE evaluation's judge (launch/eval.py, when judges.kind=llm; the paper: GPT-4o).
     judge: LLMRoleSection = field(default_factory=LLMRoleSection)
 
 
-@dataclass
+@dataclass(frozen=True)
 class RolloutConfig:
     # conversation: each iteration plays `conversations` new dialogues to the end with one policy.
     # turn (the paper): a pool of `conversations` live dialogues advances one turn per iteration,
@@ -167,7 +169,7 @@ class RolloutConfig:
     prefix_cache: bool = True
 
 
-@dataclass
+@dataclass(frozen=True)
 class PPOConfig:
     iterations: int = option(20, non_negative)  # 0: SFT (if enabled) and the evaluation only
     actor_lr: float = option(5e-7, positive)
@@ -208,7 +210,7 @@ class PPOConfig:
     credit: str = "turn"
 
 
-@dataclass
+@dataclass(frozen=True)
 class SFTConfig:
     enabled: bool = False
     steps: int = option(200, count)
@@ -218,7 +220,22 @@ class SFTConfig:
     warmup_steps: int = option(10, non_negative)
 
 
-@dataclass
+@dataclass(frozen=True)
+class DPOConfig:
+    """launch/dpo.py: DPO on scripted preference pairs (offline/dpo.py)."""
+
+    beta: float = option(0.1, positive)  # strength of the implicit KL anchor to the reference
+    steps: int = option(200, count)
+    learning_rate: float = option(1e-4, positive)
+    batch_size: int = option(8, count)  # preference pairs per optimizer step
+    num_dialogues: int = option(128, count)  # personas whose scripted dialogues give the pairs
+    warmup_steps: int = option(10, non_negative)
+    # Conservative DPO's label-flip probability; at 0.5 the loss is symmetric in the margin and
+    # carries no preference at all.
+    label_smoothing: float = option(0.0, within(0, 0.5, open_high=True))
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     checkpoint_every: int = option(5, count)  # iterations; the last one is always saved
     max_to_keep: int = option(3, count)
@@ -227,13 +244,13 @@ class LoggingConfig:
     progress_bar: bool = True
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     name: str = "tiny"
     output_dir: str = "runs"
     seed: int = option(0, non_negative)  # numpy generators refuse negative seeds
     model: ModelConfig = field(default_factory=ModelConfig)
-    mesh: MeshSection = field(default_factory=MeshSection)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
     data: DataConfig = field(default_factory=DataConfig)
     llm: SharedLLMSection = field(default_factory=SharedLLMSection)  # what every LLM role inherits
     user: UserConfig = field(default_factory=UserConfig)
@@ -242,6 +259,7 @@ class TrainConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     @property
@@ -377,14 +395,16 @@ def to_dict(config) -> dict:
     return dataclasses.asdict(config)
 
 
-def validate(config: TrainConfig, where: str = "config") -> None:
-    """Every option against its domain, then (after filling each role's unset LLM fields from its
-    parents, in place) the cross-field rules; one ConfigError lists them all."""
+def validate(config: TrainConfig, where: str = "config") -> TrainConfig:
+    """Every option against its domain, then the cross-field rules on the config with each role's
+    unset LLM fields filled from its parents; one ConfigError lists every problem. Returns that
+    filled-in config (a new one: `config` is left as it is)."""
     problems = Problems(lambda key: None)
     check_domains(config, "", problems)
-    inherit_llm_sections(config)  # in place: each role's section becomes the endpoint it uses
+    config = with_inherited_llm_sections(config)  # each role's section becomes the endpoint it uses
     _check_rules(config, problems)
     problems.raise_if_any(where)
+    return config
 
 
 # ---------------------------------------------------------------------------------------------
@@ -426,12 +446,6 @@ def _set_override(tree: dict, path: list[str], value: Any, cls=TrainConfig) -> s
     return None
 
 
-def apply_override(tree: dict, path: list[str], value: Any, cls=TrainConfig, text: str = "") -> None:
-    problem = _set_override(tree, path, value, cls)
-    if problem:
-        raise ConfigError(f"command-line override {text!r}: {problem}")
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 rules: Sequence[tuple[tuple[str, ...], CrossFieldRule]] = ()) -> TrainConfig:
     """Read YAML (default configs/tiny.yaml), apply dotted overrides, check everything at once.
@@ -464,7 +478,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             sources.set_by_override(".".join(keys), text)
     config = build_section(TrainConfig, tree, "", problems)
     check_domains(config, "", problems)  # before inheriting: a bad value is reported where it was set
-    inherit_llm_sections(config)
+    config = with_inherited_llm_sections(config)
     _check_rules(config, problems, rules)
     problems.raise_if_any(f"{path}{' with overrides' if overrides else ''}")
     return config

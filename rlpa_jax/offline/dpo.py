@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from rlpa_jax.config.tree import DPOConfig
 from rlpa_jax.dialogue.chat import Message, format_turn, load_prompt
 from rlpa_jax.dialogue.personas import Persona
 from rlpa_jax.dialogue.users.scripted import ScriptedUser
@@ -63,33 +63,6 @@ RESPONSE_BUCKETS: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048)
 
 # (history before the turn, chosen turn text, rejected turn text)
 PreferencePair = tuple[list[Message], str, str]
-
-
-@dataclass
-class DPOSettings:
-    """DPO hyper-parameters (until a `dpo` section joins config.py; launch/dpo.py reads dpo.* overrides)."""
-
-    beta: float = 0.1  # strength of the implicit KL anchor to the reference
-    steps: int = 200
-    learning_rate: float = 1e-4
-    batch_size: int = 8  # preference pairs per optimizer step
-    num_dialogues: int = 128  # personas whose scripted dialogues give the pairs
-    warmup_steps: int = 10
-    label_smoothing: float = 0.0  # conservative DPO's label-flip probability, in [0, 0.5)
-
-
-def validate_settings(settings: DPOSettings) -> None:
-    if settings.steps < 1 or settings.batch_size < 1:
-        raise ValueError(f"offline/dpo.py: dpo.steps={settings.steps} and dpo.batch_size={settings.batch_size} "
-                         "must be >= 1")
-    if settings.beta <= 0:
-        raise ValueError(f"offline/dpo.py: dpo.beta={settings.beta} must be > 0")
-    if not 0.0 <= settings.label_smoothing < 0.5:
-        # At 0.5 the loss is symmetric in m and carries no preference at all.
-        raise ValueError(f"offline/dpo.py: dpo.label_smoothing={settings.label_smoothing} must be in [0, 0.5)")
-    if settings.learning_rate <= 0 or settings.warmup_steps < 0:
-        raise ValueError(f"offline/dpo.py: dpo.learning_rate={settings.learning_rate} must be > 0 and "
-                         f"dpo.warmup_steps={settings.warmup_steps} >= 0")
 
 
 # --------------------------------------------------------------------------------------------
@@ -328,14 +301,15 @@ def train_dpo(
     params: Params,
     model_config: Qwen2Config,
     examples: dict[str, np.ndarray],
-    settings: DPOSettings,
+    dpo_config: DPOConfig,
     seed: int,
     mesh: Mesh | None = None,
     param_shardings: Params | None = None,
     progress: bool = True,
     length_buckets: Sequence[int] = SFT_LENGTH_BUCKETS,
 ) -> tuple[Params, list[dict[str, float]]]:
-    """Train `params` with DPO for settings.steps steps; returns (params, per-step metrics).
+    """Train `params` with DPO for dpo_config.steps steps (the config's dpo section); returns
+    (params, per-step metrics).
 
     The reference is `params` as given: every pair's reference log-probs are computed before the
     first step. Batches are seeded, length-grouped shuffles of pairs (sft.batch_schedule), each
@@ -343,17 +317,16 @@ def train_dpo(
     buffers are reused): use the returned parameters afterwards. Each record holds the step's loss,
     reward accuracy and mean reward margin, measured on the batch before its update.
     """
-    validate_settings(settings)
     check_examples(examples)
     window = response_window(examples)
-    reference = preference_logps(params, model_config, examples, settings.batch_size, mesh, length_buckets)
+    reference = preference_logps(params, model_config, examples, dpo_config.batch_size, mesh, length_buckets)
 
-    warmup_ratio = min(settings.warmup_steps / settings.steps, 1.0)
-    optimizer = make_optimizer(settings.learning_rate, settings.steps, warmup_ratio=warmup_ratio)
-    updater = Updater(dpo_loss_fn(model_config, settings.beta, settings.label_smoothing), optimizer,
-                      micro_batch_size=settings.batch_size, loss_mask=scored_pairs, mesh=mesh,
+    warmup_ratio = min(dpo_config.warmup_steps / dpo_config.steps, 1.0)
+    optimizer = make_optimizer(dpo_config.learning_rate, dpo_config.steps, warmup_ratio=warmup_ratio)
+    updater = Updater(dpo_loss_fn(model_config, dpo_config.beta, dpo_config.label_smoothing), optimizer,
+                      micro_batch_size=dpo_config.batch_size, loss_mask=scored_pairs, mesh=mesh,
                       param_shardings=param_shardings)
-    schedule = batch_schedule(pair_lengths(examples), settings.batch_size, settings.steps, seed)
+    schedule = batch_schedule(pair_lengths(examples), dpo_config.batch_size, dpo_config.steps, seed)
 
     def make_batch(pairs):
         return pair_batch(examples, pairs, window, length_buckets) | {

@@ -2,7 +2,8 @@
 
 Sharding is declared once: the model names the logical axes of every parameter and activation,
 and LOGICAL_RULES below map those names onto the mesh axes (data, fsdp, tensor). The same code
-runs on 1 CPU, on 8 fake CPU devices, and on 8 GPUs; only MeshConfig changes.
+runs on 1 CPU, on 8 fake CPU devices, and on 8 GPUs; only the config's mesh section (MeshConfig)
+changes.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from rlpa_jax.config.tree import MeshConfig
 from rlpa_jax.model.qwen2 import Params, Qwen2Config, init_params, param_logical_axes
 
 log = logging.getLogger(__name__)
@@ -47,15 +49,6 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("layers", None),
     ("norm", None),
 )
-
-
-@dataclasses.dataclass(frozen=True)
-class MeshConfig:
-    """Sizes of the (data, fsdp, tensor) mesh axes; -1 on one axis means 'all remaining devices'."""
-
-    data: int = 1
-    fsdp: int = -1
-    tensor: int = 1
 
 
 def mesh_shape(config: MeshConfig, num_devices: int) -> tuple[int, int, int]:

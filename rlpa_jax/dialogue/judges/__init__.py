@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import Callable
 
 from rlpa_jax.config.llm_sections import inherited
-from rlpa_jax.config.tree import ConfigError, JudgeConfig
+from rlpa_jax.config.options import ConfigError
+from rlpa_jax.config.tree import JudgeConfig
 from rlpa_jax.dialogue.judges.base import (
     ItemMatchingJudge,
     ProfileJudge,

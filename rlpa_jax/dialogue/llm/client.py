@@ -38,7 +38,7 @@ from urllib.parse import urlsplit, urlunsplit
 import openai
 
 from rlpa_jax.config.llm_sections import LLMSection
-from rlpa_jax.config.tree import ConfigError
+from rlpa_jax.config.options import ConfigError
 from rlpa_jax.dialogue.llm.cache import ResponseCache, cache_key
 from rlpa_jax.dialogue.llm.limiter import estimate_tokens, shared_limiter
 from rlpa_jax.dialogue.llm.retries import AttemptFailure, backoff_delay_s, classify_failure, completion_text

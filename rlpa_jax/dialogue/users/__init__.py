@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from rlpa_jax.config.tree import ConfigError, UserConfig
+from rlpa_jax.config.options import ConfigError
+from rlpa_jax.config.tree import UserConfig
 from rlpa_jax.dialogue.llm.client import client_from_section
 from rlpa_jax.dialogue.users.base import (
     OPENING_MESSAGE,
