@@ -124,6 +124,13 @@ def test_the_engine_refuses_what_it_cannot_sample():
     with pytest.raises(ValueError, match="a prompt is empty"):
         engine.generate([[3, 4], []], SamplingParams(max_new_tokens=2), jax.random.key(0))
     assert engine.generate([], SamplingParams(max_new_tokens=2), jax.random.key(0)).completions == []
+    # The jitted programs check their arguments' ranks and shapes at the boundary (at trace time).
+    with pytest.raises(AssertionError, match="rank"):
+        engine.sampler(engine.params, np.array([3, 4], np.int32), np.array([True, True]), jax.random.key(0),
+                       SamplingParams(max_new_tokens=2))
+    with pytest.raises(AssertionError, match="shape"):
+        engine.sampler(engine.params, np.array([[3, 4]], np.int32), np.array([[True, True, True]]), jax.random.key(0),
+                       SamplingParams(max_new_tokens=2))
 
 
 # ------------------------------------------------------------------------------------ prefix cache on a mesh

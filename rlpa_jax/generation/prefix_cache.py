@@ -44,6 +44,7 @@ import logging
 from collections import Counter
 from typing import Callable, Mapping, Sequence
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -250,6 +251,9 @@ def generate_continuing(
     lists of (rows, K, ...) as `params` run on, None when K = 0), decode as sampling.generate does.
     Returns the generation and the new prompt cache (prompt slots only, one row per prompt, in the
     same form)."""
+    chex.assert_rank([suffix_tokens, suffix_mask, kept_mask, kept], [2, 2, 2, 1])
+    chex.assert_equal_shape([suffix_tokens, suffix_mask])
+    chex.assert_equal_shape_prefix([suffix_tokens, kept_mask, kept], 1)
     batch, suffix_length = suffix_tokens.shape
     kept_length = kept_mask.shape[1]
     prompt_length = kept_length + suffix_length

@@ -17,6 +17,7 @@ import dataclasses
 import logging
 from typing import Callable, NamedTuple, Protocol, Sequence
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -126,6 +127,9 @@ def generate(
     pad_id: int,
 ) -> Generation:
     """Sample `sampling.num_samples` continuations per left-padded prompt (rows prompt-major)."""
+    chex.assert_rank([prompt_tokens, prompt_mask], 2)
+    chex.assert_equal_shape([prompt_tokens, prompt_mask])
+    chex.assert_type(prompt_tokens, int)
     batch, prompt_len = prompt_tokens.shape
     slots = prompt_len + sampling.max_new_tokens
 
@@ -155,6 +159,8 @@ def decode(
     the real prompt slots, `last_logits` are each prompt's last-token logits, `next_position` each
     prompt's real length (the position of the first new token). Every prompt's row is copied n
     times, then decoded."""
+    chex.assert_rank([last_logits, key_mask, next_position], [2, 2, 1])
+    chex.assert_equal_shape_prefix([last_logits, key_mask, next_position], 1)
     batch = last_logits.shape[0]
     n, new = sampling.num_samples, sampling.max_new_tokens
     prompt_len = key_mask.shape[1] - new
