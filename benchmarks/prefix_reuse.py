@@ -29,8 +29,8 @@ import jax
 from rlpa_jax.app.build import build_personas, build_trainer, load_config
 from rlpa_jax.dialogue.chat import load_prompt
 from rlpa_jax.eval.policies import JaxPolicy
-from rlpa_jax.generation.engine import GenerationEngine
 from rlpa_jax.eval.protocol import run_protocol
+from rlpa_jax.generation.engine import GenerationEngine
 from rlpa_jax.rl.rollout import Rollout
 
 

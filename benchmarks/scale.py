@@ -42,15 +42,18 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from rlpa_jax.runtime import parallel  # noqa: E402
-from rlpa_jax.config.tree import TrainConfig, load_config  # noqa: E402
+from rlpa_jax.config.loading import load_config  # noqa: E402
+from rlpa_jax.config.tree import TrainConfig  # noqa: E402
 from rlpa_jax.generation.layout import LAYOUTS, SamplingLayout  # noqa: E402
 from rlpa_jax.generation.sampler import Sampler, SamplingParams, bucket  # noqa: E402
 from rlpa_jax.model.hf import load_config as load_model_config  # noqa: E402
 from rlpa_jax.model.qwen2 import Qwen2Config, init_params  # noqa: E402
 from rlpa_jax.rl.experience import Experience, ForwardPasses  # noqa: E402
 from rlpa_jax.rl.objectives import actor_loss_fn, critic_loss_fn, response_tokens  # noqa: E402
-from rlpa_jax.runtime import compiled_cost
+from rlpa_jax.runtime import (
+    compiled_cost,
+    parallel,  # noqa: E402
+)
 from rlpa_jax.runtime.compiled_cost import ProgramCost  # noqa: E402
 from rlpa_jax.training.optimizer import make_optimizer  # noqa: E402
 from rlpa_jax.training.output_scale import with_output_scale_lr  # noqa: E402

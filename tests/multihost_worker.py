@@ -23,7 +23,8 @@ import numpy as np
 from eval_launch_worker import device_get_of_own_arrays
 
 from rlpa_jax.app import build, jobs
-from rlpa_jax.config.tree import MeshConfig, load_config
+from rlpa_jax.config.loading import load_config
+from rlpa_jax.config.tree import MeshConfig
 from rlpa_jax.model.qwen2 import Qwen2Config, init_params
 from rlpa_jax.rl.metrics import MetricsLog
 from rlpa_jax.runtime import hf_export, multihost, parallel

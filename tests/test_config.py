@@ -9,8 +9,9 @@ import pytest
 
 from rlpa_jax.app import build
 from rlpa_jax.config.llm_sections import with_inherited_llm_sections
+from rlpa_jax.config.loading import load_config, validate
 from rlpa_jax.config.options import REPO_ROOT, ConfigError, domain_of
-from rlpa_jax.config.tree import DPOConfig, TrainConfig, load_config, validate
+from rlpa_jax.config.tree import DPOConfig, TrainConfig
 
 
 def test_every_shipped_config_loads():

@@ -11,8 +11,9 @@ import pytest
 from openai_server import OpenAIServer
 
 from rlpa_jax.config.llm_sections import LLMRoleSection, LLMSection
+from rlpa_jax.config.loading import load_config
 from rlpa_jax.config.options import ConfigError
-from rlpa_jax.config.tree import JudgeConfig, UserConfig, load_config
+from rlpa_jax.config.tree import JudgeConfig, UserConfig
 from rlpa_jax.dialogue import judges, users
 from rlpa_jax.dialogue.chat import Message
 from rlpa_jax.dialogue.judges import JUDGES, ItemMatchingJudge, build_judges

@@ -19,7 +19,7 @@ from openai_server import OpenAIServer, Reply
 from tiny_corpus import synthetic_corpus
 
 from rlpa_jax.app.build import build_personas
-from rlpa_jax.config.tree import load_config
+from rlpa_jax.config.loading import load_config
 from rlpa_jax.model.qwen2 import Qwen2Config, init_params
 from rlpa_jax.model.tokenizer import train_tiny_tokenizer
 from rlpa_jax.runtime import hf_export

@@ -160,8 +160,8 @@ def test_the_old_forward_is_skipped_exactly_for_one_on_policy_step(changes, rows
 
 
 def test_a_bad_kl_penalty_names_the_key_and_the_choices():
+    from rlpa_jax.config.loading import load_config
     from rlpa_jax.config.options import ConfigError
-    from rlpa_jax.config.tree import load_config
     with pytest.raises(ConfigError, match=r"ppo.kl_penalty: expected one of \['reward', 'loss'\], got 'bogus'"):
         load_config(None, ["ppo.kl_penalty=bogus"])
     assert load_config(None, []).ppo.kl_penalty == "reward"  # the embedded default (make demo) is unchanged

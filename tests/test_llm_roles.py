@@ -12,8 +12,8 @@ from openai_server import OpenAIServer, Reply
 from tensorboardX.proto import event_pb2
 
 from rlpa_jax.app import build
+from rlpa_jax.config.loading import load_config
 from rlpa_jax.config.options import REPO_ROOT, ConfigError
-from rlpa_jax.config.tree import load_config
 from rlpa_jax.dialogue.chat import Message, format_turn, parse_turn
 from rlpa_jax.dialogue.judges import ResponseRequest
 from rlpa_jax.dialogue.personas import synthetic_personas

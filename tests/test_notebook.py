@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from rlpa_jax.app import jobs
-from rlpa_jax.config.tree import load_config
+from rlpa_jax.config.loading import load_config
 from rlpa_jax.dialogue.matching import count_item_matches
 from rlpa_jax.dialogue.personas import synthetic_personas
 from rlpa_jax.dialogue.profile import profile_f1

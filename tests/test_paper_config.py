@@ -11,8 +11,8 @@ from openai_server import OpenAIServer, Reply
 from tiny_corpus import synthetic_corpus
 
 from rlpa_jax.app.build import build_trainer
+from rlpa_jax.config.loading import load_config
 from rlpa_jax.config.options import REPO_ROOT
-from rlpa_jax.config.tree import load_config
 from rlpa_jax.model.tokenizer import train_tiny_tokenizer
 
 

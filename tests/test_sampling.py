@@ -9,6 +9,7 @@ from hf_reference import make_hf_model, save_hf_model
 from jax.sharding import PartitionSpec
 
 from rlpa_jax.config.tree import MeshConfig
+from rlpa_jax.generation.layout import SamplingLayout
 from rlpa_jax.generation.sampler import (
     Sampler,
     SamplingParams,
@@ -17,7 +18,6 @@ from rlpa_jax.generation.sampler import (
     generate,
     pad_prompts,
 )
-from rlpa_jax.generation.layout import SamplingLayout
 from rlpa_jax.model import hf
 from rlpa_jax.model.qwen2 import forward, param_logical_axes
 from rlpa_jax.runtime import parallel

@@ -12,8 +12,8 @@ import pytest
 from tiny_corpus import synthetic_corpus
 
 from rlpa_jax.app.build import build_trainer
+from rlpa_jax.config.loading import load_config
 from rlpa_jax.config.options import ConfigError
-from rlpa_jax.config.tree import load_config
 from rlpa_jax.dialogue.chat import Message, format_turn, load_prompt
 from rlpa_jax.dialogue.judges.rules import EmbeddedProfileJudge, EmbeddedResponseJudge
 from rlpa_jax.dialogue.personas import synthetic_personas

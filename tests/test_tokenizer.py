@@ -117,7 +117,7 @@ def test_training_on_given_texts_learns_their_words(tmp_path: Path) -> None:
 def test_the_embedded_worlds_tokenizer_keeps_every_persona_value_word_whole(tmp_path: Path) -> None:
     # A tiny policy copies a one-token value from the conversation far more easily.
     from rlpa_jax.app.build import world_corpus
-    from rlpa_jax.config.tree import load_config
+    from rlpa_jax.config.loading import load_config
     from rlpa_jax.dialogue.personas import synthetic_values
 
     config = load_config(None, [f"output_dir={tmp_path}"])  # the demo's own world

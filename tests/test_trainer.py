@@ -15,7 +15,7 @@ import torch
 import transformers
 
 from rlpa_jax.app.build import build_trainer
-from rlpa_jax.config.tree import load_config
+from rlpa_jax.config.loading import load_config
 from rlpa_jax.model.hf import CheckpointError
 from rlpa_jax.rl.trainer import TrainingDiverged
 

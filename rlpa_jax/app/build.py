@@ -15,7 +15,7 @@ from pathlib import Path
 
 import jax
 
-from rlpa_jax.config import tree as config_file
+from rlpa_jax.config import loading as config_loading
 from rlpa_jax.config.llm_sections import LLMRoleSection, LLMSection, inherited
 from rlpa_jax.config.options import ConfigError
 from rlpa_jax.config.tree import TrainConfig
@@ -67,7 +67,7 @@ CONFIG_RULES = (
 
 def load_config(path=None, overrides: list[str] | None = None) -> TrainConfig:
     """config.load_config with every name checked against the tables of implementations."""
-    return config_file.load_config(path, overrides, CONFIG_RULES)
+    return config_loading.load_config(path, overrides, CONFIG_RULES)
 
 
 def build_mesh(config: TrainConfig) -> jax.sharding.Mesh:

@@ -1,6 +1,7 @@
-"""The typed configuration tree: dataclasses, YAML files and dotted command-line overrides.
+"""The typed configuration tree: one frozen dataclass per section, each option with its domain.
 
-    config = load_config("configs/tiny.yaml", ["ppo.actor_lr=1e-6", "rollout.max_rounds=4"])
+Loading (YAML + dotted overrides, one collect-all check) is config/loading.py; the rules that
+relate several options are config/rules.py.
 
 Every option says which values it accepts next to its definition: `clip_eps: float = option(0.2,
 positive)`. Strings must be non-empty unless an option says otherwise; booleans and Literal choices
@@ -17,29 +18,17 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
-
-import yaml
+from typing import Literal
 
 from rlpa_jax.config.llm_sections import (
-    LLM_PARENTS,
-    LLM_ROLES,
     LLMRoleSection,
     LLMSection,
     SharedLLMSection,
-    section_at,
-    with_inherited_llm_sections,
 )
 from rlpa_jax.config.options import (
     REPO_ROOT,
-    ConfigError,
-    Problems,
-    Sources,
-    build_section,
-    check_domains,
     count,
     decay_rate,
-    field_types,
     increasing_sizes,
     mesh_axis,
     non_empty,
@@ -267,218 +256,5 @@ class TrainConfig:
         return Path(self.output_dir) / self.name
 
 
-# ---------------------------------------------------------------------------------------------
-# ---------------------------------------------------------------------------------------------
-# Cross-field rules: each names the keys it reads, so a rule whose inputs already failed is skipped
-# (and never divides by a zero that was already reported)
-
-CrossFieldRule = Callable[[TrainConfig], "str | None"]
-CROSS_FIELD_RULES: list[tuple[tuple[str, ...], CrossFieldRule]] = []
-
-
-def _rule(*keys: str):
-    def register(check: CrossFieldRule) -> CrossFieldRule:
-        CROSS_FIELD_RULES.append((keys, check))
-        return check
-
-    return register
-
-
-@_rule("ppo.train_batch_size", "ppo.micro_batch_size")
-def _whole_micro_batches(c: TrainConfig) -> str | None:
-    if c.ppo.train_batch_size % c.ppo.micro_batch_size:
-        return (f"ppo.train_batch_size={c.ppo.train_batch_size} must be a multiple of "
-                f"ppo.micro_batch_size={c.ppo.micro_batch_size}")
-    return None
-
-
-@_rule("rollout.conversations", "rollout.pipeline_groups")
-def _a_conversation_per_group(c: TrainConfig) -> str | None:
-    if c.rollout.conversations < c.rollout.pipeline_groups:
-        return (f"rollout.conversations={c.rollout.conversations} is below "
-                f"rollout.pipeline_groups={c.rollout.pipeline_groups}; it must be at least that")
-    return None
-
-
-@_rule("ppo.advantage", "rollout.schedule")
-def _next_turn_in_the_batch(c: TrainConfig) -> str | None:
-    if c.ppo.advantage == "cross_turn" and c.rollout.schedule == "turn":
-        return ("ppo.advantage=cross_turn bootstraps each turn from the conversation's next turn in the same "
-                "iteration, but rollout.schedule=turn samples one turn per conversation per iteration; "
-                "use gae or grpo, or rollout.schedule=conversation")
-    return None
-
-
-@_rule("data.switch_turn", "rollout.max_rounds")
-def _switch_within_dialogue(c: TrainConfig) -> str | None:
-    if c.data.switch_turn is not None and c.data.switch_turn > c.rollout.max_rounds:
-        return (f"data.switch_turn={c.data.switch_turn} must be within "
-                f"1..rollout.max_rounds={c.rollout.max_rounds}")
-    return None
-
-
-@_rule("mesh.data", "mesh.fsdp", "mesh.tensor")
-def _one_free_mesh_axis(c: TrainConfig) -> str | None:
-    sizes = {"mesh.data": c.mesh.data, "mesh.fsdp": c.mesh.fsdp, "mesh.tensor": c.mesh.tensor}
-    free = [key for key, size in sizes.items() if size == -1]
-    if len(free) > 1:
-        return f"{' and '.join(free)} are -1; at most one mesh axis may take the remaining devices"
-    return None
-
-
-@_rule("model.tiny.hidden_size", "model.tiny.num_heads")
-def _whole_heads(c: TrainConfig) -> str | None:
-    tiny = c.model.tiny
-    if tiny.hidden_size % tiny.num_heads or (tiny.hidden_size // tiny.num_heads) % 2:
-        return (f"model.tiny.hidden_size={tiny.hidden_size} must be num_heads={tiny.num_heads} times an even "
-                "head size (rotary embeddings rotate pairs of dimensions)")
-    return None
-
-
-@_rule("model.tiny.num_heads", "model.tiny.num_kv_heads")
-def _whole_kv_groups(c: TrainConfig) -> str | None:
-    tiny = c.model.tiny
-    if tiny.num_heads % tiny.num_kv_heads:
-        return (f"model.tiny.num_heads={tiny.num_heads} must be a multiple of "
-                f"model.tiny.num_kv_heads={tiny.num_kv_heads}")
-    return None
-
-
-def _endpoint_rule(section: str, needed: Callable[[TrainConfig], str | None]) -> None:
-    """A role that talks to an LLM (`needed` says why, or None) must have an endpoint."""
-    parents = [section]
-    while parents[-1] in LLM_PARENTS:
-        parents.append(LLM_PARENTS[parents[-1]])
-
-    @_rule(f"{section}.base_url")  # (a parent's bad URL is inherited, so it is reported once, as itself)
-    def has_endpoint(c: TrainConfig) -> str | None:
-        reason = needed(c)
-        if reason is None or section_at(c, section).base_url is not None:
-            return None
-        return (f"{section}.base_url: {reason} needs an LLM endpoint; set "
-                f"{' or '.join(f'{key}.base_url' for key in parents)} (a role inherits unset fields)")
-
-
-_endpoint_rule("user.llm", lambda c: "user.kind=llm" if c.user.kind == "llm" else None)
-_endpoint_rule("judges.profile.llm", lambda c: "judges.kind=llm" if c.judges.kind == "llm" else None)
-_endpoint_rule("judges.response.llm", lambda c: "judges.kind=llm" if c.judges.kind == "llm" else None)
-_endpoint_rule("judges.llm", lambda c: "data.extractor=llm" if c.data.extractor == "llm" else None)
-
-
-@_rule(*(f"{key}.rpm" for key in LLM_ROLES.values()))
-def _one_limit_per_endpoint(c: TrainConfig) -> str | None:
-    """Roles on one endpoint share its rate limiter, so they must agree on its limits."""
-    limits: dict[tuple, dict[tuple, list[str]]] = {}
-    for key in LLM_ROLES.values():
-        section = section_at(c, key)
-        if section.base_url is not None:
-            endpoint = (section.base_url.rstrip("/"), section.model)
-            limits.setdefault(endpoint, {}).setdefault((section.rpm, section.tpm), []).append(key)
-    for (url, model), found in limits.items():
-        if len(found) > 1:
-            listing = "; ".join(f"{', '.join(keys)}: rpm={rpm}, tpm={tpm}" for (rpm, tpm), keys in found.items())
-            return (f"roles on one endpoint ({model} at {url}) share its rate limit, but give different "
-                    f"rpm/tpm ({listing}); set them once (e.g. in llm or judges.llm)")
-    return None
-
-
-def _check_rules(config: TrainConfig, problems: Problems,
-                 extra_rules: Sequence[tuple[tuple[str, ...], CrossFieldRule]] = ()) -> None:
-    for keys, check in [*CROSS_FIELD_RULES, *extra_rules]:
-        if problems.bad_keys.intersection(keys):
-            continue
-        text = check(config)
-        if text:
-            problems.add_rule(keys, text)
-
 def to_dict(config) -> dict:
     return dataclasses.asdict(config)
-
-
-def validate(config: TrainConfig, where: str = "config") -> TrainConfig:
-    """Every option against its domain, then the cross-field rules on the config with each role's
-    unset LLM fields filled from its parents; one ConfigError lists every problem. Returns that
-    filled-in config (a new one: `config` is left as it is)."""
-    problems = Problems(lambda key: None)
-    check_domains(config, "", problems)
-    config = with_inherited_llm_sections(config)  # each role's section becomes the endpoint it uses
-    _check_rules(config, problems)
-    problems.raise_if_any(where)
-    return config
-
-
-# ---------------------------------------------------------------------------------------------
-# YAML + dotted overrides
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    if "=" not in text:
-        raise ConfigError(f"command-line override {text!r}: expected key.path=value (e.g. ppo.actor_lr=1e-6)")
-    key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else None
-    # YAML reads "1e-6" as a string; numbers in scientific notation are what people type.
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            pass
-    return key.strip().split("."), value
-
-
-def _set_override(tree: dict, path: list[str], value: Any, cls=TrainConfig) -> str | None:
-    """Sets `value` at `path`; returns what is wrong instead when the path names no option."""
-    node, node_cls = tree, cls
-    for depth, key in enumerate(path):
-        fields = field_types(node_cls)
-        if key not in fields:
-            where = ".".join(path[:depth]) or "top level"
-            return f"unknown key {key!r} at {where}; valid keys: {', '.join(sorted(fields))}"
-        if depth == len(path) - 1:
-            node[key] = value
-            return None
-        child = fields[key]
-        if not dataclasses.is_dataclass(child):
-            return f"{'.'.join(path[:depth + 1])} is not a section"
-        node = node.setdefault(key, {})
-        if not isinstance(node, dict):
-            return f"{'.'.join(path[:depth + 1])} is {node!r} in the file, not a section"
-        node_cls = child
-    return None
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                rules: Sequence[tuple[tuple[str, ...], CrossFieldRule]] = ()) -> TrainConfig:
-    """Read YAML (default configs/tiny.yaml), apply dotted overrides, check everything at once.
-
-    `rules` are more cross-field checks, (keys they read, check), from the layers that know what a
-    name means (rlpa_jax/app/build.py checks every kind against the table of implementations)."""
-    path = Path(path) if path else DEFAULT_CONFIG
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except OSError as error:
-        raise ConfigError(f"{path}: cannot read the config file ({error.strerror or error})") from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: invalid YAML ({error})") from None
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(tree).__name__}")
-    sources = Sources(str(path), tree)
-    problems = Problems(sources)
-    for text in overrides or []:
-        try:
-            keys, value = parse_override(text)
-        except ConfigError as error:
-            problems.add_line(str(error))
-            continue
-        problem = _set_override(tree, keys, value)
-        if problem:
-            problems.add(".".join(keys), problem, source=f"command-line override {text!r}")
-        else:
-            sources.set_by_override(".".join(keys), text)
-    config = build_section(TrainConfig, tree, "", problems)
-    check_domains(config, "", problems)  # before inheriting: a bad value is reported where it was set
-    config = with_inherited_llm_sections(config)
-    _check_rules(config, problems, rules)
-    problems.raise_if_any(f"{path}{' with overrides' if overrides else ''}")
-    return config

@@ -39,8 +39,8 @@ from rlpa_jax.dialogue.llm.client import run_sync
 from rlpa_jax.dialogue.personas import Persona
 from rlpa_jax.dialogue.profile import ProfileItem, parse_profile, profile_f1
 from rlpa_jax.dialogue.users import OPENING_MESSAGE, UserSimulator, UserState, revealed_items
-from rlpa_jax.eval.policies import Policy, PolicyTurn, history_message
 from rlpa_jax.eval.metrics import al_report
+from rlpa_jax.eval.policies import Policy, PolicyTurn, history_message
 from rlpa_jax.eval.result import EvalResult
 from rlpa_jax.eval.settings import EVAL_SETTINGS, EvalSetting, conflict_partners, eval_setting
 from rlpa_jax.eval.shares import check_partition, conversation_share

@@ -39,7 +39,6 @@ from rlpa_jax.rl.environment import Conversation, Environment, reward_of
 from rlpa_jax.rl.item_credit import token_item_credit
 from rlpa_jax.runtime import multihost
 
-
 # Rollout counters that are totals over every process's conversations.
 COUNTED = ("prompt_tokens", "prefilled_tokens", "generated_tokens", "user_failures")
 

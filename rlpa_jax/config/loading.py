@@ -1,0 +1,110 @@
+"""A config from a YAML file and dotted command-line overrides, checked in one pass.
+
+    config = load_config("configs/tiny.yaml", ["ppo.actor_lr=1e-6", "rollout.max_rounds=4"])
+
+Unknown keys, types, option domains and the cross-field rules are all checked before anything
+runs; one ConfigError lists every problem with its dotted key, the value, what is accepted and
+where the value came from (the YAML file or the command-line override).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from rlpa_jax.config.llm_sections import with_inherited_llm_sections
+from rlpa_jax.config.options import ConfigError, Problems, Sources, build_section, check_domains, field_types
+from rlpa_jax.config.rules import CrossFieldRule, check_rules
+from rlpa_jax.config.tree import DEFAULT_CONFIG, TrainConfig
+
+
+def validate(config: TrainConfig, where: str = "config") -> TrainConfig:
+    """Every option against its domain, then the cross-field rules on the config with each role's
+    unset LLM fields filled from its parents; one ConfigError lists every problem. Returns that
+    filled-in config (a new one: `config` is left as it is)."""
+    problems = Problems(lambda key: None)
+    check_domains(config, "", problems)
+    config = with_inherited_llm_sections(config)  # each role's section becomes the endpoint it uses
+    check_rules(config, problems)
+    problems.raise_if_any(where)
+    return config
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML + dotted overrides
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"command-line override {text!r}: expected key.path=value (e.g. ppo.actor_lr=1e-6)")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else None
+    # YAML reads "1e-6" as a string; numbers in scientific notation are what people type.
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    return key.strip().split("."), value
+
+
+def _set_override(tree: dict, path: list[str], value: Any, cls=TrainConfig) -> str | None:
+    """Sets `value` at `path`; returns what is wrong instead when the path names no option."""
+    node, node_cls = tree, cls
+    for depth, key in enumerate(path):
+        fields = field_types(node_cls)
+        if key not in fields:
+            where = ".".join(path[:depth]) or "top level"
+            return f"unknown key {key!r} at {where}; valid keys: {', '.join(sorted(fields))}"
+        if depth == len(path) - 1:
+            node[key] = value
+            return None
+        child = fields[key]
+        if not dataclasses.is_dataclass(child):
+            return f"{'.'.join(path[:depth + 1])} is not a section"
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            return f"{'.'.join(path[:depth + 1])} is {node!r} in the file, not a section"
+        node_cls = child
+    return None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                rules: Sequence[tuple[tuple[str, ...], CrossFieldRule]] = ()) -> TrainConfig:
+    """Read YAML (default configs/tiny.yaml), apply dotted overrides, check everything at once.
+
+    `rules` are more cross-field checks, (keys they read, check), from the layers that know what a
+    name means (rlpa_jax/app/build.py checks every kind against the table of implementations)."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read the config file ({error.strerror or error})") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: invalid YAML ({error})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(tree).__name__}")
+    sources = Sources(str(path), tree)
+    problems = Problems(sources)
+    for text in overrides or []:
+        try:
+            keys, value = parse_override(text)
+        except ConfigError as error:
+            problems.add_line(str(error))
+            continue
+        problem = _set_override(tree, keys, value)
+        if problem:
+            problems.add(".".join(keys), problem, source=f"command-line override {text!r}")
+        else:
+            sources.set_by_override(".".join(keys), text)
+    config = build_section(TrainConfig, tree, "", problems)
+    check_domains(config, "", problems)  # before inheriting: a bad value is reported where it was set
+    config = with_inherited_llm_sections(config)
+    check_rules(config, problems, rules)
+    problems.raise_if_any(f"{path}{' with overrides' if overrides else ''}")
+    return config

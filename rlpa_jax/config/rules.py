@@ -1,0 +1,131 @@
+"""Cross-field rules of the config tree: checks that read several options (a batch that splits into
+micro-batches, heads that split over the mesh, one rate limit per endpoint...). Each names the keys
+it reads, so a rule whose inputs already failed is skipped (and never divides by a zero that was
+already reported)."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from rlpa_jax.config.llm_sections import LLM_PARENTS, LLM_ROLES, section_at
+from rlpa_jax.config.options import Problems
+from rlpa_jax.config.tree import TrainConfig
+
+CrossFieldRule = Callable[[TrainConfig], "str | None"]
+CROSS_FIELD_RULES: list[tuple[tuple[str, ...], CrossFieldRule]] = []
+
+
+def _rule(*keys: str):
+    def register(check: CrossFieldRule) -> CrossFieldRule:
+        CROSS_FIELD_RULES.append((keys, check))
+        return check
+
+    return register
+
+
+@_rule("ppo.train_batch_size", "ppo.micro_batch_size")
+def _whole_micro_batches(c: TrainConfig) -> str | None:
+    if c.ppo.train_batch_size % c.ppo.micro_batch_size:
+        return (f"ppo.train_batch_size={c.ppo.train_batch_size} must be a multiple of "
+                f"ppo.micro_batch_size={c.ppo.micro_batch_size}")
+    return None
+
+
+@_rule("rollout.conversations", "rollout.pipeline_groups")
+def _a_conversation_per_group(c: TrainConfig) -> str | None:
+    if c.rollout.conversations < c.rollout.pipeline_groups:
+        return (f"rollout.conversations={c.rollout.conversations} is below "
+                f"rollout.pipeline_groups={c.rollout.pipeline_groups}; it must be at least that")
+    return None
+
+
+@_rule("ppo.advantage", "rollout.schedule")
+def _next_turn_in_the_batch(c: TrainConfig) -> str | None:
+    if c.ppo.advantage == "cross_turn" and c.rollout.schedule == "turn":
+        return ("ppo.advantage=cross_turn bootstraps each turn from the conversation's next turn in the same "
+                "iteration, but rollout.schedule=turn samples one turn per conversation per iteration; "
+                "use gae or grpo, or rollout.schedule=conversation")
+    return None
+
+
+@_rule("data.switch_turn", "rollout.max_rounds")
+def _switch_within_dialogue(c: TrainConfig) -> str | None:
+    if c.data.switch_turn is not None and c.data.switch_turn > c.rollout.max_rounds:
+        return (f"data.switch_turn={c.data.switch_turn} must be within "
+                f"1..rollout.max_rounds={c.rollout.max_rounds}")
+    return None
+
+
+@_rule("mesh.data", "mesh.fsdp", "mesh.tensor")
+def _one_free_mesh_axis(c: TrainConfig) -> str | None:
+    sizes = {"mesh.data": c.mesh.data, "mesh.fsdp": c.mesh.fsdp, "mesh.tensor": c.mesh.tensor}
+    free = [key for key, size in sizes.items() if size == -1]
+    if len(free) > 1:
+        return f"{' and '.join(free)} are -1; at most one mesh axis may take the remaining devices"
+    return None
+
+
+@_rule("model.tiny.hidden_size", "model.tiny.num_heads")
+def _whole_heads(c: TrainConfig) -> str | None:
+    tiny = c.model.tiny
+    if tiny.hidden_size % tiny.num_heads or (tiny.hidden_size // tiny.num_heads) % 2:
+        return (f"model.tiny.hidden_size={tiny.hidden_size} must be num_heads={tiny.num_heads} times an even "
+                "head size (rotary embeddings rotate pairs of dimensions)")
+    return None
+
+
+@_rule("model.tiny.num_heads", "model.tiny.num_kv_heads")
+def _whole_kv_groups(c: TrainConfig) -> str | None:
+    tiny = c.model.tiny
+    if tiny.num_heads % tiny.num_kv_heads:
+        return (f"model.tiny.num_heads={tiny.num_heads} must be a multiple of "
+                f"model.tiny.num_kv_heads={tiny.num_kv_heads}")
+    return None
+
+
+def _endpoint_rule(section: str, needed: Callable[[TrainConfig], str | None]) -> None:
+    """A role that talks to an LLM (`needed` says why, or None) must have an endpoint."""
+    parents = [section]
+    while parents[-1] in LLM_PARENTS:
+        parents.append(LLM_PARENTS[parents[-1]])
+
+    @_rule(f"{section}.base_url")  # (a parent's bad URL is inherited, so it is reported once, as itself)
+    def has_endpoint(c: TrainConfig) -> str | None:
+        reason = needed(c)
+        if reason is None or section_at(c, section).base_url is not None:
+            return None
+        return (f"{section}.base_url: {reason} needs an LLM endpoint; set "
+                f"{' or '.join(f'{key}.base_url' for key in parents)} (a role inherits unset fields)")
+
+
+_endpoint_rule("user.llm", lambda c: "user.kind=llm" if c.user.kind == "llm" else None)
+_endpoint_rule("judges.profile.llm", lambda c: "judges.kind=llm" if c.judges.kind == "llm" else None)
+_endpoint_rule("judges.response.llm", lambda c: "judges.kind=llm" if c.judges.kind == "llm" else None)
+_endpoint_rule("judges.llm", lambda c: "data.extractor=llm" if c.data.extractor == "llm" else None)
+
+
+@_rule(*(f"{key}.rpm" for key in LLM_ROLES.values()))
+def _one_limit_per_endpoint(c: TrainConfig) -> str | None:
+    """Roles on one endpoint share its rate limiter, so they must agree on its limits."""
+    limits: dict[tuple, dict[tuple, list[str]]] = {}
+    for key in LLM_ROLES.values():
+        section = section_at(c, key)
+        if section.base_url is not None:
+            endpoint = (section.base_url.rstrip("/"), section.model)
+            limits.setdefault(endpoint, {}).setdefault((section.rpm, section.tpm), []).append(key)
+    for (url, model), found in limits.items():
+        if len(found) > 1:
+            listing = "; ".join(f"{', '.join(keys)}: rpm={rpm}, tpm={tpm}" for (rpm, tpm), keys in found.items())
+            return (f"roles on one endpoint ({model} at {url}) share its rate limit, but give different "
+                    f"rpm/tpm ({listing}); set them once (e.g. in llm or judges.llm)")
+    return None
+
+
+def check_rules(config: TrainConfig, problems: Problems,
+                 extra_rules: Sequence[tuple[tuple[str, ...], CrossFieldRule]] = ()) -> None:
+    for keys, check in [*CROSS_FIELD_RULES, *extra_rules]:
+        if problems.bad_keys.intersection(keys):
+            continue
+        text = check(config)
+        if text:
+            problems.add_rule(keys, text)
