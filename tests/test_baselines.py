@@ -25,16 +25,13 @@ from rlpa_jax.eval.baselines import (
     FewShotCoT,
     Reminder,
     SelfCritic,
-    cosine_scores,
     exchanges_of,
     make_baseline,
     reply_after_marker,
     retrieve,
-    tfidf_vectors,
-    top_k_indices,
-    word_tokens,
 )
 from rlpa_jax.eval.policies import ChatPolicy, PolicyTurn, failed_turn, turn_from_text
+from rlpa_jax.eval.retrieval import cosine_scores, tfidf_vectors, top_k_indices, word_tokens
 
 BASE_PROMPT = "You are a friendly assistant."
 KEY_ENV = "RLPA_TEST_BASELINES_KEY"

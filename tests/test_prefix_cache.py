@@ -15,7 +15,8 @@ from rlpa_jax.eval.protocol import run_protocol
 from rlpa_jax.generation.engine import GenerationEngine
 from rlpa_jax.generation.prefix_cache import PrefixSampler, common_prefix_lengths, plan_prefill
 from rlpa_jax.generation.sampler import Sampler, SamplingParams, pad_prompts
-from rlpa_jax.model.qwen2 import Qwen2Config, init_params, unstack_layers
+from rlpa_jax.model.layer_stacks import unstack_layers
+from rlpa_jax.model.qwen2 import Qwen2Config, init_params
 from rlpa_jax.model.tokenizer import load_tokenizer, stop_token_ids, train_tiny_tokenizer
 from rlpa_jax.rl.environment import Environment, start_conversations
 from rlpa_jax.rl.rollout import Rollout

@@ -7,15 +7,8 @@ import pytest
 from hf_reference import hf_logits, make_hf_model, save_hf_model
 
 from rlpa_jax.model import hf
-from rlpa_jax.model.qwen2 import (
-    critic_params_from_policy,
-    forward,
-    init_cache,
-    init_params,
-    positions_from_mask,
-    unstack_cache,
-    unstack_layers,
-)
+from rlpa_jax.model.layer_stacks import init_cache, unstack_cache, unstack_layers
+from rlpa_jax.model.qwen2 import critic_params_from_policy, forward, init_params, positions_from_mask
 
 CASES = {
     "tied": dict(tie_word_embeddings=True),

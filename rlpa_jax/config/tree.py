@@ -150,7 +150,7 @@ class RolloutConfig:
     max_invalid_fraction: float = option(0.2, unit_interval)
     max_invalid_iterations: int = option(3, count)
     generator: str = option("jax", non_empty)  # what samples the policy: a name in sampling.GENERATORS
-    # The actor's layout while sampling (sampling.SamplingLayout): replicated (no weight traffic per
+    # The actor's layout while sampling (generation.layout.SamplingLayout): replicated (no weight traffic per
     # decode step), tensor (split over the tensor axis only), training (the trainer's FSDP layout).
     layout: Literal["replicated", "tensor", "training"] = "replicated"
     # Keep each conversation group's prompt cache from turn to turn and prefill only what the next

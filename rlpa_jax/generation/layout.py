@@ -10,13 +10,8 @@ from __future__ import annotations
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from rlpa_jax.model.qwen2 import (
-    Params,
-    Qwen2Config,
-    has_stacked_layers,
-    unstack_layers,
-    unstacked_layer_name,
-)
+from rlpa_jax.model.layer_stacks import has_stacked_layers, unstack_layers, unstacked_layer_name
+from rlpa_jax.model.qwen2 import Params, Qwen2Config
 from rlpa_jax.runtime import parallel
 
 # Layout name -> mesh axes the sampler's copy of the parameters is NOT split over.
@@ -28,7 +23,7 @@ LAYOUTS: dict[str, frozenset[str] | None] = {
 
 
 def unstacked_shardings(shardings: Params, config: Qwen2Config) -> Params:
-    """The shardings of `qwen2.unstack_layers`' output: each layer's leaves split as the stacked
+    """The shardings of `layer_stacks.unstack_layers`' output: each layer's leaves split as the stacked
     leaves are, without their leading "layers" axis (which the rules never split)."""
     def drop_layer_axis(sharding: NamedSharding) -> NamedSharding:
         return NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[1:]))
@@ -41,14 +36,14 @@ def unstacked_shardings(shardings: Params, config: Qwen2Config) -> Params:
 class SamplingLayout:
     """The actor's parameters as the sampler reads them: resharded on device (inside jit, no host
     round trip) to `layout`, cast to the compute dtype and split into per-layer arrays
-    (`qwen2.unstack_layers`), once per rollout.
+    (`layer_stacks.unstack_layers`), once per rollout.
 
     Under FSDP each decode step would all-gather every layer's weights, one token step at a time
     (for Qwen2.5-3B ~11 GB of float32 per generated token against ~6 GB of bfloat16 weights read
     from HBM); the resharded copy is a weight sync done once per iteration, device to device, and
     costs a copy of the weights in the compute dtype until the rollout drops it. The copy is
     already per layer, the form the decode loop reads in place, so a sampler call makes no
-    second, per-call copy of the layer weights (sampling.decode splits only stacked parameters).
+    second, per-call copy of the layer weights (sampler.decode splits only stacked parameters).
 
     The `training` layout hands the actor's own stacked FSDP parameters over unchanged (no copy):
     each sampler call then splits them and each decode step gathers a layer at a time. So does

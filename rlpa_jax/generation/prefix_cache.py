@@ -9,13 +9,13 @@ here therefore keeps its rows' prompt cache (before the n-way copy) and, next ca
 new prompt with the kept row that shares its longest prefix (host side, exact token comparison:
 any mismatch, a truncated history included, just shortens what is reused, down to nothing),
 copies those entries into a fresh cache (one gather on device, so padding never accumulates
-across turns) and prefills only the rest. Decoding is sampling.decode, as for a full prefill.
+across turns) and prefills only the rest. Decoding is sampler.decode, as for a full prefill.
 
 The fresh cache of a call with prompts of at most T tokens (T bucketed as for a full prefill):
 
     slots [0, K)       each row's kept prefix, right-aligned (masked holes on the left)
     slots [K, T)       the new suffix block, S = T - K slots, left-padded (holes masked)
-    slots [T, T + new) the decode slots, as sampling.generate lays them out
+    slots [T, T + new) the decode slots, as sampler.generate lays them out
 
 with S a multiple of the smallest bucket (suffixes are about one exchange long, so a run meets
 few sizes and compiles a handful of programs). The suffix is written where no kept entry lives,
@@ -28,7 +28,7 @@ SamplingLayout's per-layer weights (what the sampler reads), one stacked array f
 parameters. Per-layer is the cheaper form to keep there: the same bytes, but a stacked kept cache
 would make the sampling program concatenate the layers' prompt slots into one array on the way
 out and, next call, slice each layer's prefix back out of it on the way in (XLA:CPU copies a
-slice of a stacked array, see qwen2.unstack_layers); per layer, each slab is written and read
+slice of a stacked array, see layer_stacks.unstack_layers); per layer, each slab is written and read
 where it lies.
 
 The cache is valid for one set of parameters: it lives for one rollout (PPO updates between
@@ -248,7 +248,7 @@ def generate_continuing(
     pad_id: int,
 ) -> tuple[Generation, Cache]:
     """Prefill the suffixes after the kept prefixes (`kept_cache`: (layers, rows, K, ...) or per-layer
-    lists of (rows, K, ...) as `params` run on, None when K = 0), decode as sampling.generate does.
+    lists of (rows, K, ...) as `params` run on, None when K = 0), decode as sampler.generate does.
     Returns the generation and the new prompt cache (prompt slots only, one row per prompt, in the
     same form)."""
     chex.assert_rank([suffix_tokens, suffix_mask, kept_mask, kept], [2, 2, 2, 1])

@@ -23,19 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlpa_jax.model.qwen2 import (
-    CACHE_AXES,
-    Cache,
-    Params,
-    Qwen2Config,
-    forward,
-    has_stacked_layers,
-    init_cache,
-    init_layer_caches,
-    positions_from_mask,
-    unstack_cache,
-    unstack_layers,
-)
+from rlpa_jax.model.layer_stacks import has_stacked_layers, init_cache, init_layer_caches, unstack_cache, unstack_layers
+from rlpa_jax.model.qwen2 import CACHE_AXES, Cache, Params, Qwen2Config, forward, positions_from_mask
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +167,7 @@ def decode(
 
     # The decode loop runs the layers one after another on per-layer weights and cache: under the
     # layer scan XLA would copy every layer's weights out of the stack on every step (see
-    # qwen2.unstack_layers). SamplingLayout's parameters already are per layer and are read as
+    # layer_stacks.unstack_layers). SamplingLayout's parameters already are per layer and are read as
     # they are; stacked ones (the training layout, a caller without a SamplingLayout) are split
     # here, one copy of the layer weights per call.
     decode_params = unstack_layers(params, config) if has_stacked_layers(params) else params

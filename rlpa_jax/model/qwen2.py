@@ -1,6 +1,6 @@
 """The Qwen2 / Qwen2.5 decoder in Flax, used as pure functions over plain parameter pytrees.
 
-`init_params`, `forward` and `init_cache` are the whole public surface: parameters are a nested
+`init_params`, `forward` and `layer_stacks.init_cache` are the whole public surface: parameters are a nested
 dict of arrays (no boxed metadata), and `param_logical_axes` gives the matching tree of logical
 axis names that parallel.py maps onto a mesh. Layers are stacked on a leading "layers" axis and
 run under `nn.scan`, so compile time does not grow with depth.
@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from rlpa_jax.model.attention import heads_major_attention, single_query_attention
+from rlpa_jax.model.layer_stacks import has_stacked_layers, unstack_layers, unstacked_layer_name
 
 Params = dict[str, Any]
 Head = Literal["lm", "value", "none"]
@@ -356,48 +357,6 @@ def forward(
     )
 
 
-def unstacked_layer_name(index: int) -> str:
-    return f"layer_{index}"
-
-
-def has_stacked_layers(params: Params) -> bool:
-    """Whether the decoder layers are one stacked tree (as trained) rather than `unstack_layers`' split."""
-    return "layers" in params
-
-
-def unstack_layers(params: Params, config: Qwen2Config) -> Params:
-    """The same parameters with the stacked "layers" tree split into one tree per layer, which
-    `forward` runs one layer after another instead of as a scan.
-
-    What it is for: a decode step inside a loop. Under the layer scan, XLA copies each layer's
-    slice of every stacked weight out of the stack before its matmuls, so a memory-bound decode
-    step writes and re-reads all layer weights on top of reading them once (measured on CPU: a
-    third of the decode step). Separate arrays are read in place. The split itself is one copy of
-    the layer weights: sampling.SamplingLayout makes it once per rollout (the sampler reads its
-    output as it is); `generate` called with stacked parameters makes it once per call.
-    """
-    layers = params["layers"]
-
-    def layer(i):
-        return jax.tree.map(lambda x: x[i], layers)
-
-    split = {unstacked_layer_name(i): layer(i) for i in range(config.num_layers)}
-    return {k: v for k, v in params.items() if k != "layers"} | split
-
-
-def unstack_cache(cache: Cache) -> Cache:
-    """A stacked cache as per-layer lists {"k": [layers x (batch, slots, kv_heads, head_dim)], "v":
-    [...]}: what `forward` with unstacked layers reads and updates (each in place)."""
-    return {name: [stacked[i] for i in range(stacked.shape[0])] for name, stacked in cache.items()}
-
-
-def init_layer_caches(config: Qwen2Config, batch: int, length: int, dtype=None) -> Cache:
-    """`init_cache` as per-layer lists (what unstacked parameters run on), one array per layer."""
-    shape = (batch, length, config.num_kv_heads, config.head_dim)
-    dtype = dtype or config.dtype
-    return {name: [jnp.zeros(shape, dtype) for _ in range(config.num_layers)] for name in ("k", "v")}
-
-
 def init_params(config: Qwen2Config, key: jax.Array, head: Head = "lm") -> Params:
     """Random float32 parameters (normal 0.02, zero biases, unit norms) as a plain pytree."""
     tokens = jnp.zeros((1, 1), jnp.int32)
@@ -426,13 +385,6 @@ def critic_params_from_policy(policy_params: Params, config: Qwen2Config) -> Par
         "value_kernel": jnp.zeros((config.hidden_size,), jnp.float32),
         "value_bias": jnp.zeros((), jnp.float32),
     }
-
-
-def init_cache(config: Qwen2Config, batch: int, length: int, dtype=None) -> Cache:
-    """An empty key/value cache with `length` slots per row."""
-    shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
-    dtype = dtype or config.dtype
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
 def flops_per_token(config: Qwen2Config, context_length: int) -> float:
