@@ -43,10 +43,8 @@ def main(argv: list[str] | None = None) -> int:
                              "(sets model.init_checkpoint); default: the config's model")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. dpo.beta=0.2 rollout.max_rounds=3")
     args = parser.parse_args(argv)
-    cli.start("dpo.py")
     init = [] if args.init is None else [f"model.init_checkpoint={args.init}"]
-    config = cli.load_config_or_exit("dpo.py", args.config, [*args.overrides, *init])
-    cli.use_compilation_cache(config)
+    config = cli.start_with_config("dpo.py", args.config, [*args.overrides, *init])
     summary = cli.run_or_exit("dpo.py", lambda: jobs.dpo(config), (FileNotFoundError, ValueError, KeyError))
     if multihost.is_main_process():  # every process ran the same job
         print(json.dumps(summary, indent=2))

@@ -131,10 +131,8 @@ def write_json(path: Path, record: dict) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cli.start("eval.py")
     arguments = {k: v for k, v in vars(args).items() if k not in ("config", "overrides")}
-    config = cli.load_config_or_exit("eval.py", args.config, args.overrides, arguments)
-    cli.use_compilation_cache(config)
+    config = cli.start_with_config("eval.py", args.config, args.overrides, arguments)
     return cli.run_or_exit("eval.py", lambda: evaluate(args, config),
                            (CheckpointError, FileNotFoundError, KeyError, ValueError), status=2)
 

@@ -33,9 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, default=None, help="YAML config (default: configs/tiny.yaml)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sft.steps=100")
     args = parser.parse_args(argv)
-    cli.start("sft.py")
-    config = cli.load_config_or_exit("sft.py", args.config, args.overrides)
-    cli.use_compilation_cache(config)
+    config = cli.start_with_config("sft.py", args.config, args.overrides)
     summary = cli.run_or_exit("sft.py", lambda: jobs.sft(config), (FileNotFoundError, ValueError, KeyError))
     if multihost.is_main_process():  # every process ran the same job
         print(json.dumps(summary, indent=2))

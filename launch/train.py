@@ -30,9 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. ppo.actor_lr=1e-6")
     args = parser.parse_args(argv)
-    cli.start("train.py")  # joins the other processes when started as one of several
-    config = cli.load_config_or_exit("train.py", args.config, args.overrides, {"resume": args.resume})
-    cli.use_compilation_cache(config)
+    config = cli.start_with_config("train.py", args.config, args.overrides, {"resume": args.resume})
 
     def train() -> dict:
         trainer = build.build_trainer(config)  # every part built and checked before any training

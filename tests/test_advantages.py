@@ -1,5 +1,6 @@
 """Advantage estimators and credit schemes (rl/advantages.py), on Experiences packed from samples."""
 
+import chex
 import numpy as np
 import pytest
 
@@ -43,9 +44,8 @@ def test_block_credit_gives_profile_tokens_the_profile_advantage():
     got, returns = advantages.lookup("grpo", "block")(experience, SETTINGS)
     profile = np.asarray(ppo.group_advantages(np.array([f1 for f1, _ in PARTS]), 4))
     response = np.asarray(ppo.group_advantages(np.array([ok for _, ok in PARTS]), 4))
-    np.testing.assert_allclose(got[:, :2], np.repeat(profile[:, None], 2, 1), rtol=1e-6)
-    np.testing.assert_allclose(got[:, 2:], np.repeat(response[:, None], 4, 1), rtol=1e-6)
-    assert not returns.any()
+    expected = np.concatenate([np.repeat(profile[:, None], 2, 1), np.repeat(response[:, None], 4, 1)], axis=1)
+    chex.assert_trees_all_close((got, returns), (expected, np.zeros((4, 6))), rtol=1e-6)
     turn, _ = advantages.lookup("grpo", "turn")(experience, SETTINGS)
     totals = np.asarray(ppo.group_advantages(np.array([f1 + ok for f1, ok in PARTS]), 4))
     np.testing.assert_allclose(turn, np.repeat(totals[:, None], 6, 1), rtol=1e-6)
@@ -72,9 +72,8 @@ def test_gae_with_block_credit_puts_each_score_on_its_blocks_last_token():
     rewards = -0.05 * kl
     rewards[:, 1] += [f1 for f1, _ in PARTS]  # the <profile> block ends at token 1
     rewards[:, 5] += [ok for _, ok in PARTS]  # the reply ends the turn
-    expected, expected_returns = ppo.gae_advantages(rewards, values, np.ones((4, 6)), 1.0, 0.9)
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(returns, expected_returns, rtol=1e-5, atol=1e-6)
+    expected = ppo.gae_advantages(rewards, values, np.ones((4, 6)), 1.0, 0.9)
+    chex.assert_trees_all_close((got, returns), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_the_tables_say_what_each_estimator_and_scheme_needs():
@@ -145,3 +144,22 @@ def test_an_unscored_sample_is_masked_inside_its_group_and_later_groups_keep_the
     np.testing.assert_allclose(got[4:, 0], (totals - totals.mean()) / (totals.std(ddof=1) + 1e-6), rtol=1e-5)
     # A group with no scored sample contributes nothing.
     assert not np.asarray(ppo.group_advantages(np.arange(4.0), 4, np.zeros(4, bool))).any()
+
+
+def test_estimators_reject_fields_of_the_wrong_shape():
+    experience = scored(pack_samples(samples(), 0, 6, (2,)))
+    grpo, gae = advantages.lookup("grpo", "turn"), advantages.lookup("gae", "turn")
+    with pytest.raises(AssertionError, match=r"rl/advantages.py: kl and old_values are shaped like response_mask"):
+        gae(experience.replace(old_values=np.zeros((4, 5), np.float32)), SETTINGS)
+    with pytest.raises(AssertionError, match=r"rl/advantages.py: scores has one value per row of response_mask"):
+        grpo(experience.replace(scores=experience.scores[:3]), SETTINGS)
+    with pytest.raises(AssertionError, match=r"rl/advantages.py: response_mask is \(rows, R\)"):
+        grpo(experience.replace(response_mask=experience.response_mask[0]), SETTINGS)
+
+
+def test_an_estimator_must_return_token_arrays_like_the_response_mask(monkeypatch):
+    per_row = advantages.AdvantageEstimator(lambda e, c, s: (e.scores, np.zeros_like(e.scores)),
+                                            needs_critic=False, takes_token_credit=False)
+    monkeypatch.setitem(advantages.ADVANTAGE_ESTIMATORS, "per_row", per_row)
+    with pytest.raises(AssertionError, match=r"an estimator returns \(advantages, returns\) shaped like response_mask"):
+        advantages.lookup("per_row", "turn")(scored(pack_samples(samples(), 0, 6, (2,))), SETTINGS)

@@ -4,6 +4,7 @@ skipped old log-probs against the update with recomputed ones, and when the trai
 
 import dataclasses
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -57,10 +58,6 @@ def sgd_update(batch: Experience, estimator="k3", seed=0):
     return updater(updater.init(params(seed)), batch)
 
 
-def assert_trees_close(a, b, atol):
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0), a, b)
-
-
 def test_kl_term_in_the_loss_equals_a_hand_written_loss_and_gradient():
     rng = np.random.default_rng(3)
     batch = packed().replace(
@@ -88,7 +85,7 @@ def test_kl_term_in_the_loss_equals_a_hand_written_loss_and_gradient():
     (got, got_kl), got_grad = jax.value_and_grad(ours, has_aux=True)(params(0))
     assert float(want_kl) > 0.01 and float(got) == pytest.approx(float(want), abs=1e-6)
     assert float(got_kl) == pytest.approx(float(want_kl), abs=1e-6)
-    assert_trees_close(got_grad, want_grad, 1e-6)
+    chex.assert_trees_all_close(got_grad, want_grad, atol=1e-6, rtol=0)
     # The KL term moves the gradient (the comparison above would see a missing term).
     no_kl = actor_loss_fn(CONFIG, 0.2, 0.0, "k3")
     plain = jax.grad(lambda p: no_kl(p, batch.replace(reference_logprobs=None, kl_coef=None)).total)(params(0))
@@ -102,7 +99,7 @@ def test_loss_placement_with_kl_coef_zero_updates_like_reward_placement():
     assert "reference_logprobs" in builder("loss").update_fields and "kl_coef" in builder("loss").update_fields
     reward_state, _ = sgd_update(reward.only(*builder("reward").update_fields))
     loss_state, loss_metrics = sgd_update(loss.only(*builder("loss").update_fields))
-    assert_trees_close(loss_state.params, reward_state.params, 1e-6)
+    chex.assert_trees_all_close(loss_state.params, reward_state.params, atol=1e-6, rtol=0)
     # The KL was still measured: the reference differs from the actor.
     assert float(loss_metrics["loss_kl"]) > 0
 
@@ -128,7 +125,7 @@ def test_skipped_old_forward_updates_like_recomputed_old_logprobs():
     np.testing.assert_array_equal(skipped.advantages, scored.advantages)
     want, want_metrics = sgd_update(scored.only(*builder("loss").update_fields), seed=2)
     got, got_metrics = sgd_update(skipped.only(*builder("loss", score_actor=False).update_fields), seed=2)
-    assert_trees_close(got.params, want.params, 1e-5)
+    chex.assert_trees_all_close(got.params, want.params, atol=1e-5, rtol=0)
     assert float(got_metrics["loss_approx_kl"]) == 0.0 and float(got_metrics["loss_clip_fraction"]) == 0.0
     # On-policy, the KL the update measured is the one the old forward would have given.
     assert float(got_metrics["loss_kl"]) == pytest.approx(float(scored.kl[experience.response_mask].mean()), rel=1e-4)

@@ -102,6 +102,17 @@ def use_compilation_cache(config) -> None:
         jax.config.update("jax_compilation_cache_dir", str(Path(config.output_dir) / ".jax_cache"))
 
 
+def start_with_config(program: str, path: Path | None, overrides: list[str],
+                      arguments: Mapping[str, Any] | None = None):
+    """The opening of a launch script that runs a config: `start` (logs, the other processes), the
+    validated config or an exit (load_config_or_exit, with the script's other `arguments`), and the
+    compile cache under its output directory. Returns the config."""
+    start(program)
+    config = load_config_or_exit(program, path, overrides, arguments)
+    use_compilation_cache(config)
+    return config
+
+
 # ---------------------------------------------------------------------------------------------
 # File-system errors the user causes and can fix: one line and status 1, not a traceback
 

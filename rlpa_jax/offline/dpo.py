@@ -47,15 +47,15 @@ from rlpa_jax.offline.sft import (
     Tokenizer,
     batch_schedule,
     fitted_prompt,
+    left_padded,
     target_token_ids,
     trimmed_batch,
 )
 from rlpa_jax.runtime import multihost, parallel
-from rlpa_jax.training.fit import fit
+from rlpa_jax.training.fit import fit, offline_updater
 from rlpa_jax.training.forwards import response_logprobs
 from rlpa_jax.training.losses import LossTerms
-from rlpa_jax.training.optimizer import make_optimizer
-from rlpa_jax.training.updater import Batch, LossFn, Updater
+from rlpa_jax.training.updater import Batch, LossFn
 
 # The response window (the last R positions, where every target lies) is bucketed once per run, so
 # the log-softmax runs over R positions instead of the whole sequence.
@@ -93,18 +93,6 @@ def preference_pairs(
                         or teacher.bland_turn(history, revealed, rng))
             pairs.append((history, format_turn(profile, reply), format_turn(*rejected)))
     return pairs
-
-
-def left_padded(sequences: Sequence[tuple[list[int], int]], pad_id: int, length: int) -> dict[str, np.ndarray]:
-    """tokens, attention_mask and loss_mask (1 on each row's last `target length` tokens), left-padded."""
-    tokens = np.full((len(sequences), length), pad_id, np.int32)
-    attention_mask = np.zeros((len(sequences), length), bool)
-    loss_mask = np.zeros((len(sequences), length), np.float32)
-    for row, (ids, target_length) in enumerate(sequences):
-        tokens[row, length - len(ids):] = ids
-        attention_mask[row, length - len(ids):] = True
-        loss_mask[row, length - target_length:] = 1.0
-    return {"tokens": tokens, "attention_mask": attention_mask, "loss_mask": loss_mask}
 
 
 def build_dpo_examples(
@@ -321,11 +309,8 @@ def train_dpo(
     window = response_window(examples)
     reference = preference_logps(params, model_config, examples, dpo_config.batch_size, mesh, length_buckets)
 
-    warmup_ratio = min(dpo_config.warmup_steps / dpo_config.steps, 1.0)
-    optimizer = make_optimizer(dpo_config.learning_rate, dpo_config.steps, warmup_ratio=warmup_ratio)
-    updater = Updater(dpo_loss_fn(model_config, dpo_config.beta, dpo_config.label_smoothing), optimizer,
-                      micro_batch_size=dpo_config.batch_size, loss_mask=scored_pairs, mesh=mesh,
-                      param_shardings=param_shardings)
+    updater = offline_updater(dpo_loss_fn(model_config, dpo_config.beta, dpo_config.label_smoothing), scored_pairs,
+                              dpo_config, mesh, param_shardings)
     schedule = batch_schedule(pair_lengths(examples), dpo_config.batch_size, dpo_config.steps, seed)
 
     def make_batch(pairs):

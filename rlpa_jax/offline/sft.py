@@ -38,11 +38,10 @@ from rlpa_jax.model.qwen2 import Params, Qwen2Config, forward
 from rlpa_jax.model.tokenizer import IM_END
 from rlpa_jax.offline import teacher
 from rlpa_jax.offline.teacher import Dialogue
-from rlpa_jax.training.fit import fit
+from rlpa_jax.training.fit import fit, offline_updater
 from rlpa_jax.training.forwards import output_embedding, token_logprobs_and_entropy
 from rlpa_jax.training.losses import LossTerms
-from rlpa_jax.training.optimizer import make_optimizer
-from rlpa_jax.training.updater import Batch, LossFn, Updater
+from rlpa_jax.training.updater import Batch, LossFn
 
 # Sequence lengths are rounded up to a multiple of 128, so padding stays small while a run compiles
 # its update step once per bucket in use (a handful).
@@ -112,7 +111,12 @@ def build_sft_examples(
     if not sequences:
         raise ValueError("offline/sft.py: build_sft_examples got no examples (empty dialogues)")
     length = bucket(max(len(ids) for ids, _ in sequences), length_buckets)
-    tokens = np.full((len(sequences), length), tokenizer.pad_token_id, np.int32)
+    return left_padded(sequences, tokenizer.pad_token_id, length)
+
+
+def left_padded(sequences: Sequence[tuple[list[int], int]], pad_id: int, length: int) -> dict[str, np.ndarray]:
+    """tokens, attention_mask and loss_mask (1 on each row's last `target length` tokens), left-padded."""
+    tokens = np.full((len(sequences), length), pad_id, np.int32)
     attention_mask = np.zeros((len(sequences), length), bool)
     loss_mask = np.zeros((len(sequences), length), np.float32)
     for row, (ids, target_length) in enumerate(sequences):
@@ -206,10 +210,7 @@ def train_sft(
     missing = {"tokens", "attention_mask", "loss_mask"} - set(examples)
     if missing:
         raise KeyError(f"offline/sft.py: examples lack {sorted(missing)}; build them with build_sft_examples")
-    warmup_ratio = min(sft_config.warmup_steps / sft_config.steps, 1.0)
-    optimizer = make_optimizer(sft_config.learning_rate, sft_config.steps, warmup_ratio=warmup_ratio)
-    updater = Updater(sft_loss_fn(model_config), optimizer, micro_batch_size=sft_config.batch_size,
-                      loss_mask=target_tokens, mesh=mesh, param_shardings=param_shardings)
+    updater = offline_updater(sft_loss_fn(model_config), target_tokens, sft_config, mesh, param_shardings)
     schedule = batch_schedule(examples["attention_mask"].sum(axis=1), sft_config.batch_size, sft_config.steps, seed)
     # One compiled program per length bucket in use (a handful), each much cheaper than the longest.
     return fit(updater, params, schedule, lambda rows: trimmed_batch(examples, rows, length_buckets),

@@ -20,7 +20,8 @@ The KL penalty is kl_coef * experience.kl; with `ppo.kl_penalty=loss` the builde
 kl_coef 0 here and the actor loss carries the KL instead.
 
 The trainer asks the tables (`needs_critic`, `needs_item_credit`), never the names. A new
-estimator is one function and one entry in ADVANTAGE_ESTIMATORS.
+estimator is one function and one entry in ADVANTAGE_ESTIMATORS. `Advantages` checks the shapes
+an estimator reads and returns (chex, on the host's NumPy arrays), whichever estimator it is.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, NamedTuple
 
+import chex
 import numpy as np
 
 from rlpa_jax.rl import ppo
@@ -156,7 +158,22 @@ class Advantages:
         return self.credit.needs_item_credit
 
     def __call__(self, experience: Experience, settings: AdvantageSettings) -> tuple[np.ndarray, np.ndarray]:
-        return self.estimator.estimate(experience, self.credit, settings)
+        check_scored(experience)
+        advantages, returns = self.estimator.estimate(experience, self.credit, settings)
+        chex.assert_equal_shape([advantages, returns, experience.response_mask],
+                                custom_message="rl/advantages.py: an estimator returns (advantages, returns) "
+                                               "shaped like response_mask (rows, R)")
+        return advantages, returns
+
+
+def check_scored(experience: Experience) -> None:
+    """What every estimator reads: a score per row, and the KL and the critic's values per token of
+    response_mask (rows, R)."""
+    chex.assert_rank(experience.response_mask, 2, custom_message="rl/advantages.py: response_mask is (rows, R)")
+    chex.assert_equal_shape([experience.response_mask, experience.kl, experience.old_values],
+                            custom_message="rl/advantages.py: kl and old_values are shaped like response_mask")
+    chex.assert_shape(experience.scores, experience.response_mask.shape[:1],
+                      custom_message="rl/advantages.py: scores has one value per row of response_mask")
 
 
 def lookup(advantage: str, credit: str, samples_per_prompt: int | None = None) -> Advantages:

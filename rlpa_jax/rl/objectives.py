@@ -1,7 +1,12 @@
-"""The PPO actor and critic losses over an Experience micro-batch, for training.updater.Updater."""
+"""The PPO actor and critic losses over an Experience micro-batch, for training.updater.Updater.
+
+Both check the batch's layout with chex before the forward (shapes and dtypes only, so under jit
+the check runs once, while tracing); rl/ppo.py's losses check the per-token fields against it.
+"""
 
 from __future__ import annotations
 
+import chex
 import jax
 
 from rlpa_jax.model.qwen2 import Params, Qwen2Config
@@ -10,6 +15,19 @@ from rlpa_jax.rl.experience import Experience
 from rlpa_jax.training.forwards import response_logprobs, response_logprobs_and_entropy, response_values
 from rlpa_jax.training.losses import LossTerms, masked_sum
 from rlpa_jax.training.updater import LossFn
+
+
+def check_sequences(batch: Experience, where: str) -> None:
+    """tokens (integer) and attention_mask are (rows, P + R), response_mask (rows, R): the layout the
+    forwards read the response positions from."""
+    chex.assert_rank([batch.tokens, batch.attention_mask, batch.response_mask], 2,
+                     custom_message=f"rl/objectives.py {where}: tokens, attention_mask and response_mask "
+                                    "are (rows, length)")
+    chex.assert_equal_shape([batch.tokens, batch.attention_mask],
+                            custom_message=f"rl/objectives.py {where}: tokens and attention_mask share one shape")
+    chex.assert_equal_shape_prefix([batch.tokens, batch.response_mask], 1,
+                                   custom_message=f"rl/objectives.py {where}: response_mask has a row per sequence")
+    chex.assert_type(batch.tokens, int, custom_message=f"rl/objectives.py {where}: tokens are integer ids")
 
 
 def actor_loss_fn(config: Qwen2Config, clip_eps: float, entropy_coef: float,
@@ -26,6 +44,7 @@ def actor_loss_fn(config: Qwen2Config, clip_eps: float, entropy_coef: float,
       KL per token as `loss_kl`.
     """
     def loss(params: Params, batch: Experience) -> LossTerms:
+        check_sequences(batch, "actor loss")
         length = batch.response_mask.shape[-1]
         if entropy_coef:
             logprobs, entropy = response_logprobs_and_entropy(params, config, batch.tokens, batch.attention_mask, length)
@@ -46,6 +65,7 @@ def actor_loss_fn(config: Qwen2Config, clip_eps: float, entropy_coef: float,
 
 def critic_loss_fn(config: Qwen2Config, value_clip_eps: float) -> LossFn:
     def loss(params: Params, batch: Experience) -> LossTerms:
+        check_sequences(batch, "critic loss")
         length = batch.response_mask.shape[-1]
         values = response_values(params, config, batch.tokens, batch.attention_mask, length)
         return ppo.value_loss(values, batch.old_values, batch.returns, batch.response_mask, value_clip_eps)

@@ -12,6 +12,10 @@ token counts as 0 and padded positions get 0 advantage.
 
 Losses return sums and counts (training.losses.LossTerms) instead of means, so accumulating
 micro-batches and logging stay exact whatever the micro-batch split.
+
+Each function checks the shapes (and, where a wrong one would be silently cast, the dtypes) of its
+inputs with chex. The checks read shapes and dtypes only: under jit they run once, while tracing,
+and add nothing to the compiled program.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -45,6 +50,7 @@ class AdvantageSettings:
 
 def masked_var(values: jax.Array, mask: jax.Array) -> jax.Array:
     """Unbiased (Bessel-corrected) variance over all valid positions, as trl/OpenRLHF compute it."""
+    chex.assert_equal_shape([values, mask], custom_message="rl/ppo.py masked_var: values and mask share one shape")
     mask = as_float(mask)
     count = jnp.sum(mask)
     centered = (jnp.asarray(values, jnp.float32) - masked_mean(values, mask)) * mask
@@ -55,6 +61,7 @@ def masked_var(values: jax.Array, mask: jax.Array) -> jax.Array:
 def whiten(values: jax.Array, mask: jax.Array, eps: float = 1e-8) -> jax.Array:
     """Masked whitening: (x - mean) / sqrt(var + eps) with statistics over valid tokens only.
     Padded positions come back as 0."""
+    chex.assert_equal_shape([values, mask], custom_message="rl/ppo.py whiten: values and mask share one shape")
     mask = as_float(mask)
     values = jnp.asarray(values, jnp.float32)
     mean = masked_mean(values, mask)
@@ -64,6 +71,7 @@ def whiten(values: jax.Array, mask: jax.Array, eps: float = 1e-8) -> jax.Array:
 
 def last_token_mask(mask: jax.Array) -> jax.Array:
     """One-hot (batch, T) float mask of each row's last valid token; all zeros for empty rows."""
+    chex.assert_rank(mask, 2, custom_message="rl/ppo.py last_token_mask: mask is (batch, T)")
     mask = as_float(mask)
     length = mask.shape[-1]
     last_index = length - 1 - jnp.argmax(mask[..., ::-1] > 0, axis=-1)
@@ -81,6 +89,8 @@ def kl_penalty(
     Schulman's estimators with samples from the policy and log r = ref - logp:
     k1 = -log r (unbiased, can be negative), k3 = r - 1 - log r (unbiased, never negative).
     """
+    chex.assert_equal_shape([logprobs, reference_logprobs],
+                            custom_message="rl/ppo.py kl_penalty: logprobs and reference_logprobs share one shape")
     log_ratio = jnp.asarray(logprobs, jnp.float32) - jnp.asarray(reference_logprobs, jnp.float32)
     if estimator == "k1":
         return log_ratio
@@ -92,6 +102,11 @@ def kl_penalty(
 def token_rewards(scores: jax.Array, kl: jax.Array, mask: jax.Array, kl_coef: float | jax.Array) -> jax.Array:
     """Dense rewards for one turn: the score (batch,) on the last valid token, minus kl_coef times
     the per-token KL (batch, T) on every token; zero on padding."""
+    chex.assert_rank([scores, kl, mask], [1, 2, 2],
+                     custom_message="rl/ppo.py token_rewards: scores is (batch,), kl and mask (batch, T)")
+    chex.assert_equal_shape([kl, mask], custom_message="rl/ppo.py token_rewards: kl and mask share one shape")
+    chex.assert_equal_shape_prefix([scores, mask], 1,
+                                   custom_message="rl/ppo.py token_rewards: one score per row of mask")
     score_on_last = jnp.asarray(scores, jnp.float32)[:, None] * last_token_mask(mask)
     return score_on_last - kl_coef * kl
 
@@ -127,6 +142,10 @@ def gae_advantages(
     is and gets 0 advantage, so padding anywhere (right, left, holes) is skipped and the value
     after a row's last valid token is 0.
     """
+    chex.assert_rank([rewards, values, mask], 2, custom_message="rl/ppo.py gae_advantages: inputs are (rows, T)")
+    chex.assert_equal_shape([rewards, values, mask],
+                            custom_message="rl/ppo.py gae_advantages: rewards, values and mask share one shape")
+    chex.assert_type([rewards, values], float, custom_message="rl/ppo.py gae_advantages: rewards and values are floats")
     mask = as_float(mask)
     rewards = jnp.asarray(rewards, jnp.float32) * mask
     values = jnp.asarray(values, jnp.float32) * mask
@@ -161,6 +180,9 @@ def group_advantages(scores: jax.Array, group_size: int, valid: jax.Array | None
     unbiased one (as torch's default in GRPO implementations); a group whose members' scores are
     all equal, or with fewer than two members, gets 0 advantage.
     """
+    chex.assert_rank(scores, 1, custom_message="rl/ppo.py group_advantages: scores is (rows,)")
+    if valid is not None:
+        chex.assert_equal_shape([scores, valid], custom_message="rl/ppo.py group_advantages: one valid flag per score")
     scores = jnp.asarray(scores, jnp.float32)
     if group_size < 1 or scores.shape[0] % group_size:
         raise ValueError(
@@ -184,6 +206,9 @@ def item_advantages(advantages: jax.Array, item_credit: jax.Array, item_mask: ja
     so only their scale is normalised, to a root mean square of 1 over the masked tokens, like the
     unit-spread group advantages around them; their sign already says right or wrong.
     """
+    chex.assert_equal_shape([advantages, item_credit, item_mask],
+                            custom_message="rl/ppo.py item_advantages: advantages, item_credit and item_mask "
+                                           "share one shape")
     item_mask = as_float(item_mask)
     credit = jnp.asarray(item_credit, jnp.float32)
     rms = jnp.sqrt(masked_mean(credit**2, item_mask))
@@ -192,6 +217,10 @@ def item_advantages(advantages: jax.Array, item_credit: jax.Array, item_mask: ja
 
 def expand_to_tokens(advantages: jax.Array, mask: jax.Array) -> jax.Array:
     """Broadcasts per-sample advantages (batch,) to every valid token of (batch, T)."""
+    chex.assert_rank([advantages, mask], [1, 2],
+                     custom_message="rl/ppo.py expand_to_tokens: advantages is (batch,), mask (batch, T)")
+    chex.assert_equal_shape_prefix([advantages, mask], 1,
+                                   custom_message="rl/ppo.py expand_to_tokens: one advantage per row of mask")
     return jnp.asarray(advantages, jnp.float32)[:, None] * as_float(mask)
 
 
@@ -210,6 +239,11 @@ def policy_loss(
     Once the ratio r has left [1 - eps, 1 + eps] in the direction the advantage favours, the
     clipped term is the minimum and is constant in r, so that token stops pushing the policy.
     """
+    chex.assert_equal_shape([logprobs, old_logprobs, advantages, mask],
+                            custom_message="rl/ppo.py policy_loss: logprobs, old_logprobs, advantages and mask "
+                                           "share one shape")
+    chex.assert_type([logprobs, old_logprobs, advantages], float,
+                     custom_message="rl/ppo.py policy_loss: logprobs, old_logprobs and advantages are floats")
     mask = as_float(mask)
     log_ratio = jnp.asarray(logprobs, jnp.float32) - jnp.asarray(old_logprobs, jnp.float32)
     ratio = jnp.exp(log_ratio)
@@ -243,6 +277,13 @@ def reference_kl_loss(
     is DeepSeekMath's GRPO term, whose gradient per token is 1 - pi_ref / pi. `kl_coef` is (rows,)
     (one value per row: the coefficient is data, so adaptive KL recompiles nothing).
     """
+    chex.assert_rank([logprobs, kl_coef], [2, 1],
+                     custom_message="rl/ppo.py reference_kl_loss: logprobs is (rows, T), kl_coef (rows,)")
+    chex.assert_equal_shape([logprobs, reference_logprobs, mask],
+                            custom_message="rl/ppo.py reference_kl_loss: logprobs, reference_logprobs and mask "
+                                           "share one shape")
+    chex.assert_equal_shape_prefix([kl_coef, mask], 1,
+                                   custom_message="rl/ppo.py reference_kl_loss: one kl_coef per row")
     mask = as_float(mask)
     kl = kl_penalty(logprobs, jax.lax.stop_gradient(jnp.asarray(reference_logprobs)), estimator) * mask
     return jnp.sum(jnp.asarray(kl_coef, jnp.float32)[:, None] * kl), jnp.sum(kl)
@@ -256,6 +297,11 @@ def value_loss(
     clip_eps: float = 0.2,
 ) -> LossTerms:
     """Clipped value loss: 0.5 * max((v - R)^2, (old + clip(v - old, +-eps) - R)^2) per token."""
+    chex.assert_equal_shape([values, old_values, returns, mask],
+                            custom_message="rl/ppo.py value_loss: values, old_values, returns and mask "
+                                           "share one shape")
+    chex.assert_type([values, old_values, returns], float,
+                     custom_message="rl/ppo.py value_loss: values, old_values and returns are floats")
     mask = as_float(mask)
     values = jnp.asarray(values, jnp.float32)
     old_values = jnp.asarray(old_values, jnp.float32)

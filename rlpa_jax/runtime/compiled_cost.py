@@ -175,7 +175,6 @@ def _called(instruction: Instruction) -> list[str]:
     return names
 
 
-
 def _dot_flops(instruction: Instruction, types: dict[str, str]) -> int:
     """2 x (result elements) x (contracted elements): a dot's multiply-adds, counted as two FLOPs."""
     contracting = _DIMS.search(instruction.attributes)
@@ -257,11 +256,6 @@ def hlo_cost(text: str) -> HloCost:
     # Top-level upcasts live for the whole call (inside a loop they would be one layer's, briefly).
     upcasts = sum(array_bytes(i.type_text) for i in computations[entry] if _is_upcast(i, computations, types[entry]))
     return HloCost(tuple(collectives), dot_flops, upcasts)
-
-
-def hlo_collectives(text: str) -> list[Collective]:
-    """Every collective in optimized HLO text, with how often it runs (see the module docstring)."""
-    return list(hlo_cost(text).collectives)
 
 
 @dataclasses.dataclass(frozen=True)

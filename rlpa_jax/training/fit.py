@@ -1,16 +1,37 @@
-"""The offline training loop (SFT, DPO): one optimizer step per scheduled batch, a record of each."""
+"""The offline training loop (SFT, DPO): their update, one optimizer step per scheduled batch, a record of each."""
 
 from __future__ import annotations
 
-from typing import Callable, Sequence, TypeVar
+from typing import Any, Callable, Protocol, Sequence, TypeVar
 
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from rlpa_jax.model.qwen2 import Params
 from rlpa_jax.runtime import multihost
-from rlpa_jax.training.updater import Batch, Updater
+from rlpa_jax.training.optimizer import make_optimizer
+from rlpa_jax.training.updater import Batch, LossFn, Updater
 
 Rows = TypeVar("Rows")
+
+
+class OfflineSettings(Protocol):
+    """What an offline stage's settings say about its update (config.tree.SFTConfig, offline.dpo.DPOSettings)."""
+
+    steps: int
+    learning_rate: float
+    batch_size: int
+    warmup_steps: int
+
+
+def offline_updater(loss_fn: LossFn, loss_mask: Callable[[Batch], Any], settings: OfflineSettings,
+                    mesh: Mesh | None = None, param_shardings: Params | None = None) -> Updater:
+    """The update of an offline stage: the shared AdamW schedule over settings.steps, warmed up over
+    settings.warmup_steps of them (all of them at most), one micro-batch of settings.batch_size rows a step."""
+    warmup_ratio = min(settings.warmup_steps / settings.steps, 1.0)
+    optimizer = make_optimizer(settings.learning_rate, settings.steps, warmup_ratio=warmup_ratio)
+    return Updater(loss_fn, optimizer, micro_batch_size=settings.batch_size, loss_mask=loss_mask, mesh=mesh,
+                   param_shardings=param_shardings)
 
 
 def fit(updater: Updater, params: Params, schedule: Sequence[Rows], make_batch: Callable[[Rows], Batch],

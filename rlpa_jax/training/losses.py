@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -26,6 +27,8 @@ class LossTerms(NamedTuple):
 
 def add_terms(a: LossTerms, b: LossTerms) -> LossTerms:
     """Field-wise sum of two LossTerms (micro-batch accumulation)."""
+    chex.assert_trees_all_equal_shapes(a, b, custom_message="training/losses.py add_terms: LossTerms of one loss "
+                                                            "(the same diagnostics, the same shapes)")
     return jax.tree.map(jnp.add, a, b)
 
 
@@ -41,6 +44,8 @@ def as_float(mask: jax.Array) -> jax.Array:
 
 def masked_sum(values: jax.Array, mask: jax.Array, axis: int | None = None) -> jax.Array:
     """Sum of `values` over valid positions (all axes, or one)."""
+    chex.assert_equal_shape([values, mask],
+                            custom_message="training/losses.py masked_sum: values and mask share one shape")
     return jnp.sum(jnp.asarray(values, jnp.float32) * as_float(mask), axis=axis)
 
 

@@ -6,6 +6,9 @@ result equals one big-batch step whatever the split, and each micro-batch may be
 length bucket. Then the optimizer (training/optimizer.py) applies the update. With a mesh,
 parameters and optimizer state keep the shardings the logical-axis rules give them and batches are
 split over (data, fsdp).
+
+The two jitted steps check their arguments with chex (tree structures, shapes and dtypes: under jit
+the checks run once, while tracing, and add nothing to the compiled program).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Callable, NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,6 +39,12 @@ class Trainable(NamedTuple):
 def accumulate_gradients(loss_fn: LossFn, params: Params, grads: Params, terms: LossTerms, micro_batch: Batch,
                          total_units: jax.Array) -> tuple[Params, LossTerms]:
     """Adds one micro-batch's gradient of sum(loss) / total_units to the running sums."""
+    chex.assert_trees_all_equal_shapes_and_dtypes(
+        grads, params, custom_message="training/updater.py: the running gradient sum is shaped like the parameters")
+    chex.assert_equal_shape_prefix(jax.tree.leaves(micro_batch), 1,
+                                   custom_message="training/updater.py: every array of a micro-batch has one row "
+                                                  "per example")
+    chex.assert_rank(total_units, 0, custom_message="training/updater.py: total_units is a scalar")
 
     def scaled_loss(p):
         micro_terms = loss_fn(p, micro_batch)
@@ -46,6 +56,8 @@ def accumulate_gradients(loss_fn: LossFn, params: Params, grads: Params, terms: 
 
 def apply_gradients(optimizer: optax.GradientTransformation, trainable: Trainable, grads: Params,
                     terms: LossTerms) -> tuple[Trainable, dict[str, jax.Array]]:
+    chex.assert_trees_all_equal_shapes_and_dtypes(
+        grads, trainable.params, custom_message="training/updater.py: the gradients are shaped like the parameters")
     updates, opt_state = optimizer.update(grads, trainable.opt_state, trainable.params)
     params = optax.apply_updates(trainable.params, updates)
     metrics = {f"loss_{k}": v for k, v in summary(terms).items()} | {"grad_norm": optax.tree.norm(grads)}

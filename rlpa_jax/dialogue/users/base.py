@@ -23,7 +23,6 @@ from rlpa_jax.dialogue.chat import Message
 from rlpa_jax.dialogue.matching import canonical_slot
 from rlpa_jax.dialogue.personas.base import Persona
 from rlpa_jax.dialogue.profile import ProfileItem, normalize_text
-from rlpa_jax.dialogue.text import visible_reply_text
 
 OPENING_MESSAGE = "Hello"  # the ALOE protocol's cold start: no profile information
 MAX_SENTENCES = 3
@@ -113,13 +112,6 @@ def sync_turn(state: UserState, history: Sequence[Message]) -> None:
 
 def has_assistant_message(history: Sequence[Message]) -> bool:
     return any(message.role == "assistant" for message in history)
-
-
-def last_assistant_reply(history: Sequence[Message]) -> str:
-    for message in reversed(history):
-        if message.role == "assistant":
-            return visible_reply_text(message.content)
-    return ""
 
 
 def item_key(item: ProfileItem) -> tuple[str, str]:
