@@ -57,9 +57,8 @@ from rlpa_jax.generation.sampler import Sampler, SamplingParams  # noqa: E402
 from rlpa_jax.model import hf  # noqa: E402
 from rlpa_jax.model.qwen2 import Qwen2Config  # noqa: E402
 from rlpa_jax.rl import advantages, ppo  # noqa: E402
-from rlpa_jax.rl.experience import Experience, ExperienceBuilder, ForwardPasses  # noqa: E402
+from rlpa_jax.rl.experience import Experience, ExperienceBuilder, ForwardPasses, scores_old_logprobs  # noqa: E402
 from rlpa_jax.rl.objectives import actor_loss_fn, response_tokens  # noqa: E402
-from rlpa_jax.rl.trainer import scores_old_logprobs  # noqa: E402
 from rlpa_jax.training.updater import Updater  # noqa: E402
 
 PAD_ID = 0  # "<pad>"; "<eos>" is 1 and never stops a row (both sides decode every token)
@@ -95,7 +94,7 @@ class OurIteration:
 
     The trainer's path for `ppo.advantage=grpo, ppo.kl_penalty=loss, ppo.kl_estimator=k3` with one
     update per batch: its ExperienceBuilder (without the actor's forward, as the trainer decides
-    for one on-policy step: rl/trainer.py scores_old_logprobs) and its actor loss."""
+    for one on-policy step: rl/experience.py scores_old_logprobs) and its actor loss."""
 
     def __init__(self, config: Qwen2Config, params, args: argparse.Namespace):
         self.config, self.args = config, args

@@ -119,7 +119,7 @@ def main() -> int:
     config = load_config(args.config, overrides)
     trainer = build_trainer(config)
     state = trainer.initial_state()  # the SFT warm start; rollouts and evaluation sample this policy
-    params = state["actor"].params
+    params = state.actor.params
 
     rollout, rollout_same = rollout_counts(trainer, params, args.iterations, args.check)
     long_term, long_term_same = long_term_counts(trainer, params, args.users, args.turns, args.check,

@@ -190,7 +190,7 @@ def update_programs(config: Qwen2Config, mesh, train: TrainConfig, work: Workloa
     steps = 1000  # the schedule's length changes numbers in the program, not its shape or cost
     opt = dict(b1=p.adam_b1, b2=p.adam_b2, weight_decay=p.weight_decay, grad_clip=p.grad_clip,
                warmup_ratio=p.warmup_ratio, min_lr_ratio=p.min_lr_ratio)
-    if head == "lm":  # as rl/trainer.py builds its two Updaters
+    if head == "lm":  # as rlpa_jax/app/build.py builds the actor's and critic's Updaters
         loss = actor_loss_fn(config, p.clip_eps, p.entropy_coef)
         optimizer = with_output_scale_lr(make_optimizer(p.actor_lr, steps, **opt), p.actor_lr, p.output_scale_lr)
         fields = ("old_logprobs", "advantages")

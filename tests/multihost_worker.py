@@ -206,8 +206,7 @@ def scenario_ppo(out_dir: Path, overrides: list[str]) -> dict:
     build.build_trainer = build_counting_trainer
     status = launch_main("train.py")(["--config", str(REPO / "configs" / "tiny.yaml"), *PPO_OVERRIDES, *overrides])
     trainer = built[0]
-    state = trainer.checkpointer.restore_latest_readable(trainer.abstract_state())[1]
-    actor = multihost.gather(state["actor"].params)
+    actor = multihost.gather(trainer.restore().actor.params)
     if multihost.is_main_process():
         np.savez(out_dir / "actor.npz", *[np.asarray(x) for x in jax.tree.leaves(actor)])
     return {"status": status, "summary": summaries[0], "scored": scored, "answered": [len(a) for a in answered],

@@ -119,7 +119,7 @@ def test_a_new_estimator_is_one_function_and_one_table_entry(monkeypatch, tmp_pa
         "rollout.prompt_buckets=[64,128,256]", "rollout.max_prompt_tokens=256", "data.num_personas=16",
         "ppo.train_batch_size=8", "ppo.micro_batch_size=4", "logging.progress_bar=false", "logging.tensorboard=false"])
     trainer = build.build_trainer(config)
-    state, metrics, _ = trainer.iteration(trainer.initial_state(), 0, config.ppo.kl_coef)
+    state, metrics = trainer.iteration(trainer.initial_state())
     assert np.isfinite(metrics["loss_mean"]) and "critic_loss_mean" not in metrics
     with pytest.raises(Exception, match=r"ppo.advantage='rloo' is not one of"):
         monkeypatch.delitem(advantages.ADVANTAGE_ESTIMATORS, "rloo")

@@ -180,3 +180,19 @@ def test_a_step_left_in_its_temporary_directory_is_never_listed(tmp_path):
     assert step == 2
     assert_state_equal(state, states[2])
     assert (directory / "3.orbax-checkpoint-tmp").is_dir()  # not renamed: it was never a step
+
+
+def test_a_partial_resume_reads_only_the_target_entries_and_names_the_rest(tmp_path, caplog):
+    directory = tmp_path / "ckpt"
+    params = init_params(CONFIG, jax.random.key(4))
+    checkpointer = Checkpointer(directory)
+    checkpointer.save(3, {"actor": params, "critic": {"value_bias": jnp.float32(0.5)}}, {"iteration": 3})
+    with caplog.at_level(logging.INFO, logger="rlpa_jax.runtime.checkpoint"):
+        step, state, meta, _ = checkpointer.resume({"actor": abstract_like(params)}, partial=True)
+    assert step == 3 and meta == {"iteration": 3} and set(state) == {"actor"}
+    jax.tree.map(np.testing.assert_array_equal, state["actor"], params)
+    assert [r.getMessage() for r in caplog.records if "not restored" in r.getMessage()] == [
+        f"checkpoint {directory.absolute()} step 3: its critic not restored (this run's state has none)"]
+    with pytest.raises(CheckpointError, match="step 3: "):  # a full restore wants every entry
+        checkpointer.resume({"actor": abstract_like(params)})
+    checkpointer.save(4, {"actor": params}, {"iteration": 4})  # the manager that restored still saves

@@ -14,10 +14,9 @@ import pytest
 from rlpa_jax.config.tree import PPOConfig
 from rlpa_jax.model.qwen2 import Qwen2Config, init_params
 from rlpa_jax.rl import advantages
-from rlpa_jax.rl.experience import Experience, ExperienceBuilder, ForwardPasses
+from rlpa_jax.rl.experience import Experience, ExperienceBuilder, ForwardPasses, scores_old_logprobs
 from rlpa_jax.rl.objectives import actor_loss_fn, response_tokens
 from rlpa_jax.rl.ppo import AdvantageSettings
-from rlpa_jax.rl.trainer import scores_old_logprobs
 from rlpa_jax.training.forwards import response_logprobs
 from rlpa_jax.training.updater import Updater
 

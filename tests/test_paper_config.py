@@ -42,9 +42,9 @@ def test_paper_config_starts_on_eight_fake_devices(tmp_path, aloe_dir):
         assert (config.mesh.fsdp, config.model.compute_dtype, config.ppo.actor_lr) == (8, "bfloat16", 5e-7)
         run = build_trainer(config)
         state = run.initial_state()
-        q = state["actor"].params["layers"]["attn"]["q_kernel"]
+        q = state.actor.params["layers"]["attn"]["q_kernel"]
         assert q.sharding.spec[1] == "fsdp" and len(q.sharding.device_set) == 8
-        state, metrics, _ = run.iteration(state, 0, config.ppo.kl_coef)
+        state, metrics = run.iteration(state)
     # schedule: turn — one turn of each of the pool's 8 conversations, 4 samples each
     assert metrics["samples"] == 8 * 4 and metrics["invalid_samples"] == 0 and metrics["pool_turn"] == 1
     kinds = {"json" if r.get("response_format") else "judge" if "boxed" in str(r["messages"]) else "user" for r in server.requests}

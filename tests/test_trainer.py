@@ -1,5 +1,6 @@
 """End-to-end PPO runs on a tiny model: a short run, resume after Ctrl-C, NaN stop, HF export."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -162,7 +163,7 @@ def test_a_run_can_start_from_another_runs_policy(tmp_path, uninterrupted):
     state = run.initial_state()
     from rlpa_jax.runtime.checkpoint import restore_actor_params
     expected, _, _ = restore_actor_params(source.run_dir / "checkpoints")
-    np.testing.assert_array_equal(np.asarray(state["actor"].params["embed"]), np.asarray(expected["embed"]))
+    np.testing.assert_array_equal(np.asarray(state.actor.params["embed"]), np.asarray(expected["embed"]))
     bad = small_config(tmp_path / "bad", f"model.init_checkpoint={source.run_dir}", "model.tiny.hidden_size=32",
                        "model.tiny.intermediate_size=64")
     with pytest.raises(ValueError, match="differs from the configured"):
@@ -251,7 +252,7 @@ def test_sampling_and_scoring_run_inside_the_mesh(tmp_path):
         prefix._jitted, prefix._copy = recording(prefix._jitted, "sampler"), recording(prefix._copy, "sampler")
     forwards = trainer.build_experience.forwards
     forwards._logprobs = recording(forwards._logprobs, "scoring")
-    trainer.iteration(trainer.initial_state(), 0, trainer.config.ppo.kl_coef)
+    trainer.iteration(trainer.initial_state())
     assert {name for name, _ in seen} == {"sampler", "scoring"} and all(active for _, active in seen), seen
 
 
@@ -307,7 +308,7 @@ def test_judges_that_stop_scoring_stop_the_run_with_a_checkpoint_and_their_error
 
 
 def test_grpo_with_the_kl_in_the_loss_skips_the_actor_forward_and_logs_the_kl(tmp_path, caplog):
-    caplog.set_level("INFO", logger="rlpa_jax.rl.trainer")
+    caplog.set_level("INFO", logger="rlpa_jax.app.build")
     # 2 conversations x 2 turns x 2 samples = 8 rows = one optimizer step of train_batch_size 8.
     trainer = build_trainer(small_config(tmp_path, "ppo.advantage=grpo", "ppo.kl_penalty=loss", "ppo.kl_estimator=k3", "ppo.epochs=1",
                                          "ppo.adaptive_kl=true", "ppo.kl_target=0.5", "ppo.kl_horizon=8"))
@@ -318,17 +319,90 @@ def test_grpo_with_the_kl_in_the_loss_skips_the_actor_forward_and_logs_the_kl(tm
     forwards = trainer.build_experience.forwards
     logprobs = forwards.logprobs
     forwards.logprobs = lambda params, experience: scored.append(params) or logprobs(params, experience)
-    state, kl_coef = trainer.initial_state(), trainer.config.ppo.kl_coef
+    state = trainer.initial_state()
     # A reference away from the actor (the tiny policy's rewards may all tie: no GRPO gradient).
-    state["reference"] = jax.tree.map(lambda x: x * 1.05, state["reference"])
+    state = dataclasses.replace(state, reference=jax.tree.map(lambda x: x * 1.05, state.reference))
     records = []
-    for iteration in range(2):
-        state, metrics, kl_coef = trainer.iteration(state, iteration, kl_coef)
-        records.append(metrics | {"next_kl_coef": kl_coef})
+    for _ in range(2):
+        state, metrics = trainer.iteration(state)
+        records.append(metrics | {"next_kl_coef": state.kl_coef})
+    assert state.iteration == 2 and state.critic is None  # grpo: no critic at all
     # The reference's forward only, once an iteration.
-    assert [p is state["reference"] for p in scored] == [True] * len(scored) == [True, True]
+    assert [p is state.reference for p in scored] == [True] * len(scored) == [True, True]
     first, second = records
     assert first["loss_kl"] > 0 and second["kl"] == second["loss_kl"] and "logprob_gap" not in second
     assert second["loss_approx_kl"] == 0.0 and np.isfinite(second["loss_mean"])
     # Adaptive KL read the update's KL: below target, the coefficient shrinks.
     assert second["next_kl_coef"] < second["kl_coef"] == first["next_kl_coef"]
+
+
+def test_a_grpo_run_checkpoints_no_critic(uninterrupted):
+    import orbax.checkpoint as ocp
+
+    config, _, _ = uninterrupted
+    assert config.ppo.advantage == "grpo"
+    manager = ocp.CheckpointManager(config.run_dir / "checkpoints", options=ocp.CheckpointManagerOptions(read_only=True),
+                                    item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+    for step in (2, 4):
+        saved = manager.item_metadata(step)["state"]
+        assert set(getattr(saved, "tree", saved)) == {"actor", "reference"}
+    manager.close()
+
+
+def old_layout_checkpoint(trainer, step: int, kl_coef: float):
+    """A checkpoint as the trainer wrote it before TrainState, whatever its advantage estimator: the
+    dict {"actor", "critic", "reference"} of a PPO trainer's updaters (a critic made from the policy),
+    with the iteration and KL coefficient in the meta. Returns that dict."""
+    from rlpa_jax.model.qwen2 import critic_params_from_policy, init_params
+    from rlpa_jax.runtime.checkpoint import policy_meta
+    from rlpa_jax.training.updater import Trainable
+
+    model_config = trainer.model_config
+    actor = init_params(model_config, jax.random.key(5))
+    critic = critic_params_from_policy(actor, model_config)
+    critic = jax.tree.map(lambda x: x + 0.25, critic)  # a critic some training moved
+    reference = jax.tree.map(lambda x: x * 0.5, actor)
+    state = {"actor": Trainable(actor, trainer.actor_updater.optimizer.init(actor)),
+             "critic": Trainable(critic, trainer.critic_updater.optimizer.init(critic)), "reference": reference}
+    meta = {"iteration": step, "kl_coef": kl_coef, "seed": trainer.config.seed} | policy_meta(
+        model_config, trainer.parts.tokenizer_dir, trainer.config.rollout.system_prompt)
+    trainer.checkpointer.save(step, state, meta)
+    return state
+
+
+def test_a_checkpoint_from_before_train_state_resumes_with_and_without_a_critic(tmp_path, caplog):
+    from rlpa_jax.rl import memory_check
+
+    gae = build_trainer(small_config(tmp_path, "ppo.advantage=gae", "ppo.credit=turn"))
+    old = old_layout_checkpoint(gae, step=3, kl_coef=0.02)
+    state = gae.restore()
+    assert (state.iteration, state.kl_coef) == (3, 0.02)
+    for restored, saved in ((state.actor, old["actor"]), (state.critic, old["critic"]),
+                            (state.reference, old["reference"])):
+        jax.tree.map(np.testing.assert_array_equal, restored, saved)
+    # PPO with GAE trains the restored critic (the update donates the state's arrays: keep copies).
+    before = jax.tree.map(np.array, state.critic.params)
+    after, metrics = gae.iteration(state)
+    assert after.iteration == 4 and np.isfinite(metrics["critic_loss_mean"])
+    moved = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != b)), after.critic.params, before)
+    assert any(jax.tree.leaves(moved))
+
+    # The same checkpoint resumes a grpo run: the critic stays on disk, one INFO line says so.
+    grpo = build_trainer(small_config(tmp_path, "ppo.advantage=grpo", "ppo.credit=turn"))
+    assert grpo.critic_updater is None
+    with caplog.at_level("INFO", logger="rlpa_jax.runtime.checkpoint"):
+        state = grpo.restore()
+    assert state.critic is None and (state.iteration, state.kl_coef) == (3, 0.02)
+    jax.tree.map(np.testing.assert_array_equal, state.actor, old["actor"])
+    jax.tree.map(np.testing.assert_array_equal, state.reference, old["reference"])
+    dropped = [r.getMessage() for r in caplog.records
+               if r.name == "rlpa_jax.runtime.checkpoint" and "not restored" in r.getMessage()]
+    assert len(dropped) == 1 and "step 3: its critic not restored" in dropped[0], dropped
+
+    # Nor does the memory check count a critic the run does not hold.
+    critic_bytes = memory_check.per_device_bytes(gae.abstract_state().critic)
+    with_critic, without = gae.memory_programs(), grpo.memory_programs()
+    assert [p.name for p in with_critic] == [p.name for p in without] + ["critic micro-batch step"]
+    assert [a.resident_bytes - b.resident_bytes for a, b in zip(with_critic, without)] == [critic_bytes] * 3
+    assert gae.checkpoint_bytes() - grpo.checkpoint_bytes() == sum(
+        x.size * x.dtype.itemsize for x in jax.tree.leaves(gae.abstract_state().critic))

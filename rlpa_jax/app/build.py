@@ -1,5 +1,7 @@
 """Builds what a run needs from its config: mesh, model and tokenizer, personas, the environment
-(simulated users and judges), the generator, the initial policy, and the trainer made of them.
+(simulated users and judges), the generator, the initial policy, the experience builder, the
+updaters (a critic's only when the advantage estimator needs one), the checkpointer, the metrics
+log and the conversation pool, and the trainer made of them (which builds nothing itself).
 
 The embedded default builds everything in place (a tiny random Qwen2, a tokenizer trained on the
 spot, synthetic personas, the scripted user and rule-based judges); real runs read a local Hugging
@@ -10,18 +12,23 @@ rl/, offline/ and eval/ (it wires them together); the launch scripts call it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
+import math
 from pathlib import Path
 
 import jax
+import numpy as np
+import yaml
 
 from rlpa_jax.config import loading as config_loading
 from rlpa_jax.config.llm_sections import LLMRoleSection, LLMSection, inherited
 from rlpa_jax.config.options import ConfigError
-from rlpa_jax.config.tree import TrainConfig
+from rlpa_jax.config.tree import TrainConfig, to_dict
 from rlpa_jax.dialogue import judges, personas, users
 from rlpa_jax.dialogue.chat import load_prompt
 from rlpa_jax.dialogue.llm.client import LLMCallError, client_from_section, run_sync
+from rlpa_jax.dialogue.llm.usage import LLMMeter
 from rlpa_jax.eval import baselines
 from rlpa_jax.eval.policies import ChatPolicy, JaxPolicy, Policy
 from rlpa_jax.generation.engine import GenerationEngine
@@ -33,10 +40,17 @@ from rlpa_jax.offline import sft
 from rlpa_jax.offline.teacher import scripted_dialogues
 from rlpa_jax.rl import advantages
 from rlpa_jax.rl.environment import Environment
+from rlpa_jax.rl.experience import ExperienceBuilder, ForwardPasses, scores_old_logprobs, trim_padding
+from rlpa_jax.rl.metrics import MetricsLog
+from rlpa_jax.rl.objectives import actor_loss_fn, critic_loss_fn, response_tokens
+from rlpa_jax.rl.schedule import ConversationPool
 from rlpa_jax.rl.trainer import Trainer, TrainingParts
 from rlpa_jax.runtime import multihost, parallel
 from rlpa_jax.runtime.checkpoint import Checkpointer, checkpoint_directory, model_config_from_meta, restore_actor_params
 from rlpa_jax.runtime.parallel import param_shardings
+from rlpa_jax.training.optimizer import make_optimizer
+from rlpa_jax.training.output_scale import with_output_scale_lr
+from rlpa_jax.training.updater import Updater
 
 log = logging.getLogger(__name__)
 
@@ -210,21 +224,105 @@ def build_eval_judges(config: TrainConfig) -> judges.JudgePair:
     return judges.build_judges(section)
 
 
-def build_trainer(config: TrainConfig) -> Trainer:
-    """A Trainer with every part built from `config` (nothing heavy runs until train())."""
+def samples_per_iteration(config: TrainConfig) -> int:
+    """Rows of an iteration's experience: one turn of every pool conversation (`turn`), or every
+    turn of the new conversations (`conversation`), n samples each."""
+    r = config.rollout
+    turns_per_iteration = 1 if r.schedule == "turn" else r.max_rounds
+    return r.conversations * turns_per_iteration * r.samples_per_prompt
+
+
+def optimizer_steps(config: TrainConfig) -> int:
+    """The run's optimizer steps (the learning-rate schedules' length): every epoch's minibatches
+    of every iteration."""
+    p = config.ppo
+    return p.iterations * p.epochs * math.ceil(samples_per_iteration(config) / p.train_batch_size)
+
+
+def put_rows(mesh, array):
+    """Rows every process holds whole (the gathered experience) onto the mesh, split over (data, fsdp)."""
+    return multihost.put_identical(array, parallel.batch_sharding(mesh, np.ndim(array)))
+
+
+def build_experience_builder(config: TrainConfig, model_cfg: Qwen2Config, mesh, pad_id: int) -> ExperienceBuilder:
+    """Samples -> Experience with the configured estimator; the actor's scoring forward is skipped
+    where the old log-probs feed nothing but one on-policy step (experience.scores_old_logprobs)."""
+    r, p = config.rollout, config.ppo
+    estimator = advantages.lookup(p.advantage, p.credit, r.samples_per_prompt)
+    forwards = ForwardPasses(model_cfg, chunk_rows=p.micro_batch_size, put_batch=functools.partial(put_rows, mesh),
+                             trim=functools.partial(trim_padding, prompt_buckets=r.prompt_buckets))
+    packed_rows = -(-samples_per_iteration(config) // p.micro_batch_size) * p.micro_batch_size
+    score_actor = scores_old_logprobs(p, packed_rows)
+    if not score_actor:
+        log.info("the actor's scoring forward is skipped: each iteration's %d rows make one optimizer step "
+                 "(ppo.epochs=1, train_batch_size=%d) and the KL is %s, so the old log-probs are the update's "
+                 "own (ratio 1)", packed_rows, p.train_batch_size,
+                 "in the loss" if p.kl_penalty == "loss" else "off (kl_coef=0)")
+    return ExperienceBuilder(forwards, estimator, pad_id, r.max_new_tokens, r.prompt_buckets, p.reward,
+                             p.kl_estimator, p.whiten_advantages, p.kl_penalty, score_actor)
+
+
+def build_updaters(config: TrainConfig, model_cfg: Qwen2Config, mesh) -> tuple[Updater, Updater | None]:
+    """The actor's Updater, and the critic's when the advantage estimator needs a critic (else None:
+    the run then holds no critic at all). Every update runs on rows cut to their own length buckets."""
+    r, p = config.rollout, config.ppo
+    steps = optimizer_steps(config)
+    opt = dict(b1=p.adam_b1, b2=p.adam_b2, weight_decay=p.weight_decay, grad_clip=p.grad_clip,
+               warmup_ratio=p.warmup_ratio, min_lr_ratio=p.min_lr_ratio)
+    trim = functools.partial(trim_padding, prompt_buckets=r.prompt_buckets)
+    actor = Updater(actor_loss_fn(model_cfg, p.clip_eps, p.entropy_coef, p.kl_estimator),
+                    with_output_scale_lr(make_optimizer(p.actor_lr, steps, **opt), p.actor_lr, p.output_scale_lr),
+                    p.micro_batch_size, response_tokens, mesh=mesh, param_shardings=param_shardings(model_cfg, mesh),
+                    trim=trim)
+    if not advantages.lookup(p.advantage, p.credit).needs_critic:
+        return actor, None
+    critic = Updater(critic_loss_fn(model_cfg, p.value_clip_eps), make_optimizer(p.critic_lr, steps, **opt),
+                     p.micro_batch_size, response_tokens, mesh=mesh,
+                     param_shardings=param_shardings(model_cfg, mesh, "value"), trim=trim)
+    return actor, critic
+
+
+def write_run_config(config: TrainConfig) -> None:
+    """The run directory, with the config it runs (process 0 writes what a run writes once)."""
+    config.run_dir.mkdir(parents=True, exist_ok=True)
+    if multihost.is_main_process():
+        (config.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def build_training_parts(config: TrainConfig) -> TrainingParts:
+    """Every part of a training run, built from `config` (nothing heavy runs: the initial policy,
+    its SFT warm start included, is made when the trainer asks for it)."""
     mesh = build_mesh(config)
+    rows_split = mesh.shape["data"] * mesh.shape["fsdp"]
+    if config.ppo.micro_batch_size % rows_split:  # the mesh's size is known only now (mesh.fsdp=-1: all devices)
+        raise ValueError(f"ppo.micro_batch_size={config.ppo.micro_batch_size} must be a multiple of mesh data*fsdp="
+                         f"{rows_split} (rows are split over those devices)")
     model_cfg = model_config(config)
     tokenizer = build_tokenizer(config)
     train_personas = build_personas(config, "train")
     eval_personas = build_personas(config, "eval")[:config.rollout.eval_conversations]
     environment = build_environment(config, tokenizer)
     probe_endpoints(environment)
-    parts = TrainingParts(
+    write_run_config(config)
+    r = config.rollout
+    pool = (ConversationPool(r.conversations, train_personas, environment.user_sim, config.seed, r.max_rounds,
+                             config.data.switch_turn) if r.schedule == "turn" else None)
+    actor_updater, critic_updater = build_updaters(config, model_cfg, mesh)
+    return TrainingParts(
         mesh=mesh, model_config=model_cfg, tokenizer_dir=tokenizer_dir(config).absolute(),
         environment=environment, engine=build_engine(config, model_cfg, tokenizer, mesh),
         train_personas=train_personas, eval_personas=eval_personas,
-        initial_actor=lambda: initial_actor(config, model_cfg, mesh, tokenizer, train_personas))
-    return Trainer(config, parts)
+        initial_actor=lambda: initial_actor(config, model_cfg, mesh, tokenizer, train_personas),
+        pool=pool, build_experience=build_experience_builder(config, model_cfg, mesh, tokenizer.pad_token_id),
+        actor_updater=actor_updater, critic_updater=critic_updater,
+        checkpointer=Checkpointer(config.run_dir / "checkpoints", config.logging.max_to_keep),
+        metrics=MetricsLog(config.run_dir, config.logging.tensorboard),
+        llm_meter=LLMMeter(environment.llm_clients()))
+
+
+def build_trainer(config: TrainConfig) -> Trainer:
+    """A Trainer with every part built from `config` (nothing heavy runs until train())."""
+    return Trainer(config, build_training_parts(config))
 
 
 @dataclasses.dataclass(frozen=True)

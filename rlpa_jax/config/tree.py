@@ -181,7 +181,7 @@ class PPOConfig:
     kl_estimator: Literal["k1", "k3"] = "k1"
     # reward: kl_coef * KL per token is subtracted in the advantages (the paper); loss: the actor
     # loss adds kl_coef * KL per token (DeepSeekMath's GRPO, TRL). With loss (or kl_coef 0), one
-    # epoch and one minibatch per iteration, the actor's scoring forward is skipped (rl/trainer.py).
+    # epoch and one minibatch per iteration, the actor's scoring forward is skipped (rl/experience.py).
     kl_penalty: Literal["reward", "loss"] = "reward"
     adaptive_kl: bool = False
     kl_target: float = option(6.0, positive)

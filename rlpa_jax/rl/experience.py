@@ -11,7 +11,7 @@ a critic), and adds KL, advantages and returns (an estimator from rl/advantages.
 kl_coef * KL per token in the advantage estimator; `loss` (DeepSeekMath's GRPO, TRL) gives the
 estimator no KL term and hands the update the reference's log-probs and the coefficient, and the
 actor loss adds kl_coef * KL. Where the old log-probs feed nothing but the ratio of a single
-on-policy step (`score_actor=False`, decided by the trainer), the actor's forward is skipped: the
+on-policy step (`score_actor=False`, `scores_old_logprobs`), the actor's forward is skipped: the
 loss then uses its own log-probs, detached, and the KL is measured in the update (`kl` holds zeros).
 """
 
@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
+from rlpa_jax.config.tree import PPOConfig
 from rlpa_jax.generation.sampler import bucket
 from rlpa_jax.model.qwen2 import Params, Qwen2Config
 from rlpa_jax.rl import ppo
@@ -238,13 +239,26 @@ class ForwardPasses:
         return self._chunks(self._values, params, experience)
 
 
+def scores_old_logprobs(p: PPOConfig, rows_per_iteration: int) -> bool:
+    """Whether an iteration needs the actor's scoring forward (the "old" log-probs).
+
+    It does not when every row is updated exactly once, at the parameters that sampled and would
+    have scored it (one epoch, all rows in one minibatch: one optimizer step, whose micro-batches
+    all see the same parameters), and nothing but the PPO ratio reads the old log-probs: the KL is
+    in the loss, or it is off (kl_coef 0 in the rewards; adaptive KL cannot move a 0). The loss's
+    own log-probs, detached, are then the old ones, and the KL metric comes from the update.
+    """
+    one_step = p.epochs == 1 and rows_per_iteration <= p.train_batch_size
+    return not (one_step and (p.kl_penalty == "loss" or p.kl_coef == 0))
+
+
 @dataclasses.dataclass(frozen=True)
 class ExperienceBuilder:
     """Samples -> a finished Experience: packing, scoring forwards, KL and advantages, in one call.
 
     `kl_penalty`: `reward` folds kl_coef * KL into the advantages, `loss` leaves it to the actor
-    loss. `score_actor=False` skips the actor's forward (the trainer decides: one on-policy update
-    per row, and no advantage reads the old log-probs); the update then measures the KL itself."""
+    loss. `score_actor=False` skips the actor's forward (`scores_old_logprobs` decides: one on-policy
+    update per row, and no advantage reads the old log-probs); the update then measures the KL itself."""
 
     forwards: ForwardPasses
     # (experience, settings) -> per-token (advantages, returns): rl.advantages.lookup(...)

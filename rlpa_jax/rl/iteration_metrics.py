@@ -48,7 +48,7 @@ def experience_metrics(experience: Experience) -> dict[str, float]:
     """What an iteration's experience says before the update: the largest gap between the sampler's
     and the trainer's log-probs (~0 in float32), each block's entropy, and the KL to the reference.
 
-    Without the actor's scoring forward (old_logprobs None: skipped, rl/trainer.py) there is no
+    Without the actor's scoring forward (old_logprobs None: skipped, experience.scores_old_logprobs) there is no
     trainer log-prob to compare: `logprob_gap` and `kl` are left out (the trainer takes `kl` from
     the update's `loss_kl`) and the entropies use the sampler's log-probs."""
     mask = experience.response_mask

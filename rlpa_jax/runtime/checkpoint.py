@@ -3,7 +3,8 @@
 A checkpoint step holds a dict of pytrees ("state": actor/critic params, optimizer states, RNG ...)
 and a JSON document ("meta": model config, data position, anything plain), so a run can resume
 exactly and export its policy without the code that trained it. A run may add JSON documents of
-its own beside them (the `turn` schedule's live conversations), read back by `resume`.
+its own beside them (the `turn` schedule's live conversations), read back by `resume`, and may
+resume only part of a state (`partial`: a run without a critic from a checkpoint with one).
 
 Saves are atomic: orbax writes a step into `<step>.orbax-checkpoint-tmp` and renames it when
 complete, so a save cut short leaves a directory that is never listed as a step. Resuming
@@ -68,24 +69,53 @@ class Checkpointer:
         state, meta, _ = self._read(self._require_step(step), abstract_state, ())
         return state, meta
 
-    def _read(self, step: int, abstract_state: Any, documents: Sequence[str]) -> tuple[Any, dict, dict]:
+    def _read(self, step: int, abstract_state: Any, documents: Sequence[str],
+              partial: bool = False) -> tuple[Any, dict, dict]:
         """(state, meta, {name: document or None where the step has none})."""
-        state_args = ocp.args.StandardRestore(abstract_state) if abstract_state is not None else ocp.args.StandardRestore()
         present = [name for name in documents if (self.directory / str(step) / name).is_dir()]
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=state_args, meta=ocp.args.JsonRestore(), **{name: ocp.args.JsonRestore() for name in present}))
-        return restored["state"], restored["meta"], {name: restored[name] if name in present else None
-                                                     for name in documents}
+        json_items = {"meta": ocp.args.JsonRestore()} | {name: ocp.args.JsonRestore() for name in present}
+        if partial and abstract_state is not None:
+            state = self._read_entries(step, abstract_state)
+            restored = self._manager.restore(step, args=ocp.args.Composite(**json_items))
+        else:
+            state_args = (ocp.args.StandardRestore(abstract_state) if abstract_state is not None
+                          else ocp.args.StandardRestore())
+            restored = self._manager.restore(step, args=ocp.args.Composite(state=state_args, **json_items))
+            state = restored["state"]
+        return state, restored["meta"], {name: restored[name] if name in present else None for name in documents}
+
+    def _read_entries(self, step: int, abstract_state: dict) -> dict:
+        """The entries of `abstract_state` (a dict) out of the step's state; the step's other
+        entries stay on disk, named in one INFO line."""
+        # The manager that saved a step holds a Standard handler for "state", and only the PyTree
+        # handler restores a part of a tree: a read-only manager of its own reads it.
+        manager = _checkpoint_manager(self.directory)
+        try:
+            saved = _state_tree(manager, step)
+            target = ocp.checkpoint_utils.construct_restore_args(abstract_state)
+            state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                item=abstract_state, restore_args=target, partial_restore=True)))["state"]
+        finally:
+            manager.close()
+        left = sorted(set(saved) - set(abstract_state)) if isinstance(saved, dict) else []
+        if left:
+            log.info("checkpoint %s step %d: its %s not restored (this run's state has none)", self.directory, step,
+                     ", ".join(left))
+        return state
 
     def restore_latest_readable(self, abstract_state: Any = None) -> tuple[int, Any, dict]:
         """(step, state, meta) from the newest step that can be read (see `resume`)."""
         step, state, meta, _ = self.resume(abstract_state)
         return step, state, meta
 
-    def resume(self, abstract_state: Any = None, documents: Sequence[str] = ()) -> tuple[int, Any, dict, dict]:
+    def resume(self, abstract_state: Any = None, documents: Sequence[str] = (),
+               partial: bool = False) -> tuple[int, Any, dict, dict]:
         """(step, state, meta, {name: document}) from the newest step that can be read, for
         resuming a run; each of `documents` (JSON items save() wrote) is None where the step has
-        none, and a step whose document is damaged counts as unreadable.
+        none, and a step whose document is damaged counts as unreadable. `partial` (with a dict
+        `abstract_state`): a step's state may hold more entries than `abstract_state`; only its
+        entries are read (this needs the step's state metadata, which a full restore with shapes
+        does not).
 
         A step that fails to read is logged (step, exception type and message) and the next older
         step is tried. Once one reads, the failed newer steps are moved aside to
@@ -102,7 +132,7 @@ class Checkpointer:
         failures: list[tuple[int, str]] = []
         for step in steps:
             try:
-                state, meta, found = self._read(step, abstract_state, documents)
+                state, meta, found = self._read(step, abstract_state, documents, partial)
             except Exception as error:  # orbax and tensorstore raise bare Exception for unreadable arrays
                 reason = describe_failure(error)
                 log.warning("checkpoint %s step %d cannot be read (%s); trying an older step",
@@ -215,11 +245,19 @@ def _checkpoint_manager(directory: Path) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
 
 
+def _state_tree(manager: ocp.CheckpointManager, step: int) -> Any:
+    """A step's state tree as saved, with array metadata for leaves (no array is read)."""
+    tree = manager.item_metadata(step)["state"]
+    return getattr(tree, "tree", tree)
+
+
 def actor_params_path(state_tree: Any, directory: Path) -> tuple:
     """Where the policy parameters sit in a checkpoint's state tree (from its metadata).
 
-    A PPO run saves {"actor": Trainable(params, opt_state), ...}, which orbax stores as the dict
-    {"params", "opt_state"} (what orbax restores a NamedTuple as); launch/sft.py saves {"actor": params}.
+    A PPO run saves its TrainState as {"actor": Trainable(params, opt_state), "reference": ...,
+    and "critic" when it has one} (rl/train_state.py; checkpoints from before the TrainState hold
+    the same dict), which orbax stores with the actor as the dict {"params", "opt_state"} (what
+    orbax restores a NamedTuple as); launch/sft.py and launch/dpo.py save {"actor": params}.
     """
     if not isinstance(state_tree, dict) or "actor" not in state_tree:
         keys = sorted(state_tree) if isinstance(state_tree, dict) else type(state_tree).__name__
@@ -245,8 +283,7 @@ def restore_actor_params(directory: Path, step: int | None = None, shardings: An
             step = max(steps)
         elif step not in steps:
             raise FileNotFoundError(f"{directory}: no checkpoint for step {step}; steps found: {sorted(steps)}")
-        state_tree = manager.item_metadata(step)["state"]
-        state_tree = getattr(state_tree, "tree", state_tree)
+        state_tree = _state_tree(manager, step)
         path = actor_params_path(state_tree, directory)
         leaves = state_tree
         for key in path:
