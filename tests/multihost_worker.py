@@ -160,7 +160,7 @@ REPO = Path(__file__).resolve().parents[1]
 # continuing the first's prompt cache.
 PPO_OVERRIDES = [
     "model.tiny.hidden_size=64", "model.tiny.intermediate_size=128", "model.tiny.vocab_size=600",
-    "model.tiny.num_layers=1", "rollout.prompt_buckets=[256]", "rollout.max_prompt_tokens=256",
+    "model.tiny.num_layers=1", "rollout.prompt_buckets=[128,256]", "rollout.max_prompt_tokens=256",
     "data.num_personas=64", "rollout.conversations=16", "rollout.pipeline_groups=2", "rollout.max_rounds=2",
     "rollout.samples_per_prompt=2", "rollout.max_new_tokens=24", "rollout.eval_conversations=8",
     "rollout.prefix_cache=true", "ppo.iterations=2", "ppo.epochs=1", "ppo.train_batch_size=32",

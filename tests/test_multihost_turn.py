@@ -23,8 +23,12 @@ def test_turn_schedule_over_two_processes_equals_one_process_and_resumes(tmp_pat
     assert [r["pool_turn"] for r in expected] == [1, 2] and expected[1]["kl"] > 0
     assert_same_ppo_metrics(expected, got, ("pool_turn", "conversations_started", "conversations_finished"))
     reference, pair = np.load(alone_dir / "actor.npz"), np.load(pair_dir / "actor.npz")
+    # Two updates whose gradients are summed over 2 processes in another order than over 8 devices
+    # of one: float32 rounding, about 1e-7 relative per add, grows through Adam's normalisation to
+    # ~2e-5 on a few of the 38,400 weights (seen: one weight of 1.7e-3 off by 1.7e-5). 5e-5 still
+    # fails any real divergence (a wrong row or a missed step moves weights by ~1e-3).
     for name in reference.files:
-        np.testing.assert_allclose(pair[name], reference[name], atol=1e-5)
+        np.testing.assert_allclose(pair[name], reference[name], atol=5e-5)
     # Every process holds the one-process run's whole pool after every iteration (histories, user
     # RNGs, active flags): what each process saves in its checkpoint.
     assert len(alone["pools"]) == 2 and alone["pools"][1]["slots"][0]["turn"] == 2
