@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # the launch scripts set it themselves).
 HOST_ALLOCATOR := glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736
 
-.PHONY: venv test demo bench reproduce-tiny clean
+.PHONY: venv test demo bench reproduce-tiny real-model clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,14 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+real-model: $(STAMP)
+	# The real Qwen2.5-Coder-0.5B-Instruct as a Hugging Face folder in ~/.cache/rlpa-jax/models (or
+	# $$RLPA_MODEL_CACHE); reused once there.
+	$(PY) launch/fetch_model.py
+
 test: $(STAMP)
+	# The real model for tests/test_real_model.py; without it (no network) those tests skip, naming why.
+	-$(PY) launch/fetch_model.py
 	# A crashed worker fails the run at once (xdist would otherwise restart it and can hang).
 	GLIBC_TUNABLES=$(HOST_ALLOCATOR) $(PY) -m pytest -q -n 2 --dist loadfile --max-worker-restart 0 tests
 

@@ -180,30 +180,55 @@ def train_tiny_tokenizer(output_dir: str | Path, texts: Iterable[str], vocab_siz
     backend.add_special_tokens(
         [AddedToken(token, special=True, normalized=False) for token in QWEN_SPECIAL_TOKENS]
     )
-    tokenizer = _wrap_as_qwen2_tokenizer(backend)
-    output_dir = Path(output_dir)
+    return _save(_wrap_as_qwen2_tokenizer(backend), Path(output_dir))
+
+
+def save_qwen2_tokenizer(
+    output_dir: str | Path,
+    vocab: Mapping[str, int],
+    merges: Sequence[tuple[str, str]],
+    added_tokens: Sequence[tuple[int, str, bool]],
+    chat_template: str,
+) -> Path:
+    """Save a released Qwen2 vocabulary (e.g. read from a GGUF file) as a Hugging Face tokenizer
+    directory with the same pipeline, special tokens and settings as the Qwen2.5 releases.
+
+    `vocab` maps byte-level BPE pieces to ids, `merges` are in rank order, `added_tokens` are
+    (id, text, special) for the tokens outside the BPE (<|im_end|> and the like).
+    """
+    backend = _untrained_qwen2_backend(BPE(vocab=dict(vocab), merges=list(merges), **_QWEN2_BPE_OPTIONS))
+    backend.add_tokens(
+        [AddedToken(text, special=special, normalized=False) for _, text, special in sorted(added_tokens)]
+    )
+    for token_id, text, _ in added_tokens:
+        if backend.token_to_id(text) != token_id:
+            raise ValueError(f"added token {text!r} got id {backend.token_to_id(text)}, expected {token_id}: "
+                             "added tokens must follow the BPE vocabulary without gaps")
+    specials = [text for _, text, special in sorted(added_tokens) if special and text != ENDOFTEXT]
+    return _save(_wrap_as_qwen2_tokenizer(backend, chat_template, specials), Path(output_dir))
+
+
+def _save(tokenizer: transformers.PreTrainedTokenizerBase, output_dir: Path) -> Path:
     output_dir.mkdir(parents=True, exist_ok=True)
     # save_jinja_files=False keeps the template inside tokenizer_config.json, as in Qwen2.5 checkpoints.
     tokenizer.save_pretrained(str(output_dir), save_jinja_files=False)
-    _write_special_tokens_map(output_dir)
+    _write_special_tokens_map(output_dir, tokenizer.extra_special_tokens)
     return output_dir
 
 
-def _untrained_qwen2_backend() -> Tokenizer:
-    """An empty BPE with exactly the normaliser, pre-tokenizer and decoder Qwen2's tokenizer.json has.
+# Qwen2's BPE: no unknown token, no subword affixes, no byte fallback.
+_QWEN2_BPE_OPTIONS = dict(unk_token=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False,
+                          byte_fallback=False)
+
+
+def _untrained_qwen2_backend(model: BPE | None = None) -> Tokenizer:
+    """A BPE (empty unless given) with exactly the normaliser, pre-tokenizer and decoder Qwen2's
+    tokenizer.json has.
 
     transformers' Qwen2Tokenizer rebuilds this same pipeline around the saved vocabulary when it
     loads, so anything different here would silently change after a save/load round trip.
     """
-    backend = Tokenizer(
-        BPE(
-            unk_token=None,
-            continuing_subword_prefix="",
-            end_of_word_suffix="",
-            fuse_unk=False,
-            byte_fallback=False,
-        )
-    )
+    backend = Tokenizer(model if model is not None else BPE(**_QWEN2_BPE_OPTIONS))
     backend.normalizer = normalizers.NFC()
     backend.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -216,7 +241,11 @@ def _untrained_qwen2_backend() -> Tokenizer:
     return backend
 
 
-def _wrap_as_qwen2_tokenizer(backend: Tokenizer) -> transformers.PreTrainedTokenizerBase:
+def _wrap_as_qwen2_tokenizer(
+    backend: Tokenizer,
+    chat_template: str = QWEN25_CHAT_TEMPLATE,
+    extra_special_tokens: Sequence[str] = (IM_START, IM_END),
+) -> transformers.PreTrainedTokenizerBase:
     """The transformers tokenizer a Qwen2.5-Instruct checkpoint would load: same class and settings."""
     return transformers.Qwen2Tokenizer(
         tokenizer_object=backend,
@@ -224,8 +253,8 @@ def _wrap_as_qwen2_tokenizer(backend: Tokenizer) -> transformers.PreTrainedToken
         unk_token=None,
         eos_token=IM_END,
         pad_token=ENDOFTEXT,
-        extra_special_tokens=[IM_START, IM_END],
-        chat_template=QWEN25_CHAT_TEMPLATE,
+        extra_special_tokens=list(extra_special_tokens),
+        chat_template=chat_template,
         model_max_length=_QWEN25_MODEL_MAX_LENGTH,
         add_prefix_space=False,
         clean_up_tokenization_spaces=False,
@@ -234,13 +263,13 @@ def _wrap_as_qwen2_tokenizer(backend: Tokenizer) -> transformers.PreTrainedToken
     )
 
 
-def _write_special_tokens_map(output_dir: Path) -> None:
+def _write_special_tokens_map(output_dir: Path, extra_special_tokens: Sequence[str]) -> None:
     """Write special_tokens_map.json, which transformers 5 no longer does but older readers expect.
 
     Its values repeat tokenizer_config.json, so transformers 5 loads the same tokenizer either way.
     """
     special_tokens_map = {
-        "additional_special_tokens": [IM_START, IM_END],
+        "additional_special_tokens": list(extra_special_tokens),
         "eos_token": IM_END,
         "pad_token": ENDOFTEXT,
     }
