@@ -47,7 +47,7 @@ def folder(tmp_path_factory):
 
 
 class CallCounter:
-    """Counts (and records the prompts of) a model engine's generate calls."""
+    """Records the rows of each of a model engine's generate calls (requests, padded to a power of two)."""
 
     def __init__(self, engine, monkeypatch):
         self.calls: list[int] = []
@@ -76,7 +76,8 @@ def test_a_local_role_answers_a_turn_in_one_generation_call_with_cache_and_usage
     counter = CallCounter(model.chat.engine, monkeypatch)
 
     assert run_sync(client.complete_many(CHATS)) == expected
-    assert counter.calls == [len(CHATS)]  # the turn's five requests: one generation call
+    assert counter.calls == [8]  # the turn's five requests: one generation call (padded to 8 rows)
+    assert list(model.batcher.recent_batch_sizes)[-1] == 5
     usage = client.usage
     assert (usage.calls, usage.requests, usage.cache_hits, len(usage.latencies_s)) == (5, 5, 0, 5)
     assert usage.prompt_tokens == out.prompt_tokens == sum(len(model.chat.prompt_ids(c)) for c in CHATS)
@@ -86,7 +87,7 @@ def test_a_local_role_answers_a_turn_in_one_generation_call_with_cache_and_usage
     # A repeat comes from the response cache (a new client reads it from disk): no generation.
     again = client_from_section(section, "user.llm")
     assert run_sync(again.complete_many(CHATS)) == expected
-    assert counter.calls == [len(CHATS)] and again.usage.cache_hits == 5 and again.usage.requests == 0
+    assert counter.calls == [8] and again.usage.cache_hits == 5 and again.usage.requests == 0
     assert client.config.endpoint == f"local:{folder.resolve()}" and client.config.model == folder.name
 
 
@@ -97,7 +98,7 @@ def test_a_local_role_caps_its_calls_at_max_concurrency_and_groups_by_sampling(f
     expected, _ = greedy(model, CHATS, 6)
     counter = CallCounter(model.chat.engine, monkeypatch)
     assert run_sync(client.complete_many(CHATS)) == expected
-    assert counter.calls == [2, 2, 1]
+    assert counter.calls == [2, 2, 1]  # never padded past the cap
 
     async def mixed():  # one turn, two sampling settings: one call each
         return await asyncio.gather(client.complete_many(CHATS[:3]), client.complete_many(CHATS[3:], temperature=0.7))
@@ -106,7 +107,7 @@ def test_a_local_role_caps_its_calls_at_max_concurrency_and_groups_by_sampling(f
     client = LLMClient(LLMConfig(base_url="", model="m", backend="local", checkpoint=str(folder), max_tokens=6))
     greedy_part, sampled = run_sync(mixed())
     assert greedy_part == expected[:3] and all(isinstance(text, str) for text in sampled)
-    assert sorted(counter.calls) == [2, 3]
+    assert sorted(counter.calls) == [2, 4] and sorted(list(model.batcher.recent_batch_sizes)[-2:]) == [2, 3]
     # A sampled call's key comes from its prompts: the same batch samples the same answers again.
     assert run_sync(client.complete_many(CHATS[3:], temperature=0.7)) == sampled
 

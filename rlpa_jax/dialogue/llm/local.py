@@ -11,7 +11,9 @@ Three parts, each for one job:
   judge) hold one set of weights and feed one batcher.
 - `MicroBatcher`: one worker thread in front of a model's engine. Requests that arrive while a
   generation call runs, or within `window_s` of the oldest waiting one, go into the next call: one
-  call per sampling setting (temperature, max_tokens, ...), at most `max_batch_size` rows each.
+  call per sampling setting (temperature, max_tokens, ...), at most `max_batch_size` rows each,
+  padded to a power of two (copies of its last prompt, answers dropped) so that a server seeing
+  every batch size compiles a handful of programs, not one per size.
   Threads (launch/serve.py's request handlers) and event loops (LocalTransport) submit alike.
 - `LocalTransport`: the LLM client's asyncio side. Every request made in one event-loop turn (a
   role's `complete_many`: a whole turn's requests) is handed to the batcher together, so they are
@@ -87,6 +89,12 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     return (text[:min(found)], True) if found else (text, False)
 
 
+def padded_rows(count: int, limit: int | None) -> int:
+    """The rows of a call of `count` requests: the next power of two, but never past `limit`."""
+    rows = 1 << (count - 1).bit_length()
+    return max(count, min(rows, limit)) if limit is not None else rows
+
+
 def call_key(seed: int, prompts: Sequence[Sequence[int]], sampling: SamplingParams) -> jax.Array:
     """A sampled call's key: a hash of its prompts and settings folded into `seed` (the same
     batch draws the same samples whatever ran before it)."""
@@ -151,8 +159,8 @@ class MicroBatcher:
                 while (left := self._waiting[0].arrived + self.window_s - time.monotonic()) > 0:
                     self._condition.wait(left)
                 waiting, self._waiting = self._waiting, []
-            for group in self._calls_of(self._prepared(waiting)):
-                self._generate(group)
+            for call, limit in self._calls_of(self._prepared(waiting)):
+                self._generate(call, limit)
 
     def _prepared(self, waiting: list[_Waiting]) -> list[tuple[_Waiting, list[int]]]:
         """Each request with its prompt ids; one that cannot be sampled fails alone."""
@@ -161,22 +169,23 @@ class MicroBatcher:
             if not item.future.set_running_or_notify_cancel():
                 continue
             try:
-                try:
-                    ids = self.chat.prompt_ids(item.request.messages)
-                except Exception as error:
-                    raise RejectedRequest(f"the chat template refuses these messages: {error}") from None
-                wanted = len(ids) + item.request.sampling.max_new_tokens
-                if wanted > self.max_positions:
-                    raise RejectedRequest(f"the prompt's {len(ids)} tokens plus max_tokens="
-                                     f"{item.request.sampling.max_new_tokens} exceed the model's context of "
-                                     f"{self.max_positions} tokens")
+                prepared.append((item, self._prompt_ids(item.request)))
             except RejectedRequest as error:
                 item.future.set_exception(error)
-                continue
-            prepared.append((item, ids))
         return prepared
 
-    def _calls_of(self, prepared: list[tuple[_Waiting, list[int]]]) -> list[list[tuple[_Waiting, list[int]]]]:
+    def _prompt_ids(self, request: LocalRequest) -> list[int]:
+        try:
+            ids = self.chat.prompt_ids(request.messages)
+        except Exception as error:  # jinja's errors, a message the template cannot render
+            raise RejectedRequest(f"the chat template refuses these messages: {error}") from None
+        if len(ids) + request.sampling.max_new_tokens > self.max_positions:
+            raise RejectedRequest(f"the prompt's {len(ids)} tokens plus max_tokens={request.sampling.max_new_tokens} "
+                                  f"exceed the model's context of {self.max_positions} tokens")
+        return ids
+
+    def _calls_of(self, prepared: list[tuple[_Waiting, list[int]]]
+                  ) -> list[tuple[list[tuple[_Waiting, list[int]]], int | None]]:
         """Requests grouped by sampling settings (arrival order kept), cut into calls of at most
         the batch size (the smaller of the batcher's and the request's)."""
         groups: dict[tuple, list] = {}
@@ -185,17 +194,18 @@ class MicroBatcher:
             groups.setdefault((item.request.sampling, min(limits, default=None)), []).append((item, ids))
         calls = []
         for (_, size), members in groups.items():
-            size = size or len(members)
-            calls += [members[start:start + size] for start in range(0, len(members), size)]
+            step = size or len(members)
+            calls += [(members[start:start + step], size) for start in range(0, len(members), step)]
         return calls
 
-    def _generate(self, call: list[tuple[_Waiting, list[int]]]) -> None:
+    def _generate(self, call: list[tuple[_Waiting, list[int]]], limit: int | None) -> None:
         sampling = call[0][0].request.sampling
         prompts = [ids for _, ids in call]
+        padded = prompts + [prompts[-1]] * (padded_rows(len(prompts), limit) - len(prompts))
         started = time.perf_counter()
         try:
             key = call_key(self.seed, prompts, sampling)
-            out = self.chat.engine.generate(prompts, sampling, key)
+            out = self.chat.engine.generate(padded, sampling, key)
             replies = [self._reply(item.request, ids, samples) for (item, ids), samples in zip(call, out.completions)]
         except Exception as error:  # the engine failed this call: its requests fail, the worker goes on
             logger.exception("local generation call of %d request(s) failed", len(call))
@@ -205,9 +215,9 @@ class MicroBatcher:
         self.calls += 1
         self.requests += len(call)
         self.recent_batch_sizes.append(len(call))
-        logger.log(self.log_level, "generation call %d: batch of %d request(s), %d prompt + %d generated tokens, "
-                   "%.3fs", self.calls, len(call), out.prompt_tokens, out.generated_tokens,
-                   time.perf_counter() - started)
+        logger.log(self.log_level, "generation call %d: batch of %d request(s) (%d rows), %d prompt + %d generated "
+                   "tokens, %.3fs", self.calls, len(call), len(padded), sum(r.prompt_tokens for r in replies),
+                   sum(r.completion_tokens for r in replies), time.perf_counter() - started)
         for (item, _), reply in zip(call, replies):
             item.future.set_result(reply)
 

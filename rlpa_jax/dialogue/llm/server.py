@@ -146,6 +146,7 @@ class ChatServer(ThreadingHTTPServer):
     """Serves one LocalModel under `model_name` (default: its folder's name)."""
 
     daemon_threads = True
+    request_queue_size = 256  # the listen backlog: socketserver's 5 resets a burst of concurrent clients
 
     def __init__(self, address: tuple[str, int], model: LocalModel, model_name: str | None = None,
                  default_max_tokens: int = 512):
