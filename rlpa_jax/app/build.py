@@ -216,7 +216,8 @@ def probe_endpoints(environment: Environment) -> None:
 
 def build_eval_judges(config: TrainConfig) -> judges.JudgePair:
     """The ALOE evaluation's judges: judges.kind's, both on eval.judge.llm (the paper: GPT-4o)."""
-    if config.judges.kind == "llm" and inherited(config.eval.judge.llm, config.judges.llm).base_url is None:
+    judge_llm = inherited(config.eval.judge.llm, config.judges.llm)
+    if config.judges.kind == "llm" and judge_llm.backend != "local" and judge_llm.base_url is None:
         raise ConfigError("eval.judge.llm.base_url: the evaluation's judge (judges.kind=llm) needs an LLM endpoint; "
                           "set eval.judge.llm.base_url or judges.llm.base_url or llm.base_url")
     section = dataclasses.replace(config.judges, profile=LLMRoleSection(config.eval.judge.llm),

@@ -1,24 +1,35 @@
-"""The LLM endpoint sections of the config: one role's OpenAI-compatible endpoint, the shared
-top-level default, and the rule by which a role inherits every field it leaves unset."""
+"""The LLM endpoint sections of the config: one role's model (an OpenAI-compatible endpoint, or a
+local Hugging Face checkpoint run in process), the shared top-level default, and the rule by which
+a role inherits every field it leaves unset."""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Literal
 
 from rlpa_jax.config.options import count, http_url, non_negative, option, positive
 
 
 @dataclass(frozen=True)
 class LLMSection:
-    """One role's OpenAI-compatible endpoint (OpenAI, DeepSeek, vLLM, SGLang); the key comes from the
-    env var `api_key_env`. A field left unset (null) inherits from the section above it
+    """One role's model: `backend: openai` (the default) calls an OpenAI-compatible endpoint
+    (OpenAI, DeepSeek, vLLM, SGLang, launch/serve.py) with the key from the env var `api_key_env`;
+    `backend: local` samples the Hugging Face Qwen2 folder `checkpoint` in process (no HTTP; roles
+    on one folder share its weights). A field left unset (null) inherits from the section above it
     (LLM_PARENTS: user.llm and judges.llm from llm; both judges and eval.judge from judges.llm)."""
 
+    backend: Literal["openai", "local"] | None = None
+    checkpoint: str | None = None  # backend local: the Hugging Face Qwen2 folder (config.json, weights, tokenizer)
     base_url: str | None = option(None, http_url)
     model: str | None = None
     api_key_env: str | None = None
-    max_concurrency: int | None = option(None, count)  # in-flight requests of this role
+    # In-flight requests of this role (backend local: the most of them in one generation call).
+    max_concurrency: int | None = option(None, count)
+    # Sampling of this role's requests; null: 0.0 (greedy) and 512 (the simulated user: 160). The
+    # official RLPA code sends neither, so the API's defaults apply there (OpenAI: temperature 1).
+    temperature: float | None = option(None, non_negative)
+    max_tokens: int | None = option(None, count)
     timeout_s: float | None = option(None, positive)
     max_retries: int | None = option(None, non_negative)
     cache_path: str | None = None
@@ -32,9 +43,10 @@ class LLMSection:
 
 @dataclass(frozen=True)
 class SharedLLMSection(LLMSection):
-    """The top-level `llm` section every role inherits from; no base_url by default, so a role that
-    talks to an LLM must be given one (here, or in its own section)."""
+    """The top-level `llm` section every role inherits from; no base_url (or checkpoint) by default,
+    so a role that talks to an LLM must be given one (here, or in its own section)."""
 
+    backend: Literal["openai", "local"] | None = "openai"
     model: str | None = "gpt-4o-mini"
     api_key_env: str | None = "OPENAI_API_KEY"
     max_concurrency: int | None = option(32, count)

@@ -84,15 +84,25 @@ def _whole_kv_groups(c: TrainConfig) -> str | None:
 
 
 def _endpoint_rule(section: str, needed: Callable[[TrainConfig], str | None]) -> None:
-    """A role that talks to an LLM (`needed` says why, or None) must have an endpoint."""
+    """A role that talks to an LLM (`needed` says why, or None) must have an endpoint (base_url) or,
+    on backend local, a checkpoint folder."""
     parents = [section]
     while parents[-1] in LLM_PARENTS:
         parents.append(LLM_PARENTS[parents[-1]])
 
-    @_rule(f"{section}.base_url")  # (a parent's bad URL is inherited, so it is reported once, as itself)
+    # (a parent's bad URL is inherited, so it is reported once, as itself)
+    @_rule(f"{section}.base_url", f"{section}.backend", f"{section}.checkpoint")
     def has_endpoint(c: TrainConfig) -> str | None:
         reason = needed(c)
-        if reason is None or section_at(c, section).base_url is not None:
+        role = section_at(c, section)
+        if reason is None:
+            return None
+        if role.backend == "local":
+            if role.checkpoint is not None:
+                return None
+            return (f"{section}.checkpoint: {reason} on {section}.backend=local needs a local Hugging Face Qwen2 "
+                    f"folder; set {' or '.join(f'{key}.checkpoint' for key in parents)} (a role inherits unset fields)")
+        if role.base_url is not None:
             return None
         return (f"{section}.base_url: {reason} needs an LLM endpoint; set "
                 f"{' or '.join(f'{key}.base_url' for key in parents)} (a role inherits unset fields)")
@@ -102,6 +112,10 @@ _endpoint_rule("user.llm", lambda c: "user.kind=llm" if c.user.kind == "llm" els
 _endpoint_rule("judges.profile.llm", lambda c: "judges.kind=llm" if c.judges.kind == "llm" else None)
 _endpoint_rule("judges.response.llm", lambda c: "judges.kind=llm" if c.judges.kind == "llm" else None)
 _endpoint_rule("judges.llm", lambda c: "data.extractor=llm" if c.data.extractor == "llm" else None)
+# The evaluation's judge needs its model only in launch/eval.py (which checks its base_url there); a
+# local one without a checkpoint is wrong wherever it is read.
+_endpoint_rule("eval.judge.llm",
+               lambda c: "judges.kind=llm" if c.judges.kind == "llm" and c.eval.judge.llm.backend == "local" else None)
 
 
 @_rule(*(f"{key}.rpm" for key in LLM_ROLES.values()))
@@ -110,7 +124,7 @@ def _one_limit_per_endpoint(c: TrainConfig) -> str | None:
     limits: dict[tuple, dict[tuple, list[str]]] = {}
     for key in LLM_ROLES.values():
         section = section_at(c, key)
-        if section.base_url is not None:
+        if section.base_url is not None and section.backend != "local":
             endpoint = (section.base_url.rstrip("/"), section.model)
             limits.setdefault(endpoint, {}).setdefault((section.rpm, section.tpm), []).append(key)
     for (url, model), found in limits.items():

@@ -1,8 +1,12 @@
-"""The one OpenAI-compatible chat client behind every LLM role.
+"""The one chat client behind every LLM role.
 
 Simulated users, judges, persona conversion and API-served policies all call an
-OpenAI-compatible /v1/chat/completions endpoint (OpenAI, vLLM, SGLang, ...)
-through `LLMClient`, which adds what training needs on top of `openai.AsyncOpenAI`:
+OpenAI-compatible /v1/chat/completions endpoint (OpenAI, vLLM, SGLang, launch/serve.py, ...)
+or, with `backend="local"`, a Hugging Face Qwen2 folder sampled in process by the generation
+engine (dialogue/llm/local.py: one weight copy per folder, a turn's requests batched into one
+generation call, no HTTP), through `LLMClient`, which adds what training needs on top of
+`openai.AsyncOpenAI` (the local backend gets the same retries, cache and usage counters; it has
+no rate limits, timeouts or JSON mode):
 
 - bounded concurrency (one asyncio.Semaphore of `max_concurrency` in-flight requests);
 - requests and tokens per minute (`rpm`, `tpm`) paced by one limiter per endpoint, shared by
@@ -41,9 +45,11 @@ from rlpa_jax.config.llm_sections import LLMSection
 from rlpa_jax.config.options import ConfigError
 from rlpa_jax.dialogue.llm.cache import ResponseCache, cache_key
 from rlpa_jax.dialogue.llm.limiter import estimate_tokens, shared_limiter
+from rlpa_jax.dialogue.llm.local import LocalRequest, LocalTransport, shared_model
 from rlpa_jax.dialogue.llm.retries import AttemptFailure, backoff_delay_s, classify_failure, completion_text
 from rlpa_jax.dialogue.llm.settings import LLMConfig
 from rlpa_jax.dialogue.llm.usage import LLMUsage
+from rlpa_jax.generation.sampler import SamplingParams
 from rlpa_jax.runtime import multihost
 
 logger = logging.getLogger(__name__)
@@ -97,12 +103,13 @@ def validate_messages(messages: Sequence[Mapping[str, Any]]) -> None:
 
 @dataclass
 class _LoopState:
-    """SDK client and semaphore for one event loop: both bind to the loop that first uses them."""
+    """SDK client and semaphore for one event loop: both bind to the loop that first uses them
+    (the local backend has no SDK client: `sdk` and `closer` are None)."""
 
     loop: asyncio.AbstractEventLoop
     semaphore: asyncio.Semaphore
-    sdk: openai.AsyncOpenAI
-    closer: AsyncGenerator[None, None]
+    sdk: openai.AsyncOpenAI | None
+    closer: AsyncGenerator[None, None] | None
     in_flight: dict[str, asyncio.Task] = field(default_factory=dict)
 
 
@@ -134,12 +141,15 @@ class LLMClient:
         self.prices = config.prices
         # One limiter per endpoint in the process: every role on it draws from one budget, this
         # process's share of it when several processes split the conversations.
-        self.limiter = shared_limiter(config.base_url, config.model, config.limits.share(multihost.joined_processes()))
-        self._api_key = read_api_key(config.api_key_env)
+        self.limiter = shared_limiter(config.endpoint, config.model, config.limits.share(multihost.joined_processes()))
+        local = config.backend == "local"
+        # Local: the folder's one shared model; this role's requests of a turn go to it together.
+        self._local = LocalTransport(shared_model(config.checkpoint), config.max_concurrency) if local else None
+        self._api_key = PLACEHOLDER_API_KEY if local else read_api_key(config.api_key_env)
         self._cache = ResponseCache(config.cache_path) if config.cache_path else None
         self._rng = random.Random()
         self._state: _LoopState | None = None
-        self._public_base_url = redact_url(config.base_url)
+        self._public_base_url = redact_url(config.endpoint)
 
     def __repr__(self) -> str:
         return (
@@ -160,7 +170,8 @@ class LLMClient:
             return
         for task in list(state.in_flight.values()):
             task.cancel()
-        await state.closer.aclose()
+        if state.closer is not None:
+            await state.closer.aclose()
 
     async def complete(self, messages: list[dict], *, temperature: float | None = None,
                        max_tokens: int | None = None, json_mode: bool = False) -> str:
@@ -189,7 +200,10 @@ class LLMClient:
 
     async def probe(self) -> None:
         """One one-token request past the cache: raises LLMCallError when the endpoint does not
-        answer (checked at start-up, before hours of work depend on it)."""
+        answer (checked at start-up, before hours of work depend on it). A local model answers by
+        construction: its folder was loaded when the client was made."""
+        if self._local is not None:
+            return
         request = {"model": self.config.model, "messages": [{"role": "user", "content": "Reply with OK."}],
                    "temperature": 0.0, "max_tokens": 1}
         try:
@@ -205,7 +219,7 @@ class LLMClient:
 
     async def _cached_answer(self, cache: ResponseCache, messages: list[dict], temperature: float,
                              max_tokens: int, json_mode: bool) -> str:
-        key = cache_key(self.config.base_url, self.config.model, messages, temperature, max_tokens, json_mode)
+        key = cache_key(self.config.endpoint, self.config.model, messages, temperature, max_tokens, json_mode)
         cached = cache.get(key)
         if cached is not None:
             self.usage.cache_hits += 1
@@ -263,6 +277,8 @@ class LLMClient:
         raise self._call_error(failures, max_attempts)
 
     async def _attempt(self, request: dict[str, Any]) -> str:
+        if self._local is not None:
+            return await self._local_attempt(request)
         state = await self._loop_state()
         estimated = estimate_tokens(request["messages"], request["max_tokens"])
         async with state.semaphore:
@@ -288,6 +304,18 @@ class LLMClient:
         self.usage.prompt_tokens += prompt_tokens
         self.usage.completion_tokens += completion_tokens
         return text
+
+    async def _local_attempt(self, request: dict[str, Any]) -> str:
+        """One request answered by the local model: batched with the others of this event-loop turn;
+        the latency is the call's (batch wait included), the tokens the real ones."""
+        sampling = SamplingParams(max_new_tokens=request["max_tokens"], temperature=request["temperature"])
+        self.usage.requests += 1
+        started = time.perf_counter()
+        reply = await self._local.complete(LocalRequest(request["messages"], sampling))
+        self.usage.latencies_s.append(time.perf_counter() - started)
+        self.usage.prompt_tokens += reply.prompt_tokens
+        self.usage.completion_tokens += reply.completion_tokens
+        return reply.text
 
     def _note_rate_limit(self, failure: AttemptFailure) -> None:
         """A 429 counts, and its Retry-After (capped like retries' waits) pauses the endpoint for
@@ -324,6 +352,10 @@ class LLMClient:
         if self._state is not None:
             logger.debug("LLM client for %s moved to a new event loop; opening fresh connections",
                          self.config.model)
+        semaphore = asyncio.Semaphore(self.config.max_concurrency)
+        if self._local is not None:
+            self._state = _LoopState(loop=loop, semaphore=semaphore, sdk=None, closer=None)
+            return self._state
         sdk = openai.AsyncOpenAI(
             api_key=self._api_key,
             base_url=self.config.base_url,
@@ -332,26 +364,33 @@ class LLMClient:
         )
         closer = close_at_loop_shutdown(sdk)
         await closer.__anext__()  # run to its yield so loop shutdown will run its finally
-        self._state = _LoopState(loop=loop, semaphore=asyncio.Semaphore(self.config.max_concurrency), sdk=sdk,
-                                 closer=closer)
+        self._state = _LoopState(loop=loop, semaphore=semaphore, sdk=sdk, closer=closer)
         return self._state
 
 
 def client_from_section(section: LLMSection, key: str = "llm") -> LLMClient:
     """The client for one role's config section (`key`, e.g. "judges.response.llm", names it in
     errors). Fields left null (unset here and in every section it inherits from) keep
-    LLMConfig's defaults; an endpoint without base_url or model is a ConfigError."""
-    missing = [name for name in ("base_url", "model") if getattr(section, name) is None]
+    LLMConfig's defaults; an endpoint without base_url or model, or a local backend without a
+    checkpoint, is a ConfigError; a checkpoint that is no Qwen2 folder is a CheckpointError."""
+    local = section.backend == "local"
+    needed = ("checkpoint",) if local else ("base_url", "model")
+    missing = [name for name in needed if getattr(section, name) is None]
     if missing:
         raise ConfigError(f"{key}: no {' or '.join(missing)}; set {', '.join(f'{key}.{m}' for m in missing)} "
                           f"or the shared llm section it inherits from")
     values = {name: getattr(section, name) for name in LLM_SECTION_FIELDS if getattr(section, name) is not None}
+    if local:
+        model = shared_model(section.checkpoint, f"{key}.checkpoint")  # loads it (once per folder) or says why not
+        # The endpoint is the folder: base_url and model (from an openai section above) do not apply.
+        values |= {"base_url": f"local:{model.path}", "model": model.name}
     return LLMClient(LLMConfig(**values))
 
 
 # The config section's fields the client takes (the names are the same on both sides).
-LLM_SECTION_FIELDS = ("base_url", "model", "api_key_env", "max_concurrency", "timeout_s", "max_retries", "cache_path",
-                      "rpm", "tpm", "price_input_per_mtok", "price_output_per_mtok")
+LLM_SECTION_FIELDS = ("backend", "checkpoint", "base_url", "model", "api_key_env", "max_concurrency", "timeout_s",
+                      "max_retries", "cache_path", "rpm", "tpm", "price_input_per_mtok", "price_output_per_mtok",
+                      "temperature", "max_tokens")
 
 
 def usage_tokens(response: Any) -> tuple[int, int]:

@@ -1,9 +1,11 @@
-"""`LLMConfig`: where and how the LLM client calls one OpenAI-compatible model, with the check of
-every field (the config tree's LLM sections map onto it: dialogue/llm.py's client_from_section)."""
+"""`LLMConfig`: where and how the LLM client calls one model (an OpenAI-compatible endpoint, or a
+local Hugging Face checkpoint run in process), with the check of every field (the config tree's LLM
+sections map onto it: dialogue/llm/client.py's client_from_section)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from rlpa_jax.dialogue.llm.limiter import RateLimits
 from rlpa_jax.dialogue.llm.usage import Prices
@@ -11,10 +13,13 @@ from rlpa_jax.dialogue.llm.usage import Prices
 
 @dataclass(frozen=True)
 class LLMConfig:
-    """Where and how to call one OpenAI-compatible model."""
+    """Where and how to call one model: `base_url` + `model` on backend "openai"; the Hugging Face
+    Qwen2 folder `checkpoint` on backend "local" (base_url unused, `model` only names it)."""
 
     base_url: str
     model: str
+    backend: str = "openai"  # "openai" or "local"
+    checkpoint: str | None = None
     api_key_env: str = "OPENAI_API_KEY"
     max_concurrency: int = 16
     timeout_s: float = 60.0
@@ -30,6 +35,12 @@ class LLMConfig:
     price_output_per_mtok: float | None = None  # USD per million completion tokens
     # What "per minute" means to the limiter (llm_limiter.py): tests shrink it to run in seconds.
     limit_window_s: float = 60.0
+
+    @property
+    def endpoint(self) -> str:
+        """What serves the answers, as the cache and the rate limiter key them: the URL, or
+        local:<the checkpoint folder's absolute path>."""
+        return f"local:{Path(self.checkpoint).expanduser().resolve()}" if self.backend == "local" else self.base_url
 
     @property
     def limits(self) -> RateLimits:
@@ -48,7 +59,11 @@ class LLMConfig:
 def config_problems(config: LLMConfig) -> list[str]:
     """Every field of `config` that is out of range, with what would be accepted."""
     problems = []
-    if not config.base_url.startswith(("http://", "https://")):
+    if config.backend not in ("openai", "local"):
+        problems.append(f"backend={config.backend!r} must be 'openai' or 'local'")
+    if config.backend == "local" and not config.checkpoint:
+        problems.append("backend='local' needs checkpoint, a Hugging Face Qwen2 folder")
+    if config.backend == "openai" and not config.base_url.startswith(("http://", "https://")):
         problems.append(f"base_url={config.base_url!r} must start with http:// or https://")
     if not config.model:
         problems.append("model must be a non-empty model name")

@@ -30,7 +30,9 @@ def scripted_user(section: UserConfig) -> UserSimulator:
 
 
 def llm_user(section: UserConfig) -> UserSimulator:
-    return LLMUser(client_from_section(section.llm, "user.llm"), prompt_name=section.prompt)
+    # A user's turn is a few sentences: 160 tokens, unless user.llm (or llm) sets max_tokens.
+    max_tokens = None if section.llm.max_tokens is not None else 160
+    return LLMUser(client_from_section(section.llm, "user.llm"), prompt_name=section.prompt, max_tokens=max_tokens)
 
 
 USER_SIMULATORS: dict[str, Callable[[UserConfig], UserSimulator]] = {
