@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from rlpa_jax.dialogue.llm.client import run_sync
+from rlpa_jax.dialogue.llm.sync import run_sync
 from rlpa_jax.eval import shares
 from rlpa_jax.eval.baselines import BASELINES, make_baseline
 from rlpa_jax.eval.policies import PolicyTurn

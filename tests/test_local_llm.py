@@ -22,7 +22,8 @@ from rlpa_jax.dialogue.chat import Message, format_turn, parse_turn
 from rlpa_jax.dialogue.judges import ResponseRequest
 from rlpa_jax.dialogue.judges.llm import LLMResponseJudge
 from rlpa_jax.dialogue.llm import local
-from rlpa_jax.dialogue.llm.client import LLMClient, client_from_section, run_sync
+from rlpa_jax.dialogue.llm.client import LLMClient, client_from_section
+from rlpa_jax.dialogue.llm.sync import run_sync
 from rlpa_jax.dialogue.llm.settings import LLMConfig
 from rlpa_jax.dialogue.personas import synthetic_personas
 from rlpa_jax.dialogue.profile import ProfileItem

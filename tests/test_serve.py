@@ -23,7 +23,8 @@ import openai
 import pytest
 from tiny_chat_folder import write_tiny_chat_folder
 
-from rlpa_jax.dialogue.llm.client import LLMClient, run_sync
+from rlpa_jax.dialogue.llm.client import LLMClient
+from rlpa_jax.dialogue.llm.sync import run_sync
 from rlpa_jax.dialogue.llm.local import shared_model
 from rlpa_jax.dialogue.llm.settings import LLMConfig
 from rlpa_jax.generation.sampler import SamplingParams

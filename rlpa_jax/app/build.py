@@ -27,7 +27,9 @@ from rlpa_jax.config.options import ConfigError
 from rlpa_jax.config.tree import TrainConfig, to_dict
 from rlpa_jax.dialogue import judges, personas, users
 from rlpa_jax.dialogue.chat import load_prompt
-from rlpa_jax.dialogue.llm.client import LLMCallError, client_from_section, run_sync
+from rlpa_jax.dialogue.llm.client import client_from_section
+from rlpa_jax.dialogue.llm.requests import LLMCallError
+from rlpa_jax.dialogue.llm.sync import run_sync
 from rlpa_jax.dialogue.llm.usage import LLMMeter
 from rlpa_jax.eval import baselines
 from rlpa_jax.eval.policies import ChatPolicy, JaxPolicy, Policy

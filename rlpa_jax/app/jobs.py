@@ -31,7 +31,7 @@ from rlpa_jax.config.tree import MeshConfig, TrainConfig
 from rlpa_jax.dialogue import judges
 from rlpa_jax.dialogue.chat import load_prompt, parse_turn
 from rlpa_jax.dialogue.judges import ResponseRequest
-from rlpa_jax.dialogue.llm.client import run_sync
+from rlpa_jax.dialogue.llm.sync import run_sync
 from rlpa_jax.offline import dpo as dpo_training
 from rlpa_jax.offline import sft as sft_training
 from rlpa_jax.offline import teacher

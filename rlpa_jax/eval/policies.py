@@ -34,7 +34,8 @@ from rlpa_jax.dialogue.chat import (
     prompt_token_ids,
     render_messages,
 )
-from rlpa_jax.dialogue.llm.client import LLMCallError, LLMClient
+from rlpa_jax.dialogue.llm.client import LLMClient
+from rlpa_jax.dialogue.llm.requests import LLMCallError
 from rlpa_jax.dialogue.profile import ProfileItem
 from rlpa_jax.dialogue.text import visible_reply_text
 from rlpa_jax.generation.engine import GenerationEngine

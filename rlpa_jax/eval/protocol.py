@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from rlpa_jax.dialogue.chat import Message, load_prompt
 from rlpa_jax.dialogue.judges import ProfileJudge, ResponseJudge, ResponseRequest
-from rlpa_jax.dialogue.llm.client import run_sync
+from rlpa_jax.dialogue.llm.sync import run_sync
 from rlpa_jax.dialogue.personas import Persona
 from rlpa_jax.dialogue.profile import ProfileItem, parse_profile, profile_f1
 from rlpa_jax.dialogue.users import OPENING_MESSAGE, UserSimulator, UserState, revealed_items

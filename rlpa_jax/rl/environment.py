@@ -20,7 +20,8 @@ from rlpa_jax.dialogue.judges import (
     TurnScore,
     score_turn,
 )
-from rlpa_jax.dialogue.llm.client import LLMClient, redact_url
+from rlpa_jax.dialogue.llm.client import LLMClient
+from rlpa_jax.dialogue.llm.requests import redact_url
 from rlpa_jax.dialogue.personas import Persona, make_persona
 from rlpa_jax.dialogue.profile import format_profile
 from rlpa_jax.dialogue.users import OPENING_MESSAGE, UserSimulator, UserState

@@ -30,14 +30,12 @@ outside asyncio wraps a coroutine in `run_sync(...)`.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import os
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncGenerator, Awaitable, Mapping, Sequence, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any, AsyncGenerator, Sequence, TypeVar
 
 import openai
 
@@ -46,6 +44,7 @@ from rlpa_jax.config.options import ConfigError
 from rlpa_jax.dialogue.llm.cache import ResponseCache, cache_key
 from rlpa_jax.dialogue.llm.limiter import estimate_tokens, shared_limiter
 from rlpa_jax.dialogue.llm.local import LocalRequest, LocalTransport, shared_model
+from rlpa_jax.dialogue.llm.requests import REDACTED, LLMCallError, redact_url, validate_messages
 from rlpa_jax.dialogue.llm.retries import AttemptFailure, backoff_delay_s, classify_failure, completion_text
 from rlpa_jax.dialogue.llm.settings import LLMConfig
 from rlpa_jax.dialogue.llm.usage import LLMUsage
@@ -55,46 +54,7 @@ from rlpa_jax.runtime import multihost
 logger = logging.getLogger(__name__)
 
 PLACEHOLDER_API_KEY = "EMPTY"  # what local vLLM / SGLang servers accept when they check no key
-REDACTED = "***"
 T = TypeVar("T")
-
-
-class LLMCallError(RuntimeError):
-    """A chat completion that failed for good: retries exhausted or an unretryable error.
-
-    `status` describes the last failure ("HTTP 429", "timeout", "connection error",
-    "malformed response", ...); `attempts` lists every attempt's failure in order.
-    """
-
-    def __init__(self, message: str, *, model: str, base_url: str, status: str, attempts: Sequence[str]) -> None:
-        super().__init__(message)
-        self.model = model
-        self.base_url = base_url
-        self.status = status
-        self.attempts = tuple(attempts)
-
-
-# ---------------------------------------------------------------------------
-# Pure helpers
-
-
-def redact_url(url: str) -> str:
-    """The URL without any user:password@ part, safe for logs and errors."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    host = parts.netloc.rsplit("@", 1)[1]
-    return urlunsplit((parts.scheme, f"{REDACTED}@{host}", parts.path, parts.query, parts.fragment))
-
-
-def validate_messages(messages: Sequence[Mapping[str, Any]]) -> None:
-    if not messages:
-        raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
-    for index, message in enumerate(messages):
-        if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
-            raise ValueError(
-                f"messages[{index}]={message!r} must be a dict with 'role' and 'content' keys"
-            )
 
 
 # ---------------------------------------------------------------------------
@@ -414,24 +374,3 @@ def read_api_key(env_name: str) -> str:
     logger.debug("environment variable %s is unset; sending the placeholder API key %r (fine for local "
                  "vLLM/SGLang servers)", env_name, PLACEHOLDER_API_KEY)
     return PLACEHOLDER_API_KEY
-
-
-def run_sync(coro: Awaitable[T]) -> T:
-    """Run `coro` to completion from synchronous code and return its result.
-
-    Use it where no event loop is running in this thread (scripts, the trainer's
-    host loop): it is asyncio.run. Called from inside a running loop (e.g. a
-    notebook), it runs the coroutine on a fresh loop in a worker thread and blocks
-    until done, since a running loop cannot be re-entered. Inside async code,
-    prefer plain `await`.
-    """
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(_as_coroutine(coro))
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="run_sync") as pool:
-        return pool.submit(asyncio.run, _as_coroutine(coro)).result()
-
-
-async def _as_coroutine(awaitable: Awaitable[T]) -> T:
-    return await awaitable

@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rlpa_jax.dialogue.chat import load_prompt
-from rlpa_jax.dialogue.llm.client import LLMCallError, LLMClient
+from rlpa_jax.dialogue.llm.client import LLMClient
+from rlpa_jax.dialogue.llm.requests import LLMCallError
 from rlpa_jax.dialogue.profile import ProfileItem, items_from_json_object, strip_json_fence
 
 
