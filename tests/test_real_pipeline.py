@@ -25,7 +25,7 @@ TINY = [
     "data.num_personas=16", "mesh.fsdp=1", "logging.progress_bar=false", "logging.tensorboard=false",
     # One conversation, one turn, two samples: the judges read two replies (~1,400-token prompts each).
     "rollout.conversations=1", "rollout.max_rounds=1", "rollout.samples_per_prompt=2", "rollout.max_new_tokens=96",
-    "rollout.system_prompt=policy_system_tiny",
+    "rollout.system_prompt=policy_system_tiny", "rollout.pipeline_groups=1",
     "rollout.prompt_buckets=[64,128,256]", "rollout.max_prompt_tokens=256", "rollout.eval_conversations=1",
     "ppo.iterations=1", "ppo.train_batch_size=4", "ppo.micro_batch_size=4",
     # Enough SFT for the tiny policy to write the turn format most of the time (seconds on CPU).
