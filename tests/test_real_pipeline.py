@@ -64,8 +64,7 @@ def real_run(model_dir, tmp_path_factory):
 
 def test_one_ppo_iteration_with_a_real_user_and_real_judges(real_run, model_dir):
     trainer, _, records, loads = real_run
-    assert [r["phase"] for r in records] == ["sft", "eval_start", "ppo", "eval_end"] or \
-        [r["phase"] for r in records if r["phase"] != "sft"] == ["eval_start", "ppo", "eval_end"]
+    assert [r["phase"] for r in records if r["phase"] != "sft"] == ["eval_start", "ppo", "eval_end"]
     [ppo] = [r for r in records if r["phase"] == "ppo"]
     assert ppo["samples"] == 2 and ppo["user_failures"] == 0
     # Usage is logged for every role. The real model wrote the user's messages and judged the
