@@ -11,7 +11,7 @@ from openai_server import OpenAIServer, Reply
 
 from rlpa_jax.dialogue.chat import Message, ParsedTurn, format_turn, parse_turn
 from rlpa_jax.dialogue.judges import ResponseRequest, TurnScore, score_turn
-from rlpa_jax.dialogue.judges.llm import LLMProfileJudge, LLMResponseJudge
+from rlpa_jax.dialogue.judges.llm import LLMProfileJudge, LLMResponseJudge, parse_binary_verdict, parse_match_count
 from rlpa_jax.dialogue.judges.rules import EmbeddedProfileJudge, EmbeddedResponseJudge, judge_with_reasons
 from rlpa_jax.dialogue.llm.client import LLMClient, LLMConfig
 from rlpa_jax.dialogue.llm.prompts import fence, fill_template, last_boxed
@@ -381,3 +381,10 @@ def test_llm_profile_judge_garbage_becomes_none():
         judge = LLMProfileJudge(client, max_attempts=2)
         assert run(closing(client, judge.count_matches([([P("Age", "3")], [P("Age", "3")])]))) == [None]
         assert len(server.requests) == 2
+
+
+def test_a_bare_number_is_a_verdict_and_a_number_inside_prose_is_not():
+    # Qwen2.5-Coder-0.5B as the response judge answers just "1" (tests/test_real_pipeline.py).
+    assert [parse_binary_verdict(t) for t in ("1", " 0\n", "\\boxed{1}", "I say \\boxed{0}.", "2", "I think 1", "")] \
+        == [1, 0, 1, 0, None, None, None]
+    assert [parse_match_count(t, 3) for t in ("2", "\\boxed{3}", "5", "two", "matches: 2")] == [2, 3, None, None, None]

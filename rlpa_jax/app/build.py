@@ -94,9 +94,9 @@ def tokenizer_dir(config: TrainConfig) -> Path:
     """The tokenizer that belongs to the policy: explicit, the model's, the initial checkpoint's,
     or (the tiny world) one trained into the run directory."""
     if config.model.tokenizer_path:
-        return Path(config.model.tokenizer_path)
+        return Path(config.model.tokenizer_path).expanduser()
     if config.model.path is not None:
-        return Path(config.model.path)
+        return Path(config.model.path).expanduser()
     if config.model.init_checkpoint is not None:
         meta = Checkpointer(checkpoint_directory(config.model.init_checkpoint), max_to_keep=None).restore_meta()
         if meta.get("tokenizer_dir"):

@@ -115,7 +115,7 @@ def read_json(path: Path) -> dict:
 
 
 def load_config(directory: str | Path, **overrides) -> Qwen2Config:
-    path = Path(directory) / "config.json"
+    path = Path(directory).expanduser() / "config.json"
     return config_from_hf(read_json(path), source=str(path), **overrides)
 
 
@@ -283,7 +283,7 @@ def load_params(
     every parameter straight into its sharding; without it parameters land on the default device.
     With head="value" the backbone is loaded and the value head starts at zero (the PPO critic).
     """
-    directory = Path(directory)
+    directory = Path(directory).expanduser()  # configs name the fetched model under ~/.cache
     config = config or load_config(directory)
     reader = SafetensorsReader(directory)
     np_dtype = NP_DTYPES[dtype]

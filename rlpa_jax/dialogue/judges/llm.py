@@ -23,15 +23,23 @@ from rlpa_jax.dialogue.text import visible_reply_text
 T = TypeVar("T")
 
 
+def verdict_text(text: str) -> str | None:
+    """The last \\boxed{} value, or the whole answer when it is one bare number: small models
+    (Qwen2.5-Coder-0.5B as judge, docs/RESULTS.md) often answer just "1", which says the same."""
+    bare = text.strip()
+    return bare if re.fullmatch(r"\d+", bare) else last_boxed(text)
+
+
 def parse_binary_verdict(text: str) -> int | None:
-    value = last_boxed(text)
+    value = verdict_text(text)
     return int(value) if value in ("0", "1") else None
 
 
 def parse_match_count(text: str, max_matches: int) -> int | None:
-    """An integer count from the last \\boxed{}; None (re-asked, then left unscored) when there is
-    none or it is more than can match: clamping a wild count would hand out the maximum reward."""
-    value = last_boxed(text)
+    """An integer count from the last \\boxed{} (or a bare number); None (re-asked, then left
+    unscored) when there is none or it is more than can match: clamping a wild count would hand
+    out the maximum reward."""
+    value = verdict_text(text)
     if value is None or not re.fullmatch(r"\d+", value) or int(value) > max_matches:
         return None
     return int(value)
