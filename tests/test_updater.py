@@ -68,6 +68,11 @@ def run(mesh=None, micro=4, steps=2, optimizer=sgd):
     for i in range(steps):
         actor, actor_metrics = actor_up(actor, ppo_batch(i))
         critic, critic_metrics = critic_up(critic, ppo_batch(i))
+        # One update's programs at a time, as the trainer runs them (it reads each minibatch's
+        # metrics before the next): several 8-device programs in flight at once have deadlocked
+        # XLA:CPU's collectives on the 2-core CI machine (every thread idle in this test).
+        actor, actor_metrics, critic, critic_metrics = jax.block_until_ready(
+            (actor, actor_metrics, critic, critic_metrics))
     return actor, critic, actor_metrics, critic_metrics
 
 
