@@ -4,13 +4,22 @@ same for the KV cache."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
 
-if TYPE_CHECKING:
-    from rlpa_jax.model.qwen2 import Cache, Params, Qwen2Config
+Params = dict[str, Any]  # a parameter pytree (qwen2.Params)
+Cache = dict[str, Any]  # keys and values, stacked or per-layer lists (qwen2.Cache)
+
+
+class Qwen2Config(Protocol):
+    """What these functions read of a model config (qwen2.Qwen2Config has it; no import upward)."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: Any
 
 
 def unstacked_layer_name(index: int) -> str:
