@@ -10,8 +10,10 @@ max_tokens, on one Hugging Face Qwen2 folder (default: the fetched Qwen2.5-Coder
 - generate: transformers `generate` (float32, torch on CPU), one request at a time in arrival
   order, as a simple server would: a request's latency includes its wait for the ones before it.
 
-Every method first answers one untimed round at each concurrency (JAX compiles there).
-Reports completion tokens per second over the round and request latency p50/p90:
+Every method first answers one untimed round at each concurrency (JAX compiles there), then
+`--repeats` timed rounds. Reports the median completion tokens per second over a round (with the
+min-max spread over rounds) and the request latency p50/p90 of the median round, plus the CPU model
+and the load average at the start and end (measure only on a quiet machine, load below 1):
 
     .venv/bin/python benchmarks/local_backend.py                          # 1, 4, 16 requests, 64 tokens
     .venv/bin/python benchmarks/local_backend.py --concurrency 1 4 --max-tokens 32 --methods local generate
@@ -24,7 +26,6 @@ import concurrent.futures
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -111,17 +112,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--methods", nargs="+", default=["local", "serve", "generate"],
                         choices=["local", "serve", "generate"])
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds per method and concurrency")
     args = parser.parse_args(argv)
     folder = (args.checkpoint or fetch.default_model_dir()).expanduser().resolve()
+    load_at_start = os.getloadavg()[0]
     rows = []
 
     def measure(method: str, answer) -> None:
         for n in args.concurrency:
             answer(chats(n))  # untimed: compiles this batch shape
-            latencies, tokens = answer(chats(n))
-            wall = max(latencies)
-            rows.append((method, n, tokens / wall, *np.percentile(latencies, [50, 90])))
-            print(f"{method:9s} {n:3d} requests: {tokens / wall:7.1f} tokens/s", flush=True)
+            rounds = [answer(chats(n)) for _ in range(args.repeats)]
+            rates = [tokens / max(latencies) for latencies, tokens in rounds]
+            median = int(np.argsort(rates)[len(rates) // 2])
+            rows.append((method, n, rates[median], min(rates), max(rates),
+                         *np.percentile(rounds[median][0], [50, 90])))
+            print(f"{method:9s} {n:3d} requests: {rates[median]:7.1f} tokens/s "
+                  f"({min(rates):.1f}-{max(rates):.1f})", flush=True)
 
     if "local" in args.methods:
         model = load_model(folder)
@@ -133,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 measure("serve", lambda messages: serve_round(url, folder.name, messages, args.max_tokens))
             finally:
-                process.send_signal(signal.SIGINT)
+                process.terminate()  # SIGTERM: this script may run in the background, where SIGINT is ignored
                 process.wait(timeout=60)
     if "generate" in args.methods:
         import torch
@@ -143,12 +149,25 @@ def main(argv: list[str] | None = None) -> int:
         hf_model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         measure("generate", lambda messages: generate_round(hf_model, tokenizer, messages, args.max_tokens))
 
-    print(f"\n{folder.name}, greedy, max_tokens {args.max_tokens}\n")
-    print("| method | concurrent requests | tokens/s | latency p50 (s) | latency p90 (s) |")
+    print(f"\n{folder.name}, greedy, max_tokens {args.max_tokens}, {args.repeats} timed rounds each; "
+          f"CPU {cpu_model()}, {os.cpu_count()} cores; load average {load_at_start:.2f} at start, "
+          f"{os.getloadavg()[0]:.2f} at end\n")
+    print("| method | concurrent requests | tokens/s median (min-max) | latency p50 (s) | latency p90 (s) |")
     print("|---|---|---|---|---|")
-    for method, n, rate, p50, p90 in rows:
-        print(f"| {method} | {n} | {rate:.1f} | {p50:.2f} | {p90:.2f} |")
+    for method, n, rate, low, high, p50, p90 in rows:
+        print(f"| {method} | {n} | {rate:.1f} ({low:.1f}-{high:.1f}) | {p50:.2f} | {p90:.2f} |")
+    generate = {n: rate for method, n, rate, *_ in rows if method == "generate"}
+    for method, n, rate, *_ in rows:
+        if method != "generate" and n in generate:
+            print(f"{method} / generate at {n} requests: {rate / generate[n]:.2f}x")
     return 0
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ if __name__ == "__main__":
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -61,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     # The test (and scripts) read this line for the port when started with --port 0.
     log.info("serving %s as model %r on http://%s:%d/v1 (max batch %d)", model.path, server.model_name, host, port,
              args.max_batch)
+    # SIGTERM (systemd, docker, kill) stops it as Ctrl-C does; a process started in the background
+    # by a non-interactive shell ignores SIGINT from birth, so SIGTERM is the stop that always works.
+    signal.signal(signal.SIGTERM, stop_serving)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -69,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         server.server_close()
         log.info("stopped after %s", model.batcher.stats() | {"recent_batch_sizes": "..."})
     return 0
+
+
+def stop_serving(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -23,8 +23,8 @@ from rlpa_jax.dialogue.judges import ResponseRequest
 from rlpa_jax.dialogue.judges.llm import LLMResponseJudge
 from rlpa_jax.dialogue.llm import local
 from rlpa_jax.dialogue.llm.client import LLMClient, client_from_section
-from rlpa_jax.dialogue.llm.sync import run_sync
 from rlpa_jax.dialogue.llm.settings import LLMConfig
+from rlpa_jax.dialogue.llm.sync import run_sync
 from rlpa_jax.dialogue.personas import synthetic_personas
 from rlpa_jax.dialogue.profile import ProfileItem
 from rlpa_jax.dialogue.users import OPENING_MESSAGE
@@ -238,3 +238,33 @@ def test_temperature_and_max_tokens_come_from_yaml_for_both_backends(tmp_path):
     defaults = build.build_environment(build.load_config(None, ["user.kind=llm", "llm.base_url=http://127.0.0.1:9/v1"]),
                                        tokenizer=None)
     assert defaults.user_sim.max_tokens == 160 and defaults.user_sim.client.config.temperature == 0.0
+
+
+def reference_run(folder, tmp_path, *overrides):
+    return build.load_config(None, [
+        f"output_dir={tmp_path}", f"model.path={folder}", "user.kind=llm", "judges.kind=llm", "llm.backend=local",
+        f"llm.checkpoint={folder}", "llm.max_tokens=8", "sft.enabled=false", "mesh.fsdp=1", "data.num_personas=8",
+        "rollout.conversations=1", "rollout.pipeline_groups=1", "rollout.samples_per_prompt=2", "rollout.max_rounds=1",
+        "rollout.max_new_tokens=8", "rollout.eval_conversations=1", "ppo.iterations=1", "ppo.train_batch_size=2",
+        "ppo.micro_batch_size=2", "logging.progress_bar=false", "logging.tensorboard=false",
+        "logging.export_hf=false", *overrides])
+
+
+def test_the_reference_shares_the_local_roles_weights_of_the_policys_checkpoint(folder, tmp_path):
+    """The policy starts from the folder the roles run on: the frozen reference is the roles' loaded
+    weights (no third copy of the model), and training, which donates the actor, leaves them intact."""
+    trainer = build.build_trainer(reference_run(folder, tmp_path))
+    roles = local.loaded_model(folder).chat.engine.params
+    assert trainer.parts.reference_weights is roles
+    trainer.train()
+    assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(roles))
+    greedy(local.loaded_model(folder), CHATS[:1], 4)  # the roles still answer
+    state = build.build_trainer(reference_run(folder, tmp_path)).restore()
+    assert all(a is b for a, b in zip(jax.tree.leaves(state.reference), jax.tree.leaves(roles)))
+
+
+@pytest.mark.parametrize("override", ["sft.enabled=true", "mesh.fsdp=2"])
+def test_the_reference_keeps_its_own_copy_when_it_is_not_the_roles_weights(folder, tmp_path, override):
+    """With a warm start the reference is another policy; on a 2-device mesh it is placed otherwise."""
+    config = reference_run(folder, tmp_path, override, "ppo.micro_batch_size=2")
+    assert build.build_training_parts(config).reference_weights is None

@@ -10,7 +10,6 @@ import asyncio
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -24,9 +23,9 @@ import pytest
 from tiny_chat_folder import write_tiny_chat_folder
 
 from rlpa_jax.dialogue.llm.client import LLMClient
-from rlpa_jax.dialogue.llm.sync import run_sync
 from rlpa_jax.dialogue.llm.local import shared_model
 from rlpa_jax.dialogue.llm.settings import LLMConfig
+from rlpa_jax.dialogue.llm.sync import run_sync
 from rlpa_jax.generation.sampler import SamplingParams
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,12 +57,13 @@ def server(folder, tmp_path_factory):
             time.sleep(0.2)
         yield found.group(1), folder.name, log_path
     finally:
-        process.send_signal(signal.SIGINT)
+        process.terminate()  # SIGTERM stops it cleanly, as Ctrl-C does
         try:
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+    assert process.returncode == 0 and "stopped after" in log_path.read_text(), log_path.read_text()[-2000:]
 
 
 def conversation(i: int) -> list[dict]:

@@ -27,6 +27,7 @@ from rlpa_jax.config.options import ConfigError
 from rlpa_jax.config.tree import TrainConfig, to_dict
 from rlpa_jax.dialogue import judges, personas, users
 from rlpa_jax.dialogue.chat import load_prompt
+from rlpa_jax.dialogue.llm import local
 from rlpa_jax.dialogue.llm.client import client_from_section
 from rlpa_jax.dialogue.llm.requests import LLMCallError
 from rlpa_jax.dialogue.llm.sync import run_sync
@@ -36,6 +37,7 @@ from rlpa_jax.eval.policies import ChatPolicy, JaxPolicy, Policy
 from rlpa_jax.generation.engine import GenerationEngine
 from rlpa_jax.generation.sampler import GENERATORS
 from rlpa_jax.model import hf
+from rlpa_jax.model.checkpoint_folder import hf_folder
 from rlpa_jax.model.qwen2 import Params, Qwen2Config, init_params
 from rlpa_jax.model.tokenizer import load_tokenizer, stop_token_ids, train_tiny_tokenizer
 from rlpa_jax.offline import sft
@@ -96,7 +98,7 @@ def tokenizer_dir(config: TrainConfig) -> Path:
     if config.model.tokenizer_path:
         return Path(config.model.tokenizer_path).expanduser()
     if config.model.path is not None:
-        return Path(config.model.path).expanduser()
+        return hf_folder(config.model.path)
     if config.model.init_checkpoint is not None:
         meta = Checkpointer(checkpoint_directory(config.model.init_checkpoint), max_to_keep=None).restore_meta()
         if meta.get("tokenizer_dir"):
@@ -131,7 +133,7 @@ def model_config(config: TrainConfig) -> Qwen2Config:
     numerics = dict(compute_dtype=config.model.compute_dtype, remat=config.model.remat,
                     scan_layers=config.model.scan_layers)
     if config.model.path is not None:
-        return hf.load_config(config.model.path, **numerics)
+        return hf.load_config(hf_folder(config.model.path), **numerics)
     tiny = config.model.tiny
     return Qwen2Config(vocab_size=tiny.vocab_size, hidden_size=tiny.hidden_size, intermediate_size=tiny.intermediate_size,
                        num_layers=tiny.num_layers, num_heads=tiny.num_heads, num_kv_heads=tiny.num_kv_heads,
@@ -150,7 +152,7 @@ def build_policy(config: TrainConfig, model_cfg: Qwen2Config, mesh) -> Params:
             raise ValueError(f"model.init_checkpoint={directory}: its model {saved} differs from the configured {model_cfg}")
         return params
     if config.model.path is not None:
-        params, _ = hf.load_params(config.model.path, model_cfg, shardings=shardings)
+        params, _ = hf.load_params(hf_folder(config.model.path), model_cfg, shardings=shardings)
         return params
     return jax.jit(lambda key: init_params(model_cfg, key), out_shardings=shardings)(jax.random.key(config.seed))
 
@@ -198,6 +200,28 @@ def initial_actor(config: TrainConfig, model_cfg: Qwen2Config, mesh, tokenizer,
     actor, history, _ = sft.warm_start(actor, model_cfg, tokenizer, train_personas, config, mesh,
                                        param_shardings(model_cfg, mesh))
     return actor, history
+
+
+def shared_reference(config: TrainConfig, model_cfg: Qwen2Config, shardings: Params) -> Params | None:
+    """The weights a local LLM role already holds of the policy's own checkpoint, for the PPO
+    reference to use instead of a second copy: only when they are the starting policy (it comes
+    from model.path as it is: no init_checkpoint, no SFT warm start) and sit as the reference
+    would (shapes, dtypes, placement `shardings`: a one-device mesh, as the role engines have)."""
+    if config.model.path is None or config.model.init_checkpoint is not None or config.sft.enabled:
+        return None
+    role = local.loaded_model(config.model.path)
+    if role is None or role.chat.engine.params is None:
+        return None
+    params = role.chat.engine.params
+    wanted = jax.eval_shape(lambda: init_params(model_cfg, jax.random.key(0)))
+    if jax.tree.structure(params) != jax.tree.structure(wanted) or not all(
+            x.shape == w.shape and x.dtype == w.dtype and x.sharding.is_equivalent_to(sharding, x.ndim)
+            for x, w, sharding in zip(jax.tree.leaves(params), jax.tree.leaves(wanted), jax.tree.leaves(shardings))):
+        log.info("the PPO reference keeps its own copy: the local roles' %s is placed otherwise than the mesh's "
+                 "parameters", role.path)
+        return None
+    log.info("the PPO reference shares the local LLM roles' weights of %s (one copy of the model fewer)", role.path)
+    return params
 
 
 def probe_endpoints(environment: Environment) -> None:
@@ -320,7 +344,8 @@ def build_training_parts(config: TrainConfig) -> TrainingParts:
         actor_updater=actor_updater, critic_updater=critic_updater,
         checkpointer=Checkpointer(config.run_dir / "checkpoints", config.logging.max_to_keep),
         metrics=MetricsLog(config.run_dir, config.logging.tensorboard),
-        llm_meter=LLMMeter(environment.llm_clients()))
+        llm_meter=LLMMeter(environment.llm_clients()),
+        reference_weights=shared_reference(config, model_cfg, actor_updater.param_shardings))
 
 
 def build_trainer(config: TrainConfig) -> Trainer:

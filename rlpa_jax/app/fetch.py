@@ -16,8 +16,6 @@ renamed into place at the end, so an interrupted run never leaves a folder that 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import shutil
@@ -28,13 +26,16 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlpa_jax.model.gguf_checkpoint import convert_gguf
-from rlpa_jax.model.hf import CheckpointError
+from rlpa_jax.model.checkpoint_folder import (
+    SOURCE_FILE,
+    CheckpointError,
+    cache_root,
+    convert_into,
+    converted_from,
+    sha256_of,
+)
 
 log = logging.getLogger(__name__)
-
-CACHE_ENV = "RLPA_MODEL_CACHE"
-SOURCE_FILE = "source.json"  # written last into a converted folder: what it was made from
 
 
 @dataclass(frozen=True)
@@ -65,12 +66,6 @@ class FetchError(RuntimeError):
     """The packages could not be downloaded (no network, registry down): a one-line reason."""
 
 
-def cache_root() -> Path:
-    """$RLPA_MODEL_CACHE, else ~/.cache/rlpa-jax/models."""
-    configured = os.environ.get(CACHE_ENV)
-    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "rlpa-jax" / "models"
-
-
 def default_model_dir(model: PackagedGGUF = QWEN25_CODER_05B) -> Path:
     return cache_root() / model.name
 
@@ -85,14 +80,6 @@ def gguf_path_for(model_dir: Path) -> Path:
 # Checking
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def check_gguf(path: Path, model: PackagedGGUF = QWEN25_CODER_05B) -> None:
     """Fail naming the file unless it has the pinned size and sha256."""
     size = path.stat().st_size
@@ -102,14 +89,6 @@ def check_gguf(path: Path, model: PackagedGGUF = QWEN25_CODER_05B) -> None:
     digest = sha256_of(path)
     if digest != model.sha256:
         raise CheckpointError(f"{path}: sha256 {digest}, expected {model.sha256} for {model.name}")
-
-
-def converted_from(model_dir: Path) -> str | None:
-    """The sha256 of the GGUF a folder was converted from, or None when it is no finished conversion."""
-    try:
-        return json.loads((model_dir / SOURCE_FILE).read_text()).get("gguf_sha256")
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,19 +158,8 @@ def fetch_model(output_dir: str | Path | None = None, model: PackagedGGUF = QWEN
                               f"(no {SOURCE_FILE} with its sha256); remove it or pass another --output")
     gguf_file = fetch_gguf(model, gguf_path_for(output))
     log.info("converting %s into %s", gguf_file, output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=output.name + ".partial-", dir=output.parent))
-    partial.chmod(0o755)  # mkdtemp makes it private; the finished folder is an ordinary one
-    try:
-        convert_gguf(gguf_file, partial)
-        source = {"gguf_sha256": model.sha256, "gguf_size": model.size, "version": model.version,
-                  "packages": list(model.packages)}
-        (partial / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
-        if output.exists():
-            output.rmdir()  # empty (checked above)
-        os.replace(partial, output)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
+    convert_into(gguf_file, output, {"gguf_sha256": model.sha256, "gguf_size": model.size, "version": model.version,
+                                     "packages": list(model.packages)})
     if not keep_gguf:
         gguf_file.unlink()
     return output

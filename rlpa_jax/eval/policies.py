@@ -41,6 +41,7 @@ from rlpa_jax.dialogue.text import visible_reply_text
 from rlpa_jax.generation.engine import GenerationEngine
 from rlpa_jax.generation.sampler import SamplingParams
 from rlpa_jax.model import hf
+from rlpa_jax.model.checkpoint_folder import hf_folder
 from rlpa_jax.model.qwen2 import Params, Qwen2Config
 from rlpa_jax.model.tokenizer import load_tokenizer, stop_token_ids
 from rlpa_jax.runtime import parallel
@@ -242,9 +243,11 @@ class JaxPolicy:
         shardings: Any = None,
         **kw: Any,
     ) -> "JaxPolicy":
-        """A local Hugging Face Qwen2 directory (config.json, *.safetensors, tokenizer files); with
-        a `mesh` (and no `shardings`), read straight into the trainer's parameter shardings on it."""
-        directory = Path(directory)
+        """A local Hugging Face Qwen2 directory (config.json, *.safetensors, tokenizer files) or a
+        Qwen2 `.gguf` file; with a `mesh` (and no `shardings`), read straight into the trainer's
+        parameter shardings on it."""
+        name = name or Path(directory).name
+        directory = hf_folder(directory)
         if not (directory / "config.json").is_file():
             raise FileNotFoundError(
                 f"{directory}: not a Hugging Face model directory (expected config.json and *.safetensors)")
@@ -253,7 +256,7 @@ class JaxPolicy:
         params, model_config = hf.load_params(directory, shardings=shardings)
         prompt = system_prompt if system_prompt is not None else load_prompt(prompt_name or DEFAULT_PROMPT_NAME)
         tokenizer = load_tokenizer(tokenizer_dir or directory)
-        return cls.from_params(params, model_config, tokenizer, prompt, name or directory.name, **kw)
+        return cls.from_params(params, model_config, tokenizer, prompt, name, **kw)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from rlpa_jax.generation.sampler import (
     left_pad,
 )
 from rlpa_jax.model import hf
+from rlpa_jax.model.checkpoint_folder import hf_folder
 from rlpa_jax.model.qwen2 import Params, Qwen2Config
 from rlpa_jax.model.tokenizer import chat_token_ids, load_tokenizer, stop_token_ids
 from rlpa_jax.runtime import multihost, parallel
@@ -243,8 +244,9 @@ class ChatModel:
     def from_hf(cls, directory: str | Path, *, mesh: Mesh | None = None, layout: str = "replicated",
                 prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS, prefix_cache: bool = False) -> "ChatModel":
         """Weights, config and tokenizer (with its chat template) from `directory`; with a mesh,
-        read straight into the trainer's parameter shardings on it."""
-        directory = Path(directory)
+        read straight into the trainer's parameter shardings on it. A `.gguf` file is read through
+        its converted folder (model/checkpoint_folder.py)."""
+        directory = hf_folder(directory)
         shardings = None if mesh is None else parallel.param_shardings(hf.load_config(directory), mesh)
         params, config = hf.load_params(directory, shardings=shardings)
         tokenizer = load_tokenizer(directory)

@@ -45,13 +45,15 @@ jax.tree_util.register_dataclass(TrainState)
 
 
 def initial_state(actor: Params, model_config: Qwen2Config, actor_updater: Updater, critic_updater: Updater | None,
-                  kl_coef: float) -> TrainState:
-    """The state a run starts from: the policy (placed on the mesh), its copy as the reference and,
-    with a critic updater, a critic made of the policy's backbone and a zero value head."""
+                  kl_coef: float, reference: Params | None = None) -> TrainState:
+    """The state a run starts from: the policy (placed on the mesh), its copy as the reference
+    (or `reference`: the same weights already held elsewhere, placed alike) and, with a critic
+    updater, a critic made of the policy's backbone and a zero value head."""
     critic = None
     if critic_updater is not None:
         critic = parallel.shard(critic_params_from_policy(actor, model_config), critic_updater.param_shardings)
-    reference = jax.tree.map(lambda x: x.copy(), actor)
+    if reference is None:
+        reference = jax.tree.map(lambda x: x.copy(), actor)
     return TrainState(actor_updater.init(actor), None if critic is None else critic_updater.init(critic), reference,
                       iteration=0, kl_coef=kl_coef)
 

@@ -95,6 +95,9 @@ class TrainingParts:
     checkpointer: Checkpointer
     metrics: MetricsLog
     llm_meter: LLMMeter  # per-role calls, latency, tokens, cost of the environment's LLM clients
+    # The starting policy's weights as a local LLM role already holds them (app/build.py's
+    # shared_reference): the frozen reference uses them instead of a copy. None: it copies.
+    reference_weights: Params | None = None
 
 
 class Trainer:
@@ -128,7 +131,7 @@ class Trainer:
         for step, record in enumerate(warm_start_history):
             self.metrics.write("sft", step, record)
         return train_state.initial_state(actor, self.model_config, self.actor_updater, self.critic_updater,
-                                         self.config.ppo.kl_coef)
+                                         self.config.ppo.kl_coef, reference=self.parts.reference_weights)
 
     def save(self, state: TrainState, pool: dict | None = None) -> None:
         """A checkpoint at `state.iteration`, with the conversation pool as it stands (or as `pool`)."""
@@ -151,7 +154,10 @@ class Trainer:
         elif self.pool:
             self.pool.load_json(found[POOL_DOCUMENT], f"{self.checkpointer.directory}/{step}")
         log.info("resumed from iteration %d", meta["iteration"])
-        return TrainState.from_checkpoint(tree, int(meta["iteration"]), float(meta["kl_coef"]))
+        state = TrainState.from_checkpoint(tree, int(meta["iteration"]), float(meta["kl_coef"]))
+        if self.parts.reference_weights is not None:  # the same weights: keep one copy of them
+            state = dataclasses.replace(state, reference=self.parts.reference_weights)
+        return state
 
     def abstract_state(self) -> TrainState:
         """The state as shapes, dtypes and shardings (no memory): to restore into, or to compile for."""

@@ -15,8 +15,8 @@ from typing import Callable, Sequence, TypeVar
 from rlpa_jax.dialogue.chat import Message, load_prompt
 from rlpa_jax.dialogue.judges.base import ProfilePairs, ResponseRequest
 from rlpa_jax.dialogue.llm.client import LLMClient
-from rlpa_jax.dialogue.llm.requests import LLMCallError
 from rlpa_jax.dialogue.llm.prompts import check_placeholders, fence, fill_template, last_boxed
+from rlpa_jax.dialogue.llm.requests import LLMCallError
 from rlpa_jax.dialogue.profile import ProfileItem, format_profile
 from rlpa_jax.dialogue.text import visible_reply_text
 

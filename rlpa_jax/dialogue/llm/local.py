@@ -42,6 +42,7 @@ import jax
 from rlpa_jax.generation.engine import ChatModel
 from rlpa_jax.generation.sampler import SamplingParams
 from rlpa_jax.model import hf
+from rlpa_jax.model.checkpoint_folder import hf_folder, is_gguf
 
 logger = logging.getLogger(__name__)
 
@@ -251,10 +252,10 @@ _MODELS_LOCK = threading.Lock()
 
 
 def load_model(folder: str | Path, key: str = "checkpoint", **batcher_options) -> LocalModel:
-    """`folder` loaded on its own (not shared); a folder that is no Qwen2 model is a CheckpointError
-    naming `key` (the config key or flag that gave it) and what is wrong."""
-    path = Path(folder).expanduser().resolve()
+    """`folder` (or a `.gguf` file) loaded on its own (not shared); a folder that is no Qwen2 model
+    is a CheckpointError naming `key` (the config key or flag that gave it) and what is wrong."""
     try:
+        path = hf_folder(folder).resolve()
         if not path.is_dir():
             raise hf.CheckpointError(f"{path}: not a directory")
         hf.load_config(path)  # architecture first: a clear error before reading any weights
@@ -263,7 +264,14 @@ def load_model(folder: str | Path, key: str = "checkpoint", **batcher_options) -
         raise hf.CheckpointError(f"{key}={str(folder)!r} is not a usable Hugging Face Qwen2 folder: {error}") from None
     logger.info("loaded %s for the local LLM backend (%d layers, vocabulary %d)", path,
                 chat.engine.model_config.num_layers, chat.engine.model_config.vocab_size)
-    return LocalModel(chat, MicroBatcher(chat, **batcher_options), path.name, path)
+    name = Path(folder).stem if is_gguf(folder) else path.name
+    return LocalModel(chat, MicroBatcher(chat, **batcher_options), name, path)
+
+
+def loaded_model(folder: str | Path) -> LocalModel | None:
+    """The registry's model of `folder` when a role has loaded it, else None (nothing is read)."""
+    with _MODELS_LOCK:
+        return _MODELS.get(Path(folder).expanduser().resolve())
 
 
 def shared_model(folder: str | Path, key: str = "checkpoint") -> LocalModel:

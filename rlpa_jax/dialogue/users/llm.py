@@ -18,8 +18,8 @@ from typing import Sequence
 
 from rlpa_jax.dialogue.chat import Message, load_prompt
 from rlpa_jax.dialogue.llm.client import LLMClient
-from rlpa_jax.dialogue.llm.requests import LLMCallError
 from rlpa_jax.dialogue.llm.prompts import check_placeholders, fence, fill_template
+from rlpa_jax.dialogue.llm.requests import LLMCallError
 from rlpa_jax.dialogue.matching import mentioned_item_indices
 from rlpa_jax.dialogue.profile import format_profile
 from rlpa_jax.dialogue.text import sentences, visible_reply_text
