@@ -33,7 +33,8 @@ test: $(STAMP)
 	GLIBC_TUNABLES=$(HOST_ALLOCATOR) $(PY) -m pytest -q -n 2 --dist loadfile --max-worker-restart 0 tests
 
 demo: $(STAMP)
-	$(PY) launch/train.py
+	# --fresh: a second `make demo` moves the first run aside (runs/tiny.<date>) and says so.
+	$(PY) launch/train.py --fresh
 
 reproduce-tiny: $(STAMP)
 	bash launch/reproduce_tiny.sh runs/reproduce-tiny $(PY)

@@ -14,16 +14,16 @@ QUIET="logging.progress_bar=false"
 step() { echo; echo "=== $* ($(date +%H:%M:%S))"; }
 
 step "untrained model (random init, no SFT, no PPO)"
-$PY launch/train.py output_dir=$OUT name=base sft.enabled=false ppo.iterations=0 logging.export_hf=false $QUIET
+$PY launch/train.py --fresh output_dir=$OUT name=base sft.enabled=false ppo.iterations=0 logging.export_hf=false $QUIET
 step "SFT warm start on scripted teacher dialogues"
-$PY launch/sft.py output_dir=$OUT name=sft $QUIET
+$PY launch/sft.py --fresh output_dir=$OUT name=sft $QUIET
 SFT=$OUT/sft/sft
 step "DPO from SFT (teacher turn preferred over the same turn with the user's values misread)"
-$PY launch/dpo.py --init $SFT output_dir=$OUT name=dpo $QUIET
+$PY launch/dpo.py --fresh --init $SFT output_dir=$OUT name=dpo $QUIET
 for variant in "rlpa ppo.reward=both" "rlpa-profile-only ppo.reward=profile" "rlpa-response-only ppo.reward=response"; do
   set -- $variant
   step "PPO from SFT: $1"
-  $PY launch/train.py output_dir=$OUT name=$1 sft.enabled=false model.init_checkpoint=$SFT $2 logging.export_hf=false $QUIET
+  $PY launch/train.py --fresh output_dir=$OUT name=$1 sft.enabled=false model.init_checkpoint=$SFT $2 logging.export_hf=false $QUIET
 done
 
 EVAL=$OUT/eval

@@ -31,10 +31,13 @@ from rlpa_jax.runtime import multihost
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=None, help="YAML config (default: configs/tiny.yaml)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="move an earlier SFT run in the run directory aside (to <run_dir>.<date>), "
+                             "then start anew")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sft.steps=100")
     args = parser.parse_args(argv)
     config = cli.start_with_config("sft.py", args.config, args.overrides)
-    summary = cli.run_or_exit("sft.py", lambda: jobs.sft(config), (FileNotFoundError, ValueError, KeyError))
+    summary = cli.run_or_exit("sft.py", lambda: jobs.sft(config, "fresh" if args.fresh else "new"), (FileNotFoundError, ValueError, KeyError))
     if multihost.is_main_process():  # every process ran the same job
         print(json.dumps(summary, indent=2))
         print(f"checkpoint: {config.run_dir / 'sft'}")

@@ -187,8 +187,8 @@ def scenario_ppo(out_dir: Path, overrides: list[str]) -> dict:
     scored, answered, shares, pools, summaries = [], [], [], [], []
     build_trainer = build.build_trainer
 
-    def build_counting_trainer(config):
-        trainer = build_trainer(config)
+    def build_counting_trainer(config, start="new"):
+        trainer = build_trainer(config, start)
         environment = trainer.parts.environment
         environment.score = counting(environment.score, scored, lambda conversations, texts: [
             c.conversation_id for c in conversations])
@@ -198,7 +198,7 @@ def scenario_ppo(out_dir: Path, overrides: list[str]) -> dict:
         if trainer.pool is not None:  # the `turn` schedule: the whole pool after each iteration
             trainer.on_iteration_end.append(lambda iteration, metrics: pools.append(trainer.pool.to_json()))
         train = trainer.train
-        trainer.train = lambda resume=False: summaries.append(train(resume=resume)) or summaries[-1]
+        trainer.train = lambda resume=None: summaries.append(train(resume=resume)) or summaries[-1]
         built.append(trainer)
         return trainer
 

@@ -259,7 +259,7 @@ def test_the_reference_shares_the_local_roles_weights_of_the_policys_checkpoint(
     trainer.train()
     assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(roles))
     greedy(local.loaded_model(folder), CHATS[:1], 4)  # the roles still answer
-    state = build.build_trainer(reference_run(folder, tmp_path)).restore()
+    state = build.build_trainer(reference_run(folder, tmp_path), "resume").restore()
     assert all(a is b for a, b in zip(jax.tree.leaves(state.reference), jax.tree.leaves(roles)))
 
 

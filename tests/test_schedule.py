@@ -242,7 +242,7 @@ def test_an_interrupted_and_resumed_turn_run_equals_the_uninterrupted_one(tmp_pa
     assert first.checkpointer.latest_step() == 1
     saved = first.checkpointer.resume(None, (POOL_DOCUMENT,))[3][POOL_DOCUMENT]
     assert [slot["turn"] for slot in saved["slots"]] == [1, 1, 1]
-    build_trainer(parted).train(resume=True)
+    build_trainer(parted, "resume").train()
     resumed = ppo_records(parted)
     assert [r["step"] for r in resumed] == [0, 1, 2, 3, 4]
     for ours, theirs in zip(resumed, reference):

@@ -86,7 +86,7 @@ def test_resume_after_ctrl_c_gives_the_same_metrics(tmp_path, uninterrupted):
     first.on_iteration_end.append(lambda i, m: signal.raise_signal(signal.SIGINT) if i == 1 else None)
     first.train()
     assert first.checkpointer.latest_step() == 2
-    build_trainer(config).train(resume=True)
+    build_trainer(config, "resume").train()
     records = [json.loads(line) for line in (config.run_dir / "metrics.jsonl").read_text().splitlines()]
     resumed = [r for r in records if r["phase"] == "ppo"]
     assert [r["step"] for r in resumed] == [0, 1, 2, 3]
@@ -109,7 +109,7 @@ def test_resume_past_a_damaged_newest_checkpoint_gives_the_same_metrics(tmp_path
         os.truncate(data, data.stat().st_size // 2)
     else:
         (newest / "meta" / "metadata").unlink()
-    build_trainer(config).train(resume=True)
+    build_trainer(config, "resume").train()
     assert (config.run_dir / "checkpoints" / "4.corrupt").is_dir()  # kept aside for inspection
     records = [json.loads(line) for line in (config.run_dir / "metrics.jsonl").read_text().splitlines()]
     resumed = [r for r in records if r["phase"] == "ppo"]
@@ -128,7 +128,7 @@ def test_resume_with_no_readable_checkpoint_stops_instead_of_starting_over(tmp_p
         if step.name.isdigit():
             (step / "meta" / "metadata").unlink()
     with pytest.raises(CheckpointError, match=r"step 4: .*\n.*step 2: "):
-        build_trainer(config).train(resume=True)
+        build_trainer(config, "resume").train()
 
 
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -305,6 +305,61 @@ def test_judges_that_stop_scoring_stop_the_run_with_a_checkpoint_and_their_error
     assert [r["step"] for r in skipped] == [0] and skipped[0]["skipped_update"] == 1.0
     assert skipped[0]["invalid_samples"] == skipped[0]["samples"]
     assert trainer.checkpointer.latest_step() == 1  # --resume retries iteration 1 with the same state
+
+
+@pytest.mark.parametrize("checkpoint_every", [1, 2])
+def test_an_unscored_stop_at_the_first_iteration_and_after_a_resume_keeps_its_diagnosis(tmp_path, monkeypatch, caplog,
+                                                                                       checkpoint_every):
+    """The stop saves the state its iteration started from, which is on disk already here (step 0
+    right after the start, and the resumed step): it saves nothing new and raises its own error."""
+    from openai_server import OpenAIServer, Reply
+
+    from rlpa_jax.dialogue.chat import format_turn, parse_turn
+    from rlpa_jax.dialogue.profile import ProfileItem
+    from rlpa_jax.rl import environment
+    from rlpa_jax.rl.trainer import UnscoredRollouts
+
+    turn = parse_turn(format_turn([ProfileItem("Occupation", "nurse")], "Nice! Which ward do you work on?"))
+    monkeypatch.setattr(environment, "parse_turn", lambda text: turn)
+
+    def handler(request):  # answers the start-up probe, then never gives a verdict
+        prompt = request["messages"][-1]["content"]
+        return Reply(content="OK" if prompt == "Reply with OK." else "I would rather not say.")
+
+    with OpenAIServer(handler) as server:
+        config = small_config(tmp_path, "judges.kind=llm", f"judges.llm.base_url={server.base_url}",
+                              "judges.llm.cache_path=null", "judges.llm.max_retries=0",
+                              "rollout.max_invalid_iterations=1", f"logging.checkpoint_every={checkpoint_every}",
+                              "rollout.eval_conversations=1")
+        diagnosis = r"iteration 0: 1 iterations in a row had more than 20% unscored .*no usable verdict after 3 attempt"
+        first = build_trainer(config)
+        with pytest.raises(UnscoredRollouts, match=diagnosis):
+            first.train()
+        assert first.checkpointer.all_steps() == [0]
+        resumed = build_trainer(config, "resume")
+        with pytest.raises(UnscoredRollouts, match=diagnosis):
+            resumed.train()
+        assert resumed.checkpointer.all_steps() == [0]
+    assert "could not be saved" not in caplog.text  # the step on disk was kept, not saved over
+
+
+def test_a_second_run_into_the_same_directory_stops_or_moves_the_first_aside_intact(tmp_path, uninterrupted):
+    from test_run_dir import contents
+
+    from rlpa_jax.app.run_dir import RunDirectoryError
+
+    source, _, _ = uninterrupted
+    config = small_config(tmp_path, "ppo.iterations=1", "logging.export_hf=false")
+    shutil.copytree(source.run_dir, config.run_dir)
+    first = contents(config.run_dir)
+    with pytest.raises(RunDirectoryError, match=rf"{config.run_dir} holds an earlier train run"):
+        build_trainer(config)
+    assert contents(config.run_dir) == first
+    build_trainer(config, "fresh").train()
+    [aside] = [p for p in tmp_path.iterdir() if p.name.startswith(f"{config.name}.")]
+    assert contents(aside) == {k: v for k, v in first.items() if not k.startswith("tokenizer/")}
+    records = [json.loads(line) for line in (config.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["phase"], r["step"]) for r in records] == [("eval_start", 0), ("ppo", 0), ("eval_end", 0)]
 
 
 def test_grpo_with_the_kl_in_the_loss_skips_the_actor_forward_and_logs_the_kl(tmp_path, caplog):

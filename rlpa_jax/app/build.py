@@ -21,6 +21,7 @@ import jax
 import numpy as np
 import yaml
 
+from rlpa_jax.app.run_dir import prepare_run_dir
 from rlpa_jax.config import loading as config_loading
 from rlpa_jax.config.llm_sections import LLMRoleSection, LLMSection, inherited
 from rlpa_jax.config.options import ConfigError
@@ -348,9 +349,12 @@ def build_training_parts(config: TrainConfig) -> TrainingParts:
         reference_weights=shared_reference(config, model_cfg, actor_updater.param_shardings))
 
 
-def build_trainer(config: TrainConfig) -> Trainer:
-    """A Trainer with every part built from `config` (nothing heavy runs until train())."""
-    return Trainer(config, build_training_parts(config))
+def build_trainer(config: TrainConfig, start: str = "new") -> Trainer:
+    """A Trainer with every part built from `config` (nothing heavy runs until train()), after the
+    run directory is checked for a run started as `start` (app/run_dir.py: new, resume,
+    resume_if_present, fresh), before anything is written into it."""
+    resume = prepare_run_dir(config.run_dir, start)
+    return Trainer(config, build_training_parts(config), resume=resume)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from rlpa_jax.app import build
+from rlpa_jax.app.run_dir import prepare_run_dir
 from rlpa_jax.config.tree import MeshConfig, TrainConfig
 from rlpa_jax.dialogue import judges
 from rlpa_jax.dialogue.chat import load_prompt, parse_turn
@@ -61,9 +62,11 @@ def policy_meta(config: TrainConfig, model_config) -> dict:
 # --------------------------------------------------------------------------------------------- SFT
 
 
-def sft(config: TrainConfig) -> dict:
+def sft(config: TrainConfig, start: str = "new") -> dict:
     """The SFT warm start alone (offline/sft.warm_start, as the trainer runs it), a check of the
-    greedy turns on held-out personas, and a checkpoint; returns a summary of the run."""
+    greedy turns on held-out personas, and a checkpoint; returns a summary of the run. `start`:
+    new or fresh (app/run_dir.py), checked before anything runs."""
+    prepare_run_dir(config.run_dir, start, "sft")
     rollout = config.rollout
     mesh = build.build_mesh(config)
     tokenizer = build.build_tokenizer(config)
@@ -149,9 +152,10 @@ def judged_by_every_process(response_judge, requests: list[ResponseRequest]) -> 
     return [every[i % count][i // count] for i in range(len(requests))]
 
 
-def dpo(config: TrainConfig) -> dict:
+def dpo(config: TrainConfig, start: str = "new") -> dict:
     """Build (or restore with model.init_checkpoint), train with config.dpo, check and save; returns a
-    summary."""
+    summary. `start`: new or fresh (app/run_dir.py), checked before anything runs."""
+    prepare_run_dir(config.run_dir, start, "dpo")
     rollout, settings = config.rollout, config.dpo
     mesh = build.build_mesh(config)
     model_config = build.model_config(config)

@@ -45,6 +45,7 @@ from rlpa_jax.dialogue.llm.usage import LLMMeter, progress_postfix
 from rlpa_jax.dialogue.personas import Persona
 from rlpa_jax.generation.engine import GenerationEngine
 from rlpa_jax.generation.sampler import SamplingParams
+from rlpa_jax.model.hf import CheckpointError
 from rlpa_jax.model.qwen2 import Params, Qwen2Config
 from rlpa_jax.rl import memory_check, ppo, train_state
 from rlpa_jax.rl.environment import Environment, start_conversations
@@ -101,8 +102,9 @@ class TrainingParts:
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, parts: TrainingParts):
+    def __init__(self, config: TrainConfig, parts: TrainingParts, resume: bool = False):
         self.config, self.parts = config, parts
+        self.resume = resume  # train()'s default: app/run_dir.py decided it from the run directory
         self.run_dir = config.run_dir
         self.mesh, self.model_config = parts.mesh, parts.model_config
         self.pool, self.build_experience = parts.pool, parts.build_experience
@@ -134,7 +136,12 @@ class Trainer:
                                          self.config.ppo.kl_coef, reference=self.parts.reference_weights)
 
     def save(self, state: TrainState, pool: dict | None = None) -> None:
-        """A checkpoint at `state.iteration`, with the conversation pool as it stands (or as `pool`)."""
+        """A checkpoint at `state.iteration`, with the conversation pool as it stands (or as `pool`).
+        A step already on disk is this run's own save of the same state (a run never starts in a
+        directory holding another's: app/run_dir.py) and is kept as it is: a stop right after a
+        save, or in the first iteration after a start or resume, saves nothing new."""
+        if state.iteration in self.checkpointer.all_steps():
+            return
         meta = {"iteration": state.iteration, "kl_coef": state.kl_coef, "seed": self.config.seed} | policy_meta(
             self.model_config, self.parts.tokenizer_dir, self.config.rollout.system_prompt)
         documents = {POOL_DOCUMENT: self.pool.to_json() if pool is None else pool} if self.pool else None
@@ -289,15 +296,23 @@ class Trainer:
         self.metrics.write(f"eval_{label}", 0, metrics)
         return metrics
 
-    def train(self, resume: bool = False) -> dict:
+    def train(self, resume: bool | None = None) -> dict:
+        """Train from the run's newest checkpoint (`resume`; default: as the trainer was built) or
+        from the initial policy; the summary of the held-out evaluations before and after."""
         cfg = self.config
+        resume = self.resume if resume is None else resume
+        saved = self.checkpointer.latest_step()
+        if resume and saved is None:
+            raise CheckpointError(f"resume: nothing to resume in {self.run_dir} (no checkpoint in "
+                                  f"{self.checkpointer.directory})")
+        if not resume and saved is not None:
+            raise CheckpointError(f"{self.run_dir} holds checkpoints of an earlier run (newest step {saved}): "
+                                  "resume it, or start the new run in another directory")
         self.check_device_memory()
-        if resume and self.checkpointer.latest_step() is not None:
+        if resume:
             state = self.restore()
             self.metrics.truncate_after("ppo", state.iteration - 1)
         else:
-            if resume:
-                log.warning("--resume: no checkpoint in %s; starting a new run", self.checkpointer.directory)
             state = self.initial_state()
             self.save(state)
         start = state.iteration
@@ -314,8 +329,8 @@ class Trainer:
                 pool_before = self.pool.to_json() if self.pool else None
                 try:
                     state, last = self.iteration(state)
-                except UnscoredRollouts:
-                    self.save(state, pool_before)  # the state before this iteration: --resume retries it
+                except Exception as stop:
+                    self.save_before_stopping(state, pool_before, stop)  # --resume retries this iteration
                     raise
                 self.metrics.write("ppo", iteration, last)
                 llm = {"llm": progress_postfix(last, self.llm_meter.clients)} if self.llm_meter.clients else {}
@@ -347,6 +362,22 @@ class Trainer:
                          tokenizer_dir=self.parts.tokenizer_dir)
         self.metrics.close()
         return summary
+
+    def save_before_stopping(self, state: TrainState, pool: dict | None, stop: Exception) -> None:
+        """Save the state an iteration started from, on the way out of a run stopped by `stop`.
+        Nothing is saved where the state is gone (an update that failed had consumed it: the last
+        checkpoint is the last good state) or where the processes of a multi-process run may not
+        all have stopped (a save is collective; only unscored rollouts are agreed by all). A save
+        that fails is logged and never replaces the stop's own error, which the caller re-raises."""
+        if any(leaf.is_deleted() for leaf in jax.tree.leaves(state) if isinstance(leaf, jax.Array)):
+            return
+        if multihost.process_count() > 1 and not isinstance(stop, UnscoredRollouts):
+            return
+        try:
+            self.save(state, pool)
+        except Exception as error:
+            log.error("stopping (%s: %s); the state before iteration %d could not be saved: %s: %s",
+                      type(stop).__name__, stop, state.iteration, type(error).__name__, error)
 
     def _request_stop(self, signum, frame):
         if self._stop_requested:  # a second Ctrl-C: leave now, the last checkpoint stays
