@@ -11,7 +11,6 @@ Torch models are loaded one at a time and dropped after use: each holds 2.5 GB.
 
 from __future__ import annotations
 
-import filecmp
 import gc
 import json
 
@@ -24,12 +23,11 @@ import torch
 import transformers
 from hf_reference import hf_logits
 
-from rlpa_jax.app import build, fetch
-from rlpa_jax.config.loading import load_config
+from rlpa_jax.app import fetch
 from rlpa_jax.dialogue.chat import Message, prompt_token_ids, render_messages
 from rlpa_jax.generation.engine import ChatModel
 from rlpa_jax.generation.sampler import SamplingParams, left_pad
-from rlpa_jax.model import checkpoint_folder, gguf_checkpoint, hf
+from rlpa_jax.model import gguf_checkpoint, hf
 from rlpa_jax.model.qwen2 import forward
 from rlpa_jax.model.tokenizer import IM_END, chat_token_ids
 from rlpa_jax.runtime import hf_export
@@ -208,33 +206,3 @@ def test_an_occupied_output_folder_is_not_overwritten(tmp_path):
         fetch.fetch_model(tmp_path / "mine")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
-
-def test_a_gguf_file_is_read_wherever_a_folder_is(model_dir, tmp_path, monkeypatch):
-    """model.path, a role's checkpoint, serve --checkpoint and hf: policies all go through
-    checkpoint_folder.hf_folder: a .gguf there is converted once into the cache, keyed by its
-    content, into the same files the fetch command writes."""
-    monkeypatch.setenv(checkpoint_folder.CACHE_ENV, str(tmp_path / "cache"))
-    checkpoint_folder._converted.cache_clear()
-    gguf_file = fetch.gguf_path_for(model_dir)
-    from_gguf, from_folder = (load_config(None, [f"model.path={path}"]) for path in (gguf_file, model_dir))
-    assert build.model_config(from_gguf) == build.model_config(from_folder)
-    assert build.build_tokenizer(from_gguf).chat_template == build.build_tokenizer(from_folder).chat_template
-    folder = checkpoint_folder.hf_folder(gguf_file)
-    assert folder == tmp_path / "cache" / "gguf" / f"{gguf_file.stem}-{fetch.QWEN25_CODER_05B.sha256[:16]}"
-    for name in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"):
-        assert filecmp.cmp(folder / name, model_dir / name, shallow=False), name
-    written = (folder / "model.safetensors").stat().st_mtime_ns
-    checkpoint_folder._converted.cache_clear()  # as a new process would: found by its hash, not converted again
-    assert checkpoint_folder.hf_folder(gguf_file) == folder
-    assert (folder / "model.safetensors").stat().st_mtime_ns == written
-    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no partial folder left behind
-
-
-def test_an_unusable_gguf_path_is_named_and_leaves_no_folder(tmp_path, monkeypatch):
-    monkeypatch.setenv(checkpoint_folder.CACHE_ENV, str(tmp_path / "cache"))
-    with pytest.raises(hf.CheckpointError, match=r"missing.gguf: cannot read the GGUF file"):
-        build.model_config(load_config(None, [f"model.path={tmp_path / 'missing.gguf'}"]))
-    (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all")
-    with pytest.raises(hf.CheckpointError, match=r"junk.gguf: not a readable GGUF file"):
-        ChatModel.from_hf(tmp_path / "junk.gguf")
-    assert list((tmp_path / "cache" / "gguf").iterdir()) == []

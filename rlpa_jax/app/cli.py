@@ -34,7 +34,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 T = TypeVar("T")
 
 # Libraries that log every file written or request sent at INFO.
-CHATTY_LOGGERS = ("absl", "jax._src.xla_bridge", "matplotlib", "httpx", "openai")
+CHATTY_LOGGERS = ("absl", "jax._src.xla_bridge", "matplotlib", "httpx", "httpx2", "openai")
 
 
 def setup_logging(process: int = 0, processes: int = 1) -> None:

@@ -261,7 +261,7 @@ def load_model(folder: str | Path, key: str = "checkpoint", **batcher_options) -
         hf.load_config(path)  # architecture first: a clear error before reading any weights
         chat = ChatModel.from_hf(path)
     except (hf.CheckpointError, OSError, ValueError) as error:
-        raise hf.CheckpointError(f"{key}={str(folder)!r} is not a usable Hugging Face Qwen2 folder: {error}") from None
+        raise hf.CheckpointError(f"{key}={str(folder)!r} is not a usable Hugging Face Qwen2 folder or GGUF file: {error}") from None
     logger.info("loaded %s for the local LLM backend (%d layers, vocabulary %d)", path,
                 chat.engine.model_config.num_layers, chat.engine.model_config.vocab_size)
     name = Path(folder).stem if is_gguf(folder) else path.name
