@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. dpo.beta=0.2 rollout.max_rounds=3")
     args = parser.parse_args(argv)
     init = [] if args.init is None else [f"model.init_checkpoint={args.init}"]
-    config = cli.start_with_config("dpo.py", args.config, [*args.overrides, *init])
+    config = cli.start_with_config("dpo.py", args.config, [*args.overrides, *init], job="dpo")
     summary = cli.run_or_exit("dpo.py", lambda: jobs.dpo(config, "fresh" if args.fresh else "new"), (FileNotFoundError, ValueError, KeyError))
     if multihost.is_main_process():  # every process ran the same job
         print(json.dumps(summary, indent=2))

@@ -132,7 +132,7 @@ def write_json(path: Path, record: dict) -> Path:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     arguments = {k: v for k, v in vars(args).items() if k not in ("config", "overrides")}
-    config = cli.start_with_config("eval.py", args.config, args.overrides, arguments)
+    config = cli.start_with_config("eval.py", args.config, args.overrides, arguments, job="eval")
     return cli.run_or_exit("eval.py", lambda: evaluate(args, config),
                            (CheckpointError, FileNotFoundError, KeyError, ValueError), status=2)
 

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
                              "then start anew")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sft.steps=100")
     args = parser.parse_args(argv)
-    config = cli.start_with_config("sft.py", args.config, args.overrides)
+    config = cli.start_with_config("sft.py", args.config, args.overrides, job="sft")
     summary = cli.run_or_exit("sft.py", lambda: jobs.sft(config, "fresh" if args.fresh else "new"), (FileNotFoundError, ValueError, KeyError))
     if multihost.is_main_process():  # every process ran the same job
         print(json.dumps(summary, indent=2))

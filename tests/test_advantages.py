@@ -163,3 +163,15 @@ def test_an_estimator_must_return_token_arrays_like_the_response_mask(monkeypatc
     monkeypatch.setitem(advantages.ADVANTAGE_ESTIMATORS, "per_row", per_row)
     with pytest.raises(AssertionError, match=r"an estimator returns \(advantages, returns\) shaped like response_mask"):
         advantages.lookup("per_row", "turn")(scored(pack_samples(samples(), 0, 6, (2,))), SETTINGS)
+
+
+def test_grpo_takes_rows_padded_past_the_last_whole_group():
+    # One prompt of 4 samples packed into 6 rows (rows are padded to a multiple of
+    # ppo.micro_batch_size=6): the 2 padding rows end inside a group of 4.
+    experience = scored(pack_samples(samples(), 0, 6, (2,), row_multiple=6))
+    assert experience.rows == 6 and not experience.valid[4:].any()
+    for credit in ("turn", "block"):
+        got, returns = advantages.lookup("grpo", credit)(experience, SETTINGS)
+        whole, _ = advantages.lookup("grpo", credit)(scored(pack_samples(samples(), 0, 6, (2,))), SETTINGS)
+        np.testing.assert_array_equal(got[:4], whole)  # the real rows, as without the padding
+        assert got.shape == (6, 6) and not got[4:].any() and not returns.any()

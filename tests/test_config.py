@@ -3,11 +3,14 @@
 import copy
 import dataclasses
 import json
+import re
+import runpy
 import typing
 
+import jax
 import pytest
 
-from rlpa_jax.app import build
+from rlpa_jax.app import build, jobs
 from rlpa_jax.config.llm_sections import with_inherited_llm_sections
 from rlpa_jax.config.loading import load_config, validate
 from rlpa_jax.config.options import REPO_ROOT, ConfigError, domain_of
@@ -58,11 +61,94 @@ def test_dotted_overrides_with_types():
     ("user.kind=robot", r"user.kind='robot' is not one of scripted, llm"),
     ("judges.kind=human", r"judges.kind='human' is not one of embedded, llm"),
     ("ppo.output_scale_lr=0", r"ppo.output_scale_lr: expected a number > 0 or null, got 0.0"),
+    # Rows split over the mesh's data x fsdp devices, as far as the config fixes them (-1: at build time).
+    ("mesh.data=2 ppo.micro_batch_size=3 ppo.train_batch_size=6",
+     r"ppo.micro_batch_size=3 must be a multiple of mesh.data=2 \(each micro-batch's rows are split over the "
+     r"mesh's data x fsdp devices; mesh.fsdp=-1 takes the remaining devices\)"),
+    ("mesh.data=2 mesh.fsdp=4 mesh.tensor=-1 ppo.micro_batch_size=12 ppo.train_batch_size=24",
+     r"ppo.micro_batch_size=12 must be a multiple of mesh.data\*mesh.fsdp=8 .*mesh.fsdp from command-line override"),
+    ("mesh.fsdp=4 sft.batch_size=6", r"sft.batch_size=6 must be a multiple of mesh.data\*mesh.fsdp=4 \(each SFT "
+                                     r"step's examples are split .*sft.enabled from .*tiny.yaml"),
+    ("judges.kind=llm llm.base_url=http://127.0.0.1:9/v1 ppo.credit=item",
+     r"ppo.credit=item needs a profile judge that says which items matched, but judges.kind=llm's only counts "
+     r"them; use judges.kind=embedded, or another ppo.credit"),
+    ("model.tiny.vocab_size=100", r"model.tiny.vocab_size=100 is too small for the tokenizer trained for the tiny "
+                                  r"model .*needs at least 259 ids"),
 ])
 def test_bad_overrides_are_explained(override, message):
     # build.load_config: config.load_config plus the names of implementations checked against their tables.
     with pytest.raises(ConfigError, match=message):
         build.load_config(None, override.split())
+
+
+def test_combinations_that_are_fine_are_accepted():
+    # The rows rule reads only what the config fixes; the others leave valid neighbours alone.
+    for overrides in (["mesh.data=2", "ppo.micro_batch_size=4", "ppo.train_batch_size=8", "sft.batch_size=6"],
+                      ["mesh.fsdp=4", "sft.enabled=false", "sft.batch_size=6"],  # PPO alone: no SFT batch
+                      ["judges.kind=llm", "llm.base_url=http://127.0.0.1:9/v1", "ppo.credit=item", "ppo.reward=response"],
+                      ["model.tiny.vocab_size=100", "model.tokenizer_path=/some/tokenizer"],
+                      ["ppo.advantage=grpo", "rollout.samples_per_prompt=4", "ppo.micro_batch_size=6",
+                       "ppo.train_batch_size=12"]):  # GRPO completes the last group (rl/advantages.py)
+        build.load_config(None, overrides)
+
+
+def test_the_judge_kinds_say_whether_they_match_items():
+    from rlpa_jax.dialogue import judges
+    assert set(judges.PROFILE_JUDGE_TYPES) == set(judges.JUDGES)
+    assert isinstance(judges.build_judges(build.load_config().judges)[0], judges.PROFILE_JUDGE_TYPES["embedded"])
+
+
+# Each accepted for PPO (launch/train.py), refused for the program that reads the keys.
+JOB_PROBLEMS = {
+    "sft": (["mesh.fsdp=4", "sft.enabled=false", "sft.batch_size=6"],
+            r"sft.batch_size=6 must be a multiple of mesh.data\*mesh.fsdp=4 \(each SFT step's examples are split"),
+    "dpo": (["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=-1", "dpo.batch_size=6"],
+            r"dpo.batch_size=6 must be a multiple of mesh.data\*mesh.fsdp=4 \(each DPO step's preference pairs"),
+    "eval": (["judges.kind=llm", "judges.profile.llm.base_url=http://127.0.0.1:9/v1",
+              "judges.response.llm.base_url=http://127.0.0.1:9/v1"],
+             r"eval.judge.llm.base_url: the evaluation's judge \(judges.kind=llm\) needs an LLM endpoint; "
+             r"set eval.judge.llm.base_url or judges.llm.base_url or llm.base_url"),
+}
+
+
+@pytest.mark.parametrize("job", sorted(JOB_PROBLEMS))
+def test_each_program_checks_the_sections_it_reads(job, capsys):
+    overrides, message = JOB_PROBLEMS[job]
+    build.load_config(None, overrides)
+    with pytest.raises(ConfigError, match=message):
+        build.load_config(None, overrides, job=job)
+    # The launch script loads its config for its own job: it stops at load, before building anything.
+    main = runpy.run_path(str(REPO_ROOT / "launch" / f"{job}.py"), run_name=f"launch_{job}")["main"]
+    arguments = ["--policy", "hf:/nowhere"] if job == "eval" else []
+    with pytest.raises(SystemExit) as stop:
+        main([*arguments, *overrides])
+    assert stop.value.code == 2 and re.search(message, capsys.readouterr().err)
+
+
+def test_a_batch_the_built_mesh_cannot_split_is_refused_before_anything_runs(tmp_path):
+    # mesh.fsdp=-1 takes the remaining devices (8 in the tests): only the built mesh knows the split.
+    devices = jax.device_count()
+    if devices < 2:
+        pytest.skip("needs several devices (tests/conftest.py makes 8)")
+    rows = devices + 1
+    split = (rf"must be a multiple of the mesh's data x fsdp devices, 1 x {devices} = {devices} here "
+             rf"\(mesh.data=1, mesh.fsdp=-1, mesh.tensor=1 on {devices} of {devices} devices; ")
+    for overrides, key in ((["sft.enabled=false", f"ppo.micro_batch_size={rows}", f"ppo.train_batch_size={rows}"],
+                            "ppo.micro_batch_size"),
+                           ([f"sft.batch_size={rows}"], "sft.batch_size")):  # PPO's SFT warm start
+        config = build.load_config(None, [f"output_dir={tmp_path}", f"name=ppo_{key}", *overrides])
+        with pytest.raises(ConfigError, match=rf"{key}={rows} {split}"):
+            build.build_trainer(config)
+    for job in ("sft", "dpo"):
+        config = build.load_config(None, [f"output_dir={tmp_path}", f"name={job}", f"{job}.batch_size={rows}"], job=job)
+        with pytest.raises(ConfigError, match=rf"{job}.batch_size={rows} {split}"):
+            getattr(jobs, job)(config)
+    assert not list(tmp_path.glob("*/tokenizer")) and not list(tmp_path.glob("*/*.yaml"))  # nothing was built
+
+
+def test_an_unknown_job_is_named():
+    with pytest.raises(ValueError, match=r"job 'serve' is not one of train, sft, dpo, eval"):
+        build.load_config(None, [], job="serve")
 
 
 def test_bad_files_are_named(tmp_path):

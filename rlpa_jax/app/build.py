@@ -40,7 +40,7 @@ from rlpa_jax.generation.sampler import GENERATORS
 from rlpa_jax.model import hf
 from rlpa_jax.model.checkpoint_folder import hf_folder
 from rlpa_jax.model.qwen2 import Params, Qwen2Config, init_params
-from rlpa_jax.model.tokenizer import load_tokenizer, stop_token_ids, train_tiny_tokenizer
+from rlpa_jax.model.tokenizer import TINY_TOKENIZER_MIN_VOCAB, load_tokenizer, stop_token_ids, train_tiny_tokenizer
 from rlpa_jax.offline import sft
 from rlpa_jax.offline.teacher import scripted_dialogues
 from rlpa_jax.rl import advantages
@@ -72,6 +72,25 @@ def _one_of(key: str, value: str, table) -> str | None:
     return None if value in table else f"{key}={value!r} is not one of {', '.join(table)}"
 
 
+def _judge_matches_items(c: TrainConfig) -> str | None:
+    item_credit = advantages.lookup(c.ppo.advantage, c.ppo.credit).needs_item_credit and c.ppo.reward != "response"
+    if not item_credit or judges.matches_items(c.judges.kind):
+        return None
+    takers = [kind for kind in judges.JUDGES if judges.matches_items(kind)]
+    return (f"ppo.credit={c.ppo.credit} needs a profile judge that says which items matched, but judges.kind="
+            f"{c.judges.kind}'s only counts them; use judges.kind={' or '.join(takers)}, or another ppo.credit")
+
+
+def _tokenizer_vocabulary(c: TrainConfig) -> str | None:
+    if c.model.path is not None or c.model.tokenizer_path is not None:
+        return None  # the tokenizer is read from a folder, not trained to model.tiny.vocab_size
+    if c.model.tiny.vocab_size >= TINY_TOKENIZER_MIN_VOCAB:
+        return None
+    return (f"model.tiny.vocab_size={c.model.tiny.vocab_size} is too small for the tokenizer trained for the tiny "
+            f"model (model.path and model.tokenizer_path are null): a byte-level BPE with the Qwen special tokens "
+            f"needs at least {TINY_TOKENIZER_MIN_VOCAB} ids")
+
+
 # Cross-field checks of the names the config gives to implementations, against their tables (which
 # config.py, at the bottom of the import order, cannot see); config.load_config reports them with
 # everything else, each with where its value came from.
@@ -81,16 +100,32 @@ CONFIG_RULES = (
     (("rollout.generator",), lambda c: _one_of("rollout.generator", c.rollout.generator, GENERATORS)),
     (("user.kind",), lambda c: _one_of("user.kind", c.user.kind, users.USER_SIMULATORS)),
     (("judges.kind",), lambda c: _one_of("judges.kind", c.judges.kind, judges.JUDGES)),
+    # What the implementations can do (after the rules above: a name that is not theirs is skipped).
+    (("ppo.credit", "ppo.advantage", "ppo.reward", "judges.kind"), _judge_matches_items),
+    (("model.tiny.vocab_size", "model.path", "model.tokenizer_path"), _tokenizer_vocabulary),
 )
 
 
-def load_config(path=None, overrides: list[str] | None = None) -> TrainConfig:
-    """config.load_config with every name checked against the tables of implementations."""
-    return config_loading.load_config(path, overrides, CONFIG_RULES)
+def load_config(path=None, overrides: list[str] | None = None, job: str = "train") -> TrainConfig:
+    """config.load_config with every name checked against the tables of implementations, and the
+    rules of `job` (train, sft, dpo, eval: the program the config is for; config/rules.py)."""
+    return config_loading.load_config(path, overrides, CONFIG_RULES, job)
 
 
 def build_mesh(config: TrainConfig) -> jax.sharding.Mesh:
     return parallel.make_mesh(config.mesh)
+
+
+def check_rows_split(mesh: jax.sharding.Mesh, config: TrainConfig, key: str, rows: int, what: str) -> None:
+    """A batch of `rows` (config key `key`) splits over the mesh's data x fsdp devices. What the config
+    fixes of those axes is checked at load (config/rules.py); an axis at -1 is sized only now."""
+    data, fsdp = mesh.shape["data"], mesh.shape["fsdp"]
+    if rows % (data * fsdp) == 0:
+        return
+    sizes = f"mesh.data={config.mesh.data}, mesh.fsdp={config.mesh.fsdp}, mesh.tensor={config.mesh.tensor}"
+    raise ConfigError(f"{key}={rows} must be a multiple of the mesh's data x fsdp devices, {data} x {fsdp} = "
+                      f"{data * fsdp} here ({sizes} on {mesh.devices.size} of {jax.device_count()} devices; "
+                      f"{what} are split over them); set {key} to a multiple of {data * fsdp}, or fix the mesh sizes")
 
 
 def tokenizer_dir(config: TrainConfig) -> Path:
@@ -321,10 +356,9 @@ def build_training_parts(config: TrainConfig) -> TrainingParts:
     """Every part of a training run, built from `config` (nothing heavy runs: the initial policy,
     its SFT warm start included, is made when the trainer asks for it)."""
     mesh = build_mesh(config)
-    rows_split = mesh.shape["data"] * mesh.shape["fsdp"]
-    if config.ppo.micro_batch_size % rows_split:  # the mesh's size is known only now (mesh.fsdp=-1: all devices)
-        raise ValueError(f"ppo.micro_batch_size={config.ppo.micro_batch_size} must be a multiple of mesh data*fsdp="
-                         f"{rows_split} (rows are split over those devices)")
+    check_rows_split(mesh, config, "ppo.micro_batch_size", config.ppo.micro_batch_size, "each micro-batch's rows")
+    if config.sft.enabled:
+        check_rows_split(mesh, config, "sft.batch_size", config.sft.batch_size, "each SFT step's examples")
     model_cfg = model_config(config)
     tokenizer = build_tokenizer(config)
     train_personas = build_personas(config, "train")

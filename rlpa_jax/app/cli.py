@@ -83,12 +83,14 @@ def agree_or_exit(program: str, facts: Mapping[str, Any] | None, problem: str | 
         sys.exit(2)
 
 
-def load_config_or_exit(program: str, path: Path | None, overrides: list[str], arguments: Mapping[str, Any] | None = None):
-    """The validated config (names of implementations included); a bad file or override prints
-    every problem and exits with status 2. With several processes, they must agree on the config
-    and on `arguments` (the script's other command-line arguments) too."""
+def load_config_or_exit(program: str, path: Path | None, overrides: list[str], arguments: Mapping[str, Any] | None = None,
+                        job: str = "train"):
+    """The validated config (names of implementations and the rules of `job`, the program's kind:
+    train, sft, dpo, eval, included); a bad file or override prints every problem and exits with
+    status 2. With several processes, they must agree on the config and on `arguments` (the
+    script's other command-line arguments) too."""
     try:
-        config, problem = build.load_config(path, overrides), None
+        config, problem = build.load_config(path, overrides, job), None
     except ConfigError as error:
         config, problem = None, str(error)
     agree_or_exit(program, None if config is None else {"config": to_dict(config), "arguments": dict(arguments or {})},
@@ -103,12 +105,12 @@ def use_compilation_cache(config) -> None:
 
 
 def start_with_config(program: str, path: Path | None, overrides: list[str],
-                      arguments: Mapping[str, Any] | None = None):
+                      arguments: Mapping[str, Any] | None = None, job: str = "train"):
     """The opening of a launch script that runs a config: `start` (logs, the other processes), the
-    validated config or an exit (load_config_or_exit, with the script's other `arguments`), and the
-    compile cache under its output directory. Returns the config."""
+    validated config or an exit (load_config_or_exit, with the script's other `arguments` and its
+    `job`'s rules), and the compile cache under its output directory. Returns the config."""
     start(program)
-    config = load_config_or_exit(program, path, overrides, arguments)
+    config = load_config_or_exit(program, path, overrides, arguments, job)
     use_compilation_cache(config)
     return config
 

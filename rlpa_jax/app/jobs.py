@@ -69,6 +69,7 @@ def sft(config: TrainConfig, start: str = "new") -> dict:
     prepare_run_dir(config.run_dir, start, "sft")
     rollout = config.rollout
     mesh = build.build_mesh(config)
+    build.check_rows_split(mesh, config, "sft.batch_size", config.sft.batch_size, "each SFT step's examples")
     tokenizer = build.build_tokenizer(config)
     model_config = build.model_config(config)
     params = build.build_policy(config, model_config, mesh)
@@ -158,6 +159,7 @@ def dpo(config: TrainConfig, start: str = "new") -> dict:
     prepare_run_dir(config.run_dir, start, "dpo")
     rollout, settings = config.rollout, config.dpo
     mesh = build.build_mesh(config)
+    build.check_rows_split(mesh, config, "dpo.batch_size", settings.batch_size, "each DPO step's preference pairs")
     model_config = build.model_config(config)
     system_prompt = load_prompt(rollout.system_prompt)
     if config.model.init_checkpoint is not None:

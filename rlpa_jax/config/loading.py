@@ -21,14 +21,15 @@ from rlpa_jax.config.rules import CrossFieldRule, check_rules
 from rlpa_jax.config.tree import DEFAULT_CONFIG, TrainConfig
 
 
-def validate(config: TrainConfig, where: str = "config") -> TrainConfig:
-    """Every option against its domain, then the cross-field rules on the config with each role's
-    unset LLM fields filled from its parents; one ConfigError lists every problem. Returns that
-    filled-in config (a new one: `config` is left as it is)."""
+def validate(config: TrainConfig, where: str = "config", job: str = "train") -> TrainConfig:
+    """Every option against its domain, then the cross-field rules (those of every job and `job`'s
+    own: config/rules.py JOB_RULES) on the config with each role's unset LLM fields filled from its
+    parents; one ConfigError lists every problem. Returns that filled-in config (a new one: `config`
+    is left as it is)."""
     problems = Problems(lambda key: None)
     check_domains(config, "", problems)
     config = with_inherited_llm_sections(config)  # each role's section becomes the endpoint it uses
-    check_rules(config, problems)
+    check_rules(config, problems, job=job)
     problems.raise_if_any(where)
     return config
 
@@ -73,11 +74,12 @@ def _set_override(tree: dict, path: list[str], value: Any, cls=TrainConfig) -> s
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                rules: Sequence[tuple[tuple[str, ...], CrossFieldRule]] = ()) -> TrainConfig:
+                rules: Sequence[tuple[tuple[str, ...], CrossFieldRule]] = (), job: str = "train") -> TrainConfig:
     """Read YAML (default configs/tiny.yaml), apply dotted overrides, check everything at once.
 
     `rules` are more cross-field checks, (keys they read, check), from the layers that know what a
-    name means (rlpa_jax/app/build.py checks every kind against the table of implementations)."""
+    name means (rlpa_jax/app/build.py checks every kind against the table of implementations).
+    `job` is the program the config is for (train, sft, dpo, eval): its own rules are checked too."""
     path = Path(path) if path else DEFAULT_CONFIG
     try:
         tree = yaml.safe_load(path.read_text()) or {}
@@ -105,6 +107,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     config = build_section(TrainConfig, tree, "", problems)
     check_domains(config, "", problems)  # before inheriting: a bad value is reported where it was set
     config = with_inherited_llm_sections(config)
-    check_rules(config, problems, rules)
+    check_rules(config, problems, rules, job)
     problems.raise_if_any(f"{path}{' with overrides' if overrides else ''}")
     return config

@@ -1,10 +1,16 @@
 """Cross-field rules of the config tree: checks that read several options (a batch that splits into
 micro-batches, heads that split over the mesh, one rate limit per endpoint...). Each names the keys
 it reads, so a rule whose inputs already failed is skipped (and never divides by a zero that was
-already reported)."""
+already reported).
+
+Every rule holds for every job; a few more hold only for the job that reads their options
+(JOB_RULES: launch/sft.py's SFT batch, launch/dpo.py's DPO batch, launch/eval.py's judge), so a PPO
+config is not refused for a section it never reads. What only the machine decides (a mesh axis at
+-1 takes the remaining devices) is checked when the mesh is built (rlpa_jax/app/build.py)."""
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 from rlpa_jax.config.llm_sections import LLM_PARENTS, LLM_ROLES, section_at
@@ -13,11 +19,13 @@ from rlpa_jax.config.tree import TrainConfig
 
 CrossFieldRule = Callable[[TrainConfig], "str | None"]
 CROSS_FIELD_RULES: list[tuple[tuple[str, ...], CrossFieldRule]] = []
+# The programs that load a config (the `job` of load_config) and the rules each adds to the others.
+JOB_RULES: dict[str, list[tuple[tuple[str, ...], CrossFieldRule]]] = {"train": [], "sft": [], "dpo": [], "eval": []}
 
 
-def _rule(*keys: str):
+def _rule(*keys: str, job: str | None = None):
     def register(check: CrossFieldRule) -> CrossFieldRule:
-        CROSS_FIELD_RULES.append((keys, check))
+        (CROSS_FIELD_RULES if job is None else JOB_RULES[job]).append((keys, check))
         return check
 
     return register
@@ -29,6 +37,39 @@ def _whole_micro_batches(c: TrainConfig) -> str | None:
         return (f"ppo.train_batch_size={c.ppo.train_batch_size} must be a multiple of "
                 f"ppo.micro_batch_size={c.ppo.micro_batch_size}")
     return None
+
+
+def _rows_split_over_the_mesh(c: TrainConfig, key: str, rows: int, what: str) -> str | None:
+    """A batch's rows are split over the mesh's data x fsdp devices, so their count must be a multiple
+    of what the config fixes of that product (an axis at -1 is known once the mesh is built)."""
+    fixed = {name: size for name, size in (("mesh.data", c.mesh.data), ("mesh.fsdp", c.mesh.fsdp)) if size != -1}
+    devices = math.prod(fixed.values())
+    if rows % devices == 0:
+        return None
+    free = [name for name in ("mesh.data", "mesh.fsdp") if name not in fixed]
+    remaining = f"; {free[0]}=-1 takes the remaining devices" if free else ""
+    return (f"{key}={rows} must be a multiple of {'*'.join(fixed)}={devices} ({what} are split over the mesh's "
+            f"data x fsdp devices{remaining})")
+
+
+@_rule("ppo.micro_batch_size", "mesh.data", "mesh.fsdp")
+def _micro_batches_split_over_the_mesh(c: TrainConfig) -> str | None:
+    return _rows_split_over_the_mesh(c, "ppo.micro_batch_size", c.ppo.micro_batch_size, "each micro-batch's rows")
+
+
+def _sft_batches_split_over_the_mesh(c: TrainConfig) -> str | None:
+    return _rows_split_over_the_mesh(c, "sft.batch_size", c.sft.batch_size, "each SFT step's examples")
+
+
+# PPO's warm start reads the sft section when it is enabled; launch/sft.py always does.
+_rule("sft.batch_size", "sft.enabled", "mesh.data", "mesh.fsdp")(
+    lambda c: _sft_batches_split_over_the_mesh(c) if c.sft.enabled else None)
+_rule("sft.batch_size", "mesh.data", "mesh.fsdp", job="sft")(_sft_batches_split_over_the_mesh)
+
+
+@_rule("dpo.batch_size", "mesh.data", "mesh.fsdp", job="dpo")
+def _dpo_batches_split_over_the_mesh(c: TrainConfig) -> str | None:
+    return _rows_split_over_the_mesh(c, "dpo.batch_size", c.dpo.batch_size, "each DPO step's preference pairs")
 
 
 @_rule("rollout.conversations", "rollout.pipeline_groups")
@@ -83,7 +124,7 @@ def _whole_kv_groups(c: TrainConfig) -> str | None:
     return None
 
 
-def _endpoint_rule(section: str, needed: Callable[[TrainConfig], str | None]) -> None:
+def _endpoint_rule(section: str, needed: Callable[[TrainConfig], str | None], job: str | None = None) -> None:
     """A role that talks to an LLM (`needed` says why, or None) must have an endpoint (base_url) or,
     on backend local, a checkpoint folder."""
     parents = [section]
@@ -91,7 +132,7 @@ def _endpoint_rule(section: str, needed: Callable[[TrainConfig], str | None]) ->
         parents.append(LLM_PARENTS[parents[-1]])
 
     # (a parent's bad URL is inherited, so it is reported once, as itself)
-    @_rule(f"{section}.base_url", f"{section}.backend", f"{section}.checkpoint")
+    @_rule(f"{section}.base_url", f"{section}.backend", f"{section}.checkpoint", job=job)
     def has_endpoint(c: TrainConfig) -> str | None:
         reason = needed(c)
         role = section_at(c, section)
@@ -112,10 +153,12 @@ _endpoint_rule("user.llm", lambda c: "user.kind=llm" if c.user.kind == "llm" els
 _endpoint_rule("judges.profile.llm", lambda c: "judges.kind=llm" if c.judges.kind == "llm" else None)
 _endpoint_rule("judges.response.llm", lambda c: "judges.kind=llm" if c.judges.kind == "llm" else None)
 _endpoint_rule("judges.llm", lambda c: "data.extractor=llm" if c.data.extractor == "llm" else None)
-# The evaluation's judge needs its model only in launch/eval.py (which checks its base_url there); a
-# local one without a checkpoint is wrong wherever it is read.
+# The evaluation's judge needs its model only in launch/eval.py (its job's rule); a local one without
+# a checkpoint is wrong wherever it is read.
 _endpoint_rule("eval.judge.llm",
                lambda c: "judges.kind=llm" if c.judges.kind == "llm" and c.eval.judge.llm.backend == "local" else None)
+_endpoint_rule("eval.judge.llm", lambda c: "the evaluation's judge (judges.kind=llm)" if c.judges.kind == "llm" else None,
+               job="eval")
 
 
 @_rule(*(f"{key}.rpm" for key in LLM_ROLES.values()))
@@ -136,8 +179,11 @@ def _one_limit_per_endpoint(c: TrainConfig) -> str | None:
 
 
 def check_rules(config: TrainConfig, problems: Problems,
-                 extra_rules: Sequence[tuple[tuple[str, ...], CrossFieldRule]] = ()) -> None:
-    for keys, check in [*CROSS_FIELD_RULES, *extra_rules]:
+                extra_rules: Sequence[tuple[tuple[str, ...], CrossFieldRule]] = (), job: str = "train") -> None:
+    """Every rule, `job`'s own (a key of JOB_RULES) and `extra_rules` on `config`, into `problems`."""
+    if job not in JOB_RULES:
+        raise ValueError(f"config rules: job {job!r} is not one of {', '.join(JOB_RULES)}")
+    for keys, check in [*CROSS_FIELD_RULES, *JOB_RULES[job], *extra_rules]:
         if problems.bad_keys.intersection(keys):
             continue
         text = check(config)

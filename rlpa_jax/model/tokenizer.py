@@ -92,6 +92,8 @@ QWEN25_CHAT_TEMPLATE = r"""{%- if tools %}
 # A directory holds a loadable tokenizer when it has one of these (alone or as a pair).
 _TOKENIZER_FILE_SETS = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("tokenizer.model",))
 _BYTE_ALPHABET_SIZE = 256
+# The smallest vocabulary train_tiny_tokenizer makes: every byte and the Qwen special tokens.
+TINY_TOKENIZER_MIN_VOCAB = _BYTE_ALPHABET_SIZE + len(QWEN_SPECIAL_TOKENS)
 # Same as the Qwen2.5 tokenizer_config.json; it only bounds truncation warnings, not the model.
 _QWEN25_MODEL_MAX_LENGTH = 131072
 
@@ -158,7 +160,7 @@ def train_tiny_tokenizer(output_dir: str | Path, texts: Iterable[str], vocab_siz
 
     Deterministic: the same arguments write byte-identical tokenizer.json and tokenizer_config.json.
     """
-    minimum = _BYTE_ALPHABET_SIZE + len(QWEN_SPECIAL_TOKENS)
+    minimum = TINY_TOKENIZER_MIN_VOCAB
     if vocab_size < minimum:
         raise ValueError(
             f"vocab_size={vocab_size} is too small: a byte-level BPE with the Qwen special tokens "

@@ -123,9 +123,24 @@ def gae_across_turns(experience: Experience, credit: CreditScheme, settings: Adv
     return ppo.gae_advantages(rewards, experience.old_values, experience.response_mask, settings.gamma, settings.lam)
 
 
+def whole_group_advantages(scores: np.ndarray, valid: np.ndarray, group_size: int):
+    """ppo.group_advantages over rows that may end inside a group: an iteration's rows are padded
+    to a multiple of ppo.micro_batch_size, which need not be one of rollout.samples_per_prompt (6
+    rows for one prompt of 4 samples). The rows past the last whole group are padding; they are
+    completed to a group of unscored rows (no advantage, no effect on any statistic) and cut off
+    again. Rows in whole groups take the path they always took."""
+    rows = len(scores)
+    missing = -rows % group_size
+    if not missing:
+        return ppo.group_advantages(scores, group_size, valid)
+    scores = np.concatenate([np.asarray(scores, np.float32), np.zeros(missing, np.float32)])
+    valid = np.concatenate([np.asarray(valid, bool), np.zeros(missing, bool)])
+    return np.asarray(ppo.group_advantages(scores, group_size, valid))[:rows]
+
+
 def group_relative(experience: Experience, credit: CreditScheme, settings: AdvantageSettings):
     """Group advantages of each block on its tokens; the KL enters as a per-token penalty on top."""
-    blocks = [ppo.expand_to_tokens(ppo.group_advantages(block.scores, settings.group_size, experience.valid),
+    blocks = [ppo.expand_to_tokens(whole_group_advantages(block.scores, experience.valid, settings.group_size),
                                    block.mask) for block in credit.blocks(experience)]
     advantages = sum(blocks[1:], blocks[0])
     if credit.token_credit is not None:

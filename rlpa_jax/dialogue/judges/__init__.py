@@ -47,6 +47,16 @@ JUDGES: dict[str, Callable[[JudgeConfig], JudgePair]] = {
 }
 
 
+# Each kind's profile judge class, so that what a config asks of a kind is checked at load, before
+# any judge is built (app/build.py: ppo.credit=item needs one that says which items matched).
+PROFILE_JUDGE_TYPES: dict[str, type] = {"embedded": EmbeddedProfileJudge, "llm": LLMProfileJudge}
+
+
+def matches_items(kind: str) -> bool:
+    """Whether judges.kind's profile judge says which inferred items matched (an ItemMatchingJudge)."""
+    return issubclass(PROFILE_JUDGE_TYPES[kind], ItemMatchingJudge)
+
+
 def build_judges(section: JudgeConfig) -> JudgePair:
     """The (profile judge, response judge) that `section.kind` names in JUDGES."""
     if section.kind not in JUDGES:
@@ -56,6 +66,7 @@ def build_judges(section: JudgeConfig) -> JudgePair:
 
 __all__ = [
     "JUDGES",
+    "PROFILE_JUDGE_TYPES",
     "ItemMatchingJudge",
     "JudgePair",
     "ProfileJudge",
@@ -63,5 +74,6 @@ __all__ = [
     "ResponseRequest",
     "TurnScore",
     "build_judges",
+    "matches_items",
     "score_turn",
 ]
