@@ -20,8 +20,11 @@ from typing import Callable
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-DEADLINE_S = 150  # per multi-process run; they take seconds, minutes only on a starved machine
-PPO_DEADLINE_S = 600  # a PPO run compiles its sampler, forwards and updates (minutes on 2 busy cores)
+# Per multi-process run, hang guards only. Beside other work (load average 7 on 2 cores) the runs of
+# tests/test_multihost.py took 10-30 s each; a PPO run, which compiles its sampler, forwards and
+# updates, took about 130 s (tests/test_multihost_turn.py: three in 392 s).
+DEADLINE_S = 300
+PPO_DEADLINE_S = 600
 CHILD_XLA_FLAGS = ("--xla_force_host_platform_device_count=4 --xla_cpu_collective_call_terminate_timeout_seconds=1800 "
                    "--xla_cpu_collective_call_warn_stuck_timeout_seconds=300")
 
