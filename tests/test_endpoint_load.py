@@ -37,8 +37,9 @@ def tokenizer(tmp_path_factory):
 def test_a_rollout_keeps_within_the_rpm_and_scores_every_sample(tokenizer):
     def environment(base_url: str, limit: int | None) -> Environment:
         def client() -> LLMClient:  # a client per role, one endpoint: the roles share its limiter
+            # timeout_s: a hang guard (the server answers in at most 2/12 s)
             return LLMClient(LLMConfig(base_url=base_url, model="gpt-4o-mini", rpm=limit, limit_window_s=WINDOW_S,
-                                       max_concurrency=32, max_retries=6, backoff_max_s=WINDOW_S, timeout_s=10.0))
+                                       max_concurrency=32, max_retries=6, backoff_max_s=WINDOW_S, timeout_s=60.0))
 
         return Environment(tokenizer, load_prompt("policy_system"), LLMUser(client()), LLMProfileJudge(client()),
                            LLMResponseJudge(client()), max_prompt_tokens=2048)

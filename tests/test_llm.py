@@ -7,11 +7,13 @@ fail-fast 4xx, Retry-After, the JSONL cache, key hygiene, usage counters and run
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import math
 import random
 import re
+import threading
 import time
 from pathlib import Path
 
@@ -26,7 +28,9 @@ from rlpa_jax.dialogue.llm.retries import backoff_delay_s, parse_retry_after_s
 
 SECRET_KEY = "sk-test-secret-7f3a9c"
 KEY_ENV = "RLPA_TEST_LLM_KEY"
-FAST = dict(backoff_initial_s=0.01, backoff_max_s=0.05, timeout_s=5.0)
+# timeout_s: a hang guard, never reached by an answering server however loaded the machine (the
+# timeout tests set their own).
+FAST = dict(backoff_initial_s=0.01, backoff_max_s=0.05, timeout_s=60.0)
 # A request the server holds far past any client timeout here, even on a loaded machine (closing
 # the server cuts it short): a client that waited it out would get this reply, not the retry's.
 HANG_S = 60.0
@@ -118,8 +122,14 @@ def test_bad_messages_are_rejected_before_any_request() -> None:
 
 def test_concurrency_is_bounded_and_results_keep_batch_order() -> None:
     jitter = random.Random(0)
+    arrivals = itertools.count()
+    # The first 4 requests are held until all 4 are in, so the limit is reached however slowly a
+    # loaded machine sends them (60 s: a hang guard, waited out only by a client sending fewer).
+    first_four = threading.Barrier(4, timeout=60)
 
     def slow_echo(request: dict) -> Reply:
+        if next(arrivals) < 4:
+            first_four.wait()
         # Uneven delays make completion order differ from submission order.
         return Reply(content=last_user_text(request).upper(), hang_s=0.05 + 0.1 * jitter.random())
 

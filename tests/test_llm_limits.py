@@ -19,7 +19,7 @@ from rlpa_jax.dialogue.llm.limiter import RateLimiter, RateLimits, estimate_toke
 from rlpa_jax.dialogue.llm.usage import LLMMeter, LLMUsage, Prices, processes_metrics, progress_postfix, role_metrics
 from rlpa_jax.runtime import multihost
 
-FAST = dict(backoff_initial_s=0.01, backoff_max_s=5.0, timeout_s=10.0)
+FAST = dict(backoff_initial_s=0.01, backoff_max_s=5.0, timeout_s=60.0)  # timeout_s: a hang guard
 
 
 def make_client(server: OpenAIServer, model: str = "m", **overrides: object) -> LLMClient:
