@@ -145,7 +145,7 @@ def scenario_restore(out_dir: Path) -> dict:
 
 
 def scenario_wait(out_dir: Path) -> dict:
-    """Both processes meet in collectives forever; the test kills one and times the other's exit."""
+    """Both processes meet in collectives forever; the test kills one, and the other must stop by itself."""
     mesh = parallel.make_mesh(MESH)
     (out_dir / f"ready{multihost.process_index()}").write_text("ready")
     for _ in range(100_000):

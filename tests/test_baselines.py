@@ -351,7 +351,8 @@ def test_self_critic_and_cot_end_to_end_with_chat_policy(monkeypatch: pytest.Mon
     histories = [conversation("Hello"), conversation("Hello", "Hi there!", "I paint murals.")]
 
     async def run(server: OpenAIServer) -> tuple[list[PolicyTurn], list[PolicyTurn]]:
-        client = LLMClient(LLMConfig(base_url=server.base_url, model="m", api_key_env=KEY_ENV, timeout_s=10.0))
+        # timeout_s: a hang guard
+        client = LLMClient(LLMConfig(base_url=server.base_url, model="m", api_key_env=KEY_ENV, timeout_s=60.0))
         base = ChatPolicy(client, system_prompt=BASE_PROMPT, name="chat-m")
         try:
             critic = await make_baseline("self_critic", base).respond(histories)

@@ -3,7 +3,8 @@
 The errors are real where this machine can make them: a path through a regular file (ENOTDIR), a
 directory opened as a file (EISDIR), a missing parent (ENOENT), a hard link to a directory (EPERM, even
 for root), a read-only and a full tmpfs mounted in a private mount namespace (`unshare -m`, so nothing
-leaks into the machine's mounts), and a write as user nobody (EACCES: root ignores permission bits).
+leaks into the machine's mounts), and a write into a directory without write permission (EACCES; a
+child run as root becomes user nobody first, since root ignores permission bits).
 Only EDQUOT is raised by hand: no file system here has quotas. Cases the machine cannot make skip.
 """
 
@@ -25,14 +26,19 @@ CHILD = """
 import sys
 sys.path.insert(0, {repo!r})
 from rlpa_jax.app import cli
+{before}
 with cli.exit_on_os_error("train.py"):
 {body}
 """
+# Child processes import jax and the whole package: minutes at most on a loaded machine; this
+# only guards against a hang.
+CHILD_HANG_GUARD_S = 300
 
 
-def child_code(body: str) -> str:
+def child_code(body: str, before: str = "") -> str:
+    """A child that imports cli, runs `before`, then `body` inside exit_on_os_error."""
     indented = "\n".join("    " + line for line in body.strip().splitlines())
-    return CHILD.format(repo=str(REPO), body=indented)
+    return CHILD.format(repo=str(REPO), before=before, body=indented)
 
 
 def one_line_exit(capsys, block) -> str:
@@ -140,7 +146,7 @@ def test_other_exceptions_pass_through_unchanged(tmp_path):
 
 def test_a_bug_prints_its_traceback():
     result = subprocess.run([sys.executable, "-c", child_code("1 / 0")], capture_output=True, text=True,
-                            timeout=60)
+                            timeout=CHILD_HANG_GUARD_S)
     assert result.returncode == 1
     assert "Traceback (most recent call last)" in result.stderr and "ZeroDivisionError" in result.stderr
 
@@ -166,8 +172,8 @@ def run_on_tmpfs(mountpoint: Path, options: str, body: str, before: str = "") ->
     mountpoint.mkdir()
     shell = (f"mount -t tmpfs -o size=64k,{options} tmpfs '{mountpoint}' || exit 99; {before} "
              f"exec '{sys.executable}' -c \"$CHILD_CODE\"")
-    return subprocess.run(["unshare", "-m", "sh", "-c", shell], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "CHILD_CODE": child_code(body)})
+    return subprocess.run(["unshare", "-m", "sh", "-c", shell], capture_output=True, text=True,
+                          timeout=CHILD_HANG_GUARD_S, env={**os.environ, "CHILD_CODE": child_code(body)})
 
 
 def test_a_read_only_file_system(tmp_path, private_mounts):
@@ -198,21 +204,31 @@ def test_a_full_file_system_hit_by_a_plain_write(tmp_path, private_mounts):
                              "No space left on device (errno 28, ENOSPC)\n")
 
 
+# Root ignores permission bits, so a child running as root becomes user nobody, after its imports:
+# nobody needs no access to the checkout (a fresh clone may sit under a mode-700 directory).
+AS_NOBODY = """
+import os
+try:
+    os.setgroups([])
+    os.setgid(65534)
+    os.setuid(65534)
+except PermissionError as error:
+    sys.exit(f"cannot switch to user nobody: {error}")
+"""
+
+
 def test_permission_denied():
-    if shutil.which("setpriv") is None:
-        pytest.skip("setpriv is not installed")
     # Under /tmp, not pytest's tmp_path: pytest makes its base directory 0700, which nobody cannot search.
-    locked = Path(tempfile.mkdtemp(prefix="rlpa-eacces-"))  # owned by root; 0755: nobody may not add entries
+    locked = Path(tempfile.mkdtemp(prefix="rlpa-eacces-"))
     try:
-        locked.chmod(0o755)
-        code = child_code(f"cli.check_writable({str(locked / 'run')!r})")
-        # Matplotlib (imported with the trainer) wants a config directory nobody can write: give it /tmp.
-        result = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
-                                 "-c", code], capture_output=True, text=True, timeout=60, cwd="/",
-                                env=os.environ | {"MPLCONFIGDIR": "/tmp"})
+        locked.chmod(0o555)  # searchable, but no one except root may add entries
+        code = child_code(f"cli.check_writable({str(locked / 'run')!r})", before=AS_NOBODY if os.geteuid() == 0 else "")
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                timeout=CHILD_HANG_GUARD_S, cwd="/")
     finally:
+        locked.chmod(0o700)
         shutil.rmtree(locked)
-    if "setpriv:" in result.stderr:
-        pytest.skip(f"cannot switch to user nobody: {result.stderr.strip()}")
+    if result.stderr.startswith("cannot switch to user nobody"):
+        pytest.skip(result.stderr.strip())
     assert result.returncode == 1, result.stderr
     assert result.stderr == f"train.py: cannot access {locked / 'run'}: Permission denied (errno 13, EACCES)\n"

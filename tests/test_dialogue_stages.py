@@ -83,7 +83,7 @@ def test_llm_kinds_talk_to_the_configured_endpoint():
 
     with OpenAIServer(handler) as server:
         def section(model: str) -> LLMSection:
-            return LLMSection(base_url=server.base_url, model=model, max_retries=0, timeout_s=5.0)
+            return LLMSection(base_url=server.base_url, model=model, max_retries=0, timeout_s=60.0)  # a hang guard
 
         user = build_user(UserConfig(kind="llm", llm=section("user-sim")))
         profile_judge, _ = build_judges(JudgeConfig(kind="llm", llm=section("judge")))

@@ -28,7 +28,7 @@ def test_a_script_restarts_once_with_the_tunables_in_the_same_process():
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "RLPA_HOST_ALLOCATOR")}
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
     out = subprocess.run([sys.executable, "-c", script, "an-argument"], env=env, capture_output=True, text=True,
-                         check=True, timeout=60).stdout.split("\n")
+                         check=True, timeout=60).stdout.split("\n")  # timeout: a hang guard (two bare starts)
     starts = [line for line in out if line.startswith("start")]
     runs = [line for line in out if line.startswith("run")]
     assert len(starts) == 2 and len(runs) == 1  # restarted once, ran once

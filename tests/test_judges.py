@@ -259,7 +259,7 @@ def test_score_turn_cases():
 def llm_client(server: OpenAIServer) -> LLMClient:
     return LLMClient(
         LLMConfig(base_url=server.base_url, model="judge", max_retries=0, backoff_initial_s=0.0,
-                  backoff_max_s=0.0, timeout_s=5.0)
+                  backoff_max_s=0.0, timeout_s=60.0)  # timeout_s: a hang guard
     )
 
 

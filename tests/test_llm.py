@@ -7,9 +7,13 @@ fail-fast 4xx, Retry-After, the JSONL cache, key hygiene, usage counters and run
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
+import math
 import random
+import re
+import threading
 import time
 from pathlib import Path
 
@@ -24,7 +28,12 @@ from rlpa_jax.dialogue.llm.retries import backoff_delay_s, parse_retry_after_s
 
 SECRET_KEY = "sk-test-secret-7f3a9c"
 KEY_ENV = "RLPA_TEST_LLM_KEY"
-FAST = dict(backoff_initial_s=0.01, backoff_max_s=0.05, timeout_s=5.0)
+# timeout_s: a hang guard, never reached by an answering server however loaded the machine (the
+# timeout tests set their own).
+FAST = dict(backoff_initial_s=0.01, backoff_max_s=0.05, timeout_s=60.0)
+# A request the server holds far past any client timeout here, even on a loaded machine (closing
+# the server cuts it short): a client that waited it out would get this reply, not the retry's.
+HANG_S = 60.0
 
 
 @pytest.fixture(autouse=True)
@@ -113,8 +122,14 @@ def test_bad_messages_are_rejected_before_any_request() -> None:
 
 def test_concurrency_is_bounded_and_results_keep_batch_order() -> None:
     jitter = random.Random(0)
+    arrivals = itertools.count()
+    # The first 4 requests are held until all 4 are in, so the limit is reached however slowly a
+    # loaded machine sends them (60 s: a hang guard, waited out only by a client sending fewer).
+    first_four = threading.Barrier(4, timeout=60)
 
     def slow_echo(request: dict) -> Reply:
+        if next(arrivals) < 4:
+            first_four.wait()
         # Uneven delays make completion order differ from submission order.
         return Reply(content=last_user_text(request).upper(), hang_s=0.05 + 0.1 * jitter.random())
 
@@ -171,27 +186,29 @@ def test_retryable_failure_then_success(first_reply: Reply, status: str, caplog:
     assert status in caplog.text  # the retry is logged with its reason
 
 
-def test_hang_past_timeout_is_abandoned_then_retried() -> None:
-    with OpenAIServer(scripted(Reply(hang_s=10), Reply(content="on time"))) as server:
-        client = make_client(server, timeout_s=0.3, max_retries=2)
+def test_hang_past_timeout_is_abandoned_then_retried(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="rlpa_jax.dialogue.llm.client")
+    with OpenAIServer(scripted(Reply(hang_s=HANG_S), Reply(content="on time"))) as server:
+        client = make_client(server, timeout_s=1.0, max_retries=2)
         started = time.monotonic()
         assert call(client, user("hi")) == "on time"
         elapsed_s = time.monotonic() - started
-    assert 0.3 <= elapsed_s < 2.0
+    assert elapsed_s >= 1.0  # the first attempt ran its whole timeout
+    assert "timeout: no answer within 1s; retry 1/2" in caplog.text
     assert client.usage.retries == 1 and len(server.requests) == 2
+    # The retry reached the server while it still held the first request: abandoned, not waited out.
+    assert server.max_in_flight == 2
 
 
 def test_every_attempt_hanging_raises_after_timeouts() -> None:
-    with OpenAIServer(scripted(Reply(hang_s=10))) as server:
-        client = make_client(server, timeout_s=0.2, max_retries=1)
-        started = time.monotonic()
+    with OpenAIServer(scripted(Reply(hang_s=HANG_S))) as server:
+        client = make_client(server, timeout_s=1.0, max_retries=1)
         error = call_error(client, user("hi"))
-        elapsed_s = time.monotonic() - started
-        close_started = time.monotonic()
-    assert time.monotonic() - close_started < 2.0  # closing the server does not wait out a hang
-    assert elapsed_s < 2.0
+        # Both requests are still held by the server: the client gave up on them, it did not wait.
+        still_held = server.in_flight
     assert error.status == "timeout" and len(error.attempts) == 2
     assert all(attempt.startswith("timeout") for attempt in error.attempts)
+    assert len(server.requests) == 2 and still_held == 2
 
 
 def test_client_error_fails_at_once_without_retry() -> None:
@@ -221,21 +238,24 @@ def test_exhausted_retries_list_every_attempt() -> None:
     assert client.usage.retries == 3 and client.usage.failures == 1 and client.usage.requests == 4
 
 
-def test_retry_after_header_is_honoured() -> None:
+def test_retry_after_header_is_honoured(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="rlpa_jax.dialogue.llm.client")
     with OpenAIServer(scripted(Reply(status=429, retry_after_s=0.4), "after wait")) as server:
         client = make_client(server, backoff_max_s=5.0)
-        started = time.monotonic()
         assert call(client, user("hi")) == "after wait"
-        elapsed_s = time.monotonic() - started
-    assert 0.4 <= elapsed_s < 3.0  # the jittered backoff alone would be at most 0.01 s
+    assert re.search(r"retry-after 0\.4s\); retry 1/\d+ in 0\.400s", caplog.text)  # not the jitter's <= 0.01 s
+    refused, retried = server.arrivals
+    assert retried - refused >= 0.4  # the server saw no retry before the moment it named
 
 
-def test_retry_after_is_capped_by_backoff_max() -> None:
+def test_retry_after_is_capped_by_backoff_max(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="rlpa_jax.dialogue.llm.client")
     with OpenAIServer(scripted(Reply(status=503, retry_after_s=60), "soon")) as server:
         client = make_client(server, backoff_max_s=0.1)
-        started = time.monotonic()
         assert call(client, user("hi")) == "soon"
-    assert time.monotonic() - started < 2.0
+    assert re.search(r"retry-after 60s\); retry 1/\d+ in 0\.100s", caplog.text)  # backoff_max_s, not the 60 s
+    refused, retried = server.arrivals
+    assert retried - refused >= 0.1
 
 
 def test_backoff_is_full_jitter_under_an_exponential_ceiling() -> None:
@@ -253,8 +273,10 @@ def test_parse_retry_after_forms() -> None:
     assert parse_retry_after_s({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
     assert parse_retry_after_s({}) is None
     assert parse_retry_after_s({"retry-after": "soon-ish"}) is None
-    http_date = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 30))
-    assert 25 <= parse_retry_after_s({"retry-after": http_date}) <= 31
+    before = time.time()
+    moment = math.floor(before + 30)  # an HTTP date says whole seconds
+    waited = parse_retry_after_s({"retry-after": time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(moment))})
+    assert moment - time.time() <= waited <= moment - before  # counted from the moment it was parsed
 
 
 # --- cache ------------------------------------------------------------------------

@@ -115,7 +115,7 @@ def test_processes_that_disagree_on_the_config_all_stop_with_one_message(tmp_pat
     assert not (tmp_path / "runs").exists()  # nothing ran
 
 
-def test_a_killed_process_stops_the_other_within_the_heartbeat_timeout(tmp_path):
+def test_a_killed_process_stops_the_other_through_the_heartbeat(tmp_path):
     heartbeat_s = 5
     children = start_processes(lambda _: [str(REPO / "tests" / "multihost_worker.py"), "wait", str(tmp_path)], tmp_path,
                                extra_env={"RLPA_DISTRIBUTED_HEARTBEAT_TIMEOUT_S": str(heartbeat_s)})
@@ -127,13 +127,12 @@ def test_a_killed_process_stops_the_other_within_the_heartbeat_timeout(tmp_path)
             time.sleep(0.2)
         time.sleep(1.0)  # both in the loop of collectives
         children[1].send_signal(signal.SIGKILL)
-        killed = time.monotonic()
-        survivor = finish(children[:1], tmp_path, deadline_s=60)[0]
-        waited = time.monotonic() - killed
+        # It stops by itself, ~heartbeat_s later on an idle machine; the deadline only guards against
+        # it never noticing (collectives would wait for the dead peer for XLA's 30-minute timeout).
+        survivor = finish(children[:1], tmp_path)[0]
     finally:
         for child in children:
             if child.poll() is None:
                 child.kill()
     assert survivor.returncode != 0
-    assert waited < 60  # ~heartbeat_s on an idle machine
     assert "another task died" in survivor.stderr or "heartbeat" in survivor.stderr, tail(tmp_path, 0)

@@ -24,9 +24,13 @@ def test_turn_schedule_over_two_processes_equals_one_process_and_resumes(tmp_pat
     assert_same_ppo_metrics(expected, got, ("pool_turn", "conversations_started", "conversations_finished"))
     reference, pair = np.load(alone_dir / "actor.npz"), np.load(pair_dir / "actor.npz")
     # Two updates whose gradients are summed over 2 processes in another order than over 8 devices
-    # of one: float32 rounding, about 1e-7 relative per add, grows through Adam's normalisation to
-    # ~2e-5 on a few of the 38,400 weights (seen: one weight of 1.7e-3 off by 1.7e-5). 5e-5 still
-    # fails any real divergence (a wrong row or a missed step moves weights by ~1e-3).
+    # of one: float32 rounding, which Adam can make a whole step. It moves a weight by about its
+    # learning rate (~8e-6 here) whatever the gradient's size, and these gradients (rewards of 0:
+    # the entropy bonus and the KL term alone) are ~0 on many weights, where the rounding picks the step's
+    # sign: one weight came out 1.7e-5 off (one step flipped); a flip in each of the 2 steps would
+    # be ~3.3e-5. The weights cannot show a missed or extra step (one more iteration moved them by
+    # at most 1.6e-5, measured); the metrics compared above at 1e-5 do, and the final norm's output
+    # scale, which moves 5e-3 a step.
     for name in reference.files:
         np.testing.assert_allclose(pair[name], reference[name], atol=5e-5)
     # Every process holds the one-process run's whole pool after every iteration (histories, user

@@ -44,7 +44,7 @@ PLACEHOLDER = re.compile(r"\{[a-z_]+\}")
 
 def client_for(server: OpenAIServer) -> LLMClient:
     return LLMClient(LLMConfig(base_url=server.base_url, model="m", max_retries=0, backoff_initial_s=0.0,
-                               backoff_max_s=0.0, timeout_s=5.0))
+                               backoff_max_s=0.0, timeout_s=60.0))  # timeout_s: a hang guard
 
 
 def run_and_close(client: LLMClient, coroutine):

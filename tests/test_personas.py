@@ -358,7 +358,8 @@ PAIRS = [
 
 def run_extractor(base_url: str, cache_path: Path, pairs: list[tuple[str, str]], **kwargs: int) -> list:
     async def go() -> list:
-        client = LLMClient(LLMConfig(base_url=base_url, model="test-model", max_retries=0, timeout_s=10))
+        # timeout_s: a hang guard
+        client = LLMClient(LLMConfig(base_url=base_url, model="test-model", max_retries=0, timeout_s=60))
         try:
             return await LLMProfileExtractor(client, cache_path, **kwargs).extract_many(pairs)
         finally:

@@ -267,7 +267,7 @@ def test_synthetic_personas_work_with_the_scripted_user():
 def llm_client(server: OpenAIServer, max_retries: int = 0) -> LLMClient:
     return LLMClient(
         LLMConfig(base_url=server.base_url, model="user-sim", max_retries=max_retries, backoff_initial_s=0.0,
-                  backoff_max_s=0.0, timeout_s=5.0)
+                  backoff_max_s=0.0, timeout_s=60.0)  # timeout_s: a hang guard
     )
 
 
