@@ -265,9 +265,9 @@ def describe_failure(error: BaseException) -> str:
 # Damage or trouble: what a failed read of a step says about it
 #
 # What orbax-checkpoint 0.12.8 and tensorstore 0.1.86 raise when a step's read fails, made for real
-# on a saved step (tests/test_checkpoint.py and test_checkpoint_read_failures.py make the kinds
-# marked *; the exception chain, outermost first, "TS" = tensorstore's ValueError whose text starts
-# with an absl status code):
+# on a saved step (tests/test_checkpoint.py, test_checkpoint_read_failures.py and test_trainer.py
+# make the kinds marked *; the exception chain, outermost first, "TS" = tensorstore's ValueError
+# whose text starts with an absl status code):
 #
 #   damage
 #   * array data file cut short     Exception("Encountered error while reading array index ...")
@@ -297,7 +297,7 @@ def describe_failure(error: BaseException) -> str:
 #   * a file that may not be read   TS "PERMISSION_DENIED: ... Permission denied [os_error_code='13']"
 #                                   (arrays); PermissionError errno 13 (JSON files, the step directory)
 #   * a directory that may not be   FileNotFoundError("Metadata file (named _METADATA) does not exist"),
-#     listed                        or for a tree of NamedTuples ValueError("pytree structure error:
+#   * listed                        or for a tree of NamedTuples ValueError("pytree structure error:
 #                                   different types at key path ..."): orbax's exists() answers False.
 #                                   `first_access_error` finds the file or directory at fault.
 #     a symbolic link loop          TS "UNKNOWN: ... Too many levels of symbolic links [os_error_code='40']"
