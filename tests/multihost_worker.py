@@ -9,8 +9,11 @@ OUT_DIR/process<k>.json for the test to compare with a one-process run.
 
 from __future__ import annotations
 
+import errno
 import faulthandler
+import io
 import json
+import os
 import runpy
 import signal
 import sys
@@ -20,11 +23,14 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
 from eval_launch_worker import device_get_of_own_arrays
 
 from rlpa_jax.app import build, jobs
 from rlpa_jax.config.loading import load_config
 from rlpa_jax.config.tree import MeshConfig
+from rlpa_jax.model.hf import CheckpointError
 from rlpa_jax.model.qwen2 import Qwen2Config, init_params
 from rlpa_jax.rl.metrics import MetricsLog
 from rlpa_jax.runtime import hf_export, multihost, parallel
@@ -144,6 +150,71 @@ def scenario_restore(out_dir: Path) -> dict:
             "same_sharding": all(jax.tree.leaves(same_sharding))}
 
 
+def stepped_state(mesh, step: int) -> dict:
+    """The tiny model's parameters and a replicated scalar that says which step saved them."""
+    return {"actor": params_on(mesh), "step_scale": jax.device_put(jnp.float32(step), parallel.replicated(mesh))}
+
+
+def scenario_save_steps(out_dir: Path) -> dict:
+    mesh = parallel.make_mesh(MESH)
+    checkpointer = Checkpointer(out_dir / "checkpoints")
+    for step in (1, 2):
+        checkpointer.save(step, stepped_state(mesh, step), {"iteration": step})
+    checkpointer.close()
+    return {"saved": [1, 2]}
+
+
+# RLPA_TEST_READ_FAILURE=<k>:<how>: process k alone fails to read step 2's JSON files (the others
+# read them), as a host with a flaky mount or a stale cache would: "eio" raises EIO, "torn" reads
+# them cut short (what a half-written file gives); "unlisted": orbax's listing on process k lacks
+# step 2.
+READ_FAILURE = "RLPA_TEST_READ_FAILURE"
+
+
+def fail_reads_under(directory: Path, how: str) -> None:
+    """Every file orbax opens under `directory` (through etils' epath, its lowest Python read)
+    fails as `how` says from now on."""
+    open_file = epath.backend._OsPathBackend.open
+
+    def failing_open(self, path, mode, *args, **kwargs):
+        if not Path(path).is_relative_to(directory):
+            return open_file(self, path, mode, *args, **kwargs)
+        if how == "eio":
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
+        with open_file(self, path, mode, *args, **kwargs) as whole:
+            text = whole.read()
+        return (io.BytesIO if isinstance(text, bytes) else io.StringIO)(text[: len(text) // 2])
+
+    epath.backend._OsPathBackend.open = failing_open
+
+
+def scenario_resume(out_dir: Path) -> dict:
+    """Checkpointer.resume over steps 1 and 2 (scenario save_steps), step 2 perhaps damaged or
+    unreadable on one process only: what each process restored, or the error it stopped with."""
+    mesh = parallel.make_mesh(MESH)
+    directory = out_dir / "checkpoints"
+    process, _, how = os.environ.get(READ_FAILURE, "").partition(":")
+    if process == str(multihost.process_index()) and how == "unlisted":
+        all_steps = ocp.CheckpointManager.all_steps
+        ocp.CheckpointManager.all_steps = lambda self, *args, **kwargs: [
+            step for step in all_steps(self, *args, **kwargs) if step != 2]
+    elif process == str(multihost.process_index()):
+        fail_reads_under(directory / "2", how)
+    expected = stepped_state(mesh, 1)
+    checkpointer = Checkpointer(directory)
+    try:
+        step, state, meta, _ = checkpointer.resume(abstract_like(expected))
+    except CheckpointError as error:
+        return {"step": None, "error": str(error), "error_type": type(error).__name__,
+                "listing": sorted(p.name for p in directory.iterdir())}
+    finally:
+        checkpointer.close()
+    equal = jax.tree.map(same_local_shards, state["actor"], expected["actor"])
+    return {"step": step, "meta": dict(meta), "step_scale": float(multihost.fetch(state["step_scale"])),
+            "actor_equal": all(jax.tree.leaves(equal)), "error": None,
+            "listing": sorted(p.name for p in directory.iterdir())}
+
+
 def scenario_wait(out_dir: Path) -> dict:
     """Both processes meet in collectives forever; the test kills one, and the other must stop by itself."""
     mesh = parallel.make_mesh(MESH)
@@ -249,6 +320,7 @@ def scenario_offline(out_dir: Path, overrides: list[str]) -> dict:
 
 
 SCENARIOS = {"arrays": scenario_arrays, "save": scenario_save, "restore": scenario_restore, "wait": scenario_wait,
+             "save_steps": scenario_save_steps, "resume": scenario_resume,
              "ppo": scenario_ppo, "offline": scenario_offline}
 
 

@@ -97,6 +97,11 @@ def damage(step_dir, how):
         (step_dir / "state" / "manifest.ocdbt").unlink()
     elif how == "meta document deleted":
         (step_dir / "meta" / "metadata").unlink()
+    elif how == "array data file deleted":
+        max((step_dir / "state" / "ocdbt.process_0" / "d").iterdir(), key=lambda f: f.stat().st_size).unlink()
+    elif how in ("meta document torn", "state metadata torn"):
+        path = step_dir / ("meta/metadata" if how == "meta document torn" else "state/_METADATA")
+        os.truncate(path, path.stat().st_size // 2)
     else:
         raise AssertionError(how)
 
@@ -108,7 +113,8 @@ def assert_state_equal(restored, expected):
 
 @pytest.mark.parametrize("how, with_shapes", [
     ("truncated array file", True), ("truncated array file", False), ("array index deleted", True),
-    ("state metadata deleted", False), ("meta document deleted", True),
+    ("state metadata deleted", False), ("meta document deleted", True), ("array data file deleted", True),
+    ("meta document torn", True), ("state metadata torn", False),
 ])
 def test_resume_falls_back_past_a_damaged_newest_step(tmp_path, caplog, how, with_shapes):
     directory = tmp_path / "ckpt"

@@ -13,7 +13,7 @@ import time
 import multihost_worker as worker
 import numpy as np
 import pytest
-from multihost_launch import DEADLINE_S, REPO, finish, run_worker, start_processes, tail
+from multihost_launch import DEADLINE_S, REPO, finish, run_worker, start_processes, tail, worker_results
 from safetensors.numpy import load_file
 
 from rlpa_jax.dialogue.llm.cache import ResponseCache
@@ -99,6 +99,49 @@ def test_checkpoint_written_by_two_processes_restores_in_two(tmp_path):
     assert sorted(exported) == sorted(expected)
     for name, tensor in expected.items():
         np.testing.assert_array_equal(exported[name], tensor)
+
+
+def checkpoint_files(directory) -> list[str]:
+    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*"))
+
+
+def resume_with_step_2_failing_on_process_1(tmp_path, how: str) -> list[dict]:
+    """Two processes resume from steps 1 and 2 (saved by two), process 1 alone failing to read step
+    2's files (tests/multihost_worker.py READ_FAILURE: the run directory is shared, so real damage
+    is seen by every process)."""
+    children = start_processes(lambda _: [str(REPO / "tests" / "multihost_worker.py"), "resume", str(tmp_path)],
+                               tmp_path, extra_env={worker.READ_FAILURE: f"1:{how}"})
+    return worker_results(children, "resume", tmp_path)
+
+
+def test_a_step_damaged_for_one_process_is_skipped_by_both(tmp_path):
+    run_worker("save_steps", tmp_path)
+    for result in resume_with_step_2_failing_on_process_1(tmp_path, "torn"):
+        assert result["error"] is None, result["error"]
+        assert (result["step"], result["meta"], result["step_scale"]) == (1, {"iteration": 1}, 1.0)
+        assert result["actor_equal"] and result["listing"] == ["1", "2.corrupt"]
+    # Process 0 read step 2 whole; it went back to step 1 with process 1, and says why.
+    assert "step 2 cannot be read (process 1: JSONDecodeError" in (tmp_path / "stderr0").read_text()
+
+
+def test_a_step_one_process_cannot_read_stops_both_and_moves_nothing(tmp_path):
+    run_worker("save_steps", tmp_path)
+    before = checkpoint_files(tmp_path / "checkpoints")
+    first, second = resume_with_step_2_failing_on_process_1(tmp_path, "eio")
+    assert first["error"] == second["error"] and first["error_type"] == second["error_type"] == "CheckpointReadError"
+    assert first["error"].startswith(f"{tmp_path / 'checkpoints' / '2'}: ") and "\n" not in first["error"]
+    assert "process 1: OSError: [Errno 5] Input/output error" in first["error"]
+    assert checkpoint_files(tmp_path / "checkpoints") == before
+
+
+def test_processes_that_list_different_steps_stop_before_reading(tmp_path):
+    run_worker("save_steps", tmp_path)
+    before = checkpoint_files(tmp_path / "checkpoints")
+    first, second = resume_with_step_2_failing_on_process_1(tmp_path, "unlisted")
+    assert first["error"] == second["error"] and first["error_type"] == "CheckpointReadError"
+    assert first["error"].startswith(f"{tmp_path / 'checkpoints'}: the processes list different checkpoint steps "
+                                     "(process 0: [2, 1]; process 1: [1]); nothing was moved")
+    assert checkpoint_files(tmp_path / "checkpoints") == before
 
 
 def test_processes_that_disagree_on_the_config_all_stop_with_one_message(tmp_path):

@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import jax
@@ -129,6 +130,46 @@ def test_resume_with_no_readable_checkpoint_stops_instead_of_starting_over(tmp_p
             (step / "meta" / "metadata").unlink()
     with pytest.raises(CheckpointError, match=r"step 4: .*\n.*step 2: "):
         build_trainer(config, "resume").train()
+
+
+def test_resume_from_a_step_that_cannot_be_read_ends_in_one_line_and_renames_nothing(uninterrupted):
+    """A permission problem is no damage: launch/train.py --resume stops with one line naming the
+    step and the cause (status 1) and sets nothing aside. Run as user nobody, whom a root-owned
+    directory of mode 000 keeps out (root reads anything)."""
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv is not installed")
+    source, _, _ = uninterrupted
+    # Under /tmp, not pytest's tmp_path: pytest makes its base directory 0700, which nobody cannot search.
+    base = Path(tempfile.mkdtemp(prefix="rlpa-resume-eacces-"))
+    try:
+        run_dir = base / source.name
+        shutil.copytree(source.run_dir, run_dir)
+        for path in [base, *base.rglob("*")]:  # nobody's run: it could rename a step, as it would a damaged one
+            os.chown(path, 65534, 65534)
+        state = run_dir / "checkpoints" / "4" / "state"
+        os.chown(state, 0, 0)
+        state.chmod(0)
+
+        def listing():
+            return sorted(str(p.relative_to(run_dir)) for p in (run_dir / "checkpoints").rglob("*"))
+
+        before = listing()
+        result = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
+                                 str(REPO / "launch" / "train.py"), "--resume", *SMALL, f"output_dir={base}"],
+                                capture_output=True, text=True, timeout=600, cwd="/",
+                                # (the allocator's restart would exec a python nobody may not reach)
+                                env=os.environ | {"MPLCONFIGDIR": str(base), "HOME": str(base),
+                                                  "RLPA_HOST_ALLOCATOR": "default"})
+        after = listing()
+    finally:
+        shutil.rmtree(base)
+    if "setpriv:" in result.stderr:
+        pytest.skip(f"cannot switch to user nobody: {result.stderr.strip()}")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"train.py: {run_dir / 'checkpoints' / '4'}: cannot read checkpoint step 4 ("), line
+    assert f"(PermissionError: [Errno 13] Permission denied: '{state}'" in line and "nothing was moved" in line, line
+    assert after == before
 
 
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):

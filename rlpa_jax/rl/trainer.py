@@ -150,7 +150,9 @@ class Trainer:
     def restore(self) -> TrainState:
         """The newest readable checkpoint (and its conversation pool): a damaged newer one is
         reported, moved aside (`<step>.corrupt`) and the previous one used; none readable is a
-        CheckpointError. A run without a critic leaves a checkpoint's critic on disk."""
+        CheckpointError, and a read failure that shows no damage (I/O, permission, memory) a
+        CheckpointReadError (launch/train.py prints either in one line). A run without a critic
+        leaves a checkpoint's critic on disk."""
         documents = (POOL_DOCUMENT,) if self.pool else ()
         target = self.abstract_state()
         step, tree, meta, found = self.checkpointer.resume(target.checkpoint_tree(), documents,

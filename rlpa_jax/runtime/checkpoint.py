@@ -8,14 +8,21 @@ resume only part of a state (`partial`: a run without a critic from a checkpoint
 
 Saves are atomic: orbax writes a step into `<step>.orbax-checkpoint-tmp` and renames it when
 complete, so a save cut short leaves a directory that is never listed as a step. Resuming
-(`restore_latest_readable`) still survives a step damaged later (a truncated array file, a deleted
-metadata file): it falls back to the newest step that reads, and moves the bad ones aside.
+(`resume`) still survives a step damaged later (a truncated array file, a deleted or torn metadata
+file): it falls back to the newest step that reads, and moves the damaged ones aside. An error that
+shows no damage (an I/O or permission error, memory, anything `classify_read_failure` does not know)
+stops the resume instead and moves nothing: the step may be good. Several processes agree on every
+step's outcome, so they resume from the same step or stop together.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
+import json
 import logging
+import os
+import re
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -26,12 +33,19 @@ from jax.experimental import multihost_utils
 # One error for "this checkpoint cannot be used", HF or orbax.
 from rlpa_jax.model.hf import CheckpointError
 from rlpa_jax.model.qwen2 import Params, Qwen2Config
+from rlpa_jax.runtime import multihost
 from rlpa_jax.runtime.hf_export import export_hf
 
 log = logging.getLogger(__name__)
 
-CORRUPT_SUFFIX = ".corrupt"  # <step>.corrupt: a step that could not be read, kept for inspection
+CORRUPT_SUFFIX = ".corrupt"  # <step>.corrupt: a damaged step, kept for inspection
 MAX_REASON_CHARS = 300  # tensorstore errors carry the whole store spec; the first line says what failed
+
+
+class CheckpointReadError(CheckpointError):
+    """A checkpoint step could not be read, and the error shows no damage to it (an I/O or
+    permission error, memory, an error not known as damage): the step may be good, so resuming
+    stops instead of moving it aside and going back to an older one."""
 
 
 class Checkpointer:
@@ -69,18 +83,20 @@ class Checkpointer:
         state, meta, _ = self._read(self._require_step(step), abstract_state, ())
         return state, meta
 
-    def _read(self, step: int, abstract_state: Any, documents: Sequence[str],
-              partial: bool = False) -> tuple[Any, dict, dict]:
-        """(state, meta, {name: document or None where the step has none})."""
+    def _read(self, step: int, abstract_state: Any, documents: Sequence[str], partial: bool = False,
+              manager: ocp.CheckpointManager | None = None) -> tuple[Any, dict, dict]:
+        """(state, meta, {name: document or None where the step has none}), read by `manager`
+        (default: the one that saves)."""
+        manager = manager or self._manager
         present = [name for name in documents if (self.directory / str(step) / name).is_dir()]
         json_items = {"meta": ocp.args.JsonRestore()} | {name: ocp.args.JsonRestore() for name in present}
         if partial and abstract_state is not None:
             state = self._read_entries(step, abstract_state)
-            restored = self._manager.restore(step, args=ocp.args.Composite(**json_items))
+            restored = manager.restore(step, args=ocp.args.Composite(**json_items))
         else:
             state_args = (ocp.args.StandardRestore(abstract_state) if abstract_state is not None
                           else ocp.args.StandardRestore())
-            restored = self._manager.restore(step, args=ocp.args.Composite(state=state_args, **json_items))
+            restored = manager.restore(step, args=ocp.args.Composite(state=state_args, **json_items))
             state = restored["state"]
         return state, restored["meta"], {name: restored[name] if name in present else None for name in documents}
 
@@ -88,8 +104,9 @@ class Checkpointer:
         """The entries of `abstract_state` (a dict) out of the step's state; the step's other
         entries stay on disk, named in one INFO line."""
         # The manager that saved a step holds a Standard handler for "state", and only the PyTree
-        # handler restores a part of a tree: a read-only manager of its own reads it.
-        manager = _checkpoint_manager(self.directory)
+        # handler restores a part of a tree: a read-only manager of its own reads it (of this process
+        # alone: see `resume`).
+        manager = _checkpoint_manager(self.directory, this_process_only=True)
         try:
             saved = _state_tree(manager, step)
             target = ocp.checkpoint_utils.construct_restore_args(abstract_state)
@@ -112,41 +129,97 @@ class Checkpointer:
                partial: bool = False) -> tuple[int, Any, dict, dict]:
         """(step, state, meta, {name: document}) from the newest step that can be read, for
         resuming a run; each of `documents` (JSON items save() wrote) is None where the step has
-        none, and a step whose document is damaged counts as unreadable. `partial` (with a dict
+        none, and a step whose document is damaged counts as damaged. `partial` (with a dict
         `abstract_state`): a step's state may hold more entries than `abstract_state`; only its
         entries are read (this needs the step's state metadata, which a full restore with shapes
         does not).
 
-        A step that fails to read is logged (step, exception type and message) and the next older
-        step is tried. Once one reads, the failed newer steps are moved aside to
-        `<directory>/<step>.corrupt` (kept for inspection, no longer listed, so the run's next saves
-        of those step numbers do not collide). When none reads, CheckpointError names the directory
-        and each step with its failure, and nothing is moved: the fault may be the caller's
-        `abstract_state` (a state tree the code no longer builds), not the files. No steps at all is a
-        CheckpointError too; callers that may start fresh check `latest_step()` first.
+        A step whose read fails with damage (`classify_read_failure`: a missing, truncated or torn
+        file, metadata that does not parse, arrays or a tree that do not match `abstract_state`) is
+        logged (step and cause) and the next older step is tried. Once one reads, the damaged newer
+        steps are moved aside to `<directory>/<step>.corrupt` (kept for inspection, no longer
+        listed, so the run's next saves of those step numbers do not collide). When none reads,
+        CheckpointError names the directory and each step with its failure, and nothing is moved:
+        the fault may be the caller's `abstract_state` (a state tree the code no longer builds), not
+        the files. No steps at all is a CheckpointError too; callers that may start fresh check
+        `latest_step()` first.
+
+        Any other failure (an I/O, permission or memory error, an error not known as damage) stops
+        at once with CheckpointReadError naming the step directory and the cause, and nothing is
+        moved: a good step is never set aside for a fault of the machine. Ctrl-C stays a
+        KeyboardInterrupt.
+
+        With several processes, processes that list different steps stop with CheckpointReadError;
+        then every process reads each step (its own shards) and all combine the
+        outcomes (`combine_outcomes`): one process's damage sends all back to the older step, one
+        process's other failure stops all with the same error, and process 0 alone moves the
+        damaged steps aside once all agreed. Each process reads alone (`_process_reader`): orbax's
+        own restore ends in a barrier of all processes, which a process whose read failed would
+        never reach.
         """
         self._manager.reload()  # another process, or an earlier call, may have changed the directory
         steps = sorted(self.all_steps(), reverse=True)
+        every = multihost.allgather_json(steps)
+        if any(listed != every[0] for listed in every):  # a stale listing would take a good step for a deleted one
+            seen = "; ".join(f"process {index}: {listed}" for index, listed in enumerate(every))
+            raise CheckpointReadError(f"{self.directory}: the processes list different checkpoint steps ({seen}); "
+                                      "nothing was moved: resume again once every host sees the same directory")
         if not steps:
             raise CheckpointError(f"{self.directory}: no checkpoint steps to resume from")
         failures: list[tuple[int, str]] = []
-        for step in steps:
-            try:
-                state, meta, found = self._read(step, abstract_state, documents, partial)
-            except Exception as error:  # orbax and tensorstore raise bare Exception for unreadable arrays
-                reason = describe_failure(error)
-                log.warning("checkpoint %s step %d cannot be read (%s); trying an older step",
-                            self.directory, step, reason)
-                failures.append((step, reason))
-                continue
-            if failures:
-                self._move_aside([bad for bad, _ in failures])
-                log.warning("resuming from step %d of %s; unreadable steps moved aside: %s", step, self.directory,
-                            ", ".join(f"{bad}{CORRUPT_SUFFIX}" for bad, _ in failures))
-            return step, state, meta, found
-        tried = "\n".join(f"  step {step}: {reason}" for step, reason in failures)
-        raise CheckpointError(f"{self.directory}: no checkpoint step can be read (tried {len(failures)}; "
-                              f"nothing was moved or deleted):\n{tried}")
+        reader = _process_reader(self.directory)
+        try:
+            for step in steps:
+                kind, reason, error, read = self._attempt(reader, step, abstract_state, documents, partial)
+                outcome, reason = combine_outcomes(multihost.allgather_json([kind, reason]))
+                if outcome == TROUBLE:
+                    if error is not None and not isinstance(error, Exception):
+                        raise error  # Ctrl-C on this process: the others stop with CheckpointReadError
+                    raise CheckpointReadError(self._trouble_message(step, reason, failures)) from error
+                if outcome == DAMAGED:
+                    log.warning("checkpoint %s step %d cannot be read (%s); trying an older step",
+                                self.directory, step, reason)
+                    failures.append((step, reason))
+                    continue
+                state, meta, found = read
+                break
+            else:
+                tried = "\n".join(f"  step {step}: {reason}" for step, reason in failures)
+                raise CheckpointError(f"{self.directory}: no checkpoint step can be read (tried {len(failures)}; "
+                                      f"nothing was moved or deleted):\n{tried}")
+        finally:
+            reader.close()
+        if failures:
+            self._move_aside([bad for bad, _ in failures])
+            log.warning("resuming from step %d of %s; damaged steps moved aside: %s", step, self.directory,
+                        ", ".join(f"{bad}{CORRUPT_SUFFIX}" for bad, _ in failures))
+        return step, state, meta, found
+
+    def _attempt(self, reader: ocp.CheckpointManager, step: int, abstract_state: Any, documents: Sequence[str],
+                 partial: bool) -> tuple[str, str, BaseException | None, Any]:
+        """(READ, "", None, (state, meta, found)) or (DAMAGED or TROUBLE, one-line cause, the
+        exception, None) for this process's read of `step`."""
+        try:
+            return READ, "", None, self._read(step, abstract_state, documents, partial, reader)
+        except BaseException as caught:  # KeyboardInterrupt too: the other processes must hear of it
+            error = caught
+        kind, reason = classify_read_failure(error), describe_failure(error)
+        if isinstance(error, Exception):
+            # orbax asks `exists()` before reading metadata, which answers False for a directory it
+            # may not list: a permission problem then looks like a missing file or a tree unlike the
+            # target's. The files themselves say what is wrong.
+            blocked = first_access_error(self.directory / str(step))
+            if blocked is not None:
+                kind, reason = TROUBLE, f"{describe_failure(blocked)} (where orbax saw {type(error).__name__})"
+        return kind, reason, error, None
+
+    def _trouble_message(self, step: int, reason: str, failures: list[tuple[int, str]]) -> str:
+        damaged = (f"; the damaged newer step{'s' if len(failures) > 1 else ''} "
+                   f"{', '.join(str(bad) for bad, _ in failures)} stay{'' if len(failures) > 1 else 's'} in place too"
+                   if failures else "")
+        return (f"{self.directory / str(step)}: cannot read checkpoint step {step} ({reason}); this is no damage "
+                f"that sets a step aside (an I/O, permission or memory problem, or an error rlpa-jax does not know), "
+                f"so nothing was moved and no older step was used{damaged}: fix the cause and resume again")
 
     def _move_aside(self, steps: list[int]) -> None:
         if jax.process_index() == 0:
@@ -184,11 +257,160 @@ def describe_failure(error: BaseException) -> str:
         text = text if len(text) <= MAX_REASON_CHARS else text[:MAX_REASON_CHARS] + "..."
         return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
-    root, seen = error, {id(error)}
-    while (parent := root.__cause__ or root.__context__) is not None and id(parent) not in seen:
-        root = parent
-        seen.add(id(root))
+    root = exception_chain(error)[-1]
     return first_line(error) if root is error else f"{first_line(error)}; caused by {first_line(root)}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Damage or trouble: what a failed read of a step says about it
+#
+# What orbax-checkpoint 0.12.8 and tensorstore 0.1.86 raise when a step's read fails, made for real
+# on a saved step (tests/test_checkpoint.py, test_checkpoint_read_failures.py and test_trainer.py
+# make the kinds marked *; the exception chain, outermost first, "TS" = tensorstore's ValueError
+# whose text starts with an absl status code):
+#
+#   damage
+#   * array data file cut short     Exception("Encountered error while reading array index ...")
+#                                   from TS "OUT_OF_RANGE: Error reading "<array>/0.0" in OCDBT database
+#                                   ...: Requested byte range [a, b) is not valid for value of size n"
+#   * array data file deleted       (or replaced by a directory, or its d/ directory deleted)
+#                                   Exception(...) from TS "FAILED_PRECONDITION: ... Truncated
+#                                   Zstd-compressed stream; at byte 0"
+#     array data file overwritten   TS "FAILED_PRECONDITION: ... ZSTD_decompressStream() failed"
+#   * OCDBT manifest deleted        TS "NOT_FOUND: ... Metadata at "<array>/.zarray" ... does not exist"
+#     manifest cut short            TS "DATA_LOSS: ... Error decoding manifest: Length in header ..."
+#     b-tree node file cut short,   TS "OUT_OF_RANGE: ...", "NOT_FOUND: ...", "DATA_LOSS: ... Error
+#     deleted or zeroed             decoding b-tree node ..."
+#   * state/_METADATA deleted       FileNotFoundError("Metadata file (named _METADATA) does not exist
+#                                   at ...") (errno None; only read when no shapes are given)
+#   * meta/metadata deleted         FileNotFoundError("File .../meta/metadata not found.")
+#   * a JSON file torn or garbled   json.JSONDecodeError (meta, a document, state/_METADATA,
+#                                   state/array_metadatas/process_0); UnicodeDecodeError for bytes
+#                                   that are no UTF-8
+#     an item directory deleted     KeyError('Item "meta" was not found in the checkpoint. ...')
+#   * a shape unlike the target's   ValueError("Requested shape: ... is not compatible with the stored
+#                                   shape: ...")
+#   * a tree unlike the target's    ValueError("User-provided restore item and on-disk value metadata
+#                                   tree structures do not match: ...")
+#
+#   trouble (the files may be good)
+#   * a file that may not be read   TS "PERMISSION_DENIED: ... Permission denied [os_error_code='13']"
+#                                   (arrays); PermissionError errno 13 (JSON files, the step directory)
+#   * a directory that may not be   FileNotFoundError("Metadata file (named _METADATA) does not exist"),
+#   * listed                        or for a tree of NamedTuples ValueError("pytree structure error:
+#                                   different types at key path ..."): orbax's exists() answers False.
+#                                   `first_access_error` finds the file or directory at fault.
+#     a symbolic link loop          TS "UNKNOWN: ... Too many levels of symbolic links [os_error_code='40']"
+#
+# Damage orbax does not notice (the step reads whole): a deleted ocdbt.process_0/manifest.ocdbt,
+# _sharding, array_metadatas/, _CHECKPOINT_METADATA or commit_success.txt; a dtype unlike the
+# target's is converted. Older tensorstore releases wrote an OS error as "[OS error 13: ...]".
+
+READ, DAMAGED, TROUBLE = "read", "damaged", "trouble"
+OUTCOME_ORDER = (READ, DAMAGED, TROUBLE)  # over processes, the last one present decides
+STATUS_CODES = frozenset({
+    "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",
+    "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
+    "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED"})
+# What tensorstore says of data it read and found missing, short or undecodable (without an OS error).
+DAMAGE_STATUS_CODES = frozenset({"NOT_FOUND", "OUT_OF_RANGE", "DATA_LOSS", "FAILED_PRECONDITION"})
+STATUS_PREFIX = re.compile(r"([A-Z_]+): ")
+TENSORSTORE_OS_ERROR = re.compile(r"\[os_error_code='(\d+)'\]|\[OS error (\d+)\b")
+# orbax's words for a step whose arrays or tree differ from the restore target, and a missing item.
+TARGET_MISMATCH = ("is not compatible with the stored shape", "tree structures do not match")
+MISSING_ITEM = "was not found in the checkpoint"
+
+
+def exception_chain(error: BaseException) -> list[BaseException]:
+    """`error` and what it was raised from or while handling, outermost first, each once."""
+    chain, seen = [], set()
+    while error is not None and id(error) not in seen:
+        chain.append(error)
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return chain
+
+
+def os_error_number(error: BaseException) -> int | None:
+    """The errno an exception carries: an OSError's own, or the one in tensorstore's text."""
+    if isinstance(error, OSError):
+        return error.errno
+    match = TENSORSTORE_OS_ERROR.search(str(error))
+    return int(match.group(1) or match.group(2)) if match else None
+
+
+def tensorstore_status(error: BaseException) -> str | None:
+    """The absl status code a tensorstore error opens with ("OUT_OF_RANGE", ...), else None."""
+    match = STATUS_PREFIX.match(str(error))
+    return match.group(1) if match and match.group(1) in STATUS_CODES else None
+
+
+def shows_trouble(error: BaseException) -> bool:
+    """An error of the machine, not of the step's files: Ctrl-C, memory, an OS error other than a
+    missing file, a tensorstore status other than the damage ones."""
+    if not isinstance(error, Exception) or isinstance(error, MemoryError):
+        return True
+    number = os_error_number(error)
+    if number is not None and number != errno.ENOENT:
+        return True
+    status = tensorstore_status(error)
+    return status is not None and status not in DAMAGE_STATUS_CODES
+
+
+def shows_damage(error: BaseException) -> bool:
+    """A file of the step missing, cut short or undecodable, or arrays unlike the target's."""
+    if isinstance(error, (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError)):
+        return True
+    if os_error_number(error) == errno.ENOENT or tensorstore_status(error) in DAMAGE_STATUS_CODES:
+        return True
+    text = str(error)
+    return ((isinstance(error, ValueError) and any(words in text for words in TARGET_MISMATCH))
+            or (isinstance(error, KeyError) and MISSING_ITEM in text))
+
+
+def classify_read_failure(error: BaseException) -> str:
+    """DAMAGED when the exception chain of a failed read shows damage to the step (see the table
+    above) and nothing in it shows trouble; TROUBLE otherwise, the unknown included: a step is
+    moved aside only for damage seen."""
+    chain = exception_chain(error)
+    if any(shows_trouble(link) for link in chain):
+        return TROUBLE
+    return DAMAGED if any(shows_damage(link) for link in chain) else TROUBLE
+
+
+def combine_outcomes(outcomes: Sequence[Sequence[str]]) -> tuple[str, str]:
+    """Every process's [outcome, reason] of reading one step, in process order, as one: TROUBLE
+    if any process had it, else DAMAGED if any had it, else READ. The reason is the first such
+    process's (prefixed with its index when there are several processes)."""
+    worst = max((kind for kind, _ in outcomes), key=OUTCOME_ORDER.index)
+    if worst == READ:
+        return READ, ""
+    reasons = [(index, reason) for index, (kind, reason) in enumerate(outcomes) if kind == worst]
+    if len(outcomes) == 1:
+        return worst, reasons[0][1]
+    index, reason = reasons[0]
+    more = f" (and {len(reasons) - 1} more process{'es' if len(reasons) > 2 else ''})" if len(reasons) > 1 else ""
+    return worst, f"process {index}: {reason}{more}"
+
+
+def first_access_error(directory: Path) -> OSError | None:
+    """The first OSError other than a missing file met listing every directory and opening every
+    file under `directory`; None when all open."""
+    def stop(error: OSError) -> None:
+        raise error
+
+    try:
+        for root, _, files in os.walk(directory, onerror=stop):
+            for name in files:
+                try:
+                    os.close(os.open(os.path.join(root, name), os.O_RDONLY))
+                except FileNotFoundError:
+                    continue
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        return error
+    return None
 
 
 def model_config_to_meta(config: Qwen2Config) -> dict:
@@ -238,11 +460,26 @@ def checkpoint_directory(path: str | Path) -> Path:
         f"checkpoints/ or sft/ subdirectory, as written by launch/train.py and launch/sft.py)")
 
 
-def _checkpoint_manager(directory: Path) -> ocp.CheckpointManager:
+def _checkpoint_manager(directory: Path, this_process_only: bool = False) -> ocp.CheckpointManager:
     # PyTree handler (not Standard): only it restores a part of the saved tree.
     handlers = {"state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
-    options = ocp.CheckpointManagerOptions(read_only=True)
-    return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
+    return ocp.CheckpointManager(directory, options=_read_only_options(this_process_only), item_handlers=handlers)
+
+
+def _process_reader(directory: Path) -> ocp.CheckpointManager:
+    """A read-only manager whose restores wait for no other process (handlers from the restore
+    arguments): each process reads its own shards, and `resume` agrees on the outcome itself."""
+    return ocp.CheckpointManager(directory, options=_read_only_options(this_process_only=True))
+
+
+def _read_only_options(this_process_only: bool) -> ocp.CheckpointManagerOptions:
+    # save_interval_steps=0 and create=False: what read_only implies (orbax warns when it must set them).
+    if not this_process_only:
+        return ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+    me = jax.process_index()
+    alone = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    return ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0,
+                                        multiprocessing_options=alone)
 
 
 def _state_tree(manager: ocp.CheckpointManager, step: int) -> Any:
