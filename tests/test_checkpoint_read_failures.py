@@ -23,8 +23,17 @@ import tensorstore
 from etils import epath
 from test_checkpoint import assert_state_equal, damage, saved_steps
 
-from rlpa_jax.runtime.checkpoint import (DAMAGED, READ, TROUBLE, CheckpointError, Checkpointer, CheckpointReadError,
-                                         abstract_like, classify_read_failure, combine_outcomes)
+from rlpa_jax.runtime.checkpoint import (
+    DAMAGED,
+    READ,
+    TROUBLE,
+    Checkpointer,
+    CheckpointError,
+    CheckpointReadError,
+    abstract_like,
+    classify_read_failure,
+    combine_outcomes,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = '"actor.layers.attn.o_kernel/0.0.0.0" in OCDBT database at local file "/r/ckpt/2/state/"'

@@ -23,8 +23,8 @@ from openai_server import OpenAIServer, Reply, scripted
 from rlpa_jax.dialogue.llm.cache import cache_key
 from rlpa_jax.dialogue.llm.client import LLMClient, LLMConfig
 from rlpa_jax.dialogue.llm.requests import LLMCallError
-from rlpa_jax.dialogue.llm.sync import run_sync
 from rlpa_jax.dialogue.llm.retries import backoff_delay_s, parse_retry_after_s
+from rlpa_jax.dialogue.llm.sync import run_sync
 
 SECRET_KEY = "sk-test-secret-7f3a9c"
 KEY_ENV = "RLPA_TEST_LLM_KEY"

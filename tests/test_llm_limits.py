@@ -14,8 +14,8 @@ import pytest
 from openai_server import OpenAIServer, RateLimit, Reply, peak_in_window, scripted
 
 from rlpa_jax.dialogue.llm.client import LLMClient, LLMConfig
-from rlpa_jax.dialogue.llm.sync import run_sync
 from rlpa_jax.dialogue.llm.limiter import RateLimiter, RateLimits, estimate_tokens
+from rlpa_jax.dialogue.llm.sync import run_sync
 from rlpa_jax.dialogue.llm.usage import LLMMeter, LLMUsage, Prices, processes_metrics, progress_postfix, role_metrics
 from rlpa_jax.runtime import multihost
 
