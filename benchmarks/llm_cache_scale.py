@@ -116,7 +116,8 @@ def measure(path: Path, keys_path: Path, lookups: int, puts: int, trace: bool) -
 def child(path: Path, keys_path: Path, lookups: int, puts: int, trace: bool) -> dict:
     command = [sys.executable, __file__, "--child", str(path), str(keys_path), "--lookups", str(lookups),
                "--puts", str(puts)] + (["--trace"] if trace else [])
-    out = subprocess.run(command, check=True, capture_output=True, text=True, env=os.environ | {"PYTHONPATH": str(REPO)})
+    out = subprocess.run(command, check=True, capture_output=True, text=True,
+                         env=os.environ | {"PYTHONPATH": str(REPO)})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -4,15 +4,15 @@ Runs `configs/tiny.yaml` through the normal entry points (`build.load_config`, `
 `Trainer.train`, under launch/train.py's host allocator) with a checkpoint after every iteration
 and the per-iteration work shrunk by overrides (no SFT, 4 conversations x 2 samples, 3 rounds of
 24 new tokens), so several hundred iterations fit in a quarter of an hour on 2 cores. After
-each iteration it samples the process's resident memory (now and peak), open file descriptors and
-threads, and on disk: the checkpoint directory (bytes and steps kept, which must stay at
-`logging.max_to_keep`), metrics.jsonl, the tensorboard events, the LLM answer cache and the rest
-of the run directory.
+each iteration it samples the process's resident memory (now and peak), Python's allocated
+blocks, open file descriptors and threads, and on disk: the checkpoint directory (bytes and steps
+kept, which must stay at `logging.max_to_keep`), metrics.jsonl, the tensorboard events, the LLM
+answer cache and the rest of the run directory.
 
 `--llm` makes the simulated user an LLM (user.kind=llm) answered by a 127.0.0.1 server
 (tests/openai_server.py, answers a pure function of the request) with `llm.cache_path` in the run
-directory, so the client's response cache is written and read every iteration. The judges stay
-rule-based: the untrained policy writes no turn an LLM judge could score.
+directory, so the client's response cache is consulted and written every iteration. The judges
+stay rule-based: the untrained policy writes no turn an LLM judge could score.
 
     nice -n 19 .venv/bin/python benchmarks/soak.py --llm                # 600 iterations, ~15-20 min on 2 shared cores
     nice -n 19 .venv/bin/python benchmarks/soak.py --iterations 100 --llm
@@ -78,6 +78,7 @@ class Sample:
     fds: int
     threads: int
     compiles: int  # the sampler's compiled programs (metrics' sampler_compiles)
+    python_blocks: int  # memory blocks Python's allocator holds (sys.getallocatedblocks): objects leaking show here
 
 
 def rss_mb() -> float:
@@ -158,18 +159,19 @@ class Watcher:
         return Sample(iteration, time.perf_counter() - self.start, rss_mb(), peak_rss_mb(),
                       tree_bytes(checkpoints) / MB, steps_kept(checkpoints), tree_bytes(metrics) / 1024,
                       tree_bytes(tensorboard) / 1024, cache / 1024, other / 1024, len(os.listdir("/proc/self/fd")),
-                      threading.active_count(), compiles)
+                      threading.active_count(), compiles, sys.getallocatedblocks())
 
 
 def table(samples: list[Sample], every: int) -> list[str]:
     head = ("iter", "s", "RSS MB", "peak MB", "ckpt MB", "steps", "metrics KB", "tb KB", "cache KB", "other KB",
-            "fds", "threads", "compiles")
+            "fds", "threads", "compiles", "py blocks")
     rows = [s for s in samples if s.iteration % every == 0 or s is samples[0] or s is samples[-1]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in rows:
         lines.append(f"| {s.iteration} | {s.seconds:.0f} | {s.rss_mb:.1f} | {s.peak_rss_mb:.1f} | "
                      f"{s.checkpoint_mb:.2f} | {s.steps_kept} | {s.metrics_kb:.1f} | {s.tensorboard_kb:.1f} | "
-                     f"{s.cache_kb:.1f} | {s.other_kb:.1f} | {s.fds} | {s.threads} | {s.compiles} |")
+                     f"{s.cache_kb:.1f} | {s.other_kb:.1f} | {s.fds} | {s.threads} | {s.compiles} | "
+                     f"{s.python_blocks} |")
     return lines
 
 
@@ -181,6 +183,7 @@ def verdict(samples: list[Sample], max_to_keep: int) -> tuple[list[str], bool]:
     other = slope_per_100(xs, [s.other_kb for s in second])
     metrics = slope_per_100(xs, [s.metrics_kb for s in second])
     cache = slope_per_100(xs, [s.cache_kb for s in second])
+    blocks, blocks_error = slope_with_error(xs, [s.python_blocks for s in second])
     most_kept = max(s.steps_kept for s in samples)
     fds_grew = second[-1].fds > second[0].fds
     threads_grew = second[-1].threads > second[0].threads
@@ -189,6 +192,8 @@ def verdict(samples: list[Sample], max_to_keep: int) -> tuple[list[str], bool]:
              f"between {min(s.rss_mb for s in second):.1f} and {max(s.rss_mb for s in second):.1f})",
              f"  peak RSS {second[0].peak_rss_mb:.1f} -> {second[-1].peak_rss_mb:.1f} MB "
              f"({second[-1].peak_rss_mb - second[0].peak_rss_mb:+.1f} MB over the second half)",
+             f"  Python's allocated blocks {blocks:+.0f} +- {blocks_error:.0f} ({second[0].python_blocks} -> "
+             f"{second[-1].python_blocks})",
              f"  checkpoints {checkpoint:+.3f} MB; steps kept at most {most_kept} (logging.max_to_keep={max_to_keep})",
              f"  metrics.jsonl {metrics:+.1f} KB (append-only log), LLM cache {cache:+.1f} KB, "
              f"rest of the run directory {other:+.1f} KB",
