@@ -15,12 +15,14 @@ import random
 import re
 import threading
 import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
 from openai_server import OpenAIServer, Reply, scripted
 
-from rlpa_jax.dialogue.llm.cache import cache_key
+from rlpa_jax.dialogue.llm import cache as response_cache
+from rlpa_jax.dialogue.llm.cache import ResponseCache, cache_key
 from rlpa_jax.dialogue.llm.client import LLMClient, LLMConfig
 from rlpa_jax.dialogue.llm.requests import LLMCallError
 from rlpa_jax.dialogue.llm.retries import backoff_delay_s, parse_retry_after_s
@@ -357,6 +359,74 @@ def test_corrupt_cache_lines_are_skipped_with_a_warning(tmp_path: Path, caplog: 
         # The same endpoint (the cache key names it) reads the appended line back.
         assert call(make_client(server, cache_path=str(cache_path), base_url=base_url), user("new")) == "fresh"
     assert server.requests == []
+
+
+def test_the_cache_gives_every_answer_back_after_reopening(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Answers come back from the file, not from memory: across a reopen, after the index merges
+    the answers put since opening (a small RECENT_LIMIT forces merges), for a key written twice
+    (the later line wins), for answers longer than one read, and for line separators inside an
+    answer that are not newlines (U+2028, U+0085)."""
+    monkeypatch.setattr(response_cache, "RECENT_LIMIT", 7)
+    path = tmp_path / "llm.jsonl"
+    answers = {f"key {index}": f"answer {index} " * (index % 5) for index in range(40)}
+    answers |= {"long": "x" * 10_000 + "end", "separators": "one\u2028two\x85three\rfour", "empty": ""}
+    cache = ResponseCache(path, process=0, processes=1)
+    for key, content in answers.items():
+        cache.put(key, content)
+    cache.put("key 3", "a newer answer")
+    answers["key 3"] = "a newer answer"
+    cache.put("key 4", answers["key 4"])  # the same answer again: no new line
+    assert len(path.read_text(encoding="utf-8").split("\n")) == len(answers) + 2  # + the rewrite, + the last ""
+    assert {key: cache.get(key) for key in answers} == answers and len(cache) == len(answers)
+
+    reopened = ResponseCache(path, process=0, processes=1)
+    assert {key: reopened.get(key) for key in answers} == answers and len(reopened) == len(answers)
+    assert reopened.get("never put") is None
+    reopened.put("after reopening", "appended")
+    assert ResponseCache(path, process=0, processes=1).get("after reopening") == "appended"
+
+
+def test_keys_sharing_a_fingerprint_miss_instead_of_answering_wrongly(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(response_cache, "fingerprint", lambda key: 42)  # every key collides
+    path = tmp_path / "llm.jsonl"
+    cache = ResponseCache(path, process=0, processes=1)
+    cache.put("a", "answer a")
+    cache.put("b", "answer b")  # takes the shared slot
+    assert (cache.get("a"), cache.get("b")) == (None, "answer b")
+    reopened = ResponseCache(path, process=0, processes=1)
+    assert (reopened.get("a"), reopened.get("b")) == (None, "answer b")  # the later line holds the slot
+
+
+def held_by_opening(path: Path) -> tuple[ResponseCache, int, int]:
+    """(the cache, the bytes of Python allocations it holds, the allocation peak while opening)."""
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        cache = ResponseCache(path, process=0, processes=1)
+        held, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return cache, held - before, peak - before
+
+
+def test_an_open_cache_holds_no_answer_text(tmp_path: Path) -> None:
+    """What the open cache holds depends on the number of answers, not on their size, and opening
+    never holds the file whole: 2,000 answers of 8 bytes and of 8 KB (16 MB of text)."""
+    entries = 2000
+    sizes = {"small": 8, "large": 8192}
+    for name, size in sizes.items():
+        with (tmp_path / f"{name}.jsonl").open("w", encoding="utf-8") as handle:
+            for index in range(entries):
+                handle.write(json.dumps({"key": f"{index:064x}", "content": f"{index:08d}" * (size // 8)}) + "\n")
+    small, small_held, _ = held_by_opening(tmp_path / "small.jsonl")
+    large, large_held, large_peak = held_by_opening(tmp_path / "large.jsonl")
+    large_file_bytes = (tmp_path / "large.jsonl").stat().st_size
+    assert len(small) == len(large) == entries
+    assert large_held <= small_held + 4096  # the same index whatever the answers' size
+    assert large_held < entries * 64  # 16 bytes per answer, the arrays' headers aside
+    assert large_peak < large_file_bytes / 20  # one line at a time
+    assert large.get(f"{1234:064x}") == f"{1234:08d}" * 1024
 
 
 # --- key hygiene and usage --------------------------------------------------------

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+import tracemalloc
+from dataclasses import dataclass, field
 
+import numpy as np
 import pytest
 from openai_server import OpenAIServer, RateLimit, Reply, peak_in_window, scripted
 
@@ -232,6 +235,43 @@ def test_meter_reports_each_roles_interval_and_totals():
     assert totals["llm/response_judge/calls"] == 2 and totals["llm/user/prompt_tokens"] == 200
     line = progress_postfix(first, ["user", "response_judge"])
     assert line.startswith("3 calls p90 ") and "0 fail 0 429 $0.000" in line
+
+
+@dataclass
+class UsageOnly:
+    """What the meter reads of a client (its MeteredClient protocol), without an endpoint."""
+
+    usage: LLMUsage = field(default_factory=LLMUsage)
+    prices: Prices = field(default_factory=Prices)
+
+
+def test_the_meter_over_a_long_run_holds_8_bytes_per_latency_and_exact_percentiles():
+    """The trainer marks the meter and reads an interval every iteration: 50 iterations of 2,000
+    answered requests. The marks hold counts, not copies, and a latency takes 8 bytes (a list of
+    floats and a copy per mark took 40), yet intervals and totals are the exact percentiles."""
+    client = UsageOnly()
+    meter = LLMMeter({"user": client})
+    rng = np.random.default_rng(0)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(50):
+            meter.mark()
+            latencies = rng.uniform(0.1, 3.0, 2000)
+            for latency in latencies:
+                client.usage.calls += 1
+                client.usage.latencies_s.append(float(latency))
+            interval = meter.interval()
+            assert interval["llm/user/calls"] == 2000
+            assert interval["llm/user/p90_s"] == pytest.approx(np.percentile(latencies, 90))
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    every = np.random.default_rng(0).uniform(0.1, 3.0, (50, 2000)).ravel()  # the same draws again
+    assert held < len(every) * 10  # 8 bytes per latency, the array's spare room aside
+    totals = meter.totals()
+    assert totals["llm/user/calls"] == len(every)
+    assert totals["llm/user/p99_s"] == pytest.approx(np.percentile(every, 99))
 
 
 def test_each_of_several_processes_keeps_an_equal_share_of_the_endpoints_limits(monkeypatch):
