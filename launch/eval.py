@@ -38,7 +38,7 @@ import json
 import sys
 from pathlib import Path
 
-from rlpa_jax.app import build, cli
+from rlpa_jax.app import build, cli, eval_policy
 from rlpa_jax.dialogue import users
 from rlpa_jax.dialogue.llm.client import LLMClient
 from rlpa_jax.dialogue.llm.usage import LLMMeter, processes_metrics, progress_postfix
@@ -90,10 +90,10 @@ def evaluate(args: argparse.Namespace, config) -> int:
     compared = [EvalResult.load(path) for path in args.compare]  # fail early, before the long run
     if args.users is not None and args.users < 1:
         raise ValueError(f"--users must be >= 1, got {args.users}")
-    spec = build.PolicySpec(args.policy, args.base_url, args.api_key_env, args.format == "two_part",
-                            args.max_new_tokens, args.name, args.system_prompt, args.temperature, args.max_batch_size,
-                            args.seed, args.step, args.baseline)
-    policy = build.build_eval_policy(spec, config)
+    spec = eval_policy.PolicySpec(args.policy, args.base_url, args.api_key_env, args.format == "two_part",
+                                  args.max_new_tokens, args.name, args.system_prompt, args.temperature,
+                                  args.max_batch_size, args.seed, args.step, args.baseline)
+    policy = eval_policy.build_eval_policy(spec, config)
     pool = build.build_personas(config, "eval")
     personas = pool[: args.users] if args.users is not None else pool
     user_sim = users.build_user(config.user)

@@ -23,17 +23,8 @@ import tensorstore
 from etils import epath
 from test_checkpoint import assert_state_equal, damage, saved_steps
 
-from rlpa_jax.runtime.checkpoint import (
-    DAMAGED,
-    READ,
-    TROUBLE,
-    Checkpointer,
-    CheckpointError,
-    CheckpointReadError,
-    abstract_like,
-    classify_read_failure,
-    combine_outcomes,
-)
+from rlpa_jax.runtime.checkpoint import Checkpointer, CheckpointError, CheckpointReadError, abstract_like
+from rlpa_jax.runtime.read_failures import DAMAGED, READ, TROUBLE, classify_read_failure, combine_outcomes
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = '"actor.layers.attn.o_kernel/0.0.0.0" in OCDBT database at local file "/r/ckpt/2/state/"'
@@ -234,7 +225,8 @@ def test_ctrl_c_while_reading_stays_a_keyboard_interrupt(tmp_path, monkeypatch):
 
 RESUME = """
 import sys
-from rlpa_jax.runtime.checkpoint import Checkpointer, CheckpointReadError, classify_read_failure
+from rlpa_jax.runtime.checkpoint import Checkpointer, CheckpointReadError
+from rlpa_jax.runtime.read_failures import classify_read_failure
 checkpointer = Checkpointer(sys.argv[1])
 try:
     checkpointer.restore(2)
