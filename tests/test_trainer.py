@@ -384,6 +384,33 @@ def test_an_unscored_stop_at_the_first_iteration_and_after_a_resume_keeps_its_di
     assert "could not be saved" not in caplog.text  # the step on disk was kept, not saved over
 
 
+@pytest.mark.parametrize("checkpoint_every, failing_iteration", [(1, 0), (2, 1), (1, 2)])
+def test_an_os_error_mid_run_keeps_its_own_message_and_the_state_before_it(tmp_path, caplog, checkpoint_every,
+                                                                           failing_iteration):
+    """A full disk (or any error) inside an iteration: the state that iteration started from is
+    saved unless it is on disk already, the error itself reaches the caller, and a resume repeats
+    the failed iteration."""
+    config = small_config(tmp_path, f"logging.checkpoint_every={checkpoint_every}", "ppo.iterations=3",
+                          "rollout.eval_conversations=1", "logging.export_hf=false")
+    run = build_trainer(config)
+    play = run.play
+
+    def failing(iteration, key):
+        if iteration == failing_iteration:
+            raise OSError(28, "No space left on device", str(tmp_path / "scratch"))
+        return play(iteration, key)
+
+    run.play = failing
+    with pytest.raises(OSError, match="No space left on device"):
+        run.train()
+    assert run.checkpointer.latest_step() == failing_iteration
+    assert "could not be saved" not in caplog.text
+    resumed = build_trainer(config, "resume")
+    resumed.train()
+    records = [json.loads(line) for line in (config.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["phase"] == "ppo"] == [0, 1, 2]
+
+
 def test_a_second_run_into_the_same_directory_stops_or_moves_the_first_aside_intact(tmp_path, uninterrupted):
     from test_run_dir import contents
 
