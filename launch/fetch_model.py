@@ -20,13 +20,14 @@ import time
 from pathlib import Path
 
 from rlpa_jax.app import fetch
+from rlpa_jax.model.checkpoint_folder import CACHE_ENV
 from rlpa_jax.model.hf import CheckpointError
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", type=Path, default=None,
-                        help=f"the folder to write (default: ${fetch.CACHE_ENV} or ~/.cache/rlpa-jax/models, "
+                        help=f"the folder to write (default: ${CACHE_ENV} or ~/.cache/rlpa-jax/models, "
                              f"then /{fetch.QWEN25_CODER_05B.name})")
     parser.add_argument("--drop-gguf", action="store_true", help="delete the GGUF file once converted")
     args = parser.parse_args(argv)

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import gc
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import gguf
 import jax
@@ -27,7 +30,7 @@ from rlpa_jax.app import fetch
 from rlpa_jax.dialogue.chat import Message, prompt_token_ids, render_messages
 from rlpa_jax.generation.engine import ChatModel
 from rlpa_jax.generation.sampler import SamplingParams, left_pad
-from rlpa_jax.model import gguf_checkpoint, hf
+from rlpa_jax.model import checkpoint_folder, gguf_checkpoint, hf
 from rlpa_jax.model.qwen2 import forward
 from rlpa_jax.model.tokenizer import IM_END, chat_token_ids
 from rlpa_jax.runtime import hf_export
@@ -101,7 +104,7 @@ def test_the_converted_folder_is_the_released_shape(model_dir):
     assert (config.vocab_size, config.intermediate_size, config.rope_theta, config.rms_norm_eps) == \
         (151936, 4864, 1e6, 1e-6)
     assert not config.tie_word_embeddings
-    assert json.loads((model_dir / fetch.SOURCE_FILE).read_text())["gguf_sha256"] == fetch.QWEN25_CODER_05B.sha256
+    assert json.loads((model_dir / checkpoint_folder.SOURCE_FILE).read_text())["gguf_sha256"] == fetch.QWEN25_CODER_05B.sha256
 
 
 def test_logits_match_transformers_on_chat_prompts(chat, reference):
@@ -206,3 +209,12 @@ def test_an_occupied_output_folder_is_not_overwritten(tmp_path):
         fetch.fetch_model(tmp_path / "mine")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
+
+
+def test_the_fetch_command_names_its_cache_variable():
+    """`make test` runs launch/fetch_model.py before the suite: a broken script would only make
+    the real-model tests skip, so its start is checked here, without the network."""
+    result = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "launch" / "fetch_model.py"),
+                             "--help"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "$RLPA_MODEL_CACHE or ~/.cache/rlpa-jax/models" in " ".join(result.stdout.split())

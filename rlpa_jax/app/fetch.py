@@ -26,14 +26,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlpa_jax.model.checkpoint_folder import (
-    SOURCE_FILE,
-    CheckpointError,
-    cache_root,
-    convert_into,
-    converted_from,
-    sha256_of,
-)
+from rlpa_jax.model.checkpoint_folder import SOURCE_FILE, cache_root, convert_into, converted_from, sha256_of
+from rlpa_jax.model.hf import CheckpointError
 
 log = logging.getLogger(__name__)
 
