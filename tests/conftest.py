@@ -3,6 +3,7 @@
 XLA_FLAGS must be set before jax is imported anywhere, which is why it happens here at import.
 """
 
+import fcntl
 import os
 from pathlib import Path
 
@@ -30,3 +31,23 @@ def aloe_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"ALOE data not found at {path}")
     return path
+
+
+# Test files that start several JAX processes (each with its own XLA thread pools and, when paired,
+# collectives that spin while they wait for a peer). Two such tests at once on the CI machine's 2
+# cores, one per xdist worker, starved each other's compiles for minutes (a 1-process 8-device run
+# compiling one small program past its 600 s deadline, twice in one fresh-clone run): they take turns.
+MULTI_PROCESS_TESTS = ("test_multihost.py", "test_multihost_offline.py", "test_multihost_ppo.py",
+                       "test_multihost_turn.py", "test_eval_multihost.py")
+
+
+@pytest.fixture(autouse=True)
+def one_multi_process_test_at_a_time(request, tmp_path_factory):
+    if request.node.path.name not in MULTI_PROCESS_TESTS:
+        yield
+        return
+    # The session's temporary root is shared by its xdist workers (and by nothing else).
+    lock_path = tmp_path_factory.getbasetemp().parent / "multi-process-tests.lock"
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, after the test
+        yield
