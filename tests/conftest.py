@@ -5,6 +5,7 @@ XLA_FLAGS must be set before jax is imported anywhere, which is why it happens h
 
 import fcntl
 import os
+import tempfile
 from pathlib import Path
 
 # 8 fake devices share the CI machine's 2 cores with a second test worker: a collective's threads
@@ -42,12 +43,12 @@ MULTI_PROCESS_TESTS = ("test_multihost.py", "test_multihost_offline.py", "test_m
 
 
 @pytest.fixture(autouse=True)
-def one_multi_process_test_at_a_time(request, tmp_path_factory):
+def one_multi_process_test_at_a_time(request):
     if request.node.path.name not in MULTI_PROCESS_TESTS:
         yield
         return
-    # The session's temporary root is shared by its xdist workers (and by nothing else).
-    lock_path = tmp_path_factory.getbasetemp().parent / "multi-process-tests.lock"
+    # One lock for the machine: both xdist workers, and a second `make test` running beside this one.
+    lock_path = Path(tempfile.gettempdir()) / f"rlpa-jax-multi-process-tests-{os.getuid()}.lock"
     with open(lock_path, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, after the test
         yield
