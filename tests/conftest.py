@@ -34,27 +34,23 @@ def aloe_dir() -> Path:
     return path
 
 
-# Test files that take turns, machine-wide: both xdist workers, and a second `make test` running
-# beside this one. Those that start several JAX processes (each with its own XLA thread pools and,
-# when paired, collectives that spin while they wait for a peer): two at once on the CI machine's 2
-# cores starved each other's compiles for minutes (a 1-process 8-device run compiling one small
-# program past its 600 s deadline, twice in one fresh-clone run). And those that hold the real
-# 0.5B model (up to 11 GB resident each): two at once would not fit a 24 GB machine beside the rest.
-TAKING_TURNS = {
-    "multi-process": ("test_multihost.py", "test_multihost_offline.py", "test_multihost_ppo.py",
-                      "test_multihost_turn.py", "test_eval_multihost.py"),
-    "real-model": ("test_real_model.py", "test_real_pipeline.py"),
-}
+# Heavy test files take turns, machine-wide (both xdist workers, and a second `make test` beside
+# this one), a whole file at a time. Those that start several JAX processes (each with its own XLA
+# thread pools and, when paired, collectives that spin while they wait for a peer): two at once on
+# the CI machine's 2 cores starved each other's compiles past their 600 s deadlines. Those that hold
+# the real 0.5B model (up to 11 GB resident): beside a multi-process test's children and the other
+# worker (whose freed memory glibc keeps under make test's tunables) the machine ran out of memory.
+HEAVY_TESTS = ("test_multihost.py", "test_multihost_offline.py", "test_multihost_ppo.py", "test_multihost_turn.py",
+               "test_eval_multihost.py", "test_real_model.py", "test_real_pipeline.py")
 
 
 @pytest.fixture(autouse=True, scope="module")
 def heavy_tests_take_turns(request):
     """The lock is held for the whole file: its module fixtures (a loaded model) live that long."""
-    group = next((name for name, files in TAKING_TURNS.items() if request.node.path.name in files), None)
-    if group is None:
+    if request.node.path.name not in HEAVY_TESTS:
         yield
         return
-    lock_path = Path(tempfile.gettempdir()) / f"rlpa-jax-{group}-tests-{os.getuid()}.lock"
+    lock_path = Path(tempfile.gettempdir()) / f"rlpa-jax-heavy-tests-{os.getuid()}.lock"
     with open(lock_path, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, after the module's last test
         yield
