@@ -1,5 +1,6 @@
 """End-to-end PPO runs on a tiny model: a short run, resume after Ctrl-C, NaN stop, HF export."""
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -39,6 +40,28 @@ def small_config(tmp_path, *extra):
 def reproducible(metrics: dict) -> dict:
     """Metrics without wall-clock entries (seconds, rates) or per-process compile counts."""
     return {k: v for k, v in metrics.items() if k != "sampler_compiles" and not k.endswith(("_s", "per_s"))}
+
+
+@contextlib.contextmanager
+def judge_without_verdicts(monkeypatch):
+    """An OpenAI-compatible judge on 127.0.0.1 that answers the start-up probe, then never gives a
+    verdict; every policy turn parses as a well-formed one (an untrained policy rarely writes one,
+    and only those go to the judges)."""
+    from openai_server import OpenAIServer, Reply
+
+    from rlpa_jax.dialogue.chat import format_turn, parse_turn
+    from rlpa_jax.dialogue.profile import ProfileItem
+    from rlpa_jax.rl import environment
+
+    turn = parse_turn(format_turn([ProfileItem("Occupation", "nurse")], "Nice! Which ward do you work on?"))
+    monkeypatch.setattr(environment, "parse_turn", lambda text: turn)
+
+    def handler(request):
+        prompt = request["messages"][-1]["content"]
+        return Reply(content="OK" if prompt == "Reply with OK." else "I would rather not say.")
+
+    with OpenAIServer(handler) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -317,22 +340,9 @@ def test_a_run_that_would_not_fit_its_devices_stops_before_training(tmp_path):
 
 
 def test_judges_that_stop_scoring_stop_the_run_with_a_checkpoint_and_their_error(tmp_path, monkeypatch):
-    from openai_server import OpenAIServer, Reply
-
-    from rlpa_jax.dialogue.chat import format_turn, parse_turn
-    from rlpa_jax.dialogue.profile import ProfileItem
-    from rlpa_jax.rl import environment
     from rlpa_jax.rl.trainer import UnscoredRollouts
 
-    # An untrained policy rarely writes a well-formed turn, and only those go to the judges.
-    turn = parse_turn(format_turn([ProfileItem("Occupation", "nurse")], "Nice! Which ward do you work on?"))
-    monkeypatch.setattr(environment, "parse_turn", lambda text: turn)
-
-    def handler(request):  # answers the start-up probe, then never gives a verdict
-        prompt = request["messages"][-1]["content"]
-        return Reply(content="OK" if prompt == "Reply with OK." else "I would rather not say.")
-
-    with OpenAIServer(handler) as server:
+    with judge_without_verdicts(monkeypatch) as server:
         config = small_config(tmp_path, "judges.kind=llm", f"judges.llm.base_url={server.base_url}",
                               "judges.llm.cache_path=null", "judges.llm.max_retries=0",
                               "rollout.max_invalid_iterations=2", "ppo.iterations=3")
@@ -353,21 +363,9 @@ def test_an_unscored_stop_at_the_first_iteration_and_after_a_resume_keeps_its_di
                                                                                        checkpoint_every):
     """The stop saves the state its iteration started from, which is on disk already here (step 0
     right after the start, and the resumed step): it saves nothing new and raises its own error."""
-    from openai_server import OpenAIServer, Reply
-
-    from rlpa_jax.dialogue.chat import format_turn, parse_turn
-    from rlpa_jax.dialogue.profile import ProfileItem
-    from rlpa_jax.rl import environment
     from rlpa_jax.rl.trainer import UnscoredRollouts
 
-    turn = parse_turn(format_turn([ProfileItem("Occupation", "nurse")], "Nice! Which ward do you work on?"))
-    monkeypatch.setattr(environment, "parse_turn", lambda text: turn)
-
-    def handler(request):  # answers the start-up probe, then never gives a verdict
-        prompt = request["messages"][-1]["content"]
-        return Reply(content="OK" if prompt == "Reply with OK." else "I would rather not say.")
-
-    with OpenAIServer(handler) as server:
+    with judge_without_verdicts(monkeypatch) as server:
         config = small_config(tmp_path, "judges.kind=llm", f"judges.llm.base_url={server.base_url}",
                               "judges.llm.cache_path=null", "judges.llm.max_retries=0",
                               "rollout.max_invalid_iterations=1", f"logging.checkpoint_every={checkpoint_every}",
