@@ -6,6 +6,7 @@ import json
 import re
 import runpy
 import typing
+from pathlib import Path
 
 import jax
 import pytest
@@ -13,8 +14,10 @@ import pytest
 from rlpa_jax.app import build, jobs
 from rlpa_jax.config.llm_sections import with_inherited_llm_sections
 from rlpa_jax.config.loading import load_config, validate
-from rlpa_jax.config.options import REPO_ROOT, ConfigError, domain_of
+from rlpa_jax.config.options import ConfigError, domain_of
 from rlpa_jax.config.tree import DPOConfig, TrainConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout
 
 
 def test_every_shipped_config_loads():

@@ -6,6 +6,7 @@ import asyncio
 import importlib.util
 import json
 import struct
+from pathlib import Path
 
 import pytest
 from openai_server import OpenAIServer, Reply
@@ -13,13 +14,15 @@ from tensorboardX.proto import event_pb2
 
 from rlpa_jax.app import build
 from rlpa_jax.config.loading import load_config
-from rlpa_jax.config.options import REPO_ROOT, ConfigError
+from rlpa_jax.config.options import ConfigError
 from rlpa_jax.dialogue.chat import Message, format_turn, parse_turn
 from rlpa_jax.dialogue.judges import ResponseRequest
 from rlpa_jax.dialogue.personas import synthetic_personas
 from rlpa_jax.dialogue.profile import ProfileItem
 from rlpa_jax.dialogue.users import OPENING_MESSAGE
 from rlpa_jax.rl import environment as environment_module
+
+REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout
 
 SMALL = [
     "model.tiny.hidden_size=64", "model.tiny.intermediate_size=128", "model.tiny.vocab_size=512",

@@ -4,6 +4,7 @@ a real OpenAI-compatible server on 127.0.0.1. A user's 8-GPU run then fails only
 machine lacks, not on our code."""
 
 import json
+from pathlib import Path
 
 import jax
 from hf_reference import make_hf_model, write_release_shaped
@@ -12,8 +13,9 @@ from tiny_corpus import synthetic_corpus
 
 from rlpa_jax.app.build import build_trainer
 from rlpa_jax.config.loading import load_config
-from rlpa_jax.config.options import REPO_ROOT
 from rlpa_jax.model.tokenizer import train_tiny_tokenizer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout
 
 
 def world_server(request: dict) -> Reply:

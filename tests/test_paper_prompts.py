@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import re
+from pathlib import Path
 
 import pytest
 from openai_server import OpenAIServer
 
 from rlpa_jax.app.build import load_config
-from rlpa_jax.config.options import REPO_ROOT, ConfigError
+from rlpa_jax.config.options import ConfigError
 from rlpa_jax.dialogue import judges, users
 from rlpa_jax.dialogue.chat import (
     PROMPTS_DIR,
@@ -29,6 +30,7 @@ from rlpa_jax.dialogue.personas import Persona
 from rlpa_jax.dialogue.profile import ProfileItem
 from rlpa_jax.dialogue.users.llm import LLMUser
 
+REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout
 OFFICIAL_COMMIT = "75bb4ff1c73955e2784e766efb69e3f6fca51a04"
 PAPER_PROMPTS = ("paper_user", "paper_profile_judge", "paper_response_judge")
 NURSE = Persona(

@@ -16,7 +16,15 @@ from typing import Any, Sequence
 import yaml
 
 from rlpa_jax.config.llm_sections import with_inherited_llm_sections
-from rlpa_jax.config.options import ConfigError, Problems, Sources, build_section, check_domains, field_types
+from rlpa_jax.config.options import (
+    CONFIGS_DIR,
+    ConfigError,
+    Problems,
+    Sources,
+    build_section,
+    check_domains,
+    field_types,
+)
 from rlpa_jax.config.rules import CrossFieldRule, check_rules
 from rlpa_jax.config.tree import DEFAULT_CONFIG, TrainConfig
 
@@ -73,18 +81,32 @@ def _set_override(tree: dict, path: list[str], value: Any, cls=TrainConfig) -> s
     return None
 
 
+def config_file(path: str | Path | None) -> Path:
+    """The YAML file `path` names: the file itself when it exists; else, for a bare file name or
+    configs/<name>, the shipped config of that name (an installed package's working directory has no
+    configs/); None: the shipped tiny.yaml."""
+    if not path:
+        return DEFAULT_CONFIG
+    path, shipped = Path(path), CONFIGS_DIR / Path(path).name
+    if not path.exists() and path.parent in (Path("."), Path("configs")) and shipped.is_file():
+        return shipped
+    return path
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 rules: Sequence[tuple[tuple[str, ...], CrossFieldRule]] = (), job: str = "train") -> TrainConfig:
-    """Read YAML (default configs/tiny.yaml), apply dotted overrides, check everything at once.
+    """Read YAML (`config_file(path)`: default configs/tiny.yaml), apply dotted overrides, check
+    everything at once.
 
     `rules` are more cross-field checks, (keys they read, check), from the layers that know what a
     name means (rlpa_jax/app/build.py checks every kind against the table of implementations).
     `job` is the program the config is for (train, sft, dpo, eval): its own rules are checked too."""
-    path = Path(path) if path else DEFAULT_CONFIG
+    path = config_file(path)
     try:
         tree = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
+        shipped = ", ".join(sorted(p.name for p in CONFIGS_DIR.glob("*.yaml"))) or "none"
+        raise ConfigError(f"{path}: config file not found (shipped configs, found by name: {shipped})") from None
     except OSError as error:
         raise ConfigError(f"{path}: cannot read the config file ({error.strerror or error})") from None
     except yaml.YAMLError as error:

@@ -14,8 +14,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-PROMPTS_DIR = REPO_ROOT / "configs" / "prompts"
+
+def find_configs_dir(package_dir: Path) -> Path:
+    """configs/ (the YAML configs and prompts/): the copy an installed wheel ships inside the
+    package (rlpa_jax/_configs: setup.py maps the repository's configs/ there) when present, else
+    the repository's own beside the package (a checkout, or an editable install of one)."""
+    shipped, checkout = package_dir / "_configs", package_dir.parent / "configs"
+    return checkout if not shipped.is_dir() and checkout.is_dir() else shipped
+
+
+CONFIGS_DIR = find_configs_dir(Path(__file__).resolve().parents[1])
+PROMPTS_DIR = CONFIGS_DIR / "prompts"
 
 
 class ConfigError(ValueError):

@@ -26,7 +26,7 @@ from rlpa_jax.config.llm_sections import (
     SharedLLMSection,
 )
 from rlpa_jax.config.options import (
-    REPO_ROOT,
+    CONFIGS_DIR,
     count,
     decay_rate,
     increasing_sizes,
@@ -41,7 +41,7 @@ from rlpa_jax.config.options import (
     within,
 )
 
-DEFAULT_CONFIG = REPO_ROOT / "configs" / "tiny.yaml"
+DEFAULT_CONFIG = CONFIGS_DIR / "tiny.yaml"
 
 
 

@@ -21,12 +21,10 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
+from rlpa_jax.config.options import PROMPTS_DIR
 from rlpa_jax.dialogue.profile import ProfileItem, format_profile, parse_profile
 from rlpa_jax.model.tokenizer import chat_token_ids
-
-PROMPTS_DIR = Path(__file__).resolve().parents[2] / "configs" / "prompts"
 
 PROFILE_OPEN, PROFILE_CLOSE = "<profile>", "</profile>"
 _TAGS = (PROFILE_OPEN, PROFILE_CLOSE, "<response>", "</response>")
