@@ -1,22 +1,9 @@
 """DPO alone: scripted preference pairs (teacher turn over a misread turn) -> DPO -> an orbax checkpoint.
 
-    python launch/dpo.py                                         # embedded default, from the random tiny model
-    python launch/dpo.py --init runs/tiny/sft                    # from the SFT warm start (launch/sft.py)
-    python launch/dpo.py --config configs/tiny.yaml --init runs/tiny/sft dpo.beta=0.2 dpo.steps=100
+    python launch/dpo.py [arguments]      # installed: rlpa-dpo [arguments]
 
-Positional arguments are dotted overrides of the YAML config; the DPO settings are its `dpo`
-section (beta, steps, learning_rate, batch_size, num_dialogues, warmup_steps, label_smoothing;
-config/tree.py DPOConfig), e.g. dpo.beta=0.2. The run builds the world as launch/sft.py
-does (rlpa_jax/app/build.py); --init DIR is model.init_checkpoint=DIR: the policy starts from that
-run's checkpoint (SFT, DPO or PPO) with the tokenizer it names. The ScriptedUser talks with the
-teacher for rollout.max_rounds turns per persona, each teacher turn is paired with the same turn
-misread (the user's values swapped for another persona's; a bland turn before anything is
-revealed) on the same history, and DPO trains on those pairs with the rollout's system prompt
-(rlpa_jax/app/jobs.py). The summary reports the reward accuracy on held-out personas' pairs and the
-share of greedy turns that are well formed and pass the response judge; {"actor": params} is saved
-under <output_dir>/<name>/dpo (per-step metrics in dpo_history.jsonl). Runs as several processes
-too (README "Several hosts"): every process trains on the same pairs, the held-out judge calls are
-split between them, all save the checkpoint together, process 0 writes the history and the summary.
+The program is rlpa_jax/app/commands/dpo.py (its --help lists the arguments); this file runs it
+from a checkout.
 """
 
 from __future__ import annotations
@@ -26,34 +13,9 @@ from rlpa_jax.runtime import host_allocator
 if __name__ == "__main__":
     host_allocator.ensure()  # CPU only: restart once with glibc keeping big blocks (before the heavy imports)
 
-import argparse
-import json
 import sys
-from pathlib import Path
 
-from rlpa_jax.app import cli, jobs
-from rlpa_jax.runtime import multihost
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=None, help="YAML config (default: configs/tiny.yaml)")
-    parser.add_argument("--init", default=None,
-                        help="start from this run's policy and tokenizer, e.g. runs/tiny/sft "
-                             "(sets model.init_checkpoint); default: the config's model")
-    parser.add_argument("--fresh", action="store_true",
-                        help="move an earlier DPO run in the run directory aside (to <run_dir>.<date>), "
-                             "then start anew")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. dpo.beta=0.2 rollout.max_rounds=3")
-    args = parser.parse_args(argv)
-    init = [] if args.init is None else [f"model.init_checkpoint={args.init}"]
-    config = cli.start_with_config("dpo.py", args.config, [*args.overrides, *init], job="dpo")
-    summary = cli.run_or_exit("dpo.py", lambda: jobs.dpo(config, "fresh" if args.fresh else "new"), (FileNotFoundError, ValueError, KeyError))
-    if multihost.is_main_process():  # every process ran the same job
-        print(json.dumps(summary, indent=2))
-        print(f"checkpoint: {config.run_dir / 'dpo'}")
-    return 0
-
+from rlpa_jax.app.commands.dpo import main
 
 if __name__ == "__main__":
     sys.exit(main())
