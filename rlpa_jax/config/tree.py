@@ -236,6 +236,7 @@ class LoggingConfig:
     wandb_entity: str | None = None  # None: the logged-in account's default entity
     wandb_run_name: str | None = None  # None: the run's `name`
     export_hf: bool = True  # the final policy as a Hugging Face folder in <run>/hf
+    export_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # its weights' dtype
     progress_bar: bool = True
 
 
