@@ -1,5 +1,6 @@
 """Orbax save/restore (also into shardings), resuming past damaged steps, and the export command line."""
 
+import json
 import logging
 import os
 import shutil
@@ -60,6 +61,15 @@ def test_export_command_line_writes_a_loadable_model(tmp_path):
     model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     tokens = np.random.default_rng(0).integers(0, 128, (2, 7))
     np.testing.assert_allclose(hf_logits(model, tokens), np.asarray(forward(params, CONFIG, jnp.asarray(tokens))[0]), atol=1e-4)
+    # A meta without a system prompt: rollout.system_prompt's default, said on stderr; no tokenizer,
+    # so rlpa_format.json alone carries it.
+    assert "names no system prompt" in result.stderr and not (out / "chat_template.jinja").exists()
+    assert json.loads((out / "rlpa_format.json").read_text())["system_prompt_name"] == "policy_system"
+    unknown = subprocess.run([sys.executable, str(REPO / "launch" / "export_hf.py"), "--checkpoint", str(tmp_path / "ckpt"),
+                              "--output", str(tmp_path / "hf2"), "--system-prompt", "no_such_prompt"],
+                             capture_output=True, text=True, cwd=tmp_path)
+    assert unknown.returncode == 2 and "prompt 'no_such_prompt' not found" in unknown.stderr
+    assert not (tmp_path / "hf2").exists()  # refused before anything was written
     missing = subprocess.run([sys.executable, str(REPO / "launch" / "export_hf.py"), "--checkpoint", str(tmp_path / "none"),
                               "--output", str(out)], capture_output=True, text=True, cwd=tmp_path)
     assert missing.returncode == 2 and "does not exist" in missing.stderr

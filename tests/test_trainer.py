@@ -16,9 +16,11 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from run_logs import offline_wandb, tensorboard_scalars, wandb_config, wandb_records, wandb_scalars
 
 from rlpa_jax.app.build import build_trainer
 from rlpa_jax.config.loading import load_config
+from rlpa_jax.config.tree import to_dict
 from rlpa_jax.model.hf import CheckpointError
 from rlpa_jax.rl.trainer import TrainingDiverged
 
@@ -66,8 +68,10 @@ def judge_without_verdicts(monkeypatch):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    config = small_config(tmp_path_factory.mktemp("full"))
-    summary = build_trainer(config).train()
+    # Logged to TensorBoard and to Weights & Biases (offline): logging changes no metric.
+    config = small_config(tmp_path_factory.mktemp("full"), "logging.tensorboard=true", "logging.wandb=true")
+    with offline_wandb(tmp_path_factory.mktemp("wandb_home")):
+        summary = build_trainer(config).train()
     records = [json.loads(line) for line in (config.run_dir / "metrics.jsonl").read_text().splitlines()]
     return config, summary, [r for r in records if r["phase"] == "ppo"]
 
@@ -88,10 +92,11 @@ def test_short_run_logs_checkpoints_and_exports(uninterrupted):
     assert steps[-1] == 4
     model = transformers.AutoModelForCausalLM.from_pretrained(config.run_dir / "hf", dtype=torch.float32)
     assert model.config.vocab_size == 512
-    # Evaluation loads the policy with the system prompt it was trained with.
+    # Evaluation loads the policy with the system prompt it was trained with; so does the export.
     from rlpa_jax.dialogue.chat import load_prompt
     from rlpa_jax.eval.policies import JaxPolicy
-    assert JaxPolicy.from_checkpoint(config.run_dir).system_prompt == load_prompt(config.rollout.system_prompt)
+    system_prompt = load_prompt(config.rollout.system_prompt)
+    assert JaxPolicy.from_checkpoint(config.run_dir).system_prompt == system_prompt
     # The command-line export reads only the policy out of the PPO checkpoint.
     out = config.run_dir / "hf_cli"
     result = subprocess.run([sys.executable, str(REPO / "launch" / "export_hf.py"), "--checkpoint", str(config.run_dir),
@@ -100,6 +105,21 @@ def test_short_run_logs_checkpoints_and_exports(uninterrupted):
     again = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), name
+    for folder in (config.run_dir / "hf", out):
+        assert json.loads((folder / "rlpa_format.json").read_text())["system_prompt"] == system_prompt
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+        shown = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False)
+        assert shown.startswith(f"<|im_start|>system\n{system_prompt}<|im_end|>")
+
+
+def test_wandb_logged_what_tensorboard_logged_and_the_config(uninterrupted):
+    config, _, records = uninterrupted
+    logged = wandb_records(config.run_dir)
+    assert wandb_scalars(logged) == pytest.approx(tensorboard_scalars(config.run_dir / "tensorboard"), rel=2**-23)
+    assert {(f"ppo/{key}", r["step"]) for r in records for key in ("reward", "kl", "loss_mean")} <= set(
+        wandb_scalars(logged))
+    assert wandb_config(logged) == json.loads(json.dumps(to_dict(config)))
+    assert next(r["run"] for r in logged if r["type"] == "run")["display_name"] == config.name
 
 
 def test_resume_after_ctrl_c_gives_the_same_metrics(tmp_path, uninterrupted):

@@ -44,7 +44,7 @@ from rlpa_jax.offline.teacher import scripted_dialogues
 from rlpa_jax.rl import advantages
 from rlpa_jax.rl.environment import Environment
 from rlpa_jax.rl.experience import ExperienceBuilder, ForwardPasses, scores_old_logprobs, trim_padding
-from rlpa_jax.rl.metrics import MetricsLog
+from rlpa_jax.rl.metrics import MetricsLog, WandbOptions
 from rlpa_jax.rl.objectives import actor_loss_fn, critic_loss_fn, response_tokens
 from rlpa_jax.rl.schedule import ConversationPool
 from rlpa_jax.rl.trainer import Trainer, TrainingParts
@@ -350,6 +350,15 @@ def write_run_config(config: TrainConfig) -> None:
         (config.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
+def wandb_options(config: TrainConfig) -> WandbOptions | None:
+    """Where the run's Weights & Biases run goes (None: logging.wandb is off)."""
+    chosen = config.logging
+    if not chosen.wandb:
+        return None
+    return WandbOptions(project=chosen.wandb_project, name=chosen.wandb_run_name or config.name,
+                        entity=chosen.wandb_entity, config=to_dict(config))
+
+
 def build_training_parts(config: TrainConfig) -> TrainingParts:
     """Every part of a training run, built from `config` (nothing heavy runs: the initial policy,
     its SFT warm start included, is made when the trainer asks for it)."""
@@ -376,7 +385,7 @@ def build_training_parts(config: TrainConfig) -> TrainingParts:
         pool=pool, build_experience=build_experience_builder(config, model_cfg, mesh, tokenizer.pad_token_id),
         actor_updater=actor_updater, critic_updater=critic_updater,
         checkpointer=Checkpointer(config.run_dir / "checkpoints", config.logging.max_to_keep),
-        metrics=MetricsLog(config.run_dir, config.logging.tensorboard),
+        metrics=MetricsLog(config.run_dir, config.logging.tensorboard, wandb_options(config)),
         llm_meter=LLMMeter(environment.llm_clients()),
         reference_weights=shared_reference(config, model_cfg, actor_updater.param_shardings))
 

@@ -28,16 +28,17 @@ import numpy as np
 
 from rlpa_jax.app import build
 from rlpa_jax.app.run_dir import prepare_run_dir
-from rlpa_jax.config.tree import MeshConfig, TrainConfig
+from rlpa_jax.config.tree import MeshConfig, RolloutConfig, TrainConfig
 from rlpa_jax.dialogue import judges
 from rlpa_jax.dialogue.chat import load_prompt, parse_turn
 from rlpa_jax.dialogue.judges import ResponseRequest
 from rlpa_jax.dialogue.llm.sync import run_sync
+from rlpa_jax.dialogue.policy_format import add_policy_format
 from rlpa_jax.offline import dpo as dpo_training
 from rlpa_jax.offline import sft as sft_training
 from rlpa_jax.offline import teacher
 from rlpa_jax.runtime import checkpoint, multihost, parallel
-from rlpa_jax.runtime.checkpoint import Checkpointer, checkpoint_directory, export_checkpoint
+from rlpa_jax.runtime.checkpoint import Checkpointer, checkpoint_directory, export_checkpoint, read_meta
 from rlpa_jax.runtime.parallel import param_shardings
 
 log = logging.getLogger(__name__)
@@ -220,11 +221,21 @@ def dpo(config: TrainConfig, start: str = "new") -> dict:
 
 
 def export_policy(checkpoint: Path, output: Path, step: int | None = None, tokenizer: Path | None = None,
-                  dtype: str = "float32") -> Path:
-    """A checkpoint's policy as a Hugging Face directory (checkpoint.export_checkpoint). The policy
-    is restored FSDP-sharded over every device of every process (no device holds it all, the
-    processes read their own shards together); the export gathers each tensor in turn and process
-    0 alone writes the directory."""
+                  dtype: str = "float32", system_prompt: str | None = None) -> Path:
+    """A checkpoint's policy as a Hugging Face directory (checkpoint.export_checkpoint) that prompts
+    it as training did (dialogue/policy_format.py: the chat template and rlpa_format.json). The
+    system prompt is configs/prompts/<system_prompt>.txt, else the one the checkpoint's meta names,
+    else rollout.system_prompt's default (said in the log). The policy is restored FSDP-sharded
+    over every device of every process (no device holds it all, the processes read their own
+    shards together); the export gathers each tensor in turn and process 0 alone writes."""
+    directory = checkpoint_directory(checkpoint)
+    prompt_name = system_prompt or read_meta(directory, step).get("system_prompt")
+    if prompt_name is None:
+        prompt_name = RolloutConfig().system_prompt
+        log.warning("%s: the checkpoint's meta names no system prompt; the export uses %r (--system-prompt "
+                    "names another)", directory, prompt_name)
+    prompt = load_prompt(prompt_name)  # a missing prompt fails before the export starts
     mesh = parallel.make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1))
-    return export_checkpoint(checkpoint, output, step, tokenizer, dtype,
-                             shardings_for=lambda model_config: param_shardings(model_config, mesh))
+    exported = export_checkpoint(directory, output, step, tokenizer, dtype,
+                                 shardings_for=lambda model_config: param_shardings(model_config, mesh))
+    return add_policy_format(exported, prompt, prompt_name)

@@ -49,7 +49,7 @@ class Job:
 
 
 JOBS = {
-    "train": Job("checkpoints", "metrics.jsonl", ("tensorboard", "rewards.png", "hf", "config.yaml")),
+    "train": Job("checkpoints", "metrics.jsonl", ("tensorboard", "wandb", "rewards.png", "hf", "config.yaml")),
     "sft": Job("sft", "sft_history.jsonl"),
     "dpo": Job("dpo", "dpo_history.jsonl"),
 }

@@ -229,7 +229,14 @@ class LoggingConfig:
     checkpoint_every: int = option(5, count)  # iterations; the last one is always saved
     max_to_keep: int = option(3, count)
     tensorboard: bool = True
-    export_hf: bool = True
+    # Weights & Biases beside TensorBoard: the same scalars at the same steps, plus the config
+    # (pip install -e '.[wandb]'; WANDB_MODE=offline writes the run under <run>/wandb/ without an account).
+    wandb: bool = False
+    wandb_project: str = "rlpa-jax"
+    wandb_entity: str | None = None  # None: the logged-in account's default entity
+    wandb_run_name: str | None = None  # None: the run's `name`
+    export_hf: bool = True  # the final policy as a Hugging Face folder in <run>/hf
+    export_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # its weights' dtype
     progress_bar: bool = True
 
 

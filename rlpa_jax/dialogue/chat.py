@@ -28,10 +28,9 @@ from rlpa_jax.model.tokenizer import chat_token_ids
 
 PROFILE_OPEN, PROFILE_CLOSE = "<profile>", "</profile>"
 _TAGS = (PROFILE_OPEN, PROFILE_CLOSE, "<response>", "</response>")
-_TURN = re.compile(
-    r"\A\s*<profile>(?P<profile>.*?)</profile>\s*<response>(?P<response>.*?)</response>\s*\Z",
-    re.DOTALL,
-)
+# What a well-formed turn matches (with re.DOTALL), beside each tag appearing exactly once.
+TURN_PATTERN = r"\A\s*<profile>(?P<profile>.*?)</profile>\s*<response>(?P<response>.*?)</response>\s*\Z"
+_TURN = re.compile(TURN_PATTERN, re.DOTALL)
 _ROLES = ("user", "assistant")
 
 
@@ -47,6 +46,8 @@ MALFORMED = ParsedTurn(profile=None, response=None, well_formed=False)
 
 def parse_turn(text: str) -> ParsedTurn:
     """Split a policy turn into profile items and reply; anything off the exact shape is malformed.
+    Training reads every sampled turn with it; a user of an exported policy reads its decoded
+    output with it too (README "Use the exported policy").
 
     Malformed: a missing or unclosed tag, a duplicated block, the response before the profile,
     any text outside the two blocks, or an empty response. An empty profile block is fine

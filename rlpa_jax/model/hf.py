@@ -100,7 +100,8 @@ def config_to_hf(config: Qwen2Config, dtype: str = "float32", **extra) -> dict:
         "max_position_embeddings": config.max_position_embeddings,
         "attention_dropout": 0.0,
         "use_sliding_window": False,
-        "torch_dtype": dtype,
+        "dtype": dtype,  # the key transformers 5 writes and reads
+        "torch_dtype": dtype,  # the key older readers (and the Qwen2.5 releases) use
         **extra,
     }
 

@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from rlpa_jax.config.tree import TrainConfig
 from rlpa_jax.dialogue.llm.usage import LLMMeter, progress_postfix
 from rlpa_jax.dialogue.personas import Persona
+from rlpa_jax.dialogue.policy_format import add_policy_format
 from rlpa_jax.generation.engine import GenerationEngine
 from rlpa_jax.generation.sampler import SamplingParams
 from rlpa_jax.model.hf import CheckpointError
@@ -360,8 +361,9 @@ class Trainer:
             summary["llm"] = self.llm_meter.totals()
         plot_training(self.metrics, self.run_dir / "rewards.png", baseline=before, final=after)  # every process
         if cfg.logging.export_hf:
-            hf_export.export_hf(state.actor.params, self.model_config, self.run_dir / "hf",
-                         tokenizer_dir=self.parts.tokenizer_dir)
+            exported = hf_export.export_hf(state.actor.params, self.model_config, self.run_dir / "hf",
+                                           tokenizer_dir=self.parts.tokenizer_dir, dtype=cfg.logging.export_dtype)
+            add_policy_format(exported, self.parts.environment.system_prompt, cfg.rollout.system_prompt)
         self.metrics.close()
         return summary
 
