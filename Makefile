@@ -3,9 +3,6 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# glibc keeps XLA:CPU's big per-call blocks instead of mapping them afresh (rlpa_jax/runtime/host_allocator.py;
-# the launch scripts set it themselves).
-HOST_ALLOCATOR := glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736
 
 .PHONY: venv test demo bench reproduce-tiny real-model clean
 
@@ -30,8 +27,12 @@ real-model: $(STAMP)
 test: $(STAMP)
 	# The real model for tests/test_real_model.py; without it (no network) those tests skip, naming why.
 	-$(PY) launch/fetch_model.py
-	# A crashed worker fails the run at once (xdist would otherwise restart it and can hang).
-	GLIBC_TUNABLES=$(HOST_ALLOCATOR) $(PY) -m pytest -q -n 2 --dist loadfile --max-worker-restart 0 tests
+	# A crashed worker fails the run at once (xdist would otherwise restart it and can hang). The
+	# workers run with glibc's default allocator, not the launch scripts' (rlpa_jax/runtime/host_allocator.py):
+	# that one keeps a process at its peak, and a worker that has held the real 0.5B model (10 GB)
+	# beside another ran the 24 GB CI machine out of memory. The launch scripts the tests start still
+	# restart themselves with it. --durations: the slowest tests, for keeping the suite short.
+	$(PY) -m pytest -q -n 2 --dist loadfile --max-worker-restart 0 --durations=25 tests
 
 demo: $(STAMP)
 	# --fresh: a second `make demo` moves the first run aside (runs/tiny.<date>) and says so.

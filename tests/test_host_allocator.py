@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,8 +33,3 @@ def test_a_script_restarts_once_with_the_tunables_in_the_same_process():
     assert len(starts) == 2 and len(runs) == 1  # restarted once, ran once
     pid = starts[0].split()[1]
     assert runs[0] == f"run {pid} {host_allocator.TUNABLES} ['an-argument']"
-
-
-def test_make_test_runs_the_suite_with_the_same_tunables():
-    makefile = (REPO / "Makefile").read_text()
-    assert re.search(r"^HOST_ALLOCATOR := (.+)$", makefile, re.M).group(1) == host_allocator.TUNABLES
