@@ -90,12 +90,15 @@ class ModelConfig:
 @dataclass(frozen=True)
 class MeshConfig:
     """Sizes of the (data, fsdp, tensor) mesh axes (runtime/parallel.make_mesh); -1 on one axis
-    means 'all remaining devices'."""
+    means 'all remaining devices'. The mesh spans every device present (or `devices` of them): a
+    mesh whose sizes leave devices idle is refused, naming the sizes that would use them."""
 
     data: int = option(1, mesh_axis, doc="data-parallel ways: each way holds a whole copy of the parameters")
     fsdp: int = option(-1, mesh_axis, doc="fully sharded data-parallel ways: batch rows and parameters split "
                                           "(ZeRO-3)")
     tensor: int = option(1, mesh_axis, doc="tensor-parallel ways: heads, MLP and vocabulary dimensions split")
+    devices: int | None = option(None, count, doc="how many devices the mesh spans, the first ones present (a "
+                                                  "deliberately smaller mesh); null: every device")
 
 
 @dataclass(frozen=True)
