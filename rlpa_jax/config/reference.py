@@ -9,6 +9,7 @@ each value came from (`--print-config`).
 from __future__ import annotations
 
 import dataclasses
+import textwrap
 import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Literal
@@ -115,7 +116,7 @@ def reference_text(prefix: str = "") -> str:
         lines.append("")
     if not lines:
         return ""
-    return "\n".join([HOW_TO_SET, "", *lines]).rstrip() + "\n"
+    return "\n".join([textwrap.fill(HOW_TO_SET, 100), "", *lines]).rstrip() + "\n"
 
 
 def sections_summary() -> str:
