@@ -113,7 +113,7 @@ def test_a_new_estimator_is_one_function_and_one_table_entry(monkeypatch, tmp_pa
 
     # The config accepts the new name, and a PPO iteration trains with it (and no critic).
     config = build.load_config(None, [
-        "ppo.advantage=rloo", "ppo.credit=block", f"output_dir={tmp_path}", "sft.enabled=false", "mesh.fsdp=1",
+        "ppo.advantage=rloo", "ppo.credit=block", f"output_dir={tmp_path}", "sft.enabled=false", "mesh.devices=1",
         "model.tiny.hidden_size=64", "model.tiny.intermediate_size=128", "model.tiny.vocab_size=512",
         "rollout.conversations=2", "rollout.max_rounds=2", "rollout.samples_per_prompt=2", "rollout.max_new_tokens=16",
         "rollout.prompt_buckets=[64,128,256]", "rollout.max_prompt_tokens=256", "data.num_personas=16",

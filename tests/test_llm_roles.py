@@ -30,7 +30,7 @@ SMALL = [
     "rollout.prompt_buckets=[64,128,256]", "rollout.max_prompt_tokens=256",
     "ppo.train_batch_size=8", "ppo.micro_batch_size=4", "ppo.iterations=1", "sft.enabled=false",
     "logging.progress_bar=false", "logging.checkpoint_every=1", "logging.export_hf=false", "data.num_personas=16",
-    "mesh.fsdp=1", "rollout.eval_conversations=2",
+    "mesh.devices=1", "rollout.eval_conversations=2",
 ]
 
 

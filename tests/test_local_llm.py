@@ -243,7 +243,7 @@ def test_temperature_and_max_tokens_come_from_yaml_for_both_backends(tmp_path):
 def reference_run(folder, tmp_path, *overrides):
     return build.load_config(None, [
         f"output_dir={tmp_path}", f"model.path={folder}", "user.kind=llm", "judges.kind=llm", "llm.backend=local",
-        f"llm.checkpoint={folder}", "llm.max_tokens=8", "sft.enabled=false", "mesh.fsdp=1", "data.num_personas=8",
+        f"llm.checkpoint={folder}", "llm.max_tokens=8", "sft.enabled=false", "mesh.devices=1", "data.num_personas=8",
         "rollout.conversations=1", "rollout.pipeline_groups=1", "rollout.samples_per_prompt=2", "rollout.max_rounds=1",
         "rollout.max_new_tokens=8", "rollout.eval_conversations=1", "ppo.iterations=1", "ppo.train_batch_size=2",
         "ppo.micro_batch_size=2", "logging.progress_bar=false", "logging.tensorboard=false",
@@ -263,7 +263,7 @@ def test_the_reference_shares_the_local_roles_weights_of_the_policys_checkpoint(
     assert all(a is b for a, b in zip(jax.tree.leaves(state.reference), jax.tree.leaves(roles)))
 
 
-@pytest.mark.parametrize("override", ["sft.enabled=true", "mesh.fsdp=2"])
+@pytest.mark.parametrize("override", ["sft.enabled=true", "mesh.devices=2"])
 def test_the_reference_keeps_its_own_copy_when_it_is_not_the_roles_weights(folder, tmp_path, override):
     """With a warm start the reference is another policy; on a 2-device mesh it is placed otherwise."""
     config = reference_run(folder, tmp_path, override, "ppo.micro_batch_size=2")

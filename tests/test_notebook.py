@@ -27,7 +27,7 @@ QUICK_SFT = [
     "model.tiny.hidden_size=64", "model.tiny.intermediate_size=128", "model.tiny.vocab_size=512",
     "rollout.max_rounds=2", "rollout.max_new_tokens=32", "rollout.prompt_buckets=[128,256]",
     "rollout.max_prompt_tokens=256", "sft.steps=4", "sft.batch_size=4", "sft.num_dialogues=4",
-    "data.num_personas=16", "mesh.fsdp=1", "logging.progress_bar=false",
+    "data.num_personas=16", "mesh.devices=1", "logging.progress_bar=false",
 ]
 
 

@@ -1,5 +1,9 @@
 """Sharding on 8 fake CPU devices (set in conftest): same numbers as one device, real shards."""
 
+import dataclasses
+import types
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,11 +11,15 @@ import pytest
 from hf_reference import make_hf_model, save_hf_model
 from jax.sharding import PartitionSpec as P
 
+from rlpa_jax.app import build
+from rlpa_jax.config.loading import load_config
+from rlpa_jax.config.options import ConfigError
 from rlpa_jax.config.tree import MeshConfig
 from rlpa_jax.model import hf
 from rlpa_jax.model.qwen2 import Qwen2Config, forward, init_params, param_logical_axes
 from rlpa_jax.runtime import parallel
 
+REPO = Path(__file__).resolve().parents[1]
 CONFIG = Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2)
 
 
@@ -73,5 +81,52 @@ def test_undividable_dimensions_stay_replicated(mesh):
 def test_mesh_that_does_not_divide_the_devices_is_refused():
     with pytest.raises(ValueError, match="does not divide the 8 available devices"):
         parallel.make_mesh(MeshConfig(data=3, fsdp=-1))
-    assert parallel.make_mesh(MeshConfig(data=2, fsdp=2, tensor=1)).devices.size == 4  # a subset
     assert parallel.make_mesh(MeshConfig(fsdp=-1)).shape["fsdp"] == 8
+
+
+def test_a_mesh_that_would_leave_devices_idle_is_refused_naming_the_sizes_that_use_them():
+    with pytest.raises(ValueError, match=r"mesh data=2 fsdp=2 tensor=1 spans 4 of the 8 devices present and would "
+                                         r"leave 4 idle; use every device with mesh.data=4 or mesh.fsdp=4 or "
+                                         r"mesh.tensor=2 \(or -1 on that axis\), or run on the first 4 with "
+                                         r"mesh.devices=4"):
+        parallel.make_mesh(MeshConfig(data=2, fsdp=2, tensor=1))
+    with pytest.raises(ValueError, match="mesh data=1 fsdp=16 tensor=1 needs 16 devices, but 8 are present; "
+                                         "use every device with mesh.fsdp=8"):
+        parallel.make_mesh(MeshConfig(data=1, fsdp=16, tensor=1))
+
+
+def test_the_paper_mesh_on_two_hosts_of_eight_is_refused_and_its_named_fixes_use_all_sixteen():
+    paper = load_config(REPO / "configs" / "qwen2.5-3b-8gpu.yaml").mesh
+    assert parallel.make_mesh(paper).devices.size == 8  # one 8-GPU host: every device
+    with pytest.raises(ValueError, match=r"spans 8 of the 16 devices present and would leave 8 idle; use every "
+                                         r"device with mesh.data=2 or mesh.fsdp=16"):
+        parallel.mesh_shape(paper, 16)
+    assert parallel.mesh_shape(dataclasses.replace(paper, data=2), 16) == (2, 8, 1)
+    assert parallel.mesh_shape(dataclasses.replace(paper, fsdp=-1), 16) == (1, 16, 1)
+
+
+def test_mesh_devices_asks_for_a_mesh_on_the_first_devices():
+    mesh = parallel.make_mesh(MeshConfig(data=2, fsdp=2, tensor=1, devices=4))
+    assert mesh.devices.flatten().tolist() == jax.devices()[:4]
+    assert parallel.make_mesh(MeshConfig(fsdp=-1, devices=2)).shape == {"data": 1, "fsdp": 2, "tensor": 1}
+    with pytest.raises(ValueError, match="mesh data=2 fsdp=2 tensor=1 spans 4 devices, but mesh.devices=2"):
+        parallel.make_mesh(MeshConfig(data=2, fsdp=2, tensor=1, devices=2))
+    with pytest.raises(ValueError, match="mesh.devices=9, but 8 devices are present"):
+        parallel.make_mesh(MeshConfig(fsdp=-1, devices=9))
+
+
+def test_mesh_devices_that_leave_a_process_without_a_device_is_refused():
+    # Two processes of 4 devices each: the first 4 are process 0's, so process 1 would have none.
+    devices = [types.SimpleNamespace(id=i, process_index=i // 4) for i in range(8)]
+    with pytest.raises(ValueError, match="mesh.devices=4 leaves process 1 without a device"):
+        parallel.make_mesh(MeshConfig(fsdp=-1, devices=4), devices)
+
+
+def test_a_config_mesh_that_cannot_span_its_devices_is_refused_at_load_and_the_built_one_at_build():
+    with pytest.raises(ConfigError, match=r"mesh.data=2 x mesh.fsdp=2 x mesh.tensor=1 cannot span mesh.devices=3"):
+        load_config(None, ["mesh.data=2", "mesh.fsdp=2", "mesh.devices=3"])
+    with pytest.raises(ConfigError, match="cannot span mesh.devices=3"):
+        load_config(None, ["mesh.data=2", "mesh.devices=3"])  # fsdp=-1 in tiny.yaml: 3 is no multiple of 2
+    with pytest.raises(ValueError, match="would leave 7 idle"):
+        build.build_mesh(load_config(None, ["mesh.fsdp=1"]))
+    assert build.build_mesh(load_config(None, ["mesh.devices=1"])).devices.size == 1

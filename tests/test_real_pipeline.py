@@ -22,7 +22,7 @@ from rlpa_jax.dialogue.llm import local
 ROLES = ("user", "profile_judge", "response_judge")
 TINY = [
     "model.tiny.hidden_size=64", "model.tiny.intermediate_size=128", "model.tiny.vocab_size=512",
-    "data.num_personas=16", "mesh.fsdp=1", "logging.progress_bar=false", "logging.tensorboard=false",
+    "data.num_personas=16", "mesh.devices=1", "logging.progress_bar=false", "logging.tensorboard=false",
     # One conversation, one turn, two samples: the judges read two replies (~1,400-token prompts each).
     "rollout.conversations=1", "rollout.max_rounds=1", "rollout.samples_per_prompt=2", "rollout.max_new_tokens=96",
     "rollout.system_prompt=policy_system_tiny", "rollout.pipeline_groups=1",

@@ -185,7 +185,7 @@ SMALL = [
     "rollout.max_new_tokens=16", "rollout.prompt_buckets=[64,128,256]", "rollout.max_prompt_tokens=256",
     "ppo.train_batch_size=4", "ppo.micro_batch_size=2", "ppo.iterations=5", "sft.enabled=false",
     "logging.progress_bar=false", "logging.tensorboard=false", "logging.checkpoint_every=2", "logging.export_hf=false",
-    "data.num_personas=4", "mesh.fsdp=1", "rollout.eval_conversations=2",
+    "data.num_personas=4", "mesh.devices=1", "rollout.eval_conversations=2",
 ]
 
 

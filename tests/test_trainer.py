@@ -31,7 +31,7 @@ SMALL = [
     "rollout.prompt_buckets=[64,128,256]", "rollout.max_prompt_tokens=256",
     "ppo.train_batch_size=8", "ppo.micro_batch_size=4", "ppo.iterations=4", "sft.enabled=false",
     "logging.progress_bar=false", "logging.tensorboard=false", "logging.checkpoint_every=2", "data.num_personas=16",
-    "mesh.fsdp=1", "rollout.eval_conversations=4",
+    "mesh.devices=1", "rollout.eval_conversations=4",
 ]
 
 
@@ -341,7 +341,7 @@ def test_sampling_and_scoring_run_inside_the_mesh(tmp_path):
 
 
 def test_a_run_that_would_not_fit_its_devices_stops_before_training(tmp_path):
-    trainer = build_trainer(small_config(tmp_path, "mesh.fsdp=2", "mesh.data=2"))
+    trainer = build_trainer(small_config(tmp_path, "mesh.fsdp=2", "mesh.data=2", "mesh.devices=4"))
     trainer.check_device_memory()  # CPU reports no device memory: skipped
     trainer.check_device_memory(device_bytes=1e12)  # a roomy device: every program fits
     with pytest.raises(ValueError, match=r"would not fit its devices: sampler: needs .* GB per device.*"
@@ -351,7 +351,7 @@ def test_a_run_that_would_not_fit_its_devices_stops_before_training(tmp_path):
     assert [p.name for p in programs] == ["sampler", "scoring forward", "actor micro-batch step"]  # grpo: no critic
     # rollout.prefix_cache (the default) keeps one prompt cache per pipeline group beside the sampler.
     assert trainer.config.rollout.prefix_cache and trainer.engine.keeps_prefixes
-    full_prefills = build_trainer(small_config(tmp_path / "full", "mesh.fsdp=2", "mesh.data=2",
+    full_prefills = build_trainer(small_config(tmp_path / "full", "mesh.fsdp=2", "mesh.data=2", "mesh.devices=4",
                                                "rollout.prefix_cache=false")).memory_programs()
     r, config = trainer.config.rollout, trainer.model_config
     kept = (r.pipeline_groups + 1) * 2 * config.num_layers * 1 * 256 * config.num_kv_heads * config.head_dim * 4

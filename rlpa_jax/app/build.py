@@ -110,6 +110,12 @@ def load_config(path=None, overrides: list[str] | None = None, job: str = "train
     return config_loading.load_config(path, overrides, CONFIG_RULES, job)
 
 
+def load_config_and_sources(path=None, overrides: list[str] | None = None,
+                            job: str = "train") -> tuple[TrainConfig, config_loading.Sources]:
+    """load_config's config and where each of its values came from (config.loading.origin reads it)."""
+    return config_loading.load_config_and_sources(path, overrides, CONFIG_RULES, job)
+
+
 def build_mesh(config: TrainConfig) -> jax.sharding.Mesh:
     return parallel.make_mesh(config.mesh)
 

@@ -1,4 +1,5 @@
-"""What every launch script does first: join the run's other processes when started as several
+"""What every launch script does first: its config arguments (add_config_arguments: --config, the
+overrides, --print-config, --help-config), joining the run's other processes when started as several
 (`jax.distributed`), readable logs, the config (or a clear exit; processes that disagree on it all
 stop with one error), the compile cache, and one-line exits for file-system problems the user can
 fix (a full or read-only disk, permissions, a path that is missing or runs through a file):
@@ -10,6 +11,7 @@ fix (a full or read-only disk, permissions, a path that is missing or runs throu
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import errno
 import logging
@@ -23,8 +25,10 @@ from typing import Any, Callable, Iterator, Mapping, TypeVar
 import jax
 
 from rlpa_jax.app import build
+from rlpa_jax.config import reference
+from rlpa_jax.config.loading import origin
 from rlpa_jax.config.options import ConfigError
-from rlpa_jax.config.tree import to_dict
+from rlpa_jax.config.tree import DEFAULT_CONFIG, to_dict
 from rlpa_jax.runtime import multihost, parallel
 
 # The tokenizers library warns (and disables its threads) when a process forks after using them;
@@ -105,14 +109,66 @@ def use_compilation_cache(config) -> None:
 
 
 def start_with_config(program: str, path: Path | None, overrides: list[str],
-                      arguments: Mapping[str, Any] | None = None, job: str = "train"):
+                      arguments: Mapping[str, Any] | None = None, job: str = "train", print_config: bool = False):
     """The opening of a launch script that runs a config: `start` (logs, the other processes), the
     validated config or an exit (load_config_or_exit, with the script's other `arguments` and its
-    `job`'s rules), and the compile cache under its output directory. Returns the config."""
+    `job`'s rules), and the compile cache under its output directory. Returns the config.
+    With `print_config` (--print-config) it prints the config instead and exits (print_config_and_exit)."""
+    if print_config:
+        print_config_and_exit(program, path, overrides, job)
     start(program)
     config = load_config_or_exit(program, path, overrides, arguments, job)
     use_compilation_cache(config)
     return config
+
+
+# ---------------------------------------------------------------------------------------------
+# The config's command-line arguments: the file, the overrides, the option reference, the resolved config
+
+
+class _PrintOptionReference(argparse.Action):
+    """--help-config [SECTION]: every option (or SECTION's) with its default, domain and meaning; exits."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        text = reference.reference_text(values or "")
+        if not text:
+            sections = ", ".join(s.key for s in reference.sections() if s.key)
+            parser.error(f"{option_string} {values}: no option or section of that name; sections: {sections}")
+        print(text, end="")
+        parser.exit()
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, example: str = "ppo.actor_lr=1e-6") -> None:
+    """A launch script's config arguments: --config FILE, the dotted overrides (`example` shows
+    one), --print-config (args.print_config, for start_with_config), --help-config [SECTION] (the
+    option reference, then exit), and an epilog for --help that lists the config's sections."""
+    parser.add_argument("--config", type=Path, default=None, help="YAML config (default: configs/tiny.yaml)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config as YAML, each value with where it came from (default, "
+                             "the YAML file and line, a command-line override), and exit without running")
+    parser.add_argument("--help-config", nargs="?", const="", metavar="SECTION", action=_PrintOptionReference,
+                        help="list every config option (or those of SECTION, e.g. ppo or rollout.top_p) with its "
+                             "default, the values it accepts and its meaning, and exit")
+    parser.add_argument("overrides", nargs="*", help=f"dotted config overrides key.path=value, e.g. {example}")
+    sections = (f"config sections (every option: --help-config [SECTION], or docs/CONFIG.md):\n"
+                f"{reference.sections_summary()}")
+    parser.epilog = f"{parser.epilog}\n\n{sections}" if parser.epilog else sections
+
+
+def print_config_and_exit(program: str, path: Path | None, overrides: list[str], job: str = "train") -> None:
+    """--print-config: the validated config `job` would run, as YAML with where each value came from
+    (config/reference.annotated_yaml), on stdout; status 0, or 2 with every problem of a bad config.
+    Nothing is built and no device is touched."""
+    try:
+        config, sources = build.load_config_and_sources(path, overrides, job)
+    except ConfigError as error:
+        print(f"{program}: {error}", file=sys.stderr)
+        sys.exit(2)
+    given = f" with {' '.join(overrides)}" if overrides else ""
+    heading = (f"{program} --print-config: {path or DEFAULT_CONFIG}{given}, checked for {job}; each role's "
+               f"unset LLM fields are filled from the sections above it")
+    print(reference.annotated_yaml(config, lambda key: origin(sources, key), heading), end="")
+    sys.exit(0)
 
 
 # ---------------------------------------------------------------------------------------------

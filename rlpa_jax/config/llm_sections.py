@@ -5,10 +5,10 @@ a role inherits every field it leaves unset."""
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
-from rlpa_jax.config.options import count, http_url, non_negative, option, positive
+from rlpa_jax.config.options import count, http_url, non_negative, option, positive, section
 
 
 @dataclass(frozen=True)
@@ -19,26 +19,32 @@ class LLMSection:
     on one folder share its weights). A field left unset (null) inherits from the section above it
     (LLM_PARENTS: user.llm and judges.llm from llm; both judges and eval.judge from judges.llm)."""
 
-    backend: Literal["openai", "local"] | None = None
-    checkpoint: str | None = None  # backend local: the Hugging Face Qwen2 folder (config.json, weights, tokenizer)
-    base_url: str | None = option(None, http_url)
-    model: str | None = None
-    api_key_env: str | None = None
-    # In-flight requests of this role (backend local: the most of them in one generation call).
-    max_concurrency: int | None = option(None, count)
-    # Sampling of this role's requests; null: 0.0 (greedy) and 512 (the simulated user: 160). The
-    # official RLPA code sends neither, so the API's defaults apply there (OpenAI: temperature 1).
-    temperature: float | None = option(None, non_negative)
-    max_tokens: int | None = option(None, count)
-    timeout_s: float | None = option(None, positive)
-    max_retries: int | None = option(None, non_negative)
-    cache_path: str | None = None
-    # The endpoint's (base_url + model's) requests and tokens per minute, shared by every role on
-    # it; null: no limit. Prices (USD per million prompt / completion tokens) give cost metrics.
-    rpm: float | None = option(None, positive)
-    tpm: float | None = option(None, positive)
-    price_input_per_mtok: float | None = option(None, non_negative)
-    price_output_per_mtok: float | None = option(None, non_negative)
+    backend: Literal["openai", "local"] | None = option(
+        None, doc="openai: an OpenAI-compatible endpoint (base_url); local: the Hugging Face folder `checkpoint` "
+                  "sampled in process")
+    checkpoint: str | None = option(None, doc="backend local: the Hugging Face Qwen2 folder (config.json, weights, "
+                                              "tokenizer)")
+    base_url: str | None = option(None, http_url, doc="backend openai: the endpoint, e.g. http://127.0.0.1:8000/v1")
+    model: str | None = option(None, doc="the model name sent with each request")
+    api_key_env: str | None = option(None, doc="the environment variable that holds the API key")
+    # backend local: the most of them in one generation call
+    max_concurrency: int | None = option(None, count, doc="this role's requests in flight at once")
+    # Null: 0.0 (greedy) and 512 (the simulated user: 160). The official RLPA code sends neither, so
+    # the API's defaults apply there (OpenAI: temperature 1).
+    temperature: float | None = option(None, non_negative, doc="sampling temperature of this role's requests; "
+                                                               "null: 0 (greedy)")
+    max_tokens: int | None = option(None, count, doc="completion tokens per request; null: 512 (the simulated "
+                                                     "user: 160)")
+    timeout_s: float | None = option(None, positive, doc="seconds one request may take")
+    max_retries: int | None = option(None, non_negative, doc="retries of a failed request (with backoff)")
+    cache_path: str | None = option(None, doc="JSONL answer cache: a rerun never pays for the same request twice; null: no cache")
+    # Shared by every role on the same endpoint (base_url + model).
+    rpm: float | None = option(None, positive, doc="the endpoint's requests per minute; null: no limit")
+    tpm: float | None = option(None, positive, doc="the endpoint's tokens per minute; null: no limit")
+    price_input_per_mtok: float | None = option(None, non_negative, doc="USD per million prompt tokens (cost "
+                                                                        "metrics)")
+    price_output_per_mtok: float | None = option(None, non_negative, doc="USD per million completion tokens (cost "
+                                                                         "metrics)")
 
 
 @dataclass(frozen=True)
@@ -58,7 +64,7 @@ class SharedLLMSection(LLMSection):
 class LLMRoleSection:
     """A role's own endpoint section (judges.profile, judges.response, eval.judge)."""
 
-    llm: LLMSection = field(default_factory=LLMSection)
+    llm: LLMSection = section(LLMSection, doc="the role's endpoint; unset fields inherit the judges' or llm's")
 
 
 def inherited(section: LLMSection, parent: LLMSection) -> LLMSection:

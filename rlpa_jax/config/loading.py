@@ -15,9 +15,10 @@ from typing import Any, Sequence
 
 import yaml
 
-from rlpa_jax.config.llm_sections import with_inherited_llm_sections
+from rlpa_jax.config.llm_sections import LLM_PARENTS, with_inherited_llm_sections
 from rlpa_jax.config.options import (
     CONFIGS_DIR,
+    DEFAULT_SOURCE,
     ConfigError,
     Problems,
     Sources,
@@ -101,9 +102,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     `rules` are more cross-field checks, (keys they read, check), from the layers that know what a
     name means (rlpa_jax/app/build.py checks every kind against the table of implementations).
     `job` is the program the config is for (train, sft, dpo, eval): its own rules are checked too."""
+    return load_config_and_sources(path, overrides, rules, job)[0]
+
+
+def load_config_and_sources(path: str | Path | None = None, overrides: list[str] | None = None,
+                            rules: Sequence[tuple[tuple[str, ...], CrossFieldRule]] = (),
+                            job: str = "train") -> tuple[TrainConfig, Sources]:
+    """load_config's config, and where each of its values came from (`origin` reads it)."""
     path = config_file(path)
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        file_text = path.read_text()
+        tree = yaml.safe_load(file_text) or {}
     except FileNotFoundError:
         shipped = ", ".join(sorted(p.name for p in CONFIGS_DIR.glob("*.yaml"))) or "none"
         raise ConfigError(f"{path}: config file not found (shipped configs, found by name: {shipped})") from None
@@ -113,7 +122,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"{path}: invalid YAML ({error})") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(tree).__name__}")
-    sources = Sources(str(path), tree)
+    sources = Sources(str(path), tree, key_lines(yaml.compose(file_text)))
     problems = Problems(sources)
     for text in overrides or []:
         try:
@@ -131,4 +140,29 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     config = with_inherited_llm_sections(config)
     check_rules(config, problems, rules, job)
     problems.raise_if_any(f"{path}{' with overrides' if overrides else ''}")
-    return config
+    return config, sources
+
+
+def key_lines(node: yaml.Node | None, prefix: str = "") -> dict[str, int]:
+    """The line (from 1) on which each dotted key of a composed YAML mapping is written."""
+    lines: dict[str, int] = {}
+    if not isinstance(node, yaml.MappingNode):
+        return lines
+    for key_node, value_node in node.value:
+        key = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
+        lines[key] = key_node.start_mark.line + 1
+        lines.update(key_lines(value_node, key))
+    return lines
+
+
+def origin(sources: Sources, key: str) -> str:
+    """Where the value of `key` in the loaded (inherited) config came from: `default`, the file and
+    line (`configs/x.yaml:12`), a command-line override, or, for a role's LLM field left unset,
+    where the section it inherits from got it (`default, inherited from llm.model`)."""
+    source, inherited_from = sources.where(key), key
+    section, _, name = key.rpartition(".")
+    while source == DEFAULT_SOURCE and section in LLM_PARENTS:
+        section = LLM_PARENTS[section]
+        inherited_from = f"{section}.{name}"
+        source = sources.where(inherited_from)
+    return source if inherited_from == key else f"{source}, inherited from {inherited_from}"

@@ -2,7 +2,9 @@
 and the one pass that builds dataclasses from plain dicts and collects every problem, each with its
 dotted key, the value, what is accepted and where the value came from.
 
-config/tree.py declares the tree with `option(default, domain)` and loads YAML files through this.
+config/tree.py declares the tree with `option(default, domain, doc=...)` (and `section(cls, doc=...)` for
+a field that holds a section) and loads YAML files through this; config/reference.py lists every
+option with its default, domain and meaning.
 """
 
 from __future__ import annotations
@@ -81,14 +83,36 @@ prompt_name = Domain(
     f"({', '.join(sorted(p.stem for p in PROMPTS_DIR.glob('*.txt'))) or 'none there'})")
 
 DOMAIN_KEY = "domain"
+DOC_KEY = "doc"
 
 
-def option(default: Any = dataclasses.MISSING, domain: Domain | None = None, *, factory: Callable[[], Any] | None = None):
-    """A dataclass field that carries its domain: `clip_eps: float = option(0.2, positive)`."""
-    metadata = {DOMAIN_KEY: domain} if domain is not None else {}
+def option(default: Any = dataclasses.MISSING, domain: Domain | None = None, *, doc: str = "",
+           factory: Callable[[], Any] | None = None):
+    """A dataclass field that carries its domain and its meaning for the user:
+    `clip_eps: float = option(0.2, positive, doc="PPO's clip range of the probability ratio")`.
+
+    `doc` is one line (docs/CONFIG.md and `--help-config` show it); a subclass that only changes a
+    default may leave it out and keeps the meaning its base class declares (meaning_of)."""
+    metadata = {DOC_KEY: doc} if doc else {}
+    if domain is not None:
+        metadata[DOMAIN_KEY] = domain
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+def section(cls, doc: str = ""):
+    """A field that holds a section (a dataclass of options), with what the section is for."""
+    return field(default_factory=cls, metadata={DOC_KEY: doc} if doc else {})
+
+
+def meaning_of(cls, name: str) -> str:
+    """The `doc` of field `name` of `cls`, or of the nearest base class that declares one ("": none)."""
+    for klass in cls.__mro__:
+        declared = getattr(klass, "__dataclass_fields__", {}).get(name)
+        if declared is not None and declared.metadata.get(DOC_KEY):
+            return declared.metadata[DOC_KEY]
+    return ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,9 +156,10 @@ class Problems:
 class Sources:
     """Where the value of a dotted key came from: an override, the YAML file, or the default."""
 
-    def __init__(self, file_label: str, file_tree: dict):
+    def __init__(self, file_label: str, file_tree: dict, file_lines: dict[str, int] | None = None):
         self.file_label = file_label
         self.file_keys = set(_dotted_keys(file_tree))
+        self.file_lines = file_lines or {}  # dotted key -> the line it is written on
         self.overrides: dict[str, str] = {}
 
     def set_by_override(self, key: str, text: str) -> None:
@@ -149,6 +174,12 @@ class Sources:
             if prefix in self.overrides:
                 return self.overrides[prefix]
         return self.file_label if key in self.file_keys else DEFAULT_SOURCE
+
+    def where(self, key: str) -> str:
+        """As calling it, with the line for a value from the file (`configs/x.yaml:12`)."""
+        source = self(key)
+        line = self.file_lines.get(key)
+        return f"{source}:{line}" if source == self.file_label and line else source
 
 
 def _dotted_keys(tree: dict, prefix: str = ""):
@@ -168,7 +199,7 @@ def field_types(cls) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-def _non_none(annotation: Any) -> tuple[Any, bool]:
+def without_none(annotation: Any) -> tuple[Any, bool]:
     """(the annotation without None, whether None is allowed)."""
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
@@ -178,7 +209,7 @@ def _non_none(annotation: Any) -> tuple[Any, bool]:
 
 
 def _noun(annotation: Any) -> str:
-    inner, optional = _non_none(annotation)
+    inner, optional = without_none(annotation)
     origin = typing.get_origin(inner)
     if origin is Literal:
         noun = f"one of {list(typing.get_args(inner))}"
@@ -194,7 +225,7 @@ def domain_of(option_field: dataclasses.Field, annotation: Any) -> Domain | None
     declared = option_field.metadata.get(DOMAIN_KEY)
     if declared is not None:
         return declared
-    return non_empty if _non_none(annotation)[0] is str else None
+    return non_empty if without_none(annotation)[0] is str else None
 
 
 def describe(option_field: dataclasses.Field, annotation: Any) -> str:
@@ -202,13 +233,13 @@ def describe(option_field: dataclasses.Field, annotation: Any) -> str:
     domain = domain_of(option_field, annotation)
     if domain is None:
         return _noun(annotation)
-    inner, optional = _non_none(annotation)
+    inner, optional = without_none(annotation)
     return domain.description.format(_noun(inner)) + (" or null" if optional else "")
 
 
 def _coerce(value: Any, annotation: Any) -> Any:
     """`value` as `annotation`; a ConfigError says what was expected and what came."""
-    inner, optional = _non_none(annotation)
+    inner, optional = without_none(annotation)
     if value is None and optional:
         return None
     expected = f"expected {_noun(annotation)}, got {value!r}"

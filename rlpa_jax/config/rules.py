@@ -106,6 +106,20 @@ def _one_free_mesh_axis(c: TrainConfig) -> str | None:
     return None
 
 
+@_rule("mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.devices")
+def _mesh_spans_its_devices(c: TrainConfig) -> str | None:
+    """With mesh.devices set, the axis sizes must span exactly that many (the machine decides the rest)."""
+    if c.mesh.devices is None:
+        return None
+    sizes = (c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
+    fixed = math.prod(size for size in sizes if size != -1)
+    spans = c.mesh.devices % fixed == 0 if -1 in sizes else fixed == c.mesh.devices
+    if spans:
+        return None
+    return (f"mesh.data={c.mesh.data} x mesh.fsdp={c.mesh.fsdp} x mesh.tensor={c.mesh.tensor} cannot span "
+            f"mesh.devices={c.mesh.devices}; the fixed sizes' product must equal it (divide it, with one axis at -1)")
+
+
 @_rule("model.tiny.hidden_size", "model.tiny.num_heads")
 def _whole_heads(c: TrainConfig) -> str | None:
     tiny = c.model.tiny

@@ -52,32 +52,59 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
 
 
 def mesh_shape(config: MeshConfig, num_devices: int) -> tuple[int, int, int]:
-    """Axis sizes; -1 takes the remaining devices. Fixed sizes that use fewer devices than exist
-    run on the first ones (a one-device job on an 8-GPU host), but must divide the device count."""
+    """Axis sizes over `config.devices` devices (null: all `num_devices` present); -1 takes the
+    remaining ones. Sizes that span fewer devices are refused rather than leaving the rest idle (a
+    config made for 8 GPUs on 2 hosts x 8): the error names the sizes that would use them all, and
+    `mesh.devices` for a deliberately smaller mesh."""
     sizes = [config.data, config.fsdp, config.tensor]
     free = [i for i, s in enumerate(sizes) if s == -1]
     if len(free) > 1:
         raise ValueError(f"mesh {config}: at most one axis may be -1")
     if any(s == 0 or s < -1 for s in sizes):
         raise ValueError(f"mesh {config}: axis sizes must be positive or -1")
+    if config.devices is not None and not 1 <= config.devices <= num_devices:
+        raise ValueError(f"mesh.devices={config.devices}, but {num_devices} devices are present")
+    target = config.devices or num_devices
+    where = f"the {target} available devices" if config.devices is None else f"mesh.devices={target}"
+    described = f"mesh data={config.data} fsdp={config.fsdp} tensor={config.tensor}"
     known = math.prod(s for s in sizes if s != -1)
-    if num_devices % known:
-        raise ValueError(
-            f"mesh data={config.data} fsdp={config.fsdp} tensor={config.tensor} does not divide "
-            f"the {num_devices} available devices"
-        )
     if free:
-        sizes[free[0]] = num_devices // known
+        if target % known:
+            raise ValueError(f"{described} does not divide {where}")
+        sizes[free[0]] = target // known
+    elif known != target:
+        raise ValueError(_mesh_size_mismatch(described, dict(zip(MESH_AXES, sizes)), target, config.devices))
     return tuple(sizes)
 
 
+def _mesh_size_mismatch(described: str, sizes: dict[str, int], target: int, devices: int | None) -> str:
+    """Why fixed axis sizes do not span `target` devices, and the sizes that would."""
+    known = math.prod(sizes.values())
+    fits = [f"mesh.{axis}={target * size // known}" for axis, size in sizes.items()
+            if (target * size) % known == 0]
+    use_all = (f"use {'them' if devices else 'every device'} with "
+               f"{' or '.join(fits) or f'axis sizes whose product is {target}'} (or -1 on that axis)")
+    if devices is not None:
+        return f"{described} spans {known} devices, but mesh.devices={devices}; {use_all}"
+    if known > target:
+        return f"{described} needs {known} devices, but {target} are present; {use_all}"
+    return (f"{described} spans {known} of the {target} devices present and would leave {target - known} idle; "
+            f"{use_all}, or run on the first {known} with mesh.devices={known}")
+
+
 def make_mesh(config: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A mesh with Auto axis types, so logical constraints inside jit are honoured."""
+    """A mesh with Auto axis types, so logical constraints inside jit are honoured, over every
+    device (of `devices`, default jax.devices()) or the first `config.devices` of them."""
     devices = list(devices) if devices is not None else jax.devices()
     shape = mesh_shape(config, len(devices))
     used = devices[: math.prod(shape)]
     if len(used) < len(devices):
-        log.info("mesh %s uses %d of %d devices", shape, len(used), len(devices))
+        log.info("mesh %s uses %d of %d devices (mesh.devices=%d)", shape, len(used), len(devices), len(used))
+    left_out = sorted({d.process_index for d in devices} - {d.process_index for d in used})
+    if left_out:
+        raise ValueError(f"mesh.devices={len(used)} leaves process{'es' if len(left_out) > 1 else ''} "
+                         f"{', '.join(map(str, left_out))} without a device: a run of several processes "
+                         f"spans all of theirs (mesh.devices=null)")
     axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
     return Mesh(np.asarray(used).reshape(shape), MESH_AXES, axis_types=axis_types)
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from rlpa_jax.app import cli, jobs
 from rlpa_jax.runtime import multihost
@@ -33,17 +32,17 @@ from rlpa_jax.runtime import multihost
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=None, help="YAML config (default: configs/tiny.yaml)")
+    cli.add_config_arguments(parser, "dpo.beta=0.2 rollout.max_rounds=3")
     parser.add_argument("--init", default=None,
                         help="start from this run's policy and tokenizer, e.g. runs/tiny/sft "
                              "(sets model.init_checkpoint); default: the config's model")
     parser.add_argument("--fresh", action="store_true",
                         help="move an earlier DPO run in the run directory aside (to <run_dir>.<date>), "
                              "then start anew")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. dpo.beta=0.2 rollout.max_rounds=3")
     args = parser.parse_args(argv)
     init = [] if args.init is None else [f"model.init_checkpoint={args.init}"]
-    config = cli.start_with_config("dpo.py", args.config, [*args.overrides, *init], job="dpo")
+    config = cli.start_with_config("dpo.py", args.config, [*args.overrides, *init], job="dpo",
+                                   print_config=args.print_config)
     summary = cli.run_or_exit("dpo.py", lambda: jobs.dpo(config, "fresh" if args.fresh else "new"), (FileNotFoundError, ValueError, KeyError))
     if multihost.is_main_process():  # every process ran the same job
         print(json.dumps(summary, indent=2))

@@ -50,13 +50,12 @@ from rlpa_jax.runtime import multihost
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--policy", required=True,
-                        help="checkpoint directory, hf:<directory> or openai:<model>")
+    parser.add_argument("--policy", help="checkpoint directory, hf:<directory> or openai:<model> "
+                                         "(required unless --print-config)")
     parser.add_argument("--base-url", default=None, help="OpenAI-compatible endpoint for openai:<model>")
     parser.add_argument("--api-key-env", default="OPENAI_API_KEY", help="env var holding the key for openai:<model>")
     parser.add_argument("--setting", default="vanilla", choices=list(EVAL_SETTINGS),
                         help="; ".join(f"{name}: {setting.description}" for name, setting in EVAL_SETTINGS.items()))
-    parser.add_argument("--config", type=Path, default=None, help="YAML config (default: configs/tiny.yaml)")
     parser.add_argument("--baseline", default=None, choices=list(BASELINES),
                         help="wrap the policy in a prompting baseline (rlpa_jax/eval/baselines.py)")
     parser.add_argument("--turns", type=int, default=None,
@@ -78,8 +77,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="our model: conversations per sampler call (default: all in one call)")
     parser.add_argument("--seed", type=int, default=None, help="default: the config's seed")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. judges.kind=llm")
-    return parser.parse_args(argv)
+    cli.add_config_arguments(parser, "judges.kind=llm")
+    args = parser.parse_args(argv)
+    if args.policy is None and not args.print_config:  # printing the config needs no policy
+        parser.error("the following arguments are required: --policy")
+    return args
 
 
 def evaluate(args: argparse.Namespace, config) -> int:
@@ -128,7 +130,8 @@ def write_json(path: Path, record: dict) -> Path:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     arguments = {k: v for k, v in vars(args).items() if k not in ("config", "overrides")}
-    config = cli.start_with_config("eval.py", args.config, args.overrides, arguments, job="eval")
+    config = cli.start_with_config("eval.py", args.config, args.overrides, arguments, job="eval",
+                                   print_config=args.print_config)
     return cli.run_or_exit("eval.py", lambda: evaluate(args, config),
                            (CheckpointError, FileNotFoundError, KeyError, ValueError), status=2)
 

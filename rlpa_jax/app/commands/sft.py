@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from rlpa_jax.app import cli, jobs
 from rlpa_jax.runtime import multihost
@@ -26,13 +25,12 @@ from rlpa_jax.runtime import multihost
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=None, help="YAML config (default: configs/tiny.yaml)")
+    cli.add_config_arguments(parser, "sft.steps=100")
     parser.add_argument("--fresh", action="store_true",
                         help="move an earlier SFT run in the run directory aside (to <run_dir>.<date>), "
                              "then start anew")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sft.steps=100")
     args = parser.parse_args(argv)
-    config = cli.start_with_config("sft.py", args.config, args.overrides, job="sft")
+    config = cli.start_with_config("sft.py", args.config, args.overrides, job="sft", print_config=args.print_config)
     summary = cli.run_or_exit("sft.py", lambda: jobs.sft(config, "fresh" if args.fresh else "new"), (FileNotFoundError, ValueError, KeyError))
     if multihost.is_main_process():  # every process ran the same job
         print(json.dumps(summary, indent=2))

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from rlpa_jax.app import build, cli
 from rlpa_jax.model.hf import CheckpointError
@@ -25,7 +24,7 @@ from rlpa_jax.rl.trainer import TrainingDiverged
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=None, help="YAML config (default: configs/tiny.yaml)")
+    cli.add_config_arguments(parser, "ppo.actor_lr=1e-6")
     start = parser.add_mutually_exclusive_group()
     start.add_argument("--resume", dest="start", action="store_const", const="resume",
                        help="continue the run in the run directory from its latest checkpoint")
@@ -33,10 +32,10 @@ def main(argv: list[str] | None = None) -> int:
                        help="resume when the run directory has a checkpoint, else start a new run")
     start.add_argument("--fresh", dest="start", action="store_const", const="fresh",
                        help="move an earlier run in the run directory aside (to <run_dir>.<date>), then start anew")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. ppo.actor_lr=1e-6")
     args = parser.parse_args(argv)
     start_mode = args.start or "new"
-    config = cli.start_with_config("train.py", args.config, args.overrides, {"start": start_mode})
+    config = cli.start_with_config("train.py", args.config, args.overrides, {"start": start_mode},
+                                   print_config=args.print_config)
 
     def train() -> dict:
         trainer = build.build_trainer(config, start_mode)  # run directory checked, every part built
