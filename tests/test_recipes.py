@@ -22,7 +22,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from rlpa_jax.app import build
-from rlpa_jax.config.options import REPO_ROOT, ConfigError
+from rlpa_jax.config.options import ConfigError
 from rlpa_jax.dialogue.chat import Message, format_turn, parse_turn
 from rlpa_jax.dialogue.judges import ResponseRequest
 from rlpa_jax.dialogue.personas import synthetic_personas
@@ -30,6 +30,7 @@ from rlpa_jax.dialogue.profile import ProfileItem
 from rlpa_jax.dialogue.users import OPENING_MESSAGE
 from rlpa_jax.rl import environment as environment_module
 
+REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout
 RECIPES = REPO_ROOT / "docs" / "RECIPES.md"
 SBATCH = REPO_ROOT / "launch" / "slurm" / "train.sbatch"
 PROBE = "Reply with OK."
