@@ -44,7 +44,8 @@ ALOE_CHECK = ("-m", "rlpa_jax.dialogue.personas.check")
 
 # Commands not run here, each with what covers it.
 NOT_RUN_HERE = {
-    "make demo": "CI runs it (the demo job); tests/test_trainer.py trains the tiny config's path",
+    "make demo": "the Makefile's `launch/train.py --fresh`, whose arguments are checked above (launch/train.py --fresh); "
+                 "tests/test_install.py trains a shrunk tiny config through the installed rlpa-train",
     "make test": "CI runs it: the whole suite",
     "make venv": "CI: make test and make demo build .venv through it",
     "make real-model": "make test runs launch/fetch_model.py, the same command; tests/test_real_model.py",
