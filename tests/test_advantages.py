@@ -87,7 +87,7 @@ def test_the_tables_say_what_each_estimator_and_scheme_needs():
 
 
 # ----------------------------------------------------------------------------- extending the table
-# README "Extending": a new estimator is one function and one table entry. RLOO (each sample's
+# docs/ARCHITECTURE.md "Extending": a new estimator is one function and one table entry. RLOO (each sample's
 # baseline is the mean score of the prompt's other samples) needs no critic.
 
 

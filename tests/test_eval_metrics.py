@@ -106,7 +106,7 @@ def test_the_table_keeps_the_result_files_keys():
         metrics.ALReport.from_json({"AL": [50.0], "unscored": [0]}, "r.json")
 
 
-# README "Extending": a new evaluation metric is one AL_METRICS entry.
+# docs/ARCHITECTURE.md "Extending": a new evaluation metric is one AL_METRICS entry.
 def half_gain(al):
     half = len(al) // 2
     return float(np.nanmean(al[len(al) - half:]) - np.nanmean(al[:half]))

@@ -1,4 +1,4 @@
-"""Imports go one way (README "Layout"): a package imports only from layers below it, never from a
+"""Imports go one way (docs/ARCHITECTURE.md "Layout"): a package imports only from layers below it, never from a
 sibling or from above, and never inside a function (a cycle dodged that way means a piece sits in
 the wrong package)."""
 
