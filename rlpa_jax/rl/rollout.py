@@ -33,6 +33,7 @@ import numpy as np
 
 from rlpa_jax.dialogue.chat import PROFILE_CLOSE, Message, ParsedTurn, assistant_message
 from rlpa_jax.dialogue.judges import TurnScore
+from rlpa_jax.dialogue.llm.sync import run_sync
 from rlpa_jax.generation.engine import GenerationEngine
 from rlpa_jax.generation.sampler import SamplingParams
 from rlpa_jax.rl.environment import Conversation, Environment, reward_of
@@ -148,7 +149,8 @@ class Rollout:
                 return [await make() for make in coroutines]
             return await asyncio.gather(*(make() for make in coroutines))
 
-        results = asyncio.run(play())
+        # run_sync: asyncio.run, or from inside a running event loop (a notebook's kernel) on a worker thread
+        results = run_sync(play())
         return [pair for pairs, _ in results for pair in pairs], [c for _, group in results for c in group]
 
     def _result(self, mine: list[tuple[tuple, Sample]], conversations: list[Conversation], start: float,
