@@ -295,7 +295,8 @@ class Qwen2(nn.Module):
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
             layer_indices = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-            (x, cache_kv), _ = stack(cfg, self.queries_start_at_zero, name="layers")((x, cache_kv), layer_indices, cos, sin, mask, cache_index)
+            (x, cache_kv), _ = stack(cfg, self.queries_start_at_zero, name="layers")(
+                (x, cache_kv), layer_indices, cos, sin, mask, cache_index)
         new_cache = None if cache_kv is None else {"k": cache_kv[0], "v": cache_kv[1]}
         x = RMSNorm(cfg.rms_norm_eps, name="final_norm")(x)
         if self.last_only:
