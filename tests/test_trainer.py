@@ -545,6 +545,6 @@ def test_a_checkpoint_from_before_train_state_resumes_with_and_without_a_critic(
     critic_bytes = memory_check.per_device_bytes(gae.abstract_state().critic)
     with_critic, without = gae.memory_programs(), grpo.memory_programs()
     assert [p.name for p in with_critic] == [p.name for p in without] + ["critic micro-batch step"]
-    assert [a.resident_bytes - b.resident_bytes for a, b in zip(with_critic, without)] == [critic_bytes] * 3
+    assert [a.resident_bytes - b.resident_bytes for a, b in zip(with_critic, without)] == [critic_bytes] * len(without)
     assert gae.checkpoint_bytes() - grpo.checkpoint_bytes() == sum(
         x.size * x.dtype.itemsize for x in jax.tree.leaves(gae.abstract_state().critic))

@@ -171,7 +171,7 @@ def world_corpus(config: TrainConfig, num_dialogues: int = 200, value_repeats: i
 
 def model_config(config: TrainConfig) -> Qwen2Config:
     numerics = dict(compute_dtype=config.model.compute_dtype, remat=config.model.remat,
-                    scan_layers=config.model.scan_layers)
+                    scan_layers=config.model.scan_layers, attention=config.model.attention)
     if config.model.path is not None:
         return hf.load_config(hf_folder(config.model.path), **numerics)
     tiny = config.model.tiny
@@ -188,7 +188,7 @@ def build_policy(config: TrainConfig, model_cfg: Qwen2Config, mesh) -> Params:
         params, meta, _ = restore_actor_params(directory, shardings=shardings)
         saved = model_config_from_meta(meta, str(directory))
         if saved.replace(compute_dtype=model_cfg.compute_dtype, remat=model_cfg.remat,
-                         scan_layers=model_cfg.scan_layers) != model_cfg:
+                         scan_layers=model_cfg.scan_layers, attention=model_cfg.attention) != model_cfg:
             raise ValueError(f"model.init_checkpoint={directory}: its model {saved} differs from the configured {model_cfg}")
         return params
     if config.model.path is not None:

@@ -85,6 +85,11 @@ class ModelConfig:
     # reads per-layer weights anyway.
     scan_layers: bool = option(True, doc="training and scoring forwards run the layers as one lax.scan; false "
                                          "unrolls them")
+    attention: Literal["auto", "xla", "cudnn"] = option(
+        "auto", doc="full attention (prefill, scoring, training): auto = cuDNN's fused kernel on CUDA GPUs where "
+                    "it can run it (bfloat16/float16, head_dim a multiple of 8 up to 128, 256 on Hopper), the "
+                    "CPU kernel on CPU, XLA elsewhere; xla = XLA everywhere; cudnn = as auto, warning where "
+                    "cuDNN cannot run it")
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rlpa_jax.model.attention import heads_major_attention, single_query_attention
+from rlpa_jax.model.attention import (
+    REQUESTS as ATTENTION_REQUESTS,
+    attention_implementation,
+    current_platform,
+    fused_attention,
+    single_query_attention,
+)
 from rlpa_jax.model.layer_stacks import has_stacked_layers, unstack_layers, unstacked_layer_name
 
 Params = dict[str, Any]
@@ -56,6 +62,9 @@ class Qwen2Config:
     # on CPU: the scan's stacked residuals and their layout copies were ~15 % of a 2-layer update
     # (docs/PERF.md); compile time grows with depth, so real models keep the scan.
     scan_layers: bool = True
+    # Full attention's implementation: "auto" (cuDNN's fused kernel on CUDA GPUs where it can run,
+    # the CPU kernel on CPU, XLA elsewhere), "xla" or "cudnn" (model/attention.py).
+    attention: str = "auto"
 
     def __post_init__(self):
         if self.head_dim == 0:
@@ -68,6 +77,8 @@ class Qwen2Config:
             raise ValueError(f"compute_dtype={self.compute_dtype!r}; expected one of {sorted(_DTYPES)}")
         if self.remat not in _REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r}; expected one of {sorted(_REMAT_POLICIES)}")
+        if self.attention not in ATTENTION_REQUESTS:
+            raise ValueError(f"attention={self.attention!r}; expected one of {', '.join(ATTENTION_REQUESTS)}")
 
     @property
     def dtype(self):
@@ -148,6 +159,7 @@ def token_matmul(x: jax.Array, kernel: jax.Array, preferred_element_type=None) -
 
 class Attention(nn.Module):
     config: Qwen2Config
+    queries_start_at_zero: bool = False  # query i sits in slot i (no cache, or a prefill into an empty one)
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, cache_kv, layer_index, cache_index):
@@ -193,13 +205,10 @@ class Attention(nn.Module):
 
         if single_query:
             out = single_query_attention(q, k, v, mask)
-        elif jax.default_backend() == "cpu":
-            out = heads_major_attention(q, k, v, mask)
         else:
-            # XLA's einsum-softmax-einsum: `implementation=None` selects XLA on every backend (as of
-            # JAX 0.10 it never picks cuDNN; its "cudnn" path takes no left-padded boolean mask
-            # without a bias, untested here). Fully masked padding rows come out finite.
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :])
+            platform, capability = current_platform()
+            choice = attention_implementation(cfg.attention, platform, jnp.dtype(dtype).name, d, capability)
+            out = fused_attention(q, k, v, mask, choice.implementation, self.queries_start_at_zero)
         out = _constrain(out, ("activation_batch", "activation_length", "activation_heads", None))
 
         o_kernel = _param(self, "o_kernel", (h, d, e), ("q_heads", "head_dim", "embed"), _dense_init())
@@ -227,6 +236,7 @@ class MLP(nn.Module):
 
 class DecoderLayer(nn.Module):
     config: Qwen2Config
+    queries_start_at_zero: bool = False
 
     @nn.compact
     def __call__(self, carry, layer_index, cos, sin, mask, cache_index):
@@ -235,7 +245,7 @@ class DecoderLayer(nn.Module):
         this layer's own and layer_index is None."""
         cfg = self.config
         x, cache_kv = carry
-        attn_out, cache_kv = Attention(cfg, name="attn")(
+        attn_out, cache_kv = Attention(cfg, self.queries_start_at_zero, name="attn")(
             RMSNorm(cfg.rms_norm_eps, name="input_norm")(x), cos, sin, mask, cache_kv, layer_index, cache_index
         )
         x = x + attn_out
@@ -251,6 +261,7 @@ class Qwen2(nn.Module):
     head: Head = "lm"
     last_only: bool = False  # project only the last position (sampler prefill: no prompt-wide logits)
     unstacked: bool = False  # layers as separate parameter trees (`unstack_layers`), not one scan
+    queries_start_at_zero: bool = False  # the tokens fill slots 0.. (no cache, or an empty one's prefill)
 
     @nn.compact
     def __call__(self, tokens, positions, mask, cache: Cache | None = None, cache_index=0):
@@ -268,7 +279,7 @@ class Qwen2(nn.Module):
             layer_caches = [None] * cfg.num_layers if cache is None else list(zip(cache["k"], cache["v"]))
             layer = DecoderLayer if cfg.remat == "none" else nn.remat(DecoderLayer, policy=_REMAT_POLICIES[cfg.remat])
             for i in range(cfg.num_layers):
-                (x, layer_caches[i]), _ = layer(cfg, name=unstacked_layer_name(i))(
+                (x, layer_caches[i]), _ = layer(cfg, self.queries_start_at_zero, name=unstacked_layer_name(i))(
                     (x, layer_caches[i]), None, cos, sin, mask, cache_index)
             cache_kv = None if cache is None else tuple(list(kv) for kv in zip(*layer_caches))
         else:
@@ -284,7 +295,8 @@ class Qwen2(nn.Module):
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
             layer_indices = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-            (x, cache_kv), _ = stack(cfg, name="layers")((x, cache_kv), layer_indices, cos, sin, mask, cache_index)
+            (x, cache_kv), _ = stack(cfg, self.queries_start_at_zero, name="layers")(
+                (x, cache_kv), layer_indices, cos, sin, mask, cache_index)
         new_cache = None if cache_kv is None else {"k": cache_kv[0], "v": cache_kv[1]}
         x = RMSNorm(cfg.rms_norm_eps, name="final_norm")(x)
         if self.last_only:
@@ -352,7 +364,10 @@ def forward(
     if cache is None and not config.scan_layers and has_stacked_layers(params):
         params = unstack_layers(params, config)  # model.scan_layers=false: the layers one after another
     unstacked = not has_stacked_layers(params)  # `unstack_layers` output
-    return Qwen2(config, head=head, last_only=last_only, unstacked=unstacked).apply(
+    # A static 0 (not a traced slot): the new tokens fill slots 0.., so cuDNN may skip what is above the diagonal.
+    start_at_zero = isinstance(cache_index, int) and cache_index == 0
+    return Qwen2(config, head=head, last_only=last_only, unstacked=unstacked,
+                 queries_start_at_zero=start_at_zero).apply(
         {"params": params}, tokens, positions, full_mask, cache, cache_index
     )
 

@@ -36,8 +36,9 @@ def iteration_programs(rollout: RolloutConfig, ppo: PPOConfig, mesh: Mesh, model
                        state: TrainState, sampler: SamplerSetup, build_experience: ExperienceBuilder,
                        actor_updater: Updater, critic_updater: Updater | None) -> list[memory_check.Program]:
     """A run's largest programs, lowered for `state` (abstract: shapes, dtypes, shardings): a
-    sampler call at the longest prompt bucket, a scoring chunk and the actor's (and, with a critic
-    updater, the critic's) micro-batch step at the widest packed row."""
+    sampler call at the longest prompt bucket, the weight sync's programs (where the sampler reads
+    a copy), a scoring chunk and the actor's (and, with a critic updater, the critic's)
+    micro-batch step at the widest packed row."""
     r, p = rollout, ppo
     resident = memory_check.per_device_bytes(state)  # no critic in a state without one
     actor = state.actor.params
@@ -59,6 +60,15 @@ def iteration_programs(rollout: RolloutConfig, ppo: PPOConfig, mesh: Mesh, model
         beside_sampler,
         "Lower rollout.conversations / raise rollout.pipeline_groups (rows per sampler call), lower "
         "rollout.max_prompt_tokens or rollout.max_new_tokens, or set rollout.layout=tensor on a tensor mesh.")]
+    # The weight sync (generation/layout.py) writes the copy a program at a time while the training
+    # state stays resident; at its last program all of the copy but that program's part is held.
+    copy_bytes = memory_check.per_device_bytes(sampler_params) if sampler_params is not actor else 0
+    for sync in sampler.engine.layout.lower_sync(actor):
+        programs.append(memory_check.Program(
+            f"weight sync ({sync.name})", sync.lowered,
+            resident - memory_check.per_device_bytes(sync.arguments) + copy_bytes
+            - memory_check.per_device_bytes(sync.outputs),
+            "Set rollout.layout=tensor on a tensor mesh (a smaller copy), or rollout.layout=training (no copy)."))
     width = (p.micro_batch_size, prompt + r.max_new_tokens)
     response = (p.micro_batch_size, r.max_new_tokens)
     tokens, mask = memory_check.rows(mesh, width, np.int32), memory_check.rows(mesh, width, np.bool_)
