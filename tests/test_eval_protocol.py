@@ -3,7 +3,6 @@ embedded judges; policy, user and judges behind a real OpenAI-compatible HTTP se
 and the launch/eval.py command line."""
 
 import asyncio
-import importlib.util
 import json
 import os
 import random
@@ -19,6 +18,7 @@ import pytest
 from openai_server import OpenAIServer, Reply
 from tiny_corpus import synthetic_corpus
 
+from rlpa_jax.app.commands import eval as eval_command
 from rlpa_jax.config.tree import MeshConfig
 from rlpa_jax.dialogue.chat import Message, format_turn, load_prompt
 from rlpa_jax.dialogue.judges.llm import LLMResponseJudge
@@ -517,10 +517,8 @@ def test_command_line_writes_table_json_and_png(tmp_path, params, tokenizer_dir,
 
 
 def load_launcher():
-    spec = importlib.util.spec_from_file_location("eval_launcher", REPO / "launch" / "eval.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The program launch/eval.py runs (its arguments, evaluate and main)."""
+    return eval_command
 
 
 def test_command_line_errors_name_what_is_wrong(tmp_path, monkeypatch, capsys):

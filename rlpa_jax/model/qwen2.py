@@ -22,6 +22,8 @@ import jax.numpy as jnp
 
 from rlpa_jax.model.attention import (
     REQUESTS as ATTENTION_REQUESTS,
+)
+from rlpa_jax.model.attention import (
     attention_implementation,
     current_platform,
     fused_attention,
