@@ -31,8 +31,8 @@ test: $(STAMP)
 	# workers run with glibc's default allocator, not the launch scripts' (rlpa_jax/runtime/host_allocator.py):
 	# that one keeps a process at its peak, and a worker that has held the real 0.5B model (10 GB)
 	# beside another ran the 24 GB CI machine out of memory. The launch scripts the tests start still
-	# restart themselves with it. --durations: the slowest tests, for keeping the suite short.
-	$(PY) -m pytest -q -n 2 --dist loadfile --max-worker-restart 0 --durations=25 tests
+	# restart themselves with it. --durations: the 40 slowest tests, for keeping the suite short.
+	$(PY) -m pytest -q -n 2 --dist loadfile --max-worker-restart 0 --durations=40 tests
 
 demo: $(STAMP)
 	# --fresh: a second `make demo` moves the first run aside (runs/tiny.<date>) and says so.

@@ -44,6 +44,29 @@ HEAVY_TESTS = ("test_multihost.py", "test_multihost_offline.py", "test_multihost
                "test_eval_multihost.py", "test_real_model.py", "test_real_pipeline.py")
 
 
+def pytest_collection_modifyitems(config, items):
+    """The heavy files first: under xdist they are one work unit (below), the longest, so it starts
+    at once on one worker while the other takes the rest."""
+    items.sort(key=lambda item: item.path.name not in HEAVY_TESTS)  # stable: each file keeps its order
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile`, with the heavy files as ONE unit: they run one after another on one worker
+    and the other worker never sits idle waiting for the lock below (it only waits when a second
+    `make test` on the machine holds it)."""
+    if config.getvalue("dist") != "loadfile":
+        return None  # xdist's own scheduler
+    from xdist.scheduler import LoadFileScheduling  # only under xdist
+
+    class HeavyFilesTogether(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            file = super()._split_scope(nodeid)
+            return "heavy test files" if Path(file).name in HEAVY_TESTS else file
+
+    config.option.loadscopereorder = False  # units in collection order: the heavy unit first
+    return HeavyFilesTogether(config, log)
+
+
 @pytest.fixture(autouse=True, scope="module")
 def heavy_tests_take_turns(request):
     """The lock is held for the whole file: its module fixtures (a loaded model) live that long."""
