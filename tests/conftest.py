@@ -4,6 +4,7 @@ XLA_FLAGS must be set before jax is imported anywhere, which is why it happens h
 """
 
 import fcntl
+import gc
 import os
 import tempfile
 from pathlib import Path
@@ -42,6 +43,16 @@ def aloe_dir() -> Path:
 # worker (whose freed memory glibc keeps under make test's tunables) the machine ran out of memory.
 HEAVY_TESTS = ("test_multihost.py", "test_multihost_offline.py", "test_multihost_ppo.py", "test_multihost_turn.py",
                "test_eval_multihost.py", "test_real_model.py", "test_real_pipeline.py")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def compiled_programs_released_after_each_file():
+    """Each file's compiled programs go when it ends (the persistent cache keeps them on disk): a
+    worker that kept every program it ever ran grew to 7 GB, and two `make test` runs side by side
+    hold three such workers beside the real-model file."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 def pytest_collection_modifyitems(config, items):
